@@ -1,0 +1,24 @@
+"""tp_kernels: fused routed-expert ops for recursive sparse reasoning in diffusion latents.
+
+Nothing here knows what a diffusion model is. Every op is a ``torch.library``
+custom op with a CPU path, a Triton path for CUDA tensors and a plain-PyTorch
+reference beside it; :func:`use_backend` / ``TP_KERNELS_BACKEND`` pick one.
+"""
+
+from ._dispatch import BACKENDS, requested_backend, resolve as resolve_backend, use_backend
+from .gate import gate_top1, gate_top1_reference, gumbel_noise
+from .routed_lora import routed_lora, routed_lora_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "gate_top1",
+    "gate_top1_reference",
+    "gumbel_noise",
+    "requested_backend",
+    "resolve_backend",
+    "routed_lora",
+    "routed_lora_reference",
+    "use_backend",
+]

@@ -1,0 +1,77 @@
+"""Backend choice for every tp_kernels op.
+
+``auto`` picks by device: Triton for CUDA tensors, the fast CPU path for CPU
+tensors. ``TP_KERNELS_BACKEND`` (environment) or :func:`use_backend` (context
+manager, wins over the environment) force one of ``reference``, ``cpu`` or
+``triton``. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+set before triton is imported; that is how the kernels are tested here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+_ENV_VAR = "TP_KERNELS_BACKEND"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tp_kernels_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for: the context manager's, else the environment's, else ``auto``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto", _ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (thread- and task-local)."""
+    token = _override.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that will run for tensors on ``device``."""
+    name = requested_backend()
+    if name == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpu" if device.type == "cpu" else "reference"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{_ENV_VAR}=triton but triton is not importable")
+        if device.type != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpu' was requested for tensors on {device}")
+    return name

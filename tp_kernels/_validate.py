@@ -1,0 +1,50 @@
+"""Argument checks shared by the public op wrappers: each error names the argument."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, t, *, dtypes=None, dim=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if dim is not None:
+        dims = dim if isinstance(dim, tuple) else (dim,)
+        if t.dim() not in dims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share a device")
+
+
+def check_index_range(name: str, idx: torch.Tensor, num: int) -> None:
+    """Fail if any index is outside [0, num).
+
+    On CPU this is a plain check. On CUDA it is a device-side assert
+    (``torch._assert_async``): no host sync; a bad index aborts the next
+    synchronising CUDA call with this message instead of reading out of bounds.
+    """
+    if idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= num)
+    if idx.device.type == "cpu":
+        if bool(bad.any()):
+            first = idx[bad][0]
+            raise IndexError(f"{name} must lie in [0, {num}), found {int(first)}")
+    else:
+        torch._assert_async(~bad.any(), f"{name} must lie in [0, {num})")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: float64 stays float64, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

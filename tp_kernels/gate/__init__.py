@@ -1,0 +1,49 @@
+"""Fused Gumbel-softmax top-1 router."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .op import gate_top1_fwd
+from .reference import gate_top1_reference, gumbel_noise
+
+__all__ = ["gate_top1", "gate_top1_reference", "gumbel_noise", "gate_top1_fwd"]
+
+
+def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=None):
+    """Pick one expert per row of ``logits (..., E)``.
+
+    ``z = logits + noise``; ``expert_idx = argmax(z)`` (ties to the lowest index).
+    Noise: ``noise`` if given (Gumbel samples, shape of logits); else Gumbel(0, 1)
+    drawn from ``generator`` when ``gumbel`` is True, or when ``gumbel`` is None and a
+    ``generator`` is given; else none (deterministic argmax, the inference default).
+
+    Returns ``(expert_idx (...) int64, gate)``. With ``hard=True`` gate is ``(...)``,
+    exactly 1.0 in the forward pass, with the straight-through gradient of
+    ``softmax(z / tau)[expert_idx]`` flowing into logits. With ``hard=False`` gate is
+    the soft weights ``softmax(z / tau)`` of shape ``(..., E)``. Gate is float32
+    (float64 for float64 logits).
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
+    if not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"tau must be a float > 0, got {tau!r}")
+    if noise is not None:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        if noise.shape != logits.shape:
+            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
+        check_same_device(logits=logits, noise=noise)
+    elif gumbel or (gumbel is None and generator is not None):
+        noise = gumbel_noise(logits.shape, generator=generator, device=logits.device)
+    n_exp = logits.shape[-1]
+    lead = logits.shape[:-1]
+    idx, weight, _ = gate_top1_fwd(
+        logits.reshape(-1, n_exp).contiguous(),
+        None if noise is None else noise.reshape(-1, n_exp).contiguous(),
+        float(tau),
+        bool(hard),
+    )
+    gate = weight.reshape(*lead) if hard else weight.reshape(*lead, n_exp)
+    return idx.reshape(lead), gate

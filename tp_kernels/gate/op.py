@@ -1,0 +1,81 @@
+"""torch.library registration of the top-1 gate: schema, fake, autograd, dispatch by backend.
+
+    tp_kernels::gate_top1_fwd(logits, noise, tau, hard) -> (idx, weight, probs)
+idx = argmax(logits + noise); probs = softmax((logits + noise) / tau) in fp32 (fp64 for fp64).
+hard: weight = 1 (N,), probs kept for the straight-through backward.
+soft: weight = probs (N, E), probs returned empty (weight is saved instead).
+The backward is a few elementwise torch ops, so it stays in the compiled graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .._validate import acc_dtype
+from torch import Tensor
+
+from .._dispatch import resolve
+from . import cpu as _cpu
+from .reference import gate_top1_reference
+
+
+class _Reference:
+    @staticmethod
+    def forward(logits, noise, tau, hard):
+        idx, weight = gate_top1_reference(logits, noise, tau, hard)
+        if not hard:
+            return idx, weight, weight.new_empty(0)
+        z = logits.to(weight.dtype) + (0 if noise is None else noise.to(weight.dtype))
+        return idx, weight.detach().clone(), torch.softmax(z / tau, dim=-1)
+
+
+def _backend(device):
+    name = resolve(device)
+    if name == "reference":
+        return _Reference
+    if name == "cpu":
+        from .. import _ext
+
+        return _ext.gate_cpu() or _cpu
+    return importlib.import_module(".triton", __package__)
+
+
+@torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())
+def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend(logits.device).forward(logits, noise, tau, hard)
+
+
+@gate_top1_fwd.register_fake
+def _(logits, noise, tau, hard):
+    acc = acc_dtype(logits.dtype)
+    n, e = logits.shape
+    idx = logits.new_empty(n, dtype=torch.int64)
+    if hard:
+        return idx, logits.new_empty(n, dtype=acc), logits.new_empty(n, e, dtype=acc)
+    return idx, logits.new_empty(n, e, dtype=acc), logits.new_empty(0, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, noise, tau, hard = inputs
+    idx, weight, probs = output
+    ctx.tau, ctx.hard = tau, hard
+    ctx.save_for_backward(idx, probs if hard else weight)
+    ctx.mark_non_differentiable(idx, probs)
+
+
+def _backward(ctx, grad_idx, grad_weight, grad_probs):
+    idx, probs = ctx.saved_tensors  # probs (N, E)
+    if ctx.hard:
+        # weight = 1 + p_e - sg(p_e): d/dz_j = p_e (onehot_j - p_j) / tau
+        p_sel = probs.gather(1, idx[:, None])  # (N, 1)
+        onehot = torch.zeros_like(probs).scatter_(1, idx[:, None], 1.0)
+        grad = (grad_weight[:, None] * p_sel) * (onehot - probs) / ctx.tau
+    else:
+        grad = probs * (grad_weight - (grad_weight * probs).sum(-1, keepdim=True)) / ctx.tau
+    return grad, None, None, None
+
+
+gate_top1_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,101 @@
+"""Routed LoRA on CPU with composed torch ops (the fallback when csrc/ is not built).
+
+Tokens are grouped by expert once (stable sort), gathered into one contiguous
+buffer, and each expert runs two GEMMs on its contiguous slice; the gate and
+scale are applied on the rank-R intermediate, which is D_out/R times cheaper
+than scaling the output.  Offsets are read on the host, which is free for CPU
+tensors (this module never sees CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._grouping import group_by_expert
+from .._validate import acc_dtype
+
+
+def _token_scale(gate, perm, scale):
+    """(n, 1) float32 multipliers in grouped order, or None when it is all ones."""
+    if gate is None:
+        return None
+    return (gate.index_select(0, perm).to(acc_dtype(gate.dtype)) * scale)[:, None]
+
+
+def forward(x, idx, lora_a, lora_b, gate, scale):
+    """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
+    -> y (N, S*D_out) in x.dtype, h (N, S*R) in acc_dtype (= A_e x, unscaled, token order)."""
+    n_tok, d_in = x.shape
+    n_exp, n_slice, rank, _ = lora_a.shape
+    d_out = lora_b.shape[2]
+    perm, offsets = group_by_expert(idx, n_exp)
+    bounds = offsets.tolist()  # CPU tensor: no device sync
+    xs = x.index_select(0, perm)  # (N, D_in) grouped
+    hs = torch.empty(n_tok, n_slice * rank, dtype=x.dtype)
+    ys = torch.empty(n_tok, n_slice, d_out, dtype=x.dtype)
+    mult = _token_scale(gate, perm, scale)
+    for e in range(n_exp):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        torch.mm(xs[lo:hi], lora_a[e].reshape(n_slice * rank, d_in).t(), out=hs[lo:hi])  # (n, S*R)
+        h = hs[lo:hi]
+        if mult is not None:
+            h = h * mult[lo:hi].to(h.dtype)
+        elif scale != 1.0:
+            h = h * scale
+        h = h.view(-1, n_slice, rank)
+        for s in range(n_slice):
+            torch.mm(h[:, s], lora_b[e, s].t(), out=ys[lo:hi, s])  # (n, D_out)
+    y = torch.empty_like(ys).view(n_tok, n_slice * d_out)
+    y.index_copy_(0, perm, ys.view(n_tok, -1))
+    h_tok = torch.empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
+    h_tok.index_copy_(0, perm, hs.to(h_tok.dtype))
+    return y, h_tok
+
+
+def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+    """Gradients for forward(); unneeded ones come back as empty tensors."""
+    n_tok, d_in = x.shape
+    n_exp, n_slice, rank, _ = lora_a.shape
+    d_out = lora_b.shape[2]
+    wdt = lora_a.dtype
+    perm, offsets = group_by_expert(idx, n_exp)
+    bounds = offsets.tolist()
+    gy = grad_y.index_select(0, perm).view(n_tok, n_slice, d_out)  # (N, S, D_out)
+    acc = acc_dtype(x.dtype)
+    hs = h.index_select(0, perm).view(n_tok, n_slice, rank)  # (N, S, R) acc
+    mult = _token_scale(gate, perm, scale)
+    if mult is None:
+        mult = torch.full((n_tok, 1), float(scale), dtype=acc)
+    xs = x.index_select(0, perm) if need_w else None
+    dxs = torch.empty(n_tok, d_in, dtype=x.dtype) if need_x else None
+    da = torch.zeros_like(lora_a) if need_w else None
+    db = torch.zeros_like(lora_b) if need_w else None
+    dgs = torch.empty(n_tok, dtype=acc) if need_gate else None
+    for e in range(n_exp):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        u = gy[lo:hi].to(wdt)  # (n, S, D_out)
+        m = mult[lo:hi]  # (n, 1)
+        dhg = torch.einsum("nso,sor->nsr", u, lora_b[e]).to(acc)  # (n, S, R): d loss / d (m h)
+        if need_gate:
+            dgs[lo:hi] = (dhg * hs[lo:hi]).sum((1, 2)) * scale  # y = B (g * scale * h)
+        dh = (dhg * m[:, :, None]).to(wdt)  # (n, S, R)
+        if need_w:
+            hg = (hs[lo:hi] * m[:, :, None]).to(wdt)  # (n, S, R)
+            db[e] = torch.einsum("nso,nsr->sor", u, hg)
+            da[e] = torch.einsum("nsr,nd->srd", dh, xs[lo:hi])
+        if need_x:
+            torch.mm(dh.reshape(hi - lo, -1), lora_a[e].reshape(n_slice * rank, d_in), out=dxs[lo:hi])
+    empty = x.new_empty(0)
+    dx = empty
+    if need_x:
+        dx = torch.empty_like(dxs)
+        dx.index_copy_(0, perm, dxs)
+    dg = empty
+    if need_gate:
+        dg = torch.empty(n_tok, dtype=gate.dtype)
+        dg.index_copy_(0, perm, dgs.to(gate.dtype))
+    return dx, (da if need_w else empty), (db if need_w else empty), dg

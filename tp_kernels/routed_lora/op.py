@@ -1,0 +1,105 @@
+"""torch.library registration of routed LoRA: schema, fake, autograd, dispatch by backend.
+
+Two custom ops, both opaque to torch.compile (no graph break, no retrace):
+    tp_kernels::routed_lora_fwd(x, idx, lora_a, lora_b, gate, scale) -> (y, h)
+    tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, scale, ...) -> (dx, da, db, dgate)
+h = A_e x (N, S*R, float32; float64 for float64 x) is saved by the forward so the backward need not recompute it.
+Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import resolve
+from .._validate import acc_dtype, check_index_range
+from . import cpu as _cpu
+from .reference import routed_lora_backward_reference, routed_lora_reference
+
+
+class _Reference:
+    @staticmethod
+    def forward(x, idx, lora_a, lora_b, gate, scale):
+        y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
+        acc = acc_dtype(x.dtype)
+        h = torch.einsum("nsrd,nd->nsr", lora_a.to(acc)[idx], x.to(acc)).reshape(x.shape[0], -1)
+        return y, h
+
+    @staticmethod
+    def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+        dx, da, db, dg = routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate, scale)
+        empty = x.new_empty(0)
+        return (dx if need_x else empty, da if need_w else empty, db if need_w else empty,
+                dg if (need_gate and dg is not None) else empty)
+
+
+def _backend(device):
+    name = resolve(device)
+    if name == "reference":
+        return _Reference
+    if name == "cpu":
+        from .. import _ext
+
+        return _ext.routed_lora_cpu() or _cpu
+    return importlib.import_module(".triton", __package__)
+
+
+@torch.library.custom_op("tp_kernels::routed_lora_fwd", mutates_args=())
+def routed_lora_fwd(
+    x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor], scale: float
+) -> tuple[Tensor, Tensor]:
+    check_index_range("expert_idx", idx, lora_a.shape[0])
+    return _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
+
+
+@routed_lora_fwd.register_fake
+def _(x, idx, lora_a, lora_b, gate, scale):
+    n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
+    return x.new_empty(x.shape[0], n_slice * d_out), x.new_empty(x.shape[0], n_slice * rank, dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("tp_kernels::routed_lora_bwd", mutates_args=())
+def routed_lora_bwd(
+    grad_y: Tensor, x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor],
+    h: Tensor, scale: float, need_x: bool, need_w: bool, need_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backend(x.device).backward(
+        grad_y.contiguous(), x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate
+    )
+
+
+@routed_lora_bwd.register_fake
+def _(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+    empty = x.new_empty(0)
+    return (
+        torch.empty_like(x) if need_x else empty,
+        torch.empty_like(lora_a) if need_w else empty,
+        torch.empty_like(lora_b) if need_w else empty,
+        torch.empty_like(gate) if need_gate else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, idx, lora_a, lora_b, gate, scale = inputs
+    ctx.save_for_backward(x, idx, lora_a, lora_b, gate, output[1])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, idx, lora_a, lora_b, gate, h = ctx.saved_tensors
+    need_x, _, need_a, need_b, need_gate, _ = ctx.needs_input_grad
+    need_w = need_a or need_b
+    need_gate = bool(need_gate and gate is not None)
+    if not (need_x or need_w or need_gate):
+        return None, None, None, None, None, None
+    dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, ctx.scale, need_x, need_w, need_gate)
+    return (dx if need_x else None, None, da if need_a else None, db if need_b else None,
+            dg if need_gate else None, None)
+
+
+routed_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
