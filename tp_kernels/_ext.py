@@ -1,22 +1,94 @@
-"""The optional compiled CPU extension built from csrc/ (see README: what it adds).
+"""The optional compiled CPU extension built from csrc/ (a plain C++/OpenMP library loaded with ctypes).
 
-Returns None when it was not built (no compiler, TP_KERNELS_NO_EXT=1 at install)
-or is disabled at run time with TP_KERNELS_NO_EXT=1; callers then use the
+What it adds over the composed-torch CPU path: tokens grouped by a counting sort, gathered tile by tile
+into cache-resident buffers, shrink and expand fused per tile with each output row written once, and a
+one-pass top-1 gate. ``pip install .`` builds it where a C++ compiler exists; for development,
+``python setup.py build_ext --inplace`` puts it next to this file.
+
+:func:`routed_lora_cpu` and :func:`gate_cpu` return backend modules with the interface of
+``routed_lora/cpu.py`` and ``gate/cpu.py``, or None when the library was not built (no compiler,
+TP_KERNELS_NO_EXT=1 at install) or TP_KERNELS_NO_EXT=1 is set at run time; callers then use the
 composed-torch CPU path, which computes the same function.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
 import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
+
+_P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {
+    "tp_isa": (ctypes.c_char_p, []),
+    # x, idx, a, b, gate, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, y, h, threads
+    "tp_routed_lora_fwd": (_INT, [_P, _P, _P, _P, _P, _INT] + [_I64] * 6 + [_F64, _P, _P, _INT]),
+    # grad_y, x, idx, a, b, gate, h, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, dx, da, db, dgate, threads
+    "tp_routed_lora_bwd": (_INT, [_P] * 7 + [_INT] + [_I64] * 6 + [_F64] + [_P] * 4 + [_INT]),
+    # logits, logits dtype, noise, noise dtype, n, e, tau, idx, probs, threads
+    "tp_gate_top1_fwd": (_INT, [_P, _INT, _P, _INT, _I64, _I64, _F64, _P, _P, _INT]),
+}
+
+
+def disabled() -> bool:
+    return os.environ.get("TP_KERNELS_NO_EXT", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    if not LIB_PATH.exists():
+        return None
+    try:
+        lib = ctypes.CDLL(str(LIB_PATH))
+    except OSError as err:  # e.g. built for another platform
+        warnings.warn(f"tp_kernels: cannot load the CPU extension {LIB_PATH} ({err}); using the torch CPU path")
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def library():
+    """The loaded ctypes library, or None (not built, or disabled with TP_KERNELS_NO_EXT=1)."""
+    return None if disabled() else _load()
+
+
+def isa() -> str | None:
+    """The instruction set the extension's kernels run with ("avx512", "avx2", "baseline"), or None."""
+    lib = library()
+    return None if lib is None else lib.tp_isa().decode()
+
+
+def ptr(t: torch.Tensor | None):
+    """A tensor's data pointer for the library (None for a missing tensor)."""
+    return None if t is None else t.data_ptr()
+
+
+def check(status: int, op: str, num_experts: int = 0) -> None:
+    """Turn the library's status code (csrc/common.h: Status) into an exception."""
+    if status == 1:
+        raise IndexError(f"{op}: expert_idx must lie in [0, {num_experts})")
+    if status == 2:
+        raise MemoryError(f"{op}: out of memory for the CPU extension's buffers")
+    if status != 0:
+        raise RuntimeError(f"{op}: CPU extension failed with status {status}")
+
+
+def _backend(module: str):
+    return importlib.import_module(module, __package__) if library() is not None else None
 
 
 def routed_lora_cpu():
-    if os.environ.get("TP_KERNELS_NO_EXT", "0") not in ("", "0"):
-        return None
-    return None
+    return _backend(".routed_lora.cpu_ext")
 
 
 def gate_cpu():
-    if os.environ.get("TP_KERNELS_NO_EXT", "0") not in ("", "0"):
-        return None
-    return None
+    return _backend(".gate.cpu_ext")

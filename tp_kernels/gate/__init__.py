@@ -39,7 +39,7 @@ def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=
         noise = gumbel_noise(logits.shape, generator=generator, device=logits.device)
     n_exp = logits.shape[-1]
     lead = logits.shape[:-1]
-    idx, weight, _ = gate_top1_fwd(
+    weight, idx, _ = gate_top1_fwd(
         logits.reshape(-1, n_exp).contiguous(),
         None if noise is None else noise.reshape(-1, n_exp).contiguous(),
         float(tau),

@@ -1,10 +1,12 @@
 """torch.library registration of the top-1 gate: schema, fake, autograd, dispatch by backend.
 
-    tp_kernels::gate_top1_fwd(logits, noise, tau, hard) -> (idx, weight, probs)
+    tp_kernels::gate_top1_fwd(logits, noise, tau, hard) -> (weight, idx, probs)
 idx = argmax(logits + noise); probs = softmax((logits + noise) / tau) in fp32 (fp64 for fp64).
 hard: weight = 1 (N,), probs kept for the straight-through backward.
 soft: weight = probs (N, E), probs returned empty (weight is saved instead).
 The backward is a few elementwise torch ops, so it stays in the compiled graph.
+Backends return (idx, weight, probs); the op puts the float output first (opcheck sums
+outputs into the first one's dtype).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _backend(device):
 
 @torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())
 def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend(logits.device).forward(logits, noise, tau, hard)
+    idx, weight, probs = _backend(logits.device).forward(logits, noise, tau, hard)
+    return weight, idx, probs
 
 
 @gate_top1_fwd.register_fake
@@ -54,19 +57,19 @@ def _(logits, noise, tau, hard):
     n, e = logits.shape
     idx = logits.new_empty(n, dtype=torch.int64)
     if hard:
-        return idx, logits.new_empty(n, dtype=acc), logits.new_empty(n, e, dtype=acc)
-    return idx, logits.new_empty(n, e, dtype=acc), logits.new_empty(0, dtype=acc)
+        return logits.new_empty(n, dtype=acc), idx, logits.new_empty(n, e, dtype=acc)
+    return logits.new_empty(n, e, dtype=acc), idx, logits.new_empty(0, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     logits, noise, tau, hard = inputs
-    idx, weight, probs = output
+    weight, idx, probs = output
     ctx.tau, ctx.hard = tau, hard
     ctx.save_for_backward(idx, probs if hard else weight)
     ctx.mark_non_differentiable(idx, probs)
 
 
-def _backward(ctx, grad_idx, grad_weight, grad_probs):
+def _backward(ctx, grad_weight, grad_idx, grad_probs):
     idx, probs = ctx.saved_tensors  # probs (N, E)
     if ctx.hard:
         # weight = 1 + p_e - sg(p_e): d/dz_j = p_e (onehot_j - p_j) / tau

@@ -47,8 +47,8 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
         h = h.view(-1, n_slice, rank)
         for s in range(n_slice):
             torch.mm(h[:, s], lora_b[e, s].t(), out=ys[lo:hi, s])  # (n, D_out)
-    y = torch.empty_like(ys).view(n_tok, n_slice * d_out)
-    y.index_copy_(0, perm, ys.view(n_tok, -1))
+    y = torch.empty(n_tok, n_slice * d_out, dtype=x.dtype)
+    y.index_copy_(0, perm, ys.view(n_tok, n_slice * d_out))
     h_tok = torch.empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
     h_tok.index_copy_(0, perm, hs.to(h_tok.dtype))
     return y, h_tok
@@ -88,14 +88,14 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, nee
             db[e] = torch.einsum("nso,nsr->sor", u, hg)
             da[e] = torch.einsum("nsr,nd->srd", dh, xs[lo:hi])
         if need_x:
-            torch.mm(dh.reshape(hi - lo, -1), lora_a[e].reshape(n_slice * rank, d_in), out=dxs[lo:hi])
-    empty = x.new_empty(0)
-    dx = empty
+            torch.mm(dh.reshape(hi - lo, n_slice * rank), lora_a[e].reshape(n_slice * rank, d_in), out=dxs[lo:hi])
+    dx = x.new_empty(0)
     if need_x:
         dx = torch.empty_like(dxs)
         dx.index_copy_(0, perm, dxs)
-    dg = empty
+    dg = x.new_empty(0)
     if need_gate:
         dg = torch.empty(n_tok, dtype=gate.dtype)
         dg.index_copy_(0, perm, dgs.to(gate.dtype))
-    return dx, (da if need_w else empty), (db if need_w else empty), dg
+    # distinct empties: custom-op outputs may not alias each other
+    return dx, (da if need_w else x.new_empty(0)), (db if need_w else x.new_empty(0)), dg

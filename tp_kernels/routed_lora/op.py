@@ -26,15 +26,14 @@ class _Reference:
     def forward(x, idx, lora_a, lora_b, gate, scale):
         y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
         acc = acc_dtype(x.dtype)
-        h = torch.einsum("nsrd,nd->nsr", lora_a.to(acc)[idx], x.to(acc)).reshape(x.shape[0], -1)
-        return y, h
+        h = torch.einsum("nsrd,nd->nsr", lora_a.to(acc)[idx], x.to(acc))  # (N, S, R)
+        return y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2])
 
     @staticmethod
     def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
         dx, da, db, dg = routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate, scale)
-        empty = x.new_empty(0)
-        return (dx if need_x else empty, da if need_w else empty, db if need_w else empty,
-                dg if (need_gate and dg is not None) else empty)
+        return (dx if need_x else x.new_empty(0), da if need_w else x.new_empty(0),
+                db if need_w else x.new_empty(0), dg if need_gate else x.new_empty(0))
 
 
 def _backend(device):
@@ -74,12 +73,11 @@ def routed_lora_bwd(
 
 @routed_lora_bwd.register_fake
 def _(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
-    empty = x.new_empty(0)
     return (
-        torch.empty_like(x) if need_x else empty,
-        torch.empty_like(lora_a) if need_w else empty,
-        torch.empty_like(lora_b) if need_w else empty,
-        torch.empty_like(gate) if need_gate else empty,
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(lora_a) if need_w else x.new_empty(0),
+        torch.empty_like(lora_b) if need_w else x.new_empty(0),
+        torch.empty_like(gate) if need_gate else x.new_empty(0),
     )
 
 

@@ -10,8 +10,8 @@ Shapes (flattened tokens, stacked slices):
 
 y[n, s] = gate[n] * scale * lora_b[e, s] @ (lora_a[e, s] @ x[n]),  e = idx[n].
 
-This gathers each token's expert weights, which wastes memory but is obviously
-right; it is the spec the fast paths are tested against (use float64).
+Each token's expert weights are gathered, which wastes memory but is obviously
+right; this is the spec the fast paths are tested against (use float64).
 """
 
 from __future__ import annotations
@@ -23,24 +23,34 @@ from .._validate import acc_dtype
 
 def routed_lora_reference(x, idx, lora_a, lora_b, gate=None, scale=1.0):
     acc = acc_dtype(x.dtype)
+    n_tok, n_slice, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
     a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
     b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
     h = torch.einsum("nsrd,nd->nsr", a, x.to(acc))  # (N, S, R)
     y = torch.einsum("nsor,nsr->nso", b, h) * scale  # (N, S, D_out)
     if gate is not None:
         y = y * gate.to(acc)[:, None, None]
-    return y.reshape(x.shape[0], -1).to(x.dtype)
+    return y.reshape(n_tok, n_slice * d_out).to(x.dtype)
 
 
 def routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate=None, scale=1.0):
-    """Gradients of :func:`routed_lora_reference` by autograd on float64 copies."""
-    xs = x.detach().double().requires_grad_()
-    a = lora_a.detach().double().requires_grad_()
-    b = lora_b.detach().double().requires_grad_()
-    g = None if gate is None else gate.detach().double().requires_grad_()
-    y = routed_lora_reference(xs, idx, a, b, g, scale)
-    inputs = [xs, a, b] + ([g] if g is not None else [])
-    grads = torch.autograd.grad(y, inputs, grad_y.double())
-    dx, da, db = (t.to(ref.dtype) for t, ref in zip(grads[:3], (x, lora_a, lora_b)))
-    dg = grads[3].to(gate.dtype) if g is not None else None
-    return dx, da, db, dg
+    """Gradients of :func:`routed_lora_reference`, written out (runs inside custom-op kernels,
+    where autograd does not record). Returns (dx, da, db, dgate or None) in the inputs' dtypes."""
+    acc = acc_dtype(x.dtype)
+    n_exp, n_slice, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[2]
+    xa = x.to(acc)
+    a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
+    b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
+    gy = grad_y.to(acc).reshape(-1, n_slice, d_out)  # (N, S, D_out)
+    m = torch.full((x.shape[0],), float(scale), dtype=acc) if gate is None else gate.to(acc) * scale  # (N,)
+    h = torch.einsum("nsrd,nd->nsr", a, xa)  # (N, S, R)
+    dhg = torch.einsum("nso,nsor->nsr", gy, b)  # (N, S, R): d loss / d (m h)
+    dh = dhg * m[:, None, None]
+    dx = torch.einsum("nsr,nsrd->nd", dh, a)
+    da = torch.zeros(n_exp, n_slice, rank, d_in, dtype=acc).index_add_(0, idx, torch.einsum("nsr,nd->nsrd", dh, xa))
+    db = torch.zeros(n_exp, n_slice, d_out, rank, dtype=acc).index_add_(
+        0, idx, torch.einsum("nso,nsr->nsor", gy, h * m[:, None, None])
+    )
+    dg = None if gate is None else ((dhg * h).sum((1, 2)) * scale).to(gate.dtype)
+    return dx.to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype), dg

@@ -1,0 +1,199 @@
+"""FLOP and byte counts for the benchmarked work, and the predicted time ratios they imply.
+
+Counts are of the useful work (a multiply-add is 2 FLOPs); bytes are the minimum
+traffic (each input read once, each output written once). A benchmark's floor
+and the model-level predictions come from here, never from a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __mul__(self, k: float) -> "Cost":
+        return Cost(self.flops * k, self.bytes * k)
+
+    __rmul__ = __mul__
+
+
+def linear(tokens: int, d_in: int, d_out: int, elem: int, *, bias: bool = True) -> Cost:
+    """y = x W^T (+ b): read x and W, write y."""
+    flops = 2 * tokens * d_in * d_out + (tokens * d_out if bias else 0)
+    return Cost(flops, elem * (tokens * d_in + d_in * d_out + tokens * d_out))
+
+
+def elementwise(numel: int, elem: int, *, flops_per: float = 1, reads: int = 1, writes: int = 1) -> Cost:
+    return Cost(flops_per * numel, elem * numel * (reads + writes))
+
+
+def routed_lora(tokens: int, d_in: int, d_out: int, rank: int, experts: int, elem: int,
+                *, slices: int = 1, backward: bool = False) -> Cost:
+    """Per-token routed LoRA: shrink (2 N D_in S R) + expand (2 N S R D_out) FLOPs.
+
+    The backward computes dH = dY B, dX = dH A, dB = dY^T H, dA = dH^T X: twice the forward's FLOPs.
+    Bytes: x, y, the weights and the indices; the backward adds dY, x again, dX and the weight grads.
+    """
+    flops = 2 * tokens * slices * rank * (d_in + d_out)
+    weights = experts * slices * rank * (d_in + d_out) * elem
+    acts = tokens * (d_in + slices * d_out) * elem
+    nbytes = acts + weights + 8 * tokens
+    if backward:
+        flops *= 3
+        nbytes += acts + tokens * d_in * elem + 2 * weights + 8 * tokens
+    return Cost(flops, nbytes)
+
+
+def gate_top1(tokens: int, experts: int, elem: int) -> Cost:
+    """Noise add, scale, softmax (max, exp, sum, divide), argmax: ~8 FLOPs per logit.
+
+    Reads logits and noise, writes idx (int64), the gate (fp32) and the probabilities kept for backward (fp32).
+    """
+    n = tokens * experts
+    return Cost(8 * n, elem * n + 4 * n + 8 * tokens + 4 * tokens + 4 * n)
+
+
+def softmax(tokens: int, experts: int, elem: int) -> Cost:
+    n = tokens * experts
+    return Cost(5 * n, 2 * elem * n)
+
+
+def gemm(n: int) -> Cost:
+    return Cost(2 * n**3, 0)
+
+
+def layer_norm(tokens: int, dim: int, elem: int) -> Cost:
+    return elementwise(tokens * dim, elem, flops_per=7)
+
+
+def sdpa(batch: int, seq: int, dim: int, heads: int, elem: int) -> Cost:
+    """softmax(Q K^T / sqrt(d)) V over the heads: two (seq x seq) GEMMs per head, softmax, head split/merge copies."""
+    flops = 4 * batch * seq * seq * dim + 5 * batch * heads * seq * seq
+    return Cost(flops, elem * batch * seq * dim * (3 + 1 + 2))  # read q, k, v; write out; merge heads (copy)
+
+
+def attention_costs(batch: int, seq: int, dim: int, heads: int, elem: int, recursion=None) -> list:
+    """(name, Cost) components of one attention forward: DiT's Attention, or a RecursiveAttention when
+    ``recursion`` (anything with experts, steps, rank) is given, following RecursiveAttention.forward:
+
+        per step t = 1..T: LN(a), gate logits (Linear D -> M) + gate_top1, routed LoRA (qkv, S = 3), attention
+        steps < T: residual a = out + x;   step T: base qkv projection of x, added to the LoRA's
+        then the output projection.
+    """
+    n = batch * seq
+    parts = [("qkv", linear(n, dim, 3 * dim, elem)), ("proj", linear(n, dim, dim, elem))]
+    if recursion is None:
+        return parts + [("attention", sdpa(batch, seq, dim, heads, elem))]
+    steps, experts = recursion.steps, recursion.experts
+    parts += [
+        ("base qkv add", elementwise(3 * n * dim, elem, reads=2)),
+        ("layer norm", steps * layer_norm(n, dim, elem)),
+        ("gate logits", steps * linear(n, dim, experts, elem)),
+        ("gate_top1", steps * gate_top1(n, experts, elem)),
+        ("routed lora", steps * routed_lora(n, dim, dim, recursion.rank, experts, elem, slices=3)),
+        ("attention", steps * sdpa(batch, seq, dim, heads, elem)),
+        ("residual", (steps - 1) * elementwise(n * dim, elem, reads=2)),
+    ]
+    return parts
+
+
+def dit_costs(config, batch: int, elem: int, recursion=None) -> list:
+    """(name, Cost) components of one DiT / ThinkingPixelDiT forward (``config``: a DiTConfig).
+
+    Per block: adaLN (SiLU + Linear D -> 6D on the conditioning), 2 LayerNorms, 2 modulates and 2 gated
+    residuals, the attention (recursive in the blocks ``recursion.resolve_layers(depth)`` names), the MLP
+    (Linear D -> rD, tanh-GELU, Linear rD -> D). Plus patch embedding, timestep/label embedders, final layer.
+    """
+    d, seq = config.hidden_size, config.num_patches
+    n = batch * seq
+    patch_in = config.in_channels * config.patch_size**2
+    hidden = int(d * config.mlp_ratio)
+    recursive = set(recursion.resolve_layers(config.depth)) if recursion is not None else set()
+    parts = [
+        ("embed", linear(n, patch_in, d, elem) + linear(batch, 256, d, elem) + linear(batch, d, d, elem)),
+        ("final layer", linear(batch, d, 2 * d, elem) + layer_norm(n, d, elem)
+         + elementwise(n * d, elem, flops_per=2, reads=2)
+         + linear(n, d, patch_in * config.out_channels // config.in_channels, elem)),
+    ]
+    for i in range(config.depth):
+        block = [
+            ("adaLN", linear(batch, d, 6 * d, elem)),
+            ("norm + modulate + residual", 2 * (layer_norm(n, d, elem) + elementwise(n * d, elem, flops_per=2, reads=2)
+                                               + elementwise(n * d, elem, flops_per=2, reads=2))),
+            ("mlp", linear(n, d, hidden, elem) + elementwise(n * hidden, elem, flops_per=10)
+             + linear(n, hidden, d, elem)),
+        ]
+        attn = attention_costs(batch, seq, d, config.num_heads, elem, recursion if i in recursive else None)
+        parts += block + attn
+    return parts
+
+
+def train_step_costs(forward_parts: list, num_params: int) -> list:
+    """A training step: the forward, a backward at twice each component's forward cost (dX and dW GEMMs;
+    for attention dQ, dK, dV, dP), and AdamW over ``num_params`` fp32 parameters (~12 FLOPs; reads param,
+    grad, two moments and writes param and moments: 28 bytes)."""
+    return ([(f"fwd {name}", c) for name, c in forward_parts] + [(f"bwd {name}", 2 * c) for name, c in forward_parts]
+            + [("adamw", Cost(12 * num_params, 28 * num_params))])
+
+
+def total(parts: list) -> Cost:
+    out = Cost(0, 0)
+    for _, c in parts:
+        out = out + c
+    return out
+
+
+def roofline_seconds(parts: list, peak_flops: float, bandwidth: float) -> float:
+    """Sum over components of each one's roofline time max(flops / peak, bytes / bandwidth)."""
+    return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for _, c in parts)
+
+
+def predicted_ratio(parts_new: list, parts_base: list, peak_flops: float = None, bandwidth: float = None) -> float:
+    """Predicted time of ``parts_new`` over ``parts_base``: the FLOP ratio, or with peak_flops and bandwidth
+    given, the ratio of per-component roofline times (the bytes term)."""
+    if peak_flops is None:
+        return total(parts_new).flops / total(parts_base).flops
+    return roofline_seconds(parts_new, peak_flops, bandwidth) / roofline_seconds(parts_base, peak_flops, bandwidth)
+
+
+# NVIDIA H100 SXM datasheet peaks (dense): HBM3 bandwidth, and tensor-core / SIMT FLOP/s by input precision.
+H100_BANDWIDTH = 3.35e12
+H100_PEAK_FLOPS = {"native": 989.4e12, "tf32": 494.7e12, "ieee": 66.9e12, "-": 66.9e12}
+
+
+def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int, experts: int, slices: int,
+                       elem: int) -> Cost:
+    """FLOPs and minimum bytes of one tp_kernels Triton kernel (roles as tp_kernels._aot names them).
+
+    The forward saves h = A_e x (fp32); the backward's dh (fp32) feeds dX and dA; gate multipliers are per token.
+    """
+    n, s, r = tokens, slices, rank
+    h = 4 * n * s * r  # an (N, S*R) fp32 intermediate
+    x, y = n * d_in * elem, n * s * d_out * elem
+    wa, wb = experts * s * r * d_in * elem, experts * s * d_out * r * elem
+    index = 8 * n + 8 * (experts + 1)  # permutation and offsets
+    costs = {
+        "routed_lora.fwd": Cost(2 * n * s * r * (d_in + d_out), x + y + wa + wb + h + index + n * elem),
+        "routed_lora.bwd_dh": Cost(2 * n * s * d_out * r, y + wb + 2 * h + index + 4 * n * s),
+        "routed_lora.bwd_dx": Cost(2 * n * s * r * d_in, h + wa + x + index),
+        "routed_lora.bwd_dA": Cost(2 * n * s * r * d_in, h + x + wa + index),
+        "routed_lora.bwd_dB": Cost(2 * n * s * d_out * r, y + h + wb + index),
+        "gate.fwd": gate_top1(n, experts, elem),
+    }
+    if role not in costs:
+        raise ValueError(f"unknown kernel role {role!r}; expected one of {sorted(costs)}")
+    return costs[role]
+
+
+def h100_roofline_seconds(cost: Cost, precision: str) -> float:
+    """Roofline time on an H100 for a kernel whose tl.dot runs at ``precision`` (tp_kernels._aot's field)."""
+    if precision not in H100_PEAK_FLOPS:
+        raise ValueError(f"unknown tl.dot precision {precision!r}; expected one of {sorted(H100_PEAK_FLOPS)}")
+    return max(cost.flops / H100_PEAK_FLOPS[precision], cost.bytes / H100_BANDWIDTH)

@@ -1,0 +1,322 @@
+"""Write BENCHMARKS.md from a pytest-benchmark JSON of this suite.
+
+    pytest benchmarks --benchmark-only --benchmark-json results.json
+    python -m benchmarks.report results.json --output BENCHMARKS.md
+
+Every number comes from the JSON (timings, the ceilings measured in the same run, the FLOP model's
+predictions, the AOT compile records); the targets below are the project's, the verdicts are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections import defaultdict
+
+PEERS = ("dense_mixture", "mask_loop", "sort_scatter", "peft_mixed_batch")
+PEER_NOTES = {
+    ("routed_lora", "ours"): "tp_kernels.routed_lora",
+    ("routed_lora", "dense_mixture"): "(a) every expert on every token, then select (X-LoRA / dense mixture)",
+    ("routed_lora", "mask_loop"): "(b) boolean mask per expert (HF-MoE / DiT-MoE)",
+    ("routed_lora", "sort_scatter"): "(c) argsort + host-read counts + per-expert GEMM + index_add (HiDream moe_infer)",
+    ("routed_lora", "peft_mixed_batch"): "(d) one adapter per sample (peft adapter_names): an easier problem",
+    ("routed_lora", "unrouted_lora"): "(e) one LoRA, no routing: same FLOPs, the floor",
+    ("gate_top1", "ours"): "tp_kernels.gate_top1",
+    ("gate_top1", "composed"): "noise + softmax + argmax + straight-through in torch ops",
+    ("gate_top1", "softmax"): "bare torch.softmax on the same logits",
+}
+
+
+def load(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+class Results:
+    """Benchmarks grouped by their pytest-benchmark group, medians by (group, impl)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.groups = defaultdict(list)
+        for b in data["benchmarks"]:
+            self.groups[b["group"]].append(b)
+        self.order = list(self.groups)
+
+    def median(self, group, impl):
+        for b in self.groups.get(group, ()):
+            if b["extra_info"].get("impl") == impl:
+                return b["stats"]["median"]
+        return None
+
+    def entry(self, group, impl):
+        for b in self.groups.get(group, ()):
+            if b["extra_info"].get("impl") == impl:
+                return b
+        return None
+
+    def groups_of(self, op, mode=None):
+        out = []
+        for g in self.order:
+            info = self.groups[g][0]["extra_info"]
+            if info.get("op") == op and (mode is None or info.get("mode") == mode):
+                out.append(g)
+        return out
+
+
+def section_machine(data):
+    tp = data["machine_info"].get("thinking_pixel", {})
+    commit = data.get("commit_info", {})
+    rows = [
+        ("CPU", tp.get("cpu_model")),
+        ("logical CPUs", tp.get("logical_cpus")),
+        ("torch threads", tp.get("torch_threads")),
+        ("torch", tp.get("torch")),
+        ("triton", tp.get("triton")),
+        ("device", tp.get("device") + (f" ({tp['cuda_device']})" if tp.get("cuda_device") else "")),
+        ("tp_kernels backend", tp.get("tp_kernels_backend")),
+        ("compiled CPU extension loaded", tp.get("cpu_extension")),
+        ("CPU extension ISA", tp.get("cpu_extension_isa")),
+        ("quick mode", tp.get("quick")),
+        ("python", data["machine_info"].get("python_version")),
+        ("commit", f"{commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}"),
+        ("date", data.get("datetime")),
+    ]
+    return "## Machine\n\n" + table(("", "value"), rows)
+
+
+def section_ceilings(data):
+    c = data["machine_info"].get("thinking_pixel", {}).get("ceilings")
+    if not c:
+        return "## Ceilings\n\nNot measured in this run."
+    n = c["gemm_n"]
+    rows = [(f"{name} GEMM ({n}x{n} @ {n}x{n})", f"{flops / 1e9:.1f} GFLOP/s") for name, flops in c["gemm_flops"].items()]
+    rows.append((f"copy ({c['copy_bytes'] / 2**20:.0f} MiB read + written)", f"{c['copy_bandwidth'] / 1e9:.1f} GB/s"))
+    return ("## Ceilings (measured in this run, median of "
+            f"{c['rounds']})\n\nA row's *floor* is its roofline time at these ceilings: "
+            "max(FLOPs / GEMM FLOP/s of its dtype, bytes / copy bandwidth). *x floor* = median / floor.\n\n"
+            + table(("ceiling", "value"), rows))
+
+
+class Target:
+    def __init__(self, name, measured, limit, kind, detail=""):
+        self.name, self.measured, self.limit, self.kind, self.detail = name, measured, limit, kind, detail
+
+    def row(self):
+        if self.measured is None:
+            return (self.name, "not measured in this run", self._limit_text(), "n/a", "", self.detail)
+        ok = self.measured <= self.limit if self.kind == "<=" else self.measured >= self.limit
+        if self.kind == "<=":
+            margin = (self.limit - self.measured) / self.limit
+        else:
+            margin = (self.measured - self.limit) / self.limit
+        how = f"{'under' if self.kind == '<=' else 'over'} by {margin:.0%}" if ok else f"missed by {-margin:.0%}"
+        return (self.name, f"{self.measured:.3f}", self._limit_text(), "pass" if ok else "MISS", how, self.detail)
+
+    def _limit_text(self):
+        return f"{self.kind} {self.limit:g}"
+
+
+def _ratio(res, group, num, den):
+    a, b = res.median(group, num), res.median(group, den)
+    return None if a is None or b is None else a / b
+
+
+def targets(res):
+    out = []
+    for key, limit in (("T=8192 D=1152 R=128 E=5", 1.15), ("T=2048 D=1152 R=16 E=8", 1.5)):
+        group = f"routed_lora fwd | {key} | fp32"
+        out.append(Target(f"routed_lora fp32 fwd / unrouted LoRA at {key}",
+                          _ratio(res, group, "ours", "unrouted_lora"), limit, "<="))
+
+    worst, worst_group, n = None, "", 0
+    for group in res.groups_of("routed_lora"):
+        peers = [res.median(group, p) for p in PEERS if res.median(group, p) is not None]
+        ours = res.median(group, "ours")
+        if ours is None or not peers:
+            continue
+        n += 1
+        r = ours / min(peers)
+        if worst is None or r > worst:
+            worst, worst_group = r, group
+    out.append(Target(f"routed_lora faster than every peer (a)-(d): worst ours / fastest peer over {n} groups",
+                      worst, 1.0, "<=", f"worst: {worst_group}" if worst_group else ""))
+
+    worst, where = None, ""
+    for group in res.groups_of("routed_lora", "fwd+bwd"):
+        fwd_group = group.replace("routed_lora fwd+bwd", "routed_lora fwd", 1)
+        a, b = res.median(group, "ours"), res.median(fwd_group, "ours")
+        if a is None or b is None:
+            continue
+        if worst is None or a / b > worst:
+            worst, where = a / b, group.split(" | ", 1)[1]
+    out.append(Target("routed_lora fwd+bwd / fwd (ours), worst shape", worst, 3.5, "<=", where))
+
+    worst, where = None, ""
+    for group in res.groups_of("gate_top1", "fwd"):
+        r = _ratio(res, group, "ours", "softmax")
+        if r is not None and (worst is None or r > worst):
+            worst, where = r, group.split(" | ", 1)[1]
+    out.append(Target("gate_top1 fwd / torch.softmax, worst shape", worst, 1.3, "<=", where))
+
+    for group in res.groups_of("block"):
+        rec = res.entry(group, "recursive")
+        measured = _ratio(res, group, "recursive", "attention")
+        pred = rec["extra_info"].get("predicted_ratio_flops") if rec else None
+        value = None if measured is None or pred is None else abs(measured / pred - 1)
+        out.append(Target(f"recursive block / plain attention vs FLOP model: |measured / predicted - 1| ({group})",
+                          value, 0.10, "<=", _pred_detail(measured, pred)))
+
+    for group in res.groups_of("train_step"):
+        tp = res.entry(group, "ThinkingPixelDiT eager")
+        measured = _ratio(res, group, "ThinkingPixelDiT eager", "DiT eager")
+        pred = tp["extra_info"].get("predicted_ratio_flops") if tp else None
+        value = None if measured is None or pred is None else abs(measured / pred - 1)
+        out.append(Target(f"ThinkingPixelDiT / DiT train step vs FLOP model: |measured / predicted - 1| ({group})",
+                          value, 0.10, "<=", _pred_detail(measured, pred)))
+        out.append(Target(f"torch.compile speed-up of the ThinkingPixelDiT train step, eager / compiled ({group})",
+                          _ratio(res, group, "ThinkingPixelDiT eager", "ThinkingPixelDiT compiled"), 1.2, ">="))
+    return out
+
+
+def _pred_detail(measured, pred):
+    if measured is None or pred is None:
+        return ""
+    return f"measured {measured:.2f}x, predicted {pred:.2f}x"
+
+
+def section_targets(res):
+    rows = [t.row() for t in targets(res)]
+    return "## Targets\n\n" + table(("target", "measured", "limit", "status", "margin", "detail"), rows)
+
+
+def section_groups(res):
+    out = ["## Results by group",
+           "Median of the rounds shown (host clock on CPU; CUDA events on CUDA). *ratio* is the row's median over "
+           "the group's reference row (ours for op groups, the plain model for model groups). *IQR / median* "
+           "shows the run's noise."]
+    for group in res.order:
+        entries = res.groups[group]
+        ref = next((b for b in entries if b["extra_info"].get("impl") == "ours"
+                    or b["extra_info"].get("baseline")), entries[0])
+        ref_median = ref["stats"]["median"]
+        has_pred = any("predicted_ratio_flops" in b["extra_info"] for b in entries)
+        has_images = any("images_per_s" in b["extra_info"] for b in entries)
+        header = ["impl", "median", "min", "rounds", "IQR / median", f"ratio vs {ref['extra_info'].get('impl')}",
+                  "x floor", "GFLOP/s"]
+        if has_pred:
+            header += ["predicted ratio (FLOPs)", "predicted ratio (roofline)"]
+        if has_images:
+            header += ["images/s"]
+        rows = []
+        for b in sorted(entries, key=lambda b: b["stats"]["median"]):
+            s, info = b["stats"], b["extra_info"]
+            impl = info.get("impl", b["name"])
+            note = PEER_NOTES.get((info.get("op"), impl))
+            row = [impl + (f" — {note}" if note else ""),
+                   fmt_time(s["median"]), fmt_time(s["min"]), s["rounds"],
+                   f"{s['iqr'] / s['median']:.0%}" if s["median"] else "-",
+                   fmt_ratio(s["median"] / ref_median),
+                   f"{info['fraction_of_floor']:.1f}" if "fraction_of_floor" in info else "-",
+                   f"{info['achieved_flops'] / 1e9:.1f}" if "achieved_flops" in info else "-"]
+            if has_pred:
+                row += [fmt_ratio(info.get("predicted_ratio_flops")), fmt_ratio(info.get("predicted_ratio_roofline"))]
+            if has_images:
+                row += [f"{info['images_per_s']:.2f}" if "images_per_s" in info else "-"]
+            rows.append(row)
+        notes = []
+        if any(b["extra_info"].get("cuda_graph") for b in entries):
+            notes.append("rows marked in extra_info cuda_graph=true were timed as CUDA graph replays")
+        first_calls = [(b["extra_info"]["impl"], b["extra_info"]["first_call_s"]) for b in entries
+                       if "first_call_s" in b["extra_info"]]
+        if first_calls:
+            notes.append("first call (includes torch.compile for compiled rows, excluded from the timings): "
+                         + ", ".join(f"{impl} {fmt_time(t)}" for impl, t in first_calls))
+        out.append(f"### {group}\n\n" + table(header, rows) + "".join(f"\n\n{n}" for n in notes))
+    return "\n\n".join(out)
+
+
+def section_gpu(res):
+    entry = next((b for b in res.data["benchmarks"] if b["extra_info"].get("op") == "aot"), None)
+    if entry is None:
+        return "## GPU readiness\n\nThe Triton AOT compile (tp_kernels._aot) did not run in this run."
+    kernels = entry["extra_info"]["kernels"]
+    archs = sorted({k["arch"] for k in kernels})
+    by_key = defaultdict(dict)
+    for k in kernels:
+        by_key[(k["kernel"], k["shape"], k["dtype"], k["precision"])][k["arch"]] = k
+    header = ["kernel", "shape", "tokens", "dtype", "tl.dot precision"]
+    for a in archs:
+        header += [f"{a} regs", f"{a} smem", f"{a} spills (B)", f"{a} tensor-core ops"]
+    header += ["GFLOP", "MB", "H100 roofline"]
+    rows = []
+    for (kernel, shape, dtype, precision), per_arch in by_key.items():
+        any_k = next(iter(per_arch.values()))
+        row = [kernel, shape, any_k["tokens"], dtype, precision]
+        for a in archs:
+            k = per_arch.get(a)
+            row += ["-"] * 4 if k is None else [k["registers"], f"{k['shared_bytes'] / 1024:.0f} KiB", k["spills"],
+                                               f"{k['tensor_core_ops']} ({k['mma_sync'] + k['wgmma']})"]
+        row += [f"{any_k['flops'] / 1e9:.2f}", f"{any_k['bytes'] / 1e6:.1f}", fmt_time(any_k["h100_roofline_s"])]
+        rows.append(row)
+    return ("## GPU readiness (Triton kernels compiled ahead of time, no GPU)\n\n"
+            f"Compiled by tp_kernels._aot in {fmt_time(entry['stats']['median'])}. Registers and spills from "
+            "`ptxas -v`; smem is the kernel's shared memory; tensor-core ops count `mma.sync` / `wgmma` in the PTX. "
+            "H100 roofline: max(FLOPs / peak at the kernel's tl.dot precision, bytes / 3.35 TB/s), "
+            "peaks from benchmarks/flop_model.py (H100 SXM datasheet, dense).\n\n" + table(header, rows))
+
+
+def render(data, report_argv):
+    res = Results(data)
+    command = data.get("commandline", "(not recorded)")
+    tp = data["machine_info"].get("thinking_pixel", {})
+    head = [
+        "# Benchmarks",
+        "Generated, not typed: `" + shlex.join(["python", "-m", "benchmarks.report", *report_argv])
+        + "` from the JSON written by `" + command + "`. See benchmarks/README.md to regenerate.",
+    ]
+    if tp.get("device") == "cpu" and (tp.get("logical_cpus") or 0) <= 4:
+        head.append(f"Timings on a {tp.get('logical_cpus')}-core machine; other jobs sharing the CPU during the "
+                    "run add noise (see the IQR / median column).")
+    sections = [section_machine(data), section_ceilings(data), section_targets(res), section_groups(res),
+                section_gpu(res)]
+    return "\n\n".join(head + sections) + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", help="the --benchmark-json file of `pytest benchmarks --benchmark-only`")
+    parser.add_argument("--output", "-o", help="write here instead of stdout (e.g. BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    text = render(load(args.results), argv)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

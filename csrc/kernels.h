@@ -1,0 +1,46 @@
+// The per-instruction-set kernel table shared by the isa_*.cpp translation units and the drivers.
+//
+// Each isa_*.cpp compiles kernels_impl.h for one instruction set (AVX-512, AVX2+FMA, or the
+// compiler's baseline); the drivers (routed_lora.cpp, gate.cpp) hold the OpenMP loops and call
+// the kernels through the table picked once at load time, so no driver code runs instructions
+// the CPU lacks.
+#pragma once
+
+#include <stdint.h>
+
+namespace tp {
+
+enum DType : int { kF32 = 0, kBF16 = 1 };
+
+inline int64_t dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+struct Kernels {
+    const char* name;
+    int vw;  // floats per vector
+
+    // Panel packing for gemm(): dst[p][k][j] = src(k, p * nr + j), zero past column n, nr = nv * vw.
+    // src(k, j) = src[row_k * rs + j * cs] with row_k = rows ? rows[k] : k, in dtype dt.
+    void (*pack)(const void* src, int dt, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n,
+                 int nv, float* dst);
+    // c (m x n) = (accumulate ? c : 0) + a (m x k) @ packed b, with rows given by pointers:
+    // a(i, l) = a[i][l * cs_a], c(i, j) = c[i][j]. Exactly columns [0, n) of each c row are written.
+    void (*gemm)(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp, int nv,
+                 float* const* c, int accumulate);
+    void (*to_f32)(const void* src, int dt, float* dst, int64_t n);
+    void (*from_f32)(const float* src, void* dst, int dt, int64_t n);
+    // Top-1 gate over n rows of e logits (+ noise): idx = argmax, probs = softmax(z * inv_tau).
+    // scratch: at least gate_scratch(e) floats.
+    void (*gate_rows)(const void* logits, int ldt, const void* noise, int ndt, int64_t n, int64_t e,
+                      float inv_tau, int64_t* idx, float* probs, float* scratch);
+};
+
+inline int64_t gate_block_rows(int64_t e) { return e >= 512 ? 1 : 512 / e; }
+inline int64_t gate_scratch(int64_t e) { return gate_block_rows(e) * e + 64; }
+
+const Kernels* kernels();  // the best table this CPU supports (TP_KERNELS_ISA may ask for a lower one)
+
+}  // namespace tp
+
+namespace tp_avx512 { const tp::Kernels* table(); }
+namespace tp_avx2 { const tp::Kernels* table(); }
+namespace tp_base { const tp::Kernels* table(); }

@@ -1,0 +1,293 @@
+"""The compiled CPU extension (csrc/) against the float64 references, and its determinism.
+
+Build it first: ``python setup.py build_ext --inplace``. Tests that need it are skipped when it is not
+built; the TP_KERNELS_NO_EXT tests run either way.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tp_kernels
+from tp_kernels import _ext
+from tp_kernels.gate import cpu_ext as gate_ext
+from tp_kernels.gate.reference import gate_top1_reference
+from tp_kernels.routed_lora import cpu as lora_torch
+from tp_kernels.routed_lora import cpu_ext as lora_ext
+from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(
+    _ext.library() is None,
+    reason="CPU extension not built (run `python setup.py build_ext --inplace`) or TP_KERNELS_NO_EXT=1",
+)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    """The "cpu" backend, with every float32/bfloat16 forward in the extension (no rank cut-over)."""
+    monkeypatch.setattr(lora_ext, "BF16_EXT_MAX_RANK", 1 << 30)
+    with tp_kernels.use_backend("cpu"):
+        yield
+
+
+def assert_close(actual, expected, dtype, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(1.0, expected.double().abs().max().item())
+    assert err <= TOL[dtype] * scale, f"{what}: max abs err {err:.3e} (scale {scale:.3e}, tol {TOL[dtype]})"
+
+
+def make_inputs(n, d_in, d_out, rank, n_exp, n_slice, dtype, gate=True, idx=None):
+    x = torch.randn(n, d_in).to(dtype)
+    idx = torch.randint(0, n_exp, (n,)) if idx is None else idx
+    a = (torch.randn(n_exp, n_slice, rank, d_in) / d_in**0.5).to(dtype)
+    b = (torch.randn(n_exp, n_slice, d_out, rank) / rank**0.5).to(dtype)
+    g = (torch.rand(n) + 0.5).to(dtype) if gate else None
+    return x, idx, a, b, g
+
+
+def run_public(x, idx, a, b, g, scale, grad_y):
+    """Forward and backward through tp_kernels.routed_lora (3-D weights when there is one slice)."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, a, b, g)]
+    xl, al, bl, gl = leaves
+    if a.shape[1] == 1:
+        y = tp_kernels.routed_lora(xl, idx, al[:, 0], bl[:, 0], scale=scale, gate=gl)
+    else:
+        y = tp_kernels.routed_lora(xl, idx, al, bl, scale=scale, gate=gl)
+    y.backward(grad_y)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def check_against_reference(x, idx, a, b, g, scale=0.75):
+    dtype = x.dtype
+    gy = torch.randn(x.shape[0], a.shape[1] * b.shape[2]).to(dtype)
+    y, grads = run_public(x, idx, a, b, g, scale, gy)
+    d = [t.double() if t is not None else None for t in (x, a, b, g)]
+    y_ref = routed_lora_reference(d[0], idx, d[1], d[2], d[3], scale)
+    ref = routed_lora_backward_reference(gy.double(), d[0], idx, d[1], d[2], d[3], scale)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "y")
+    for name, got, want in zip(("dx", "da", "db", "dgate"), grads, ref):
+        if want is not None:
+            assert got.dtype == dtype and got.shape == want.shape, name
+            assert_close(got, want, dtype, name)
+    return y, grads
+
+
+@needs_ext
+def test_cpu_backend_uses_the_extension():
+    assert _ext.routed_lora_cpu() is lora_ext
+    assert _ext.gate_cpu() is gate_ext
+    assert _ext.isa() in ("avx512", "avx2", "baseline")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [1, 16, 128, 256])
+@pytest.mark.parametrize("n_exp", [1, 5, 64])
+def test_matches_reference(cpu_backend, dtype, rank, n_exp):
+    # odd sizes: no dimension is a multiple of a vector or a panel
+    for n_slice, use_gate in ((1, True), (3, False)):
+        check_against_reference(*make_inputs(37, 29, 19, rank, n_exp, n_slice, dtype, gate=use_gate))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multiple_tiles_chunks_and_column_blocks(cpu_backend, dtype):
+    # > 96 tokens per tile, > 256 tokens per weight-gradient chunk, > 128 columns per block
+    idx = torch.cat([torch.zeros(300, dtype=torch.int64), torch.randint(0, 3, (310,))])[torch.randperm(610)]
+    check_against_reference(*make_inputs(610, 150, 140, 20, 3, 2, dtype, idx=idx))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_empty_experts_get_zero_weight_grads(cpu_backend, dtype):
+    idx = torch.tensor([0, 3, 3, 0, 5, 0] * 5)
+    x, _, a, b, g = make_inputs(30, 24, 20, 8, 7, 1, dtype)
+    _, (_, da, db, _) = check_against_reference(x, idx, a, b, g)
+    for e in (1, 2, 4, 6):
+        assert not da[e].any() and not db[e].any()
+
+
+@needs_ext
+@pytest.mark.parametrize("n_slice", [1, 3])
+def test_all_tokens_on_one_expert(cpu_backend, n_slice):
+    idx = torch.full((200,), 2, dtype=torch.int64)
+    check_against_reference(*make_inputs(200, 40, 36, 16, 4, n_slice, torch.float32, idx=idx))
+
+
+@needs_ext
+def test_non_contiguous_inputs(cpu_backend):
+    x, idx, a, b, g = make_inputs(48, 20, 18, 6, 3, 1, torch.float32)
+    xs = x.t().contiguous().t()  # (N, D_in) with column-major strides
+    idx_s = torch.stack([idx, idx], 1)[:, 1]
+    a_s = a[:, 0].transpose(1, 2).contiguous().transpose(1, 2)  # (E, R, D_in) non-contiguous
+    b_s = b[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
+    g_s = torch.stack([g, g], 1)[:, 0]
+    assert not any(t.is_contiguous() for t in (xs, idx_s, a_s, b_s, g_s))
+    y = tp_kernels.routed_lora(xs, idx_s, a_s, b_s, scale=0.5, gate=g_s)
+    assert_close(y, routed_lora_reference(x.double(), idx, a.double(), b.double(), g.double(), 0.5), torch.float32, "y")
+    # leading dims (B, T, D) and a noncontiguous grad: the op flattens and makes them contiguous
+    y3 = tp_kernels.routed_lora(xs.reshape(6, 8, 20), idx_s.reshape(6, 8), a_s, b_s, scale=0.5, gate=g_s.reshape(6, 8))
+    torch.testing.assert_close(y3.reshape(48, 18), y, rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bit_identical_repeats_and_thread_counts(cpu_backend, dtype):
+    inputs = make_inputs(700, 96, 80, 24, 4, 2, dtype)
+    gy = torch.randn(700, 160).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            y, grads = run_public(*inputs, 0.5, gy)
+            results.append([y] + grads)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            assert torch.equal(got, want)
+
+
+@needs_ext
+def test_bf16_above_the_rank_cutover_uses_the_torch_path():
+    x, idx, a, b, g = make_inputs(40, 24, 20, lora_ext.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16)
+    y, h = lora_ext.forward(x, idx, a, b, g, 0.5)
+    y_torch, h_torch = lora_torch.forward(x, idx, a, b, g, 0.5)
+    assert torch.equal(y, y_torch) and torch.equal(h, h_torch)
+    gy = torch.randn_like(y)
+    grads = lora_ext.backward(gy, x, idx, a, b, g, h, 0.5, True, True, True)
+    grads_torch = lora_torch.backward(gy, x, idx, a, b, g, h, 0.5, True, True, True)
+    assert all(torch.equal(u, v) for u, v in zip(grads, grads_torch))
+    with tp_kernels.use_backend("cpu"):
+        check_against_reference(x, idx, a, b, g, 0.5)
+
+
+@needs_ext
+def test_out_of_range_index_raises_in_the_backend():
+    x, idx, a, b, _ = make_inputs(8, 4, 4, 2, 3, 1, torch.float32)
+    idx[5] = 3
+    with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\)"):
+        lora_ext.forward(x, idx, a, b, None, 1.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_other_dtypes_fall_back_to_the_torch_path(dtype):
+    x, idx, a, b, g = make_inputs(20, 8, 6, 4, 3, 1, dtype)
+    y, h = lora_ext.forward(x, idx, a, b, g, 1.0)
+    expected = routed_lora_reference(x.double(), idx, a.double(), b.double(), g.double(), 1.0)
+    torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-3)
+
+
+@needs_ext
+def test_empty_batch(cpu_backend):
+    x, idx, a, b, g = make_inputs(0, 8, 6, 4, 3, 1, torch.float32)
+    y, grads = run_public(x, idx, a, b, g, 1.0, torch.zeros(0, 6))
+    assert y.shape == (0, 6)
+    assert not grads[1].any() and not grads[2].any()
+
+
+# ---- top-1 gate ----
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n_exp", [1, 5, 64, 700])
+@pytest.mark.parametrize("with_noise", [False, True], ids=["plain", "noise"])
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_gate_matches_reference(cpu_backend, dtype, n_exp, with_noise, tau):
+    logits = (torch.randn(333, n_exp) * 3).to(dtype)
+    noise = tp_kernels.gumbel_noise(logits.shape) if with_noise else None
+    z = logits.float() + (0 if noise is None else noise)
+    idx, probs = gate_top1_reference(logits, noise, tau, hard=False)
+    got_idx, got_probs, _ = gate_ext.forward(logits, noise, tau, False)
+    # argmax may differ only where z has an exact tie with another entry
+    assert torch.equal(got_idx, idx) or torch.equal(z.gather(1, got_idx[:, None]), z.gather(1, idx[:, None]))
+    torch.testing.assert_close(got_probs, probs, rtol=1e-5, atol=1e-7)
+    h_idx, weight, h_probs = gate_ext.forward(logits, noise, tau, True)
+    assert torch.equal(h_idx, got_idx) and torch.equal(h_probs, got_probs)
+    assert weight.dtype == torch.float32 and bool((weight == 1).all())
+
+
+@needs_ext
+def test_gate_ties_go_to_the_lowest_index_and_extremes():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-float("inf"), 0.0, -float("inf"), 0.0],
+                           [1e30, -1e30, 0.0, 1e30], [0.0, 0.0, 0.0, 100.0]])
+    idx, _, probs = gate_ext.forward(logits, None, 1.0, True)
+    assert idx.tolist() == [1, 0, 1, 0, 3]
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=2e-6, atol=1e-7)
+
+
+@needs_ext
+@pytest.mark.parametrize("hard", [True, False])
+def test_gate_gradients_match_reference(cpu_backend, hard):
+    logits = torch.randn(40, 6, requires_grad=True)
+    noise = tp_kernels.gumbel_noise(logits.shape)
+    idx, gate = tp_kernels.gate_top1(logits, tau=0.7, noise=noise, hard=hard)
+    weights = torch.randn(gate.shape)
+    (gate * weights).sum().backward()
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref_idx, ref_gate = gate_top1_reference(ref_logits, noise.double(), 0.7, hard)
+    (ref_gate * weights.double()).sum().backward()
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_gate_thread_counts_agree():
+    logits = torch.randn(20000, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gate_ext.forward(logits, None, 0.5, True)
+        torch.set_num_threads(2)
+        two = gate_ext.forward(logits, None, 0.5, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(one, two))
+
+
+# ---- without the extension ----
+
+
+def test_no_ext_env_disables_it_and_ops_still_match(monkeypatch, cpu_backend):
+    monkeypatch.setenv("TP_KERNELS_NO_EXT", "1")
+    assert _ext.library() is None and _ext.routed_lora_cpu() is None and _ext.gate_cpu() is None
+    check_against_reference(*make_inputs(40, 16, 12, 4, 3, 1, torch.float32))
+    logits = torch.randn(30, 4)
+    idx, gate = tp_kernels.gate_top1(logits)
+    assert torch.equal(idx, logits.argmax(-1)) and bool((gate == 1).all())
+
+
+_ISA_SCRIPT = """
+import torch, tp_kernels
+from tp_kernels import _ext
+import sys; sys.path.insert(0, "tests")
+from test_cpu_ext import check_against_reference, make_inputs
+assert _ext.isa() == {isa!r}, _ext.isa()
+with tp_kernels.use_backend("cpu"):
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(*make_inputs(130, 37, 150, 20, 3, 2, dtype))
+        check_against_reference(*make_inputs(50, 40, 20, 3, 2, 1, dtype))
+logits = torch.randn(300, 7)
+torch.testing.assert_close(tp_kernels.gate.cpu_ext.forward(logits, None, 1.0, True)[2], torch.softmax(logits, -1))
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_instruction_sets(isa):
+    if isa == "avx2" and _ext.isa() == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, TP_KERNELS_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,165 @@
+"""Command line: ``thinking-pixel {train,sample,evaluate,analyze}`` (also ``python -m thinking_pixel``).
+
+Argument parsing only; the work is done by thinking_pixel.train / .sample / .evaluate / .analyze.
+Defaults of ``train`` come from :class:`~thinking_pixel.train.TrainConfig`: options left unset keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _layers(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2 or 2,4, got {text!r}") from None
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .data import DATASETS
+
+    S = argparse.SUPPRESS  # unset options keep TrainConfig's defaults
+    p.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
+    p.add_argument("--max-steps", type=_positive_int, default=S, help="total optimisation steps (default 2000)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default=S, help="default: shapes (embedded)")
+    g.add_argument("--data-dir", default=S, help="data location for folder / latents / fashion_mnist")
+    g.add_argument("--image-size", type=_positive_int, default=S, help="default 16")
+    g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
+    g.add_argument("--num-workers", type=int, default=S, help="data loader worker processes (default 0)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-T/4)")
+    g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth (default 4)")
+    g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width (default 128)")
+    g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads (default 4)")
+    g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
+    g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
+                   "(default: the middle block)")
+    g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
+    g.add_argument("--steps", dest="recursion_steps", type=_positive_int, default=S,
+                   help="latent recursion steps T (default 2)")
+    g.add_argument("--rank", type=_positive_int, default=S, help="LoRA rank (default 16)")
+    g.add_argument("--tau", type=float, default=S, help="gate Gumbel-softmax temperature (default 5.0)")
+    g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
+    g.add_argument("--finetune-from", default=S, help="a trained DiT checkpoint to wrap (its EMA weights)")
+    g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,
+                   help="with --finetune-from: also train the base DiT")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_positive_int, default=S, help="default 64")
+    g.add_argument("--lr", type=float, default=S, help="AdamW learning rate (default 1e-3; DiT: 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--warmup-steps", type=int, default=S, help="linear lr warm-up (default 100)")
+    g.add_argument("--grad-clip", type=float, default=S, help="max grad norm, 0 disables (default 1.0)")
+    g.add_argument("--ema-decay", type=float, default=S, help="default 0.999 (DiT: 0.9999 for long runs)")
+    g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--device", default=S, help="auto, cpu or cuda[:i] (default auto)")
+    g.add_argument("--threads", dest="num_threads", type=_positive_int, default=S,
+                   help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=S, help="default 500")
+    g.add_argument("--keep-checkpoints", type=int, default=S, help="newest checkpoints kept, 0 = all (default 2)")
+    g.add_argument("--no-sample-grid", dest="sample_grid", action="store_false", default=S,
+                   help="do not write samples.png at the end")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+
+
+def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    from .diffusion import SAMPLERS
+
+    p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
+    p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm (learned variance, DiT's), ddim, or dpm (DPM-Solver++, 10-25 steps); default ddpm")
+    p.add_argument("--num-steps", type=_positive_int, default=100, help="sampling steps (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=_layers, default=None, help="comma-separated class indices (default all)")
+    p.add_argument("--per-class", type=_positive_int, default=8, help="samples per class, one row per class")
+    p.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw (non-EMA) weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling of the grid (default auto)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir, for latent models")
+    p.add_argument("--threads", dest="num_threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def _plugin(name: str):
+    """thinking_pixel.<name>, imported on use; None if that module is not available."""
+    try:
+        return importlib.import_module(f"thinking_pixel.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"thinking_pixel.{name}":
+            raise
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thinking-pixel", description="Recursive sparse reasoning in diffusion latents (The Thinking Pixel)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,analyze}")
+    _add_train_arguments(sub.add_parser("train", help="train (or resume) a model"))
+    _add_sample_arguments(sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint"))
+    for name, help_text in (("evaluate", "evaluate a checkpoint (FID and friends)"),
+                            ("analyze", "analyse routing and recursion of a checkpoint")):
+        p = sub.add_parser(name, help=help_text)
+        module = _plugin(name)
+        if module is not None:
+            module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ._checkpoint import CheckpointError
+
+    try:
+        if args.command == "train":
+            from .train import TrainConfig, train
+
+            result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+            if result.last_loss is not None:
+                print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}"
+                      + (f"; samples {result.samples}" if result.samples else ""))
+        elif args.command == "sample":
+            from .sample import sample_checkpoint
+
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
+            path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
+            print(f"wrote {path}")
+        else:
+            if args._module is None:
+                print(f"thinking-pixel: error: the '{args.command}' command is not available "
+                      f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
+                return 1
+            return args._module.run(args) or 0
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"thinking-pixel: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("thinking-pixel: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""DiT: scalable diffusion models with transformers (Peebles & Xie, facebookresearch/DiT), in plain PyTorch.
+
+A faithful re-implementation of the reference model: adaLN-Zero blocks, fixed 2D sin-cos position
+embeddings, a sinusoidal timestep embedder, a label embedder with a null class for classifier-free
+guidance, learned sigma and DiT's weight initialisation. Parameter names follow the reference
+(``x_embedder.proj``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.mlp.fc1``, ...), so its state dicts line up.
+Attention (thinking_pixel.modules.attention) uses ``F.scaled_dot_product_attention``; there is no timm dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..modules.attention import Attention
+from ..modules._checks import is_int, is_number
+from .pretrained import PretrainedMixin, config_from_dict
+
+__all__ = [
+    "DIT_CONFIGS",
+    "DiT",
+    "DiTBlock",
+    "DiTConfig",
+    "FinalLayer",
+    "LabelEmbedder",
+    "Mlp",
+    "PatchEmbed",
+    "TimestepEmbedder",
+    "dit_config",
+    "get_2d_sincos_pos_embed",
+    "modulate",
+]
+
+
+@dataclass
+class DiTConfig:
+    """The constructor arguments of DiT, with its defaults (DiT-XL/2 on 256px ImageNet latents)."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+
+    def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"DiTConfig.{name} must be an int >= 1, got {value!r}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"DiTConfig.input_size ({self.input_size}) must be divisible by "
+                             f"patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"DiTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_heads ({self.num_heads})")
+        if self.hidden_size % 4:
+            raise ValueError(f"DiTConfig.hidden_size must be divisible by 4 for the 2D sin-cos position "
+                             f"embedding, got {self.hidden_size}")
+        if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"DiTConfig.mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
+        if not is_number(self.class_dropout_prob) or not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"DiTConfig.class_dropout_prob must be a number in [0, 1), got {self.class_dropout_prob!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"DiTConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        return config_from_dict(cls, d)
+
+
+# Architecture presets: (depth, hidden_size, num_heads) x patch size. S/B/L/XL are DiT's; they keep DiTConfig's
+# latent-space defaults (32x32x4 latents, 1000 classes). T ("tiny") is ours for pixel-space runs on a 2-core CPU:
+# 16x16 RGB, 10 classes; DiT-T/2 has 64 tokens and ~4M parameters. Override any field with dit_config(name, ...).
+_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "T": dict(depth=6, hidden_size=192, num_heads=3, input_size=16, in_channels=3, num_classes=10),
+}
+DIT_CONFIGS = {
+    f"DiT-{size}/{patch}": dict(arch, patch_size=patch)
+    for size, arch in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """The DiTConfig of registry preset ``name`` (e.g. "DiT-XL/2", "DiT-T/2") with ``overrides`` applied."""
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; expected one of {sorted(DIT_CONFIGS)}")
+    return DiTConfig(**{**DIT_CONFIGS[name], **overrides})
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps, Class Labels and Patches        #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps into vector representations."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """Sinusoidal embeddings (N, dim) of N (possibly fractional) timesteps t (N,)."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; drops labels to the null class (index num_classes) for classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        """Replace dropped labels by the null class: at random with dropout_prob, or where force_drop_ids == 1."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        use_dropout = self.dropout_prob > 0
+        if (train and use_dropout) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (N, D)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) images -> (N, T, D) patch tokens, T = (H / p) * (W / p), in row-major order."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Mlp(nn.Module):
+    """The transformer MLP as DiT uses timm's: fc1 -> GELU (tanh approximation) -> fc2."""
+
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c, **attn_kwargs):
+        """x (N, T, D) tokens, c (N, D) conditioning; attn_kwargs go to the attention (a RecursiveAttention's)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), **attn_kwargs)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN modulation, then a linear map of each token to its patch's pixels."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x)  # (N, T, p * p * C_out)
+
+
+class DiT(PretrainedMixin, nn.Module):
+    """Diffusion model with a Transformer backbone.
+
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C_out, H, W), C_out = 2C with learned sigma
+    (channels [:C] are the noise prediction, [C:] the variance interpolation values).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"config must be a DiTConfig, got {type(config).__name__}")
+        self.config = config
+        self.learn_sigma = config.learn_sigma
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        # Will use fixed sin-cos embedding:
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size), requires_grad=False)
+
+        self.blocks = nn.ModuleList([
+            DiTBlock(config.hidden_size, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)
+        ])
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Initialize transformer layers:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        # Initialize (and freeze) pos_embed by sin-cos embedding:
+        grid_size = self.config.input_size // self.config.patch_size
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size, device=self.pos_embed.device)
+        with torch.no_grad():
+            self.pos_embed.copy_(pos_embed.unsqueeze(0))
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        # Initialize label embedding table:
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+        # Initialize timestep embedding MLP:
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # Zero-out adaLN modulation layers in DiT blocks:
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        # Zero-out output layers:
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """x (N, T, p * p * C) -> imgs (N, C, H, W)."""
+        c = self.out_channels
+        p = self.patch_size
+        h = w = self.config.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def embed(self, x, t, y):
+        """Patch tokens with positions (N, T, D), timestep embedding (N, D) and label embedding (N, D)."""
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(f"x must have shape (N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
+                             f"got {tuple(x.shape)}")
+        if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
+            raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        return x, self.t_embedder(t), self.y_embedder(y, self.training)
+
+    def head(self, x, c):
+        """Final layer and unpatchify: tokens (N, T, D) -> (N, C_out, H, W)."""
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward(self, x, t, y):
+        """
+        Forward pass of DiT.
+        x: (N, C, H, W) tensor of spatial inputs (images or latent representations of images)
+        t: (N,) tensor of diffusion timesteps
+        y: (N,) tensor of class labels
+        """
+        x, t_emb, y_emb = self.embed(x, t, y)
+        c = t_emb + y_emb  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        return self.head(x, c)  # (N, C_out, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
+        """
+        Forward pass with classifier-free guidance. The batch is [conditional; unconditional] halves: y's
+        second half holds the null class (num_classes); only x's first half is used (both halves see it).
+        Guidance applies to the noise channels [:in_channels] (the reference hard-codes the channel count for
+        its 4-channel latents); the learned-sigma channels pass through. kwargs go to forward.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y, **kwargs)
+        eps, rest = model_out[:, : self.in_channels], model_out[:, self.in_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    def _config_dict(self) -> dict:
+        return {"dit": self.config.to_dict()}
+
+    @classmethod
+    def _from_config_dict(cls, d: dict) -> "DiT":
+        return cls(DiTConfig.from_dict(d["dit"]))
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, device=None):
+    """(grid_size * grid_size, embed_dim) fixed embedding of a square grid, rows in row-major token order.
+
+    As the reference: the first embed_dim / 2 channels embed the column (w) index, the rest the row (h) index.
+    """
+    grid_h = torch.arange(grid_size, dtype=torch.float64, device=device)
+    grid_w = torch.arange(grid_size, dtype=torch.float64, device=device)
+    grid = torch.meshgrid(grid_w, grid_h, indexing="xy")  # here w goes first
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (H * W, D / 2)
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (H * W, D / 2)
+    return torch.cat([emb_h, emb_w], dim=1).float()  # (H * W, D)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    """embed_dim: output dimension for each position; pos: positions to be encoded -> (M, embed_dim)."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=pos.device) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega  # (D / 2,)
+    out = pos.reshape(-1)[:, None] * omega[None]  # (M, D / 2), outer product
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)

@@ -1,0 +1,146 @@
+"""Checkpoints: a directory with ``config.json`` (class name + configs) and ``model.safetensors``.
+
+``config.json`` is ``{"format": 1, "class": "DiT" | "ThinkingPixelDiT", "dit": {...}, "recursion": {...}}``
+(``recursion`` only for ThinkingPixelDiT). Both files are written atomically (temp file in the same directory,
+then ``os.replace``), the weights first, so a ``config.json`` never describes weights that were not written.
+Loading builds the model on the meta device and assigns the stored tensors, so nothing is initialised twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "load_model", "read_config"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+# class name -> class, filled by PretrainedMixin.__init_subclass__ (so load_model can dispatch).
+_MODEL_CLASSES: dict[str, type] = {}
+
+
+def config_from_dict(cls, d):
+    """Build dataclass ``cls`` from a dict, naming unknown or mistyped fields in the error."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file next to ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_config(path) -> dict:
+    """The parsed ``config.json`` of checkpoint directory ``path``, with its class name checked."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {path}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("class"), str):
+        raise ValueError(f"{config_path} must be a JSON object with a string 'class' field")
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: unsupported checkpoint format {config.get('format')!r}, "
+                         f"expected {FORMAT_VERSION}")
+    if config["class"] not in _MODEL_CLASSES:
+        raise ValueError(f"{config_path}: unknown model class {config['class']!r}, "
+                         f"expected one of {sorted(_MODEL_CLASSES)}")
+    return config
+
+
+def _build(cls, config: dict, path: Path):
+    """Instantiate ``cls`` from a checkpoint config on the meta device (no weight init work)."""
+    try:
+        with torch.device("meta"):
+            return cls._from_config_dict(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / CONFIG_NAME}: invalid {cls.__name__} config: {e}") from None
+
+
+def _load_weights(model, path: Path, device) -> None:
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint directory {path}")
+    try:
+        state = load_file(weights_path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                    if keys]
+        raise ValueError(f"{weights_path} does not match {path / CONFIG_NAME}: " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained for models that implement _config_dict / _from_config_dict."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _MODEL_CLASSES[cls.__name__] = cls
+
+    def _config_dict(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_config_dict(cls, d: dict):
+        raise NotImplementedError
+
+    def save_pretrained(self, path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        config = {"format": FORMAT_VERSION, "class": type(self).__name__, **self._config_dict()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        """Load a checkpoint written by save_pretrained of this class, onto ``device``."""
+        path = Path(path)
+        config = read_config(path)
+        if config["class"] != cls.__name__:
+            raise ValueError(f"{path} holds a {config['class']} checkpoint, not a {cls.__name__}; "
+                             f"use {config['class']}.from_pretrained or thinking_pixel.models.load_model")
+        model = _build(cls, config, path)
+        _load_weights(model, path, device)
+        return model.eval()
+
+
+def load_model(path, device="cpu"):
+    """Load any checkpoint written by save_pretrained, dispatching on the class named in its config.json."""
+    return _MODEL_CLASSES[read_config(path)["class"]].from_pretrained(path, device=device)

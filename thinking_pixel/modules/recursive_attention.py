@@ -1,0 +1,97 @@
+"""RecursiveAttention: T latent steps of routed-LoRA attention inside one transformer block (the method).
+
+Given the block's adaLN-modulated input x~ (N, T, D):
+
+    a^0 = x~
+    for t = 1 .. T-1:   e = gate(a), qkv = LoRA_e(LN(a))             -> attention -> a = attn_out + x~
+    final step T:       e = gate(a), qkv = LoRA_e(LN(a)) + W^ x~      -> attention -> out proj
+
+W^ is the block's frozen qkv projection, used only at the last step (the paper: applying it at every
+step compounds artefacts). The gate's straight-through weight multiplies the LoRA output, so the gate
+trains through the experts' outputs. Intermediate states live before the out projection (heads merged).
+With every LoRA B at zero (their init) the output is exactly the base attention's, for any T and M.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import is_int
+from .attention import Attention, attend, split_heads
+from .gate import Gate
+from .routed_lora import RoutedLoRA
+
+__all__ = ["RecursiveAttention"]
+
+
+class RecursiveAttention(nn.Module):
+    """Drop-in replacement of an Attention: keeps its qkv and proj Linears, adds experts and a gate.
+
+    forward(x (N, T, D), cond (N, D_c) or None, context (N, L, D) or None) -> (N, T, D)
+      cond: the gate's conditioning vector (timestep and/or condition embedding); required if the gate uses it.
+      context: optional extra tokens (e.g. text). Their K/V come from the frozen qkv projection, are computed
+        once per call and reused at every step; vision queries attend jointly over [vision; context]. The
+        context's own attention output is not needed (it would be discarded), so its queries are not computed.
+
+    ``recorder``: None, or a callable(step, expert_idx (N, T), state (N, T, D)) called at each step with the
+    routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None).
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, cond_dim=None, *, experts=2, steps=2,
+                 rank=128, tau=5.0, lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False):
+        super().__init__()
+        dim = proj.out_features
+        if qkv.in_features != dim or qkv.out_features != 3 * dim:
+            raise ValueError(f"qkv must be a Linear({dim}, {3 * dim}) fused projection, "
+                             f"got Linear({qkv.in_features}, {qkv.out_features})")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if not is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.steps = steps
+        self.qkv = qkv
+        self.proj = proj
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
+        self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
+                         use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
+        self.recorder = None
+
+    @classmethod
+    def from_attention(cls, attn: Attention, cond_dim=None, **kwargs) -> "RecursiveAttention":
+        """Wrap an Attention, sharing its qkv and proj modules."""
+        return cls(attn.qkv, attn.proj, attn.num_heads, cond_dim, **kwargs)
+
+    def context_kv(self, context):
+        """Context tokens (N, L, D) -> their frozen keys and values, each (N, H, L, D / H)."""
+        d = self.dim
+        bias = None if self.qkv.bias is None else self.qkv.bias[d:]
+        kv = F.linear(context, self.qkv.weight[d:], bias)  # (N, L, 2D): the k and v columns only
+        return tuple(split_heads(z, self.num_heads) for z in kv.chunk(2, dim=-1))
+
+    def forward(self, x, cond=None, context=None):
+        context_kv = None
+        if context is not None:
+            if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.dim:
+                raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.dim}), got {tuple(context.shape)}")
+            context_kv = self.context_kv(context)
+
+        a = x  # a^0 = x~, (N, T, D)
+        for step in range(1, self.steps + 1):
+            h = self.norm(a)  # (N, T, D)
+            expert_idx, weight = self.gate(h, cond)  # (N, T) int64, (N, T) straight-through 1.0
+            if self.recorder is not None:
+                self.recorder(step, expert_idx, a)
+            qkv = self.lora(h, expert_idx, gate=weight)  # (N, T, 3D), LoRA only
+            if step == self.steps:
+                qkv = qkv + self.qkv(x)  # frozen base projection of x~, at the final step only
+            out = attend(qkv, self.num_heads, context_kv)  # (N, T, D)
+            if step < self.steps:
+                a = out + x  # residual back to the block input
+        return self.proj(out)  # (N, T, D)
+
+    def extra_repr(self):
+        return f"steps={self.steps}, num_heads={self.num_heads}"

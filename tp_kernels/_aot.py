@@ -1,0 +1,209 @@
+"""Compile every Triton kernel of tp_kernels ahead of time for an NVIDIA target, without a GPU.
+
+The launches come from the same planning functions the runtime uses
+(``routed_lora.triton.forward_launches`` / ``backward_launches``,
+``gate.triton.gate_launch``), fed with ``meta`` tensors of the wanted shapes,
+so the tile sizes, warps and stages compiled here are the ones a GPU would run.
+Arguments are specialised as the Triton runtime does for contiguous torch
+tensors: pointers and integers divisible by 16 carry ``tt.divisibility=16``,
+integers equal to 1 become constants.
+
+Each record says how the kernel came out: registers, spills (from ``ptxas -v``
+rerun on Triton's PTX with Triton's flags, since the driver that normally
+reports them is absent), static shared memory, and the tensor-core
+instructions in the PTX (``mma.sync`` on sm_80+, ``wgmma`` on sm_90a).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+_TRITON_DTYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One routed-LoRA layer (plus its gate): D_in -> S slices of D_out, E experts of rank R."""
+
+    name: str
+    d_in: int
+    d_out: int
+    rank: int
+    n_exp: int
+    n_slice: int
+    n_tok: int = 8192
+
+
+DIT_XL = Shape("DiT-XL qkv", d_in=1152, d_out=1152, rank=128, n_exp=5, n_slice=3)
+DIT_S = Shape("DiT-S qkv", d_in=384, d_out=384, rank=32, n_exp=5, n_slice=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRecord:
+    kernel: str  # role, e.g. "routed_lora.bwd_dA"
+    function: str  # the @triton.jit function compiled
+    shape: str
+    arch: str  # e.g. "sm_80", "sm_90a"
+    dtype: str
+    precision: str  # tl.dot input_precision: "ieee"/"tf32" for fp32, "native" for fp16/bf16, "-" without tl.dot
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    mma_sync: int  # count of mma.sync instructions in the PTX
+    wgmma: int  # count of wgmma.mma_async instructions in the PTX
+    uses_dot: bool
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    @property
+    def tensor_core_ops(self) -> str:
+        ops = [name for name, n in (("mma.sync", self.mma_sync), ("wgmma", self.wgmma)) if n]
+        return "+".join(ops) or "-"
+
+
+def _launches(shape: Shape, dtype: torch.dtype):
+    """(role, Launch) for the forward, the full backward (with gate) and the gate at ``shape``."""
+    from .gate.triton import gate_launch
+    from .routed_lora.triton import backward_launches, forward_launches
+
+    def meta(*size, dt=dtype):
+        return torch.empty(*size, dtype=dt, device="meta")
+
+    n, e, s, r = shape.n_tok, shape.n_exp, shape.n_slice, shape.rank
+    x, gate = meta(n, shape.d_in), meta(n)
+    a, b = meta(e, s, r, shape.d_in), meta(e, s, shape.d_out, r)
+    perm, offsets = meta(n, dt=torch.int64), meta(e + 1, dt=torch.int64)
+    y, h, dh, dgp = meta(n, s * shape.d_out), meta(n, s * r, dt=torch.float32), meta(n, s * r, dt=torch.float32), \
+        meta(n, s, dt=torch.float32)
+    fwd = forward_launches(x, perm, offsets, a, b, gate, 1.0, y, h)
+    bwd = backward_launches(y, x, perm, offsets, a, b, gate, h, 1.0, dh, dgp, torch.empty_like(x),
+                            torch.empty_like(a), torch.empty_like(b))
+    logits = meta(n, e)
+    gate_fwd = gate_launch(logits, torch.empty_like(logits), 1.0, True, meta(n, dt=torch.int64),
+                           meta(n, dt=torch.float32), meta(n, e, dt=torch.float32))
+    roles = ["routed_lora.fwd", "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dA",
+             "routed_lora.bwd_dB", "gate.fwd"]
+    return list(zip(roles, fwd + bwd + [gate_fwd]))
+
+
+def _source(launch):
+    """An ASTSource for ``launch`` specialised like the runtime specialises torch tensors and ints."""
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    values = {**launch.args, **launch.constexprs}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        v = values[name]
+        if name in launch.constexprs or v is None or (isinstance(v, int) and v == 1):
+            signature[name], constexprs[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif isinstance(v, int):
+            signature[name] = "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"cannot compile argument {name}={v!r} of {fn.__name__}")
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _ptxas_usage(ptx: str, capability: int):
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on ``ptx``."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", os.path.join(tmp, "k.cubin")],
+            check=True, capture_output=True, text=True,
+        )
+    log = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not parse ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def compile_kernels(capability: int = 80, dtypes=(torch.bfloat16, torch.float32), shapes=(DIT_XL, DIT_S),
+                    allow_tf32: bool = True):
+    """Compile every kernel for ``GPUTarget("cuda", capability, 32)`` at each shape and dtype -> [KernelRecord].
+
+    fp32 kernels are compiled with TF32 tensor cores when ``allow_tf32`` (what
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` selects at run time), else
+    with ``input_precision="ieee"`` (FMA, no tensor cores).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    target = GPUTarget("cuda", capability, 32)
+    records = []
+    for shape in shapes:
+        for dtype in dtypes:
+            with _tf32(allow_tf32):
+                launches = _launches(shape, dtype)
+            for role, launch in launches:
+                compiled = triton.compile(_source(launch), target=target,
+                                          options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+                ptx = compiled.asm["ptx"]
+                regs, spill_st, spill_ld = _ptxas_usage(ptx, capability)
+                uses_dot = re.search(r"(tl\.|_)dot\(", launch.kernel.src) is not None
+                precision = launch.constexprs.get("PRECISION") or ("native" if uses_dot else "-")
+                records.append(KernelRecord(
+                    kernel=role, function=launch.kernel.__name__, shape=shape.name,
+                    arch=sm_arch_from_capability(capability), dtype=str(dtype).replace("torch.", ""),
+                    precision=precision, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                    registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
+                    shared_bytes=compiled.metadata.shared,
+                    mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
+                    wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+                    uses_dot=uses_dot,
+                ))
+    return records
+
+
+def format_table(records) -> str:
+    """A plain-text table of records, one kernel per line."""
+    cols = ("kernel", "shape", "arch", "dtype", "precision", "num_warps", "registers", "spills", "shared_bytes",
+            "tensor_core_ops")
+    rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows)
+
+
+if __name__ == "__main__":
+    for cc in (80, 90):
+        print(format_table(compile_kernels(cc)))

@@ -1,0 +1,39 @@
+"""Top-1 gate on CPU through the compiled extension (csrc/gate.cpp): the interface of cpu.py.
+
+One pass over the logits per block of rows: noise add, argmax (ties to the lowest index), softmax.
+float32 and bfloat16 logits/noise are read directly, float16 is converted to float32 first, and float64
+logits use the composed-torch path of cpu.py (they need float64 outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from . import cpu as _torch_path
+
+
+def _readable(t):
+    if t is None:
+        return None
+    return (t if t.dtype in _ext.DTYPE_CODES else t.to(torch.float32)).contiguous()
+
+
+def forward(logits, noise, tau, hard):
+    """logits (N, E) -> idx (N,) int64, weight (N,) ones if hard else (N, E) probs, probs (N, E) or empty."""
+    if logits.dtype == torch.float64:
+        return _torch_path.forward(logits, noise, tau, hard)
+    n, n_exp = logits.shape
+    idx = torch.empty(n, dtype=torch.int64)
+    probs = torch.empty(n, n_exp, dtype=torch.float32)
+    if n > 0:
+        logits, noise = _readable(logits), _readable(noise)
+        status = _ext.library().tp_gate_top1_fwd(
+            logits.data_ptr(), _ext.DTYPE_CODES[logits.dtype], _ext.ptr(noise),
+            _ext.DTYPE_CODES[noise.dtype] if noise is not None else 0, n, n_exp, float(tau),
+            idx.data_ptr(), probs.data_ptr(), torch.get_num_threads(),
+        )
+        _ext.check(status, "gate_top1")
+    if hard:
+        return idx, torch.ones(n, dtype=torch.float32), probs
+    return idx, probs, probs.new_empty(0)
