@@ -270,7 +270,7 @@ def test_no_ext_env_disables_it_and_ops_still_match(monkeypatch, cpu_backend):
 _ISA_SCRIPT = """
 import torch, tp_kernels
 from tp_kernels import _ext
-import sys; sys.path.insert(0, "tests")
+import sys; sys.path.append({tests!r})
 from test_cpu_ext import check_against_reference, make_inputs
 assert _ext.isa() == {isa!r}, _ext.isa()
 with tp_kernels.use_backend("cpu"):
@@ -284,10 +284,12 @@ torch.testing.assert_close(tp_kernels.gate.cpu_ext.forward(logits, None, 1.0, Tr
 
 @needs_ext
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_narrower_instruction_sets(isa):
+def test_narrower_instruction_sets(isa, tmp_path):
     if isa == "avx2" and _ext.isa() == "baseline":
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, TP_KERNELS_ISA=isa)
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], cwd=ROOT, env=env,
+    # cwd outside the checkout, so the subprocess imports the installed package (with its built library)
+    script = _ISA_SCRIPT.format(isa=isa, tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
