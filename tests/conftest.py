@@ -1,7 +1,20 @@
 import pytest
 import torch
 
+import tp_kernels
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["reference", "cpu", "cpu-torch"])
+def backend(request, monkeypatch):
+    """Every CPU backend: "cpu" runs the compiled extension when built, "cpu-torch" forces the composed-torch path."""
+    name = request.param
+    if name == "cpu-torch":
+        monkeypatch.setenv("TP_KERNELS_NO_EXT", "1")
+        name = "cpu"
+    with tp_kernels.use_backend(name):
+        yield request.param

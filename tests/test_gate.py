@@ -7,14 +7,6 @@ import tp_kernels
 from tp_kernels.gate.reference import gate_top1_reference
 
 
-@pytest.fixture(params=["reference", "cpu", "cpu-torch"])
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "cpu-torch":
-        monkeypatch.setenv("TP_KERNELS_NO_EXT", "1")
-        name = "cpu"
-    with tp_kernels.use_backend(name):
-        yield request.param
 
 
 @pytest.mark.parametrize("n_exp", [1, 2, 5, 64])

@@ -6,19 +6,9 @@ import torch
 import tp_kernels
 from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
 
-# "cpu" runs the compiled extension when it is built, "cpu-torch" forces the composed-torch fallback.
-BACKENDS = ["reference", "cpu", "cpu-torch"]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "cpu-torch":
-        monkeypatch.setenv("TP_KERNELS_NO_EXT", "1")
-        name = "cpu"
-    with tp_kernels.use_backend(name):
-        yield request.param
 
 
 def make_inputs(n, d_in, d_out, rank, n_exp, n_slice=None, dtype=torch.float32, gate=True, idx=None):
