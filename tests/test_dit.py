@@ -9,27 +9,13 @@ import torch
 from thinking_pixel import DIT_CONFIGS, DiT, DiTConfig, dit_config, load_model
 from thinking_pixel.models.dit import TimestepEmbedder, get_2d_sincos_pos_embed
 
+from model_helpers import inputs, randomize  # noqa: E402  (tests/ is on sys.path)
+
 
 def tiny_config(**overrides):
     return dit_config("DiT-T/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, **overrides})
 
 
-def randomize(model, std=0.1, seed=0):
-    """Move every trainable parameter off its init (adaLN-Zero and the final layer start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def inputs(cfg, n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    y = torch.randint(0, cfg.num_classes, (n,), generator=g)
-    return x, t, y
 
 
 # --- config and registry ---------------------------------------------------------------------------------
