@@ -3,6 +3,8 @@
 Tokens are never copied here; callers gather rows of x through ``perm``.
 The sort is stable, so tokens of one expert keep their order (and any
 reduction over them has a fixed order: results are bit-reproducible).
+Used by the CPU path only: torch.bincount syncs on CUDA, so the Triton path
+groups on device with argsort + searchsorted (routed_lora/triton.py).
 """
 
 from __future__ import annotations
