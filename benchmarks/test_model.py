@@ -3,7 +3,8 @@
 * block: RecursiveAttention (M experts, T latent steps) vs DiT's Attention with the same qkv/proj,
   forward (eval, no_grad) and forward+backward (train mode, every parameter trainable).
 * train step: forward, DiT's hybrid loss, backward and AdamW, eager and torch.compile (compiled after
-  warm-up, so compile time is excluded; it is recorded in extra_info).
+  warm-up, so compile time is excluded; it is recorded in extra_info); also, eager, the CPU training default
+  (DiT-N/4, batch 64, M=2, T=2, rank 16: what `thinking-pixel train` runs), with vs without recursion.
 * sampling: DDIM images/s (no guidance), eager.
 
 Each recursive row carries the FLOP model's predicted time ratio over its plain row (flop_model.py):
@@ -46,6 +47,9 @@ FULL = ModelCase("DiT-S/2", RecursionConfig(experts=5, steps=5, rank=32), block_
                  sample_batch=4, sample_steps=5)
 QUICK = ModelCase("DiT-T/2", RecursionConfig(experts=5, steps=5, rank=16), block_batch=4, train_batch=2,
                   sample_batch=2, sample_steps=2)
+# The CPU training default (`thinking-pixel train` with no arguments: TrainConfig's model and batch), train step only.
+CPU_DEFAULT = ModelCase("DiT-N/4", RecursionConfig(experts=2, steps=2, rank=16), block_batch=64, train_batch=64,
+                        sample_batch=64, sample_steps=1)
 ELEM = 4  # fp32
 
 
@@ -123,8 +127,13 @@ def _model_parts(case, model_name, batch):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("model_name", ["DiT", "ThinkingPixelDiT"])
-def test_train_step(bench, device, case, quick, model_name, compiled):
-    if compiled and quick:
+@pytest.mark.parametrize("which", ["suite", "cpu-default"])
+def test_train_step(bench, device, case, quick, which, model_name, compiled):
+    if which == "cpu-default":
+        if compiled:
+            pytest.skip("the CPU default preset is timed eager only (as `thinking-pixel train` runs it)")
+        case = CPU_DEFAULT
+    elif compiled and quick:
         pytest.skip("torch.compile of a train step takes minutes on 2 CPU cores: full run only")
     model = _model(case, model_name, device).train()
     config = model.config
@@ -151,7 +160,7 @@ def test_train_step(bench, device, case, quick, model_name, compiled):
 
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts = flop_model.train_step_costs(_model_parts(case, model_name, batch), num_params)
-    info = {"first_call_s": first_call_s, "compiled": compiled, "model": model_name}
+    info = {"first_call_s": first_call_s, "compiled": compiled, "model": model_name, "case": which}
     if model_name == "ThinkingPixelDiT":
         plain_params = num_params - sum(p.numel() for p in model.expert_parameters())
         plain = flop_model.train_step_costs(_model_parts(case, "DiT", batch), plain_params)

@@ -55,7 +55,8 @@ def _row(name: str, label: str, runs: dict) -> str:
     seeds = sorted(s for s in runs if s is not None)
     per_seed = ", ".join(f"{runs[s]['fid']:.2f}" for s in seeds) if seeds else f"{runs[None]['fid']:.2f}"
     return (f"| {label} | `{name}` | {len(runs)} | {_cell(runs, 'fid', '.2f')} | "
-            f"{_cell(runs, 'kid_mean', '.2f', 1e3)} | {per_seed} |")
+            f"{_cell(runs, 'kid_mean', '.2f', 1e3)} | {_cell(runs, 'precision', '.3f')} | "
+            f"{_cell(runs, 'recall', '.3f')} | {per_seed} |")
 
 
 def render(out: Path) -> str:
@@ -69,11 +70,12 @@ def render(out: Path) -> str:
         lines.append(f"FID/KID: {first['num_generated']} generated vs {first['num_reference']} real "
                      f"{first['dataset']}/{first['split']} images at {first['image_size']}px, "
                      f"{first['sampler']} {first['num_steps']} steps, cfg {first['cfg_scale']}, "
-                     f"KID subset size {first.get('kid_subset_size')}, extractor `{first['extractor']}`. "
+                     f"KID subset size {first.get('kid_subset_size')}, extractor `{first['extractor']}`; "
+                     "precision / recall: k=3 nearest-neighbour manifolds on the same features. "
                      "IS: not available offline (no logits in the bundled InceptionV3).")
     lines += ["", "### Fine-tuning from the same base, same steps", "",
-              "| model | run | n | FID (mean ± sd) | KID ×10³ (mean ± sd) | FID per seed |",
-              "|---|---|---|---|---|---|"]
+              "| model | run | n | FID (mean ± sd) | KID ×10³ (mean ± sd) | precision | recall | FID per seed |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, label, evals[name]) for name, label in MAIN if name in evals]
 
     grid = {(m, t): evals.get("lora_M1_T1" if (m, t) == (1, 1) else f"tp_M{m}_T{t}", {})

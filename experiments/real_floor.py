@@ -33,13 +33,13 @@ def main(argv=None) -> int:
     samples = reference_images(args.dataset, args.num_samples, split="train", seed=args.seed, **common)
     real = reference_images(args.dataset, args.num_reference, split="test", **common)
     cache_name = f"{args.dataset}-test-{args.image_size}px-{args.num_channels}ch-n{args.num_reference}"
-    metrics = compute_metrics(samples, real, reference_cache_name=cache_name)
+    metrics = compute_metrics(samples, real, reference_cache_name=cache_name, prc=True)
     result = {"checkpoint": None, "model_class": "real data (train split)", "dataset": args.dataset,
               "split": "test", "samples_split": "train", "image_size": args.image_size, "seed": args.seed,
               **metrics, "isc": None, "isc_unavailable": IS_UNAVAILABLE_REASON}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: metrics[k] for k in ("fid", "kid_mean", "kid_std")}))
+    print(json.dumps({k: metrics[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")}))
     return 0
 
 

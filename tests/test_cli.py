@@ -33,6 +33,7 @@ def test_train_options_map_onto_the_config():
     assert cfg.recursion_layers == (1, 3) and cfg.bf16 and cfg.compile and cfg.lr == 3e-4 and cfg.seed == 2
     assert cfg.finetune_from == "ckpt" and not cfg.freeze_base and cfg.recursion
     assert not train_config(["--no-recursion"]).recursion
+    assert train_config(["--gate-inputs", "tokens,timestep"]).gate_inputs == ("tokens", "timestep")
 
 
 @pytest.mark.parametrize("argv", [
@@ -69,6 +70,11 @@ def test_train_then_sample(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["train", "--output-dir", str(out), "--max-steps", "3", "--lr", "0.5", *TINY]) == 1
     assert "different settings" in _one_line_error(capsys)
+
+
+def test_bad_gate_inputs_are_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["train", "--output-dir", str(tmp_path / "run"), "--gate-inputs", "tokens,text", *TINY]) == 1
+    assert "gate_inputs" in _one_line_error(capsys)
 
 
 def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):

@@ -50,6 +50,16 @@ def test_fid_self_zero_shifted_positive_and_reference_cache(cache):
     assert moved["num_generated"] == moved["num_reference"] == 3
 
 
+def test_precision_recall(cache):
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(6, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    same = fidmod.compute_metrics(real, real, fid=False, kid=False, prc=True)
+    assert same["precision"] == same["recall"] == 1.0  # every point lies in its own k-NN ball
+    # mode collapse: six copies of one image have k-NN radius 0, so no real image is recalled
+    collapsed = torch.full_like(real, 128)
+    assert fidmod.compute_metrics(collapsed, real, fid=False, kid=False, prc=True)["recall"] == 0.0
+
+
 def test_bad_inputs_are_rejected(cache):
     ok = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     with pytest.raises(TypeError, match="uint8"):

@@ -77,6 +77,25 @@ def test_extending_a_finished_run_and_refusing_changed_settings(tmp_path):
         train(tiny(tmp_path, max_steps=6, lr=1e-2))
 
 
+def test_gate_inputs_reach_the_model_and_old_checkpoints_resume(tmp_path):
+    result = train(tiny(tmp_path, gate_inputs=("tokens",), max_steps=2))
+    model = ThinkingPixelDiT.from_pretrained(result.checkpoint / "model")
+    assert model.recursion.gate_inputs == ("tokens",)
+    gates = [m for name, m in model.named_modules() if name.endswith("attn.gate")]
+    assert gates and all(g.token_proj is not None and g.cond_proj is None for g in gates)
+    # a run saved before gate_inputs existed resumes as the default (all inputs)
+    train(tiny(tmp_path, "old", max_steps=2))
+    saved = tmp_path / "old" / "checkpoints" / "step_0000002" / "train_config.json"
+    config = json.loads(saved.read_text())
+    del config["gate_inputs"]
+    saved.write_text(json.dumps(config))
+    assert train(tiny(tmp_path, "old", max_steps=3)).step == 3
+    with pytest.raises(ValueError, match="gate_inputs"):
+        tiny(tmp_path, gate_inputs=("tokens", "text"))
+    with pytest.raises(ValueError, match="gate_inputs"):
+        tiny(tmp_path, gate_inputs="tokens")
+
+
 def test_finetune_freezes_the_base(tmp_path):
     train(tiny(tmp_path, "base", recursion=False, max_steps=2))
     base = DiT.from_pretrained(tmp_path / "base" / "checkpoints" / "step_0000002" / "ema")

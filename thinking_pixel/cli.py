@@ -30,6 +30,10 @@ def _layers(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2 or 2,4, got {text!r}") from None
 
 
+def _names(text: str) -> tuple:
+    return tuple(v.strip() for v in text.split(","))
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
 
@@ -43,10 +47,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
     g.add_argument("--num-workers", type=int, default=S, help="data loader worker processes (default 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-T/4)")
-    g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth (default 4)")
-    g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width (default 128)")
-    g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads (default 4)")
+    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4)")
+    g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth")
+    g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
+    g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
@@ -55,6 +59,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="latent recursion steps T (default 2)")
     g.add_argument("--rank", type=_positive_int, default=S, help="LoRA rank (default 16)")
     g.add_argument("--tau", type=float, default=S, help="gate Gumbel-softmax temperature (default 5.0)")
+    g.add_argument("--gate-inputs", type=_names, default=S,
+                   help="what the gate sees, comma-separated subset of tokens,timestep,condition (default all)")
     g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
     g.add_argument("--finetune-from", default=S, help="a trained DiT checkpoint to wrap (its EMA weights)")
     g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where sample chunks are kept (default: <output without .json>_samples)")
     parser.add_argument("--output", required=True, help="metrics JSON file to write")
     parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
+    parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision / recall")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
@@ -180,9 +181,9 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
                         data_dir: str | None = None, split: str = "test", num_samples: int = 1000,
                         num_reference: int | None = None, batch_size: int = 64, cfg_scale: float = 1.5,
                         sampler: str = "ddim", num_steps: int = 50, seed: int = 0, samples_dir: str | None = None,
-                        use_ema: bool = True, kid: bool = True, device: str = "auto",
+                        use_ema: bool = True, kid: bool = True, prc: bool = True, device: str = "auto",
                         progress: bool = True) -> dict:
-    """Sample from ``checkpoint``, compute FID/KID against real data and write the result JSON to ``output``."""
+    """Sample from ``checkpoint``, compute FID/KID/precision/recall against real data and write the result JSON to ``output``."""
     output = Path(output)
     num_reference = num_samples if num_reference is None else num_reference
     _check_positive(num_samples=num_samples, num_reference=num_reference, batch_size=batch_size)
@@ -211,7 +212,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     if data_dir is not None:  # another copy of the data may differ: keep its statistics apart
         cache_name += "-" + hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
     started = time.time()
-    metrics = compute_metrics(images, real, reference_cache_name=cache_name, kid=kid, verbose=progress)
+    metrics = compute_metrics(images, real, reference_cache_name=cache_name, kid=kid, prc=prc,
+                              verbose=progress)
     metric_seconds = time.time() - started
 
     step = None
@@ -257,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
         num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,
         cfg_scale=args.cfg_scale, sampler=args.sampler, num_steps=args.num_steps, seed=args.seed,
-        samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, device=args.device,
+        samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, prc=args.prc, device=args.device,
         progress=args.progress)
-    summary = {k: result[k] for k in ("fid", "kid_mean", "kid_std") if k in result}
+    summary = {k: result[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall") if k in result}
     print(json.dumps(summary), flush=True)
     return 0

@@ -37,7 +37,7 @@ from . import _checkpoint as ckpt
 from ._runtime import resolve_device, torch_threads
 from .data import StepBatchSampler, make_dataset
 from .diffusion import GaussianDiffusion
-from .models import DiT, RecursionConfig, ThinkingPixelDiT, dit_config
+from .models import GATE_INPUTS, DiT, RecursionConfig, ThinkingPixelDiT, dit_config
 
 __all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
 
@@ -50,7 +50,7 @@ _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_check
 class TrainConfig:
     """Everything a training run depends on; serialised into every checkpoint as train_config.json.
 
-    The defaults are the CPU default run (``thinking-pixel train`` with no arguments): a shrunken DiT-T/4 with
+    The defaults are the CPU default run (``thinking-pixel train`` with no arguments): DiT-N/4 with
     recursion in its middle block, on 16x16 embedded shapes. DiT's own recipe is lr 1e-4, no warm-up,
     EMA 0.9999 (use --lr 1e-4 --warmup-steps 0 --ema-decay 0.9999 for DiT-scale runs); the defaults here are
     tuned for a ~2000-step CPU run, where lr 1e-3 after a 100-step warm-up learns the class conditioning
@@ -65,13 +65,11 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (right for photos, wrong for digits)
     num_workers: int = 0
     # model
-    preset: str = "DiT-T/4"
-    # Overrides of the preset's architecture (None: the preset's value). The CPU default shrinks DiT-T/4
-    # (6 x 192) to 4 blocks of width 128 (16 tokens of 4x4 pixels at 16 px, ~1.3M parameters), so a run
-    # takes minutes rather than hours.
-    depth: Optional[int] = 4
-    hidden_size: Optional[int] = 128
-    num_heads: Optional[int] = 4
+    preset: str = "DiT-N/4"  # 4 blocks of width 128, 16 tokens of 4x4 pixels at 16 px: minutes, not hours
+    # Overrides of the preset's architecture (None: the preset's value).
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     class_dropout_prob: float = 0.1
     recursion: bool = True
@@ -80,6 +78,7 @@ class TrainConfig:
     recursion_steps: int = 2
     rank: int = 16
     tau: float = 5.0
+    gate_inputs: tuple = GATE_INPUTS  # what the gate sees (the Fig. 4 ablation: ("tokens",))
     finetune_from: Optional[str] = None  # a trained DiT (save_pretrained dir or training output dir)
     freeze_base: bool = True  # with finetune_from: train only the experts and gates
     # optimisation
@@ -105,6 +104,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.recursion_layers is not None:
             self.recursion_layers = tuple(self.recursion_layers)
+        if isinstance(self.gate_inputs, str) or not hasattr(self.gate_inputs, "__iter__"):
+            raise ValueError(f"TrainConfig.gate_inputs must be a sequence of names from {GATE_INPUTS}, "
+                             f"got {self.gate_inputs!r}")
+        self.gate_inputs = tuple(self.gate_inputs)
+        if not self.gate_inputs or not set(self.gate_inputs) <= set(GATE_INPUTS):
+            raise ValueError(f"TrainConfig.gate_inputs must be a non-empty subset of {GATE_INPUTS}, "
+                             f"got {self.gate_inputs!r}")
         positive = ("image_size", "max_steps", "batch_size", "checkpoint_every", "experts", "recursion_steps", "rank")
         for name in positive:
             value = getattr(self, name)
@@ -126,13 +132,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["recursion_layers"] = None if self.recursion_layers is None else list(self.recursion_layers)
+        d["gate_inputs"] = list(self.gate_inputs)
         return d
 
     def recursion_config(self) -> RecursionConfig | None:
         if not self.recursion:
             return None
         return RecursionConfig(layers=self.recursion_layers, experts=self.experts, steps=self.recursion_steps,
-                               rank=self.rank, tau=self.tau)
+                               rank=self.rank, tau=self.tau, gate_inputs=self.gate_inputs)
 
 
 @dataclass
@@ -204,8 +211,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _check_resumable(saved: dict, cfg: TrainConfig, output_dir: Path) -> None:
     current = cfg.to_dict()
-    diffs = [f"{k}: {saved.get(k)!r} (saved) vs {current[k]!r} (now)"
-             for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    saved = {**TrainConfig().to_dict(), **saved}  # settings added after the run was saved had their defaults
+    diffs = [f"{k}: {saved[k]!r} (saved) vs {current[k]!r} (now)"
+             for k in current if k not in _RESUMABLE_CHANGES and saved[k] != current[k]]
     if diffs:
         raise ValueError(f"{output_dir} holds a run with different settings ({'; '.join(diffs)}); "
                          "rerun with the same settings to resume, or use a new output dir")

@@ -236,6 +236,7 @@ def compute_metrics(
     reference_cache_name: str | None = None,
     fid: bool = True,
     kid: bool = True,
+    prc: bool = False,
     isc: bool = False,
     batch_size: int = 64,
     kid_subsets: int = 100,
@@ -243,7 +244,10 @@ def compute_metrics(
     seed: int = 2020,
     verbose: bool = False,
 ) -> dict:
-    """FID and KID between two uint8 image sets (N, C, H, W) with torch-fidelity and the offline InceptionV3.
+    """FID, KID and (``prc=True``) precision / recall between two uint8 image sets (N, C, H, W), computed by
+    torch-fidelity on the offline InceptionV3's pool3 features (precision / recall: Kynkaanniemi et al. 2019,
+    k=3 nearest-neighbour balls; ``generated`` is the first set, so recall is the share of real images that fall
+    inside the generated manifold).
 
     ``reference_cache_name`` caches the reference set's features and statistics under the cache directory (name it
     by dataset/split/size/count: a cache entry is trusted without looking at the images again).
@@ -253,8 +257,8 @@ def compute_metrics(
 
     if isc:
         raise ValueError(f"isc=True is not supported: {IS_UNAVAILABLE_REASON}")
-    if not (fid or kid):
-        raise ValueError("compute_metrics: at least one of fid or kid must be True")
+    if not (fid or kid or prc):
+        raise ValueError("compute_metrics: at least one of fid, kid or prc must be True")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     gen_ds, ref_ds = ImageTensorDataset(generated), ImageTensorDataset(reference)
@@ -272,6 +276,7 @@ def compute_metrics(
         feature_extractor_weights_path=str(weights),
         fid=fid,
         kid=kid,
+        prc=prc,
         kid_subsets=kid_subsets,
         kid_subset_size=subset,
         rng_seed=seed,
@@ -287,4 +292,7 @@ def compute_metrics(
         out["kid_mean"] = float(raw["kernel_inception_distance_mean"])
         out["kid_std"] = float(raw["kernel_inception_distance_std"])
         out["kid_subset_size"] = subset
+    if prc:
+        out["precision"] = float(raw["precision"])
+        out["recall"] = float(raw["recall"])
     return out
