@@ -60,6 +60,31 @@ def gate_top1(tokens: int, experts: int, elem: int) -> Cost:
     return Cost(8 * n, elem * n + 4 * n + 8 * tokens + 4 * tokens + 4 * n)
 
 
+def refine_step(tokens: int, dim: int, rank: int, experts: int, elem: int, *, slices: int = 3, base: bool = True,
+                backward: bool = False) -> Cost:
+    """One recursive refinement step (tp_kernels.refine_step): LayerNorm (7 FLOPs per element), the gate's token
+    logits (2 N D E) and top-1 (gate_top1), the routed LoRA over ``slices`` projections of width ``dim``, and the
+    base add (N S D) at the final step.
+
+    Bytes: the fused minimum -- the state read once, the qkv written once, the base read once, the weights,
+    the conditioning rows and noise, and the gate's outputs; LN(state) is never stored. The backward reads
+    grad_qkv and the state again, writes d state and the weight grads, and recomputes LN (twice the FLOPs
+    of the forward's matmuls plus one LN, as routed_lora counts).
+    """
+    n = tokens
+    lora = routed_lora(n, dim, dim, rank, experts, elem, slices=slices)
+    flops = 7 * n * dim + 2 * n * dim * experts + gate_top1(n, experts, elem).flops + lora.flops
+    flops += n * slices * dim if base else 0
+    weights = experts * slices * rank * 2 * dim * elem + experts * dim * elem
+    acts = n * dim * elem + n * slices * dim * elem * (2 if base else 1)
+    gate_bytes = 4 * n * experts * 2 + 8 * n + 4 * n  # noise read, probs written, idx, weight
+    nbytes = acts + weights + gate_bytes
+    if backward:
+        flops = 3 * flops + 7 * n * dim
+        nbytes += n * slices * dim * elem + 2 * n * dim * elem + 2 * weights + 4 * n * experts
+    return Cost(flops, nbytes)
+
+
 def softmax(tokens: int, experts: int, elem: int) -> Cost:
     n = tokens * experts
     return Cost(5 * n, 2 * elem * n)
@@ -186,6 +211,15 @@ def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int,
         "routed_lora.bwd_dA": Cost(2 * n * s * r * d_in, h + x + wa + index),
         "routed_lora.bwd_dB": Cost(2 * n * s * d_out * r, y + h + wb + index),
         "gate.fwd": gate_top1(n, experts, elem),
+        # the refinement step (tp_kernels/refine/triton.py), compiled with noise, conditioning and the base
+        "refine.stats_gate": Cost(n * d_in * (7 + 2 * experts) + 8 * n * experts,
+                                  x + experts * d_in * elem + 4 * n * experts * 3 + 8 * n + 4 * n * 3),
+        "refine.fwd": Cost(2 * n * s * r * (d_in + d_out) + n * s * d_out,
+                           x + 2 * y + wa + wb + h + index + 8 * n),
+        # gate gradient (~6 per logit), d logits W (2 N E D) and the LN backward (~8 per element); reads the LoRA's
+        # d LN(a) and the state, writes d state and d logits
+        "refine.bwd_gate_ln": Cost(6 * n * experts + 2 * n * experts * d_in + 8 * n * d_in,
+                                   3 * x + experts * d_in * elem + 4 * n * experts * 2 + 8 * n + 4 * n * 3),
     }
     if role not in costs:
         raise ValueError(f"unknown kernel role {role!r}; expected one of {sorted(costs)}")

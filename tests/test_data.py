@@ -52,6 +52,22 @@ def test_shapes_classes_and_captions():
         ds.caption(6)
     with pytest.raises(ValueError, match="num_shapes"):
         ShapesDataset(num_shapes=0)
+    with pytest.raises(ValueError, match="max_angle"):
+        ShapesDataset(max_angle=270)
+
+
+def test_shapes_rotation_range():
+    def square_is_axis_aligned(ds, index):
+        image = ds.render(index)[0].max(axis=0)  # (H, W) brightest channel
+        full = image >= image.max() - 1  # fully covered pixels
+        rows, cols = full.any(axis=1).nonzero()[0], full.any(axis=0).nonzero()[0]
+        return bool(full[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all())  # they fill their bounding box
+
+    upright = ShapesDataset(image_size=32, num_shapes=2, max_angle=0)
+    rotated = ShapesDataset(image_size=32, num_shapes=2, max_angle=180)
+    squares = [i for i in range(40) if upright.label_parts(i % upright.num_classes)[0] == "square"]
+    assert all(square_is_axis_aligned(upright, i) for i in squares)
+    assert not all(square_is_axis_aligned(rotated, i) for i in squares)
 
 
 def test_shapes_colour_matches_label():

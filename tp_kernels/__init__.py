@@ -7,6 +7,7 @@ reference beside it; :func:`use_backend` / ``TP_KERNELS_BACKEND`` pick one.
 
 from ._dispatch import BACKENDS, requested_backend, resolve as resolve_backend, use_backend
 from .gate import gate_top1, gate_top1_reference, gumbel_noise
+from .refine import refine_step, refine_step_reference
 from .routed_lora import routed_lora, routed_lora_reference
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __all__ = [
     "gate_top1",
     "gate_top1_reference",
     "gumbel_noise",
+    "refine_step",
+    "refine_step_reference",
     "requested_backend",
     "resolve_backend",
     "routed_lora",

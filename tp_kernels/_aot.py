@@ -1,9 +1,9 @@
 """Compile every Triton kernel of tp_kernels ahead of time for an NVIDIA target, without a GPU.
 
 The launches come from the same planning functions the runtime uses
-(``routed_lora.triton.forward_launches`` / ``backward_launches``,
-``gate.triton.gate_launch``), fed with ``meta`` tensors of the wanted shapes,
-so the tile sizes, warps and stages compiled here are the ones a GPU would run.
+(``routed_lora.triton.forward_launches`` / ``backward_launches``, ``gate.triton.gate_launch``,
+``refine.triton.stats_gate_launch`` / ``lora_launch`` / ``gate_ln_bwd_launch``), fed with ``meta`` tensors of
+the wanted shapes, so the tile sizes, warps and stages compiled here are the ones a GPU would run.
 Arguments are specialised as the Triton runtime does for contiguous torch
 tensors: pointers and integers divisible by 16 carry ``tt.divisibility=16``,
 integers equal to 1 become constants.
@@ -46,6 +46,7 @@ class Shape:
 
 DIT_XL = Shape("DiT-XL qkv", d_in=1152, d_out=1152, rank=128, n_exp=5, n_slice=3)
 DIT_S = Shape("DiT-S qkv", d_in=384, d_out=384, rank=32, n_exp=5, n_slice=3)
+TOKENS_PER_SAMPLE = 256  # DiT-*/2 at 256x256: the refinement step's per-sample conditioning rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,13 @@ class KernelRecord:
 
 
 def _launches(shape: Shape, dtype: torch.dtype):
-    """(role, Launch) for the forward, the full backward (with gate) and the gate at ``shape``."""
+    """(role, Launch) for the forward, the full backward (with gate), the gate and the refinement step at ``shape``.
+
+    The refinement step is compiled in its fullest form: token and per-sample conditioning logits, noise and
+    the base (one sample per ``TOKENS_PER_SAMPLE`` tokens).
+    """
     from .gate.triton import gate_launch
+    from .refine.triton import gate_ln_bwd_launch, lora_launch, stats_gate_launch
     from .routed_lora.triton import backward_launches, forward_launches
 
     def meta(*size, dt=dtype):
@@ -96,9 +102,18 @@ def _launches(shape: Shape, dtype: torch.dtype):
     logits = meta(n, e)
     gate_fwd = gate_launch(logits, torch.empty_like(logits), 1.0, True, meta(n, dt=torch.int64),
                            meta(n, dt=torch.float32), meta(n, e, dt=torch.float32))
+    stats = meta(n, dt=torch.float32)
+    refine_gate = stats_gate_launch(x, meta(e, shape.d_in), meta(max(1, n // TOKENS_PER_SAMPLE), e, dt=torch.float32),
+                                    meta(n, e, dt=torch.float32), 5.0, 1e-6, True, meta(n, dt=torch.int64), stats,
+                                    meta(n, e, dt=torch.float32), stats, stats)
+    refine_lora = lora_launch(x, stats, stats, perm, offsets, a, b, y, 1.0, torch.empty_like(y), h)
+    probs = meta(n, e, dt=torch.float32)
+    refine_bwd = gate_ln_bwd_launch(torch.empty_like(x), stats, stats, x, meta(n, 1, dt=torch.float32),
+                                    meta(n, 1, dt=torch.float32), meta(e, shape.d_in), probs, meta(n, dt=torch.int64),
+                                    5.0, torch.empty_like(probs), torch.empty_like(x))
     roles = ["routed_lora.fwd", "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dA",
-             "routed_lora.bwd_dB", "gate.fwd"]
-    return list(zip(roles, fwd + bwd + [gate_fwd]))
+             "routed_lora.bwd_dB", "gate.fwd", "refine.stats_gate", "refine.fwd", "refine.bwd_gate_ln"]
+    return list(zip(roles, fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]))
 
 
 def _source(launch):

@@ -47,20 +47,39 @@ class Gate(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.zeros_(proj.bias)
 
+    @property
+    def noisy(self) -> bool:
+        """Whether routing adds Gumbel noise now: in training, and at eval only if noise_at_eval."""
+        return self.training or self.noise_at_eval
+
+    def fused_terms(self, cond=None):
+        """The gate in the form tp_kernels.refine_step takes: (token_weight (M, D) or None, cond_logits).
+
+        logits(h, cond) == h @ token_weight^T + cond_logits, where cond_logits (N, 1, M) -- or (M,) without a
+        conditioning input -- holds everything that does not depend on the tokens: the token projection's bias
+        and cond_proj(SiLU(cond)). It is the same at every recursion step, so callers compute it once.
+        """
+        token_weight = None if self.token_proj is None else self.token_proj.weight
+        bias = None if self.token_proj is None else self.token_proj.bias  # (M,)
+        if self.cond_proj is None:
+            return token_weight, bias
+        if cond is None:
+            raise ValueError("this Gate uses a conditioning vector: pass cond (N, D_c)")
+        cond_logits = self.cond_proj(F.silu(cond))  # (N, M)
+        if bias is not None:
+            cond_logits = cond_logits + bias
+        return token_weight, cond_logits.unsqueeze(1)  # (N, 1, M)
+
     def logits(self, h, cond=None):
         """h (N, T, D), cond (N, D_c) or None -> (N, T, M) routing logits."""
-        n, t = h.shape[:2]
-        logits = h.new_zeros(n, t, self.num_experts) if self.token_proj is None else self.token_proj(h)
-        if self.cond_proj is not None:
-            if cond is None:
-                raise ValueError("this Gate uses a conditioning vector: pass cond (N, D_c)")
-            logits = logits + self.cond_proj(F.silu(cond)).unsqueeze(1)  # (N, T, M)
-        return logits
+        token_weight, cond_logits = self.fused_terms(cond)
+        if token_weight is None:
+            return cond_logits.expand(*h.shape[:-1], self.num_experts)
+        return F.linear(h, token_weight) + cond_logits
 
     def forward(self, h, cond=None):
         """-> (expert_idx (N, T) int64, gate weight (N, T) fp32: 1.0 forward, straight-through backward)."""
-        noisy = self.training or self.noise_at_eval
-        return tp_kernels.gate_top1(self.logits(h, cond), tau=self.tau, gumbel=noisy)
+        return tp_kernels.gate_top1(self.logits(h, cond), tau=self.tau, gumbel=self.noisy)
 
     def extra_repr(self):
         return f"experts={self.num_experts}, tau={self.tau:g}, noise_at_eval={self.noise_at_eval}"

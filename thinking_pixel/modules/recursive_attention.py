@@ -10,12 +10,18 @@ W^ is the block's frozen qkv projection, used only at the last step (the paper: 
 step compounds artefacts). The gate's straight-through weight multiplies the LoRA output, so the gate
 trains through the experts' outputs. Intermediate states live before the out projection (heads merged).
 With every LoRA B at zero (their init) the output is exactly the base attention's, for any T and M.
+
+Each step's LN + gate + routed LoRA (+ W^ x~) is one call of tp_kernels.refine_step (on GPU, Triton kernels
+that never write LN(a)); the gate's token-independent logits (biases and conditioning) are computed once per
+call, not once per step.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
+
+import tp_kernels
 
 from ._checks import is_int
 from .attention import Attention, attend, split_heads
@@ -54,7 +60,7 @@ class RecursiveAttention(nn.Module):
         self.steps = steps
         self.qkv = qkv
         self.proj = proj
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.eps = 1e-6  # of the LayerNorm (no affine) applied to each step's input
         self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
         self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
                          use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
@@ -79,15 +85,20 @@ class RecursiveAttention(nn.Module):
                 raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.dim}), got {tuple(context.shape)}")
             context_kv = self.context_kv(context)
 
+        token_weight, cond_logits = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
+        gate_shape = (*x.shape[:-1], self.gate.num_experts)  # (N, T, M)
         a = x  # a^0 = x~, (N, T, D)
         for step in range(1, self.steps + 1):
-            h = self.norm(a)  # (N, T, D)
-            expert_idx, weight = self.gate(h, cond)  # (N, T) int64, (N, T) straight-through 1.0
+            dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
+            noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
+            base = self.qkv(x).to(dtype) if step == self.steps else None  # frozen projection of x~, last step only
+            qkv, expert_idx, _ = tp_kernels.refine_step(
+                a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
+                token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
+                tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps,
+            )  # (N, T, 3D): base + weight * LoRA_e(LN(a)), e = expert_idx (N, T)
             if self.recorder is not None:
                 self.recorder(step, expert_idx, a)
-            qkv = self.lora(h, expert_idx, gate=weight)  # (N, T, 3D), LoRA only
-            if step == self.steps:
-                qkv = qkv + self.qkv(x)  # frozen base projection of x~, at the final step only
             out = attend(qkv, self.num_heads, context_kv)  # (N, T, D)
             if step < self.steps:
                 a = out + x  # residual back to the block input

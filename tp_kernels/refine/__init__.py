@@ -1,0 +1,130 @@
+"""One fused recursive refinement step: LayerNorm, top-1 gate and routed LoRA (plus the base) in one op."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+
+from .._dispatch import resolve
+from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .op import refine_step_bwd, refine_step_fwd
+from .reference import refine_step_reference
+
+__all__ = ["refine_step", "refine_step_reference", "refine_step_fwd", "refine_step_bwd"]
+
+
+def _cond_groups(cond_logits, lead, n_exp):
+    """cond_logits broadcastable to (*lead, E) -> (G, E) rows, token n using row n // (N / G).
+
+    A shape that matches lead on its first k dims and is 1 after them (e.g. (N, 1, E) per sample, (E,)
+    for all tokens) is used as is; any other broadcastable shape is expanded to one row per token.
+    """
+    shape = (1,) * (len(lead) + 1 - cond_logits.dim()) + tuple(cond_logits.shape)
+    if cond_logits.dim() > len(lead) + 1 or shape[-1] != n_exp:
+        raise ValueError(f"cond_logits must be broadcastable to {(*lead, n_exp)} (last dim = E = {n_exp}), "
+                         f"got {tuple(cond_logits.shape)}")
+    k = 0
+    while k < len(lead) and shape[k] == lead[k]:
+        k += 1
+    if all(s == 1 for s in shape[k:-1]):
+        return cond_logits.reshape(math.prod(lead[:k]), n_exp).contiguous()
+    try:
+        expanded = cond_logits.expand(*lead, n_exp)
+    except RuntimeError:
+        raise ValueError(f"cond_logits must be broadcastable to {(*lead, n_exp)}, "
+                         f"got {tuple(cond_logits.shape)}") from None
+    return expanded.reshape(-1, n_exp).contiguous()
+
+
+def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
+                base=None, eps=1e-6):
+    """One refinement step of recursive routed-LoRA attention: returns ``(qkv, expert_idx, gate_weight)``.
+
+    With ``h = LayerNorm(state)`` (no affine, ``eps``) over the last dim::
+
+        logits     = h @ token_weight^T + cond_logits                       (either term optional; none = 0)
+        z          = logits + noise                                         (noise optional)
+        expert_idx = argmax(z), ties to the lowest index
+        gate_weight = 1 + p - stop_grad(p),  p = softmax(z / tau)[expert_idx]  (exactly 1.0 forward)
+        qkv        = base + gate_weight * scale * B_e (A_e h),  e = expert_idx  (base optional)
+
+    i.e. ``tp_kernels.gate_top1`` on the logits followed by ``tp_kernels.routed_lora`` on ``h`` with the
+    gate weight, plus ``base``, in one op. The Triton path never writes ``h`` (it is rebuilt from per-token
+    mean and rstd inside the kernels that consume it). The CPU path runs torch's LayerNorm first and the
+    fused op on its output: the extension's kernels read ``h`` anyway, and autograd keeps it for the backward.
+
+    Args:
+        state: ``(..., D)`` tokens (fp32, bf16, fp16 or fp64; accumulation fp32 or better).
+        lora_a: ``(E, S, R, D)`` (or ``(E, R, D)`` for S = 1), state's dtype.
+        lora_b: ``(E, S, D_out, R)`` (or ``(E, D_out, R)``), state's dtype.
+        token_weight: ``(E, D)`` the gate's token projection (no bias), state's dtype, or None.
+        cond_logits: logits added to every token, broadcastable to ``(..., E)``: per token, or per sample
+            ``(N, 1, E)`` for ``(N, T, D)`` state; holds the gate's biases and conditioning term. Or None.
+        tau: softmax temperature of the straight-through gradient, > 0.
+        noise: ``(..., E)`` Gumbel samples (``tp_kernels.gumbel_noise``), or None for the plain argmax.
+        scale: LoRA's multiplier (alpha / rank).
+        base: ``(..., S * D_out)`` added to the output (the frozen projection at the last step), state's dtype.
+        eps: LayerNorm epsilon, > 0.
+
+    Returns:
+        qkv ``(..., S * D_out)`` in state's dtype (slice s in columns ``[s * D_out, (s + 1) * D_out)``),
+        expert_idx ``(...)`` int64, gate_weight ``(...)`` float32 (float64 for float64 state).
+
+    Differentiable in state, lora_a, lora_b, token_weight, cond_logits and base (the gate's gradient reaches
+    token_weight, cond_logits and state through the straight-through weight).
+    """
+    check_tensor("state", state, dtypes=FLOAT_DTYPES)
+    check_tensor("lora_a", lora_a, dim=(3, 4))
+    check_tensor("lora_b", lora_b, dim=(3, 4))
+    if state.dim() < 1 or state.shape[-1] < 1:
+        raise ValueError(f"state must have shape (..., D) with D >= 1, got {tuple(state.shape)}")
+    if lora_a.dim() != lora_b.dim():
+        raise ValueError(f"lora_a and lora_b must both be 3-D or both 4-D, got {lora_a.dim()} and {lora_b.dim()}")
+    if lora_a.dtype != state.dtype or lora_b.dtype != state.dtype:
+        raise TypeError(f"lora_a and lora_b must have state's dtype {state.dtype}, "
+                        f"got {lora_a.dtype} and {lora_b.dtype}")
+    a = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(1)  # (E, S, R, D)
+    b = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(1)  # (E, S, D_out, R)
+    n_exp, n_slice, rank, dim = a.shape
+    if state.shape[-1] != dim:
+        raise ValueError(f"state's last dim ({state.shape[-1]}) must equal lora_a's D ({dim})")
+    if b.shape[0] != n_exp or b.shape[1] != n_slice or b.shape[3] != rank:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: "
+                         f"expected (E={n_exp}, S={n_slice}, D_out, R={rank})")
+    if n_exp < 1 or rank < 1:
+        raise ValueError(f"lora_a must have at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    lead = tuple(state.shape[:-1])
+    d_out = b.shape[2]
+    if token_weight is not None:
+        check_tensor("token_weight", token_weight, dtypes=(state.dtype,), dim=2)
+        if tuple(token_weight.shape) != (n_exp, dim):
+            raise ValueError(f"token_weight must have shape (E, D) = {(n_exp, dim)}, got {tuple(token_weight.shape)}")
+    if cond_logits is not None:
+        check_tensor("cond_logits", cond_logits, dtypes=FLOAT_DTYPES)
+        cond_logits = _cond_groups(cond_logits, lead, n_exp)
+    if noise is not None:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        if tuple(noise.shape) != (*lead, n_exp):
+            raise ValueError(f"noise must have shape {(*lead, n_exp)} (state's lead dims, E), got {tuple(noise.shape)}")
+    if base is not None:
+        check_tensor("base", base, dtypes=(state.dtype,))
+        if tuple(base.shape) != (*lead, n_slice * d_out):
+            raise ValueError(f"base must have shape {(*lead, n_slice * d_out)}, got {tuple(base.shape)}")
+    for name, value, positive in (("tau", tau, True), ("scale", scale, False), ("eps", eps, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
+            raise ValueError(f"{name} must be a {'positive ' if positive else ''}Python float, got {value!r}")
+    check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
+                      noise=noise, base=base)
+
+    def flat(t, width):
+        return None if t is None else t.reshape(-1, width).contiguous()
+
+    normalize = resolve(state.device) != "cpu"
+    if not normalize:
+        state = F.layer_norm(state, (dim,), eps=float(eps))  # (..., D) h, kept by autograd with its statistics
+    qkv, weight, idx, _, _ = refine_step_fwd(
+        flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
+        cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), normalize,
+    )
+    return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

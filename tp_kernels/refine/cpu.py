@@ -1,0 +1,121 @@
+"""The refinement step on CPU: the compiled extension's gate and routed LoRA, with the glue folded.
+
+refine_step runs the LayerNorm before this op on CPU (torch's own, normalize=False here): its output feeds the
+extension's kernels anyway, and autograd then keeps it and its statistics for the backward, which saves a
+LayerNorm pass there. Called with normalize=True, the op runs it itself.
+
+Forward, three passes over the tokens' activations:
+    1. h = LN(a) in one pass (statistics and output together; torch.native_layer_norm);
+    2. gate logits: one skinny GEMM h W^T (N, E) in the state's dtype (as the gate's Linear would run), the
+       conditioning rows added in place (G, 1, E) -> (N, E); top-1 in the extension's one-pass gate kernel;
+    3. routed LoRA in the extension (tokens grouped, shrink + expand per cache-resident tile), with the base
+       added in place into its output (no separate output allocation: the add touches pages already hot).
+The gate's weight is exactly 1 forward, so the LoRA runs without a gate multiplier.
+
+Backward (:func:`backward_with`, shared with the Triton path, which passes its routed-LoRA kernels and its
+fused gate + LayerNorm backward kernel): h (recomputed with native_layer_norm if the op normalised), the
+routed-LoRA backward (d h, dA, dB and the gate's d weight in one call), then :func:`gate_ln_backward`: the
+straight-through gate gradient on (N, E), the token term's d h accumulated by an in-place GEMM, and
+native_layer_norm_backward if the op normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._validate import acc_dtype
+from ..gate import cpu as _gate_torch
+from ..routed_lora import cpu as _lora_torch
+
+
+def _lora():
+    return _ext.routed_lora_cpu() or _lora_torch
+
+
+def _gate():
+    return _ext.gate_cpu() or _gate_torch
+
+
+def gate_logits(h, token_weight, cond_logits, n_exp):
+    """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T (a GEMM in h's dtype) + cond rows."""
+    n_tok = h.shape[0]
+    acc = acc_dtype(h.dtype)
+    if token_weight is not None:
+        logits = torch.mm(h, token_weight.t()).to(acc)  # (N, E)
+    else:
+        logits = h.new_zeros(n_tok, n_exp, dtype=acc)
+    if cond_logits is not None and n_tok:
+        groups = cond_logits.shape[0]
+        logits.view(groups, n_tok // groups, n_exp).add_(cond_logits.to(acc)[:, None])
+    return logits
+
+
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R)."""
+    n_exp = lora_a.shape[0]
+    h = torch.native_layer_norm(state, [state.shape[1]], None, None, eps)[0] if normalize else state  # (N, D)
+    logits = gate_logits(h, token_weight, cond_logits, n_exp)  # (N, E)
+    idx, weight, probs = _gate().forward(logits, noise, tau, True)
+    qkv, lora_h = _lora().forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1: no multiplier needed
+    if base is not None:
+        qkv.add_(base)
+    return qkv, weight, idx, probs, lora_h
+
+
+def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
+                     need_state):
+    """The step's backward after the LoRA, in torch ops -> (d logits (N, E) or None, d state or None).
+
+    dh (N, D): d loss / d h through the LoRA; dgate (N,): through the gate weight's use in the LoRA.
+    mean, rstd: native_layer_norm's, or None when h = state (normalize=False: no LayerNorm backward).
+    """
+    dlogits = d_state = None
+    if need_logits:
+        acc = probs.dtype
+        dweight = dgate.to(acc) if grad_weight is None else dgate.to(acc) + grad_weight.to(acc)  # (N,)
+        # weight = 1 + p_e - sg(p_e): d weight / d z_j = p_e (onehot_j - p_j) / tau
+        p_sel = probs.gather(1, idx[:, None])  # (N, 1)
+        onehot = torch.zeros_like(probs).scatter_(1, idx[:, None], 1.0)
+        dlogits = (dweight[:, None] * p_sel) * (onehot - probs) / tau  # (N, E)
+        if need_state and token_weight is not None:
+            dh.addmm_(dlogits.to(dh.dtype), token_weight)  # + d logits / d LN(state)
+    if need_state:
+        d_state = dh if mean is None else torch.ops.aten.native_layer_norm_backward(
+            dh, state, [state.shape[1]], mean, rstd, None, None, [True, False, False])[0]
+    return dlogits, d_state
+
+
+def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups,
+                  tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond, tail=gate_ln_backward):
+    """Gradients of forward() -> (d state, dA, dB, d token_weight, d cond (G, E) in the accumulation dtype).
+
+    ``lora`` is a routed-LoRA backend module (its backward(): the CPU extension, cpu.py or triton.py) and
+    ``tail`` the gate + LayerNorm backward (:func:`gate_ln_backward` or a kernel with its interface).
+    Unneeded gradients come back as distinct empty tensors (custom-op outputs may not alias).
+    """
+    n_tok, dim = state.shape
+    n_exp = lora_a.shape[0]
+    need_logits = need_cond or need_token_weight or (need_state and token_weight is not None)
+    if normalize:  # recomputed: bit-identical to the forward's, and one (N, D) tensor less kept per step
+        h, mean, rstd = torch.native_layer_norm(state, [dim], None, None, eps)  # (N, D), (N, 1), (N, 1)
+    else:
+        h, mean, rstd = state, None, None
+    gate = torch.ones(n_tok, dtype=probs.dtype, device=state.device) if need_logits else None
+    dh, da, db, dgate = lora.backward(grad_qkv.to(state.dtype), h, idx, lora_a, lora_b, gate, lora_h, scale,
+                                      need_state, need_w, need_logits)
+    dlogits, d_state = tail(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
+                            need_state)
+    d_tw = d_cond = None
+    if need_cond:
+        d_cond = dlogits.view(n_groups, n_tok // n_groups if n_groups else 0, n_exp).sum(1)  # (G, E)
+    if need_token_weight:
+        d_tw = torch.mm(dlogits.t().to(h.dtype), h).to(token_weight.dtype)  # (E, D)
+    return tuple(state.new_empty(0) if g is None else g for g in (d_state, da if need_w else None,
+                                                                  db if need_w else None, d_tw, d_cond))
+
+
+def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale,
+             eps, normalize, need_state, need_w, need_token_weight, need_cond):
+    return backward_with(_lora(), grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
+                         n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)

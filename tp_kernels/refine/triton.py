@@ -1,0 +1,330 @@
+"""The refinement step in Triton: two forward kernels, no host sync, LN(state) never written.
+
+    _stats_gate_kernel  grid (token blocks,):  one read of the state per token block gives the LayerNorm
+                        statistics, the gate's token logits (folded through the normalisation), the conditioning
+                        rows and the noise, the argmax and the softmax: writes idx, probs, mean, rstd.
+    (grouping)          routed_lora.triton.group_on_device: stable argsort + searchsorted, on device.
+    _refine_lora_kernel grid (expert tiles, S): the three Q/K/V slices in one launch, the LayerNorm folded into
+                        the shrink, the base added in the expand's epilogue, each output row written once.
+
+LayerNorm folding. ``A_e LN(a) = rstd * A_e (a - mean)``: the shrink centres each loaded tile of ``a`` in
+registers and scales the (BLOCK_M, R) accumulator by rstd, so LN(a) is never stored. (The algebraically equal
+``rstd * (A_e a - mean * A_e 1)`` would cancel catastrophically in bf16/TF32 when |mean| >> std.) Likewise
+the gate's token term is ``rstd * ((a - c) W^T - (mean - c) W 1)`` with c a per-row shift (the row's first
+element) that keeps the one-pass sums from cancelling.
+
+With normalize=False (state already is LN(a)) the stats kernel stores mean 0, rstd 1 and the same kernels
+compute the step on the state as given.
+
+The gate's E logits per token are too few for tensor cores (tl.dot needs 16 columns), so that product is a
+broadcast multiply-reduce in fp32 on CUDA cores; the kernel is bound by its one read of the state anyway.
+
+Backward (cpu.backward_with, the driver shared with the CPU path): LN(state) recomputed once with torch's
+native_layer_norm (routed_lora's dA kernel reads it), routed_lora.triton's backward kernels (dh, dx, dA, dB and
+the gate weight's gradient), then one kernel per token block for the rest:
+    _gate_ln_bwd_kernel grid (token blocks,): the straight-through gate gradient d logits (N, E), the token
+                        term's d LN(a) (+= d logits W, never stored) and the LayerNorm backward (row sums in
+                        a first sweep, d state in a second), instead of ~8 torch ops and an in-place GEMM.
+d token_weight = d logits^T LN(a) and the per-group d cond_logits are small torch reductions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validate import acc_dtype
+from ..routed_lora import triton as _lora
+from ..routed_lora.triton import Launch, _dot, _locate_tile
+from . import cpu as _composed
+
+
+@triton.jit
+def _stats_gate_kernel(
+    x_ptr, w_ptr, cond_ptr, noise_ptr, idx_ptr, weight_ptr, probs_ptr, mean_ptr, rstd_ptr,
+    n_tok, dim, n_exp, group_size, tau, eps,
+    NORMALIZE: tl.constexpr, HAS_W: tl.constexpr, HAS_COND: tl.constexpr, HAS_NOISE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_tok
+    x_row = x_ptr + rows.to(tl.int64)[:, None] * dim
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < n_exp
+    shift = tl.load(x_ptr + rows.to(tl.int64) * dim, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_T,)
+    s1 = tl.zeros((BLOCK_T,), tl.float32)  # sum of (a - shift)
+    s2 = tl.zeros((BLOCK_T,), tl.float32)  # sum of (a - shift)^2
+    xw = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)  # (a - shift) W^T
+    w1 = tl.zeros((BLOCK_E,), tl.float32)  # W 1
+    for k0 in range(0, dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < dim
+        mask = row_ok[:, None] & k_ok[None, :]
+        xt = tl.load(x_row + k[None, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_K)
+        xc = tl.where(mask, xt - shift[:, None], 0.0)
+        s1 += tl.sum(xc, 1)
+        s2 += tl.sum(xc * xc, 1)
+        if HAS_W:
+            wt = tl.load(w_ptr + e[:, None] * dim + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                         other=0.0).to(tl.float32)  # (BLOCK_E, BLOCK_K)
+            xw += tl.sum(xc[:, None, :] * wt[None, :, :], 2)
+            w1 += tl.sum(wt, 1)
+    if NORMALIZE:
+        mean_c = s1 / dim  # mean - shift
+        var = tl.maximum(s2 / dim - mean_c * mean_c, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:  # h = a: mean 0, rstd 1 (the LoRA kernel then centres by 0 and scales by 1)
+        mean_c = -shift
+        rstd = tl.full((BLOCK_T,), 1.0, tl.float32)
+    tl.store(mean_ptr + rows, shift + mean_c, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+    z = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    if HAS_W:
+        z = rstd[:, None] * (xw - mean_c[:, None] * w1[None, :])  # LN(a) W^T
+    mask = row_ok[:, None] & e_ok[None, :]
+    if HAS_COND:
+        group = (rows // group_size).to(tl.int64)
+        z += tl.load(cond_ptr + group[:, None] * n_exp + e[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs = rows.to(tl.int64)[:, None] * n_exp + e[None, :]
+    if HAS_NOISE:
+        z += tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(e_ok[None, :], z, float("-inf"))  # padded experts never win and get probability 0
+    idx = tl.argmax(z, 1, tie_break_left=True)  # first maximal index, like torch.argmax
+    zt = z / tau
+    p = tl.exp(zt - tl.max(zt, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    tl.store(idx_ptr + rows, idx.to(tl.int64), mask=row_ok)
+    tl.store(weight_ptr + rows, tl.full((BLOCK_T,), 1.0, tl.float32), mask=row_ok)
+    tl.store(probs_ptr + offs, p, mask=mask)
+
+
+@triton.jit
+def _refine_lora_kernel(
+    x_ptr, mean_ptr, rstd_ptr, perm_ptr, offsets_ptr, a_ptr, b_ptr, base_ptr, y_ptr, h_ptr,
+    dim, d_out, rank, n_exp, n_slice, scale,
+    HAS_BASE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
+    if expert >= n_exp:
+        return
+    s = tl.program_id(1)
+    dt = x_ptr.dtype.element_ty
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_hi
+    tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)  # (BLOCK_M,) int64 token ids
+    mean = tl.load(mean_ptr + tok, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    es = expert.to(tl.int64) * n_slice + s
+
+    # h = rstd * (a - mean) A^T over D: (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R), tiles centred in registers
+    a_base = a_ptr + es * rank * dim
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < dim
+        mask = row_ok[:, None] & k_ok[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * dim + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, xt - mean[:, None], 0.0).to(dt)
+        at = tl.load(a_base + r[None, :] * dim + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        h = _dot(xc, at, h, PRECISION)
+    h = h * rstd[:, None]
+    hw = n_slice * rank
+    tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], h, mask=row_ok[:, None] & r_ok[None, :])
+
+    # y = base + scale h B^T over D_out (the gate weight is exactly 1 forward), one output tile at a time
+    hm = (h * scale).to(dt)
+    b_base = b_ptr + es * d_out * rank
+    yw = n_slice * d_out
+    for n0 in range(0, d_out, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < d_out
+        bt = tl.load(b_base + n[None, :] * rank + r[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        y = _dot(hm, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+        out = tok[:, None] * yw + s * d_out + n[None, :]
+        mask = row_ok[:, None] & n_ok[None, :]
+        if HAS_BASE:
+            y += tl.load(base_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out, y.to(dt), mask=mask)
+
+
+@triton.jit
+def _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, e_ok, dim, HAS_W: tl.constexpr):
+    """(g, xhat) on a (BLOCK_T, BLOCK_K) tile: g = d loss / d LN(a) (LoRA part + dlogits W), xhat = LN(a)."""
+    mask = row_ok[:, None] & k_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * dim + k[None, :]
+    g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + e[:, None] * dim + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)  # (BLOCK_E, BLOCK_K)
+        g += tl.sum(dlogits[:, :, None] * w[None, :, :], 1)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return g, xhat
+
+
+@triton.jit
+def _gate_ln_bwd_kernel(
+    dh_ptr, dgate_ptr, gw_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, probs_ptr, idx_ptr, dlogits_ptr, dx_ptr,
+    n_tok, dim, n_exp, tau,
+    NORMALIZE: tl.constexpr, HAS_GW: tl.constexpr, HAS_W: tl.constexpr, NEED_LOGITS: tl.constexpr,
+    NEED_STATE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_tok
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < n_exp
+    dlogits = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    if NEED_LOGITS:
+        # weight = 1 + p_sel - sg(p_sel): d weight / d z_j = p_sel (onehot_j - p_j) / tau
+        dw = tl.load(dgate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_T,)
+        if HAS_GW:
+            dw += tl.load(gw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        emask = row_ok[:, None] & e_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_exp + e[None, :]
+        p = tl.load(probs_ptr + offs, mask=emask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_E)
+        chosen = e[None, :] == tl.load(idx_ptr + rows, mask=row_ok, other=0)[:, None]
+        p_sel = tl.sum(tl.where(chosen, p, 0.0), 1)
+        dlogits = (dw * p_sel)[:, None] * (chosen.to(tl.float32) - p) / tau
+        tl.store(dlogits_ptr + offs, dlogits, mask=emask)
+    if NEED_STATE:
+        # d a = rstd (g - mean(g) - xhat mean(g xhat)) over the row: two sweeps, the row sums first
+        # (without the LayerNorm, d a = g: one sweep, with c1 = c2 = 0, mean 0 and rstd 1)
+        c1 = tl.zeros((BLOCK_T,), tl.float32)
+        c2 = tl.zeros((BLOCK_T,), tl.float32)
+        mean = tl.zeros((BLOCK_T,), tl.float32)
+        rstd = tl.full((BLOCK_T,), 1.0, tl.float32)
+        if NORMALIZE:
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k < dim, mean, rstd, dlogits, e, e_ok,
+                                     dim, HAS_W)
+                c1 += tl.sum(g, 1)
+                c2 += tl.sum(g * xhat, 1)
+            c1 = c1 / dim
+            c2 = c2 / dim
+        for k0 in range(0, dim, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < dim
+            g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, e_ok, dim,
+                                 HAS_W)
+            dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * dim + k[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
+
+
+def _row_blocks(n_exp):
+    """(BLOCK_T, BLOCK_K, BLOCK_E) of the per-token-block kernels: the (T, E, K) product ~8K fp32 per program."""
+    block_e = max(2, triton.next_power_of_2(n_exp))
+    block_t = 32 if block_e <= 8 else 16
+    return block_t, max(8, min(64, 8192 // (block_t * block_e))), block_e
+
+
+def stats_gate_launch(state, token_weight, cond_logits, noise, tau, eps, normalize, idx, weight, probs, mean, rstd):
+    n_tok, dim = state.shape
+    n_exp = probs.shape[1]
+    block_t, block_k, block_e = _row_blocks(n_exp)
+    groups = 0 if cond_logits is None else cond_logits.shape[0]
+    return Launch(
+        _stats_gate_kernel, (triton.cdiv(n_tok, block_t),),
+        dict(x_ptr=state, w_ptr=token_weight, cond_ptr=cond_logits, noise_ptr=noise, idx_ptr=idx, weight_ptr=weight,
+             probs_ptr=probs, mean_ptr=mean, rstd_ptr=rstd, n_tok=n_tok, dim=dim, n_exp=n_exp,
+             group_size=max(1, n_tok // groups) if groups else 1, tau=tau, eps=eps),
+        dict(NORMALIZE=normalize, HAS_W=token_weight is not None, HAS_COND=cond_logits is not None,
+             HAS_NOISE=noise is not None, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e),
+        4, 1,
+    )
+
+
+def lora_launch(state, mean, rstd, perm, offsets, lora_a, lora_b, base, scale, y, h):
+    n_tok, dim = state.shape
+    n_exp, n_slice, rank, _ = lora_a.shape
+    d_out = lora_b.shape[2]
+    cfg = _lora._blocks(rank, state.dtype)
+    return Launch(
+        _refine_lora_kernel, (_lora._max_tiles(n_tok, n_exp, cfg["BLOCK_M"]), n_slice),
+        dict(x_ptr=state, mean_ptr=mean, rstd_ptr=rstd, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a,
+             b_ptr=lora_b, base_ptr=base, y_ptr=y, h_ptr=h, dim=dim, d_out=d_out, rank=rank, n_exp=n_exp,
+             n_slice=n_slice, scale=scale),
+        dict(HAS_BASE=base is not None, PRECISION=_lora._precision(state.dtype),
+             BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=64,
+             BLOCK_N=cfg["BLOCK_N"]),
+        cfg["num_warps"], cfg["num_stages"],
+    )
+
+
+def _reference():
+    from .op import _Reference  # imported late: op imports this module on first use
+
+    return _Reference
+
+
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32."""
+    if state.dtype == torch.float64:
+        return _reference().forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
+                                    normalize)
+    _lora._check(lora_a)
+    n_tok = state.shape[0]
+    n_exp, n_slice, rank, _ = lora_a.shape
+    acc = acc_dtype(state.dtype)
+    dev = state.device
+    idx = torch.empty(n_tok, dtype=torch.int64, device=dev)
+    weight = torch.empty(n_tok, dtype=acc, device=dev)
+    probs = torch.empty(n_tok, n_exp, dtype=acc, device=dev)
+    mean = torch.empty(n_tok, dtype=acc, device=dev)
+    rstd = torch.empty(n_tok, dtype=acc, device=dev)
+    y = state.new_empty(n_tok, n_slice * lora_b.shape[2])
+    h = state.new_empty(n_tok, n_slice * rank, dtype=acc)
+    stats_gate_launch(state, token_weight, cond_logits, noise, float(tau), float(eps), normalize, idx, weight, probs,
+                      mean, rstd)()
+    perm, offsets = _lora.group_on_device(idx, n_exp)
+    lora_launch(state, mean, rstd, perm, offsets, lora_a, lora_b, base, float(scale), y, h)()
+    return y, weight, idx, probs, h
+
+
+def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, dlogits, d_state):
+    """The fused gate + LayerNorm backward; dlogits / d_state None when not needed (then not written);
+    mean / rstd None when the step did not normalise (no LayerNorm backward)."""
+    n_tok, dim = state.shape
+    block_t, block_k, block_e = _row_blocks(probs.shape[1])
+    need_logits = dlogits is not None
+    return Launch(
+        _gate_ln_bwd_kernel, (triton.cdiv(n_tok, block_t),),
+        dict(dh_ptr=dh, dgate_ptr=dgate if need_logits else None, gw_ptr=grad_weight if need_logits else None,
+             x_ptr=state, mean_ptr=mean, rstd_ptr=rstd, w_ptr=token_weight, probs_ptr=probs, idx_ptr=idx,
+             dlogits_ptr=dlogits, dx_ptr=d_state, n_tok=n_tok, dim=dim, n_exp=probs.shape[1], tau=tau),
+        dict(NORMALIZE=mean is not None, HAS_GW=need_logits and grad_weight is not None,
+             HAS_W=need_logits and token_weight is not None,
+             NEED_LOGITS=need_logits, NEED_STATE=d_state is not None, BLOCK_T=block_t, BLOCK_K=block_k,
+             BLOCK_E=block_e),
+        4, 1,
+    )
+
+
+def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
+                     need_state):
+    """cpu.gate_ln_backward's interface, as one kernel: the gate's gradient, its token term and the LN backward."""
+    if state.dtype == torch.float64:
+        return _composed.gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau,
+                                          need_logits, need_state)
+    dlogits = torch.empty_like(probs) if need_logits else None
+    d_state = torch.empty_like(state) if need_state else None
+    if need_logits or need_state:
+        gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, float(tau), dlogits,
+                           d_state)()
+    return dlogits, d_state
+
+
+def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale,
+             eps, normalize, need_state, need_w, need_token_weight, need_cond):
+    return _composed.backward_with(_lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs,
+                                   lora_h, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight,
+                                   need_cond, tail=gate_ln_backward)
