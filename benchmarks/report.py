@@ -26,6 +26,8 @@ PEER_NOTES = {
     ("gate_top1", "ours"): "tp_kernels.gate_top1",
     ("gate_top1", "composed"): "noise + softmax + argmax + straight-through in torch ops",
     ("gate_top1", "softmax"): "bare torch.softmax on the same logits",
+    ("refine_step", "ours"): "tp_kernels.refine_step: LN + gate top-1 + routed LoRA Q/K/V (+ base) fused",
+    ("refine_step", "unfused"): "LayerNorm, gate logits, gate_top1, routed_lora and the base add, one op each",
 }
 
 
@@ -179,6 +181,13 @@ def targets(res):
         if r is not None and (worst is None or r > worst):
             worst, where = r, group.split(" | ", 1)[1]
     out.append(Target("gate_top1 fwd / torch.softmax, worst shape", worst, 1.3, "<=", where))
+
+    worst, where = None, ""
+    for group in res.groups_of("refine_step"):
+        r = _ratio(res, group, "ours", "unfused")
+        if r is not None and (worst is None or r > worst):
+            worst, where = r, group.split(" | ", 1)[1]
+    out.append(Target("refine_step fused / unfused sequence, worst group", worst, 1.0, "<=", where))
 
     for group in res.groups_of("block"):
         rec = res.entry(group, "recursive")

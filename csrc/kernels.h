@@ -1,7 +1,7 @@
 // The per-instruction-set kernel table shared by the isa_*.cpp translation units and the drivers.
 //
-// Each isa_*.cpp compiles kernels_impl.h for one instruction set (AVX-512, AVX2+FMA, or the
-// compiler's baseline); the drivers (routed_lora.cpp, gate.cpp) hold the OpenMP loops and call
+// Each isa_*.cpp compiles kernels_impl.h for one instruction set (AVX-512 with BF16 dot products,
+// AVX-512, AVX2+FMA, or the compiler's baseline); the drivers (routed_lora.cpp, gate.cpp) hold the OpenMP loops and call
 // the kernels through the table picked once at load time, so no driver code runs instructions
 // the CPU lacks.
 #pragma once
@@ -23,15 +23,25 @@ struct Kernels {
     void (*pack)(const void* src, int dt, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n,
                  int nv, float* dst);
     // c (m x n) = (accumulate ? c : 0) + a (m x k) @ packed b, with rows given by pointers:
-    // a(i, l) = a[i][l * cs_a], c(i, j) = c[i][j]. Exactly columns [0, n) of each c row are written.
+    // a(i, l) = a[i][l * cs_a], c(i, j) = c[i][j] in dtype c_dt (accumulate needs fp32). Exactly columns
+    // [0, n) of each c row are written.
     void (*gemm)(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp, int nv,
-                 float* const* c, int accumulate);
+                 void* const* c, int c_dt, int accumulate);
     void (*to_f32)(const void* src, int dt, float* dst, int64_t n);
     void (*from_f32)(const float* src, void* dst, int dt, int64_t n);
     // Top-1 gate over n rows of e logits (+ noise): idx = argmax, probs = softmax(z * inv_tau).
     // scratch: at least gate_scratch(e) floats.
     void (*gate_rows)(const void* logits, int ldt, const void* noise, int ndt, int64_t n, int64_t e,
                       float inv_tau, int64_t* idx, float* probs, float* scratch);
+
+    // bf16 dot products with fp32 accumulation (null in tables for CPUs without them). Each 32-bit lane of a
+    // pair panel holds two consecutive k of one column, so one instruction multiplies and adds both:
+    // pack_pairs is pack() of a bf16 source into dst[p][k / 2][j] = bf16 pair (k even, k odd), zero past k and n
+    // (ceil(k / 2) * nr lanes per panel); gemm_pairs is gemm() with bf16 a rows, contiguous along k.
+    void (*pack_pairs)(const uint16_t* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n, int nv,
+                       uint32_t* dst);
+    void (*gemm_pairs)(int64_t m, int64_t n, int64_t k, const uint16_t* const* a, const uint32_t* bp, int nv,
+                       void* const* c, int c_dt, int accumulate);
 };
 
 inline int64_t gate_block_rows(int64_t e) { return e >= 512 ? 1 : 512 / e; }
@@ -41,6 +51,7 @@ const Kernels* kernels();  // the best table this CPU supports (TP_KERNELS_ISA m
 
 }  // namespace tp
 
+namespace tp_avx512bf16 { const tp::Kernels* table(); }
 namespace tp_avx512 { const tp::Kernels* table(); }
 namespace tp_avx2 { const tp::Kernels* table(); }
 namespace tp_base { const tp::Kernels* table(); }

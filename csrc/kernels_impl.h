@@ -1,7 +1,8 @@
 // Kernels for one instruction set, written with GCC/Clang vector extensions.
 //
 // Included by an isa_*.cpp that defines TP_ISA_NS (namespace), TP_VW (floats per vector), TP_MR1 and
-// TP_MR2 (register-block rows for 1- and 2-vector panels) and selects the target. Everything here has
+// TP_MR2 (register-block rows for 1- and 2-vector panels), optionally TP_BF16_DOT (AVX512_BF16 intrinsics
+// available: adds the bf16 dot-product GEMM), and selects the target. Everything here has
 // internal linkage, so code compiled for one instruction set can never be picked by the linker for another.
 #include <string.h>
 
@@ -45,11 +46,16 @@ inline vf load_bf16(const uint16_t* p) {
 }
 
 inline void store_bf16(uint16_t* p, vf f) {
+#ifdef TP_BF16_DOT
+    // vcvtneps2bf16: round to nearest even, NaN stays a quiet NaN; it also flushes denormals to zero
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+#else
     vu u = (vu)f;
     vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     vu nan = (vu)(f != f);
     r = (r & ~nan) | (((u >> 16) | 0x40u) & nan);
     vh h = __builtin_convertvector(r, vh);
+#endif
     memcpy(p, &h, sizeof h);
 }
 
@@ -81,6 +87,13 @@ inline float to_float(uint16_t v) { return bf16_to_f32(v); }
 inline vf load_vec(const float* p) { return loadf(p); }
 inline vf load_vec(const uint16_t* p) { return load_bf16(p); }
 
+// Gathered rows are scattered in memory, so the hardware prefetcher cannot see the next one coming.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o);
+}
+
 template <typename T>
 void pack_t(const T* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n, int nv, float* dst) {
     constexpr int64_t kBlock = 64;  // rows of k per transposing pass: the destination block stays in L1
@@ -89,6 +102,7 @@ void pack_t(const T* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k
     if (cs == 1) {  // source rows are contiguous: walk each row once, dealing its pieces out to the panels
         for (int64_t l = 0; l < k; ++l) {
             const T* sl = src + (rows ? rows[l] : l) * rs;
+            if (rows && l + kPrefetchRows < k) prefetch_row(src + rows[l + kPrefetchRows] * rs, n * sizeof(T));
             for (int64_t p = 0; p < panels; ++p) {
                 const int64_t j0 = p * nr, cols = n - j0 < nr ? n - j0 : nr;
                 float* d = dst + (p * k + l) * nr;
@@ -123,14 +137,24 @@ void pack(const void* src, int dt, const int64_t* rows, int64_t rs, int64_t cs, 
         pack_t(static_cast<const uint16_t*>(src), rows, rs, cs, k, n, nv, dst);
 }
 
-// The register-blocked inner kernel: an MR x (NV * VW) block of c over the whole k range.
-template <int MR, int NV>
-inline void micro(int64_t k, const float* const* a, int64_t cs_a, const float* bp, float* const* c, int accumulate) {
+// Stores a finished accumulator vector: fp32, or rounded to bf16 (kBf16Out) straight from the register.
+template <bool kBf16Out>
+inline void store_acc(void* row, int j, vf v) {
+    if constexpr (kBf16Out)
+        store_bf16(static_cast<uint16_t*>(row) + j * VW, v);
+    else
+        storef(static_cast<float*>(row) + j * VW, v);
+}
+
+// The register-blocked inner kernel: an MR x (NV * VW) block of c over the whole k range. c rows are fp32
+// (read when accumulating) or, with kBf16Out, bf16 (never accumulated).
+template <int MR, int NV, bool kBf16Out>
+inline void micro(int64_t k, const float* const* a, int64_t cs_a, const float* bp, void* const* c, int accumulate) {
     vf acc[MR][NV];
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? loadf(c[i] + j * VW) : vf{};
+        for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? loadf(static_cast<float*>(c[i]) + j * VW) : vf{};
     for (int64_t l = 0; l < k; ++l) {
         vf b[NV];
 #pragma GCC unroll 4
@@ -146,56 +170,183 @@ inline void micro(int64_t k, const float* const* a, int64_t cs_a, const float* b
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) storef(c[i] + j * VW, acc[i][j]);
+        for (int j = 0; j < NV; ++j) store_acc<kBf16Out>(c[i], j, acc[i][j]);
 }
 
-// micro() for the last rows < MR of a block, picked by a compile-time search.
-template <int NV, int R>
-inline void micro_tail(int rows, int64_t k, const float* const* a, int64_t cs_a, const float* bp, float* const* c,
-                       int accumulate) {
-    if constexpr (R > 0) {
-        if (rows == R)
-            micro<R, NV>(k, a, cs_a, bp, c, accumulate);
-        else
-            micro_tail<NV, R - 1>(rows, k, a, cs_a, bp, c, accumulate);
+#ifdef TP_BF16_DOT
+static_assert(VW == 16, "bf16 dot products are written for 512-bit vectors");
+
+inline uint32_t load_pair(const uint16_t* p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// One pair of k steps of micro() below: acc(i, j) += a(i, 2l) b(2l, j) + a(i, 2l+1) b(2l+1, j), in one
+// vdpbf16ps per vector. kLast: k is odd and this is its last step, read as the pair (a(i, k-1), 0) so that
+// nothing past a row is read.
+template <int MR, int NV, bool kLast>
+inline void pair_step(__m512 (&acc)[MR][NV], const uint16_t* const* a, int64_t l, const uint32_t* bp) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + (l * NV + j) * VW);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+        const uint32_t pr = kLast ? uint32_t(a[i][2 * l]) : load_pair(a[i] + 2 * l);
+        const __m512bh ai = (__m512bh)_mm512_set1_epi32(int(pr));
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, b[j]);
     }
 }
 
-template <int NV, int MR>
-void gemm_nv(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp, float* const* c,
+// micro() with bf16 operands: a rows contiguous along k, b in pair panels, fp32 accumulators.
+template <int MR, int NV, bool kBf16Out>
+inline void micro(int64_t k, const uint16_t* const* a, int64_t, const uint32_t* bp, void* const* c, int accumulate) {
+    __m512 acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j)
+            acc[i][j] = accumulate ? _mm512_loadu_ps(static_cast<float*>(c[i]) + j * VW) : _mm512_setzero_ps();
+    const int64_t kp = k / 2;
+    for (int64_t l = 0; l < kp; ++l) pair_step<MR, NV, false>(acc, a, l, bp);
+    if (k & 1) pair_step<MR, NV, true>(acc, a, kp, bp);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) store_acc<kBf16Out>(c[i], j, (vf)acc[i][j]);
+}
+#endif
+
+// Lanes per panel row of k: one per k for fp32 panels, one per pair of k for bf16 pair panels.
+inline int64_t panel_k(int64_t k, const float*) { return k; }
+inline int64_t panel_k(int64_t k, const uint32_t*) { return (k + 1) / 2; }
+
+// micro() for the last rows < MR of a block, picked by a compile-time search.
+template <int NV, bool kBf16Out, int R, typename TA, typename TB>
+inline void micro_tail(int rows, int64_t k, const TA* const* a, int64_t cs_a, const TB* bp, void* const* c,
+                       int accumulate) {
+    if constexpr (R > 0) {
+        if (rows == R)
+            micro<R, NV, kBf16Out>(k, a, cs_a, bp, c, accumulate);
+        else
+            micro_tail<NV, kBf16Out, R - 1>(rows, k, a, cs_a, bp, c, accumulate);
+    }
+}
+
+// micro() for a block of mb <= MR rows.
+template <int NV, int MR, bool kBf16Out, typename TA, typename TB>
+inline void micro_rows(int mb, int64_t k, const TA* const* a, int64_t cs_a, const TB* bp, void* const* c, int accumulate) {
+    if (mb == MR)
+        micro<MR, NV, kBf16Out>(k, a, cs_a, bp, c, accumulate);
+    else
+        micro_tail<NV, kBf16Out, MR - 1>(mb, k, a, cs_a, bp, c, accumulate);
+}
+
+template <int NV, int MR, typename TA, typename TB>
+void gemm_nv(int64_t m, int64_t n, int64_t k, const TA* const* a, int64_t cs_a, const TB* bp, void* const* c, int c_dt,
              int accumulate) {
     constexpr int64_t nr = int64_t(NV) * VW;
     float edge[MR * nr];  // a partial last panel goes through here, so c is never written past column n
-    float* rows[MR];
+    void* rows[MR];
     const int64_t panels = (n + nr - 1) / nr;
     // rows split into equal blocks of at most MR (16 rows -> 8 + 8, not 12 + a weak 4)
     const int64_t blocks = (m + MR - 1) / MR, block = blocks > 0 ? (m + blocks - 1) / blocks : MR;
     for (int64_t p = 0; p < panels; ++p) {
-        const float* b = bp + p * k * nr;
+        const TB* b = bp + p * panel_k(k, bp) * nr;
         const int64_t j0 = p * nr, cols = n - j0 < nr ? n - j0 : nr;
+        const bool direct = cols == nr;
+        const int64_t csize = tp::dtype_size(c_dt);
         for (int64_t i0 = 0; i0 < m; i0 += block) {
             const int mb = int(m - i0 < block ? m - i0 : block);
             for (int i = 0; i < mb; ++i) {
-                rows[i] = cols == nr ? c[i0 + i] + j0 : edge + i * nr;
-                if (cols < nr && accumulate) memcpy(edge + i * nr, c[i0 + i] + j0, cols * sizeof(float));
+                rows[i] = direct ? static_cast<char*>(c[i0 + i]) + j0 * csize : static_cast<void*>(edge + i * nr);
+                if (!direct && accumulate) memcpy(edge + i * nr, static_cast<float*>(c[i0 + i]) + j0, cols * sizeof(float));
             }
-            if (mb == MR)
-                micro<MR, NV>(k, a + i0, cs_a, b, rows, accumulate);
+            if (direct && c_dt == kBF16)
+                micro_rows<NV, MR, true>(mb, k, a + i0, cs_a, b, rows, 0);
             else
-                micro_tail<NV, MR - 1>(mb, k, a + i0, cs_a, b, rows, accumulate);
-            if (cols < nr)
-                for (int i = 0; i < mb; ++i) memcpy(c[i0 + i] + j0, edge + i * nr, cols * sizeof(float));
+                micro_rows<NV, MR, false>(mb, k, a + i0, cs_a, b, rows, accumulate);
+            if (!direct)
+                for (int i = 0; i < mb; ++i)
+                    from_f32(edge + i * nr, static_cast<char*>(c[i0 + i]) + j0 * csize, c_dt, cols);
         }
     }
 }
 
 void gemm(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp, int nv,
-          float* const* c, int accumulate) {
+          void* const* c, int c_dt, int accumulate) {
     if (nv == 1)
-        gemm_nv<1, TP_MR1>(m, n, k, a, cs_a, bp, c, accumulate);
+        gemm_nv<1, TP_MR1>(m, n, k, a, cs_a, bp, c, c_dt, accumulate);
     else
-        gemm_nv<2, TP_MR2>(m, n, k, a, cs_a, bp, c, accumulate);
+        gemm_nv<2, TP_MR2>(m, n, k, a, cs_a, bp, c, c_dt, accumulate);
 }
+
+#ifdef TP_BF16_DOT
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | uint32_t(hi) << 16; }
+
+void pack_pairs(const uint16_t* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n, int nv,
+                uint32_t* dst) {
+    constexpr int64_t kBlock = 32;  // pairs of k per transposing pass: the destination block stays in L1
+    const int64_t nr = int64_t(nv) * VW;
+    const int64_t panels = (n + nr - 1) / nr, kp = (k + 1) / 2;
+    if (cs == 1) {  // source rows are contiguous: interleave each two rows, dealing the pieces out to the panels
+        for (int64_t l = 0; l < kp; ++l) {
+            const uint16_t* s0 = src + (rows ? rows[2 * l] : 2 * l) * rs;
+            const uint16_t* s1 = 2 * l + 1 < k ? src + (rows ? rows[2 * l + 1] : 2 * l + 1) * rs : nullptr;
+            for (int64_t q = 2 * l + kPrefetchRows; rows && q < 2 * l + kPrefetchRows + 2 && q < k; ++q)
+                prefetch_row(src + rows[q] * rs, n * 2);
+            for (int64_t p = 0; p < panels; ++p) {
+                const int64_t j0 = p * nr, cols = n - j0 < nr ? n - j0 : nr;
+                uint32_t* d = dst + (p * kp + l) * nr;
+                int64_t j = 0;
+                for (; j + VW <= cols; j += VW) {
+                    vh h;
+                    memcpy(&h, s0 + j0 + j, sizeof h);
+                    vu v = __builtin_convertvector(h, vu);
+                    if (s1) {
+                        memcpy(&h, s1 + j0 + j, sizeof h);
+                        v |= __builtin_convertvector(h, vu) << 16;
+                    }
+                    memcpy(d + j, &v, sizeof v);
+                }
+                for (; j < cols; ++j) d[j] = pair(s0[j0 + j], s1 ? s1[j0 + j] : 0);
+                for (; j < nr; ++j) d[j] = 0;
+            }
+        }
+        return;
+    }
+    for (int64_t p = 0; p < panels; ++p) {  // transposing read: walk each source column along k
+        const int64_t j0 = p * nr, cols = n - j0 < nr ? n - j0 : nr;
+        uint32_t* d = dst + p * kp * nr;
+        for (int64_t l0 = 0; l0 < kp; l0 += kBlock) {
+            const int64_t l1 = kp - l0 < kBlock ? kp : l0 + kBlock;
+            for (int64_t j = 0; j < cols; ++j) {
+                const uint16_t* sj = src + (j0 + j) * cs;
+                if (!rows && rs == 1) {  // each pair is adjacent in the source
+                    for (int64_t l = l0; l < l1; ++l) d[l * nr + j] = 2 * l + 1 < k ? load_pair(sj + 2 * l) : sj[2 * l];
+                    continue;
+                }
+                for (int64_t l = l0; l < l1; ++l) {
+                    const uint16_t lo = sj[(rows ? rows[2 * l] : 2 * l) * rs];
+                    const uint16_t hi = 2 * l + 1 < k ? sj[(rows ? rows[2 * l + 1] : 2 * l + 1) * rs] : 0;
+                    d[l * nr + j] = pair(lo, hi);
+                }
+            }
+            for (int64_t l = l0; l < l1; ++l)
+                for (int64_t j = cols; j < nr; ++j) d[l * nr + j] = 0;
+        }
+    }
+}
+
+void gemm_pairs(int64_t m, int64_t n, int64_t k, const uint16_t* const* a, const uint32_t* bp, int nv,
+                void* const* c, int c_dt, int accumulate) {
+    if (nv == 1)
+        gemm_nv<1, TP_MR1>(m, n, k, a, 0, bp, c, c_dt, accumulate);
+    else
+        gemm_nv<2, TP_MR2>(m, n, k, a, 0, bp, c, c_dt, accumulate);
+}
+#endif
 
 // exp(x) for x <= 0 (softmax arguments): Cody-Waite reduction and the Cephes degree-6 polynomial,
 // about 1 ulp; flushes to 0 below -87.
@@ -264,6 +415,11 @@ void gate_rows(const void* logits, int ldt, const void* noise, int ndt, int64_t 
 
 const tp::Kernels kTable = {
     TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows,
+#ifdef TP_BF16_DOT
+    pack_pairs, gemm_pairs,
+#else
+    nullptr, nullptr,
+#endif
 };
 
 }  // namespace

@@ -28,6 +28,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "tp_isa": (ctypes.c_char_p, []),
+    "tp_has_bf16_dot": (_INT, []),
     # x, idx, a, b, gate, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, y, h, threads
     "tp_routed_lora_fwd": (_INT, [_P, _P, _P, _P, _P, _INT] + [_I64] * 6 + [_F64, _P, _P, _INT]),
     # grad_y, x, idx, a, b, gate, h, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, dx, da, db, dgate, threads
@@ -62,9 +63,18 @@ def library():
 
 
 def isa() -> str | None:
-    """The instruction set the extension's kernels run with ("avx512", "avx2", "baseline"), or None."""
+    """The instruction set the extension's kernels run with ("avx512_bf16", "avx512", "avx2", "baseline"), or None.
+
+    The widest one the CPU supports, or a narrower one asked for with TP_KERNELS_ISA before the library loads.
+    """
     lib = library()
     return None if lib is None else lib.tp_isa().decode()
+
+
+def bf16_dot() -> bool:
+    """Whether the extension multiplies bfloat16 with bf16 dot-product instructions (else it converts to fp32)."""
+    lib = library()
+    return lib is not None and bool(lib.tp_has_bf16_dot())
 
 
 def ptr(t: torch.Tensor | None):

@@ -1,10 +1,11 @@
 """Routed LoRA on CPU through the compiled extension (csrc/routed_lora.cpp): the interface of cpu.py.
 
 float32 and bfloat16 run in the extension (fp32 accumulation, h kept in fp32); float16 and float64
-use the composed-torch path of cpu.py. The extension multiplies in fp32 even for bfloat16 inputs, so
-bfloat16 with a rank above BF16_EXT_MAX_RANK (where the GEMMs, not the memory passes, dominate) also goes
-to cpu.py, whose torch GEMMs use the CPU's bf16 dot-product instructions. Results of the extension are
-bit-identical for any thread count.
+use the composed-torch path of cpu.py. On CPUs with AVX512_BF16 the extension multiplies bfloat16 with
+bf16 dot-product instructions (the intermediates gate * scale * h and dh rounded to bf16, as cpu.py rounds
+them); elsewhere it converts bfloat16 to fp32 and multiplies in fp32, and then bfloat16 with a rank above
+BF16_EXT_MAX_RANK (where the GEMMs, not the memory passes, dominate) goes to cpu.py instead. Results of the
+extension are bit-identical for any thread count.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import torch
 from .. import _ext
 from . import cpu as _torch_path
 
-# Largest rank for which bfloat16 runs in the extension. Measured with 2 threads on an AVX-512 BF16 CPU
-# (T=8192, E=5, noisy shared machine): rank 32 (D=384) and 64 (D=1152) run 1.4-1.7x faster forward and
-# 1.3x faster backward here than in cpu.py; at rank 128 (D=1152) the two trade places from run to run
-# (extension 29 ms, cpu.py 21-33 ms forward); torch's bf16 GEMM instructions gain with the GEMM share.
+# Largest rank for which bfloat16 runs in the extension when it multiplies in fp32 (no bf16 dot products).
+# Measured with 2 threads on an AVX-512 BF16 CPU with the fp32 kernels (T=8192, E=5, noisy shared machine):
+# rank 32 (D=384) and 64 (D=1152) ran 1.4-1.7x faster forward and 1.3x faster backward there than in cpu.py;
+# at rank 128 (D=1152) the two traded places from run to run. With bf16 dot products the extension is
+# the faster one at every rank measured (up to 256), so no cut-over applies.
 BF16_EXT_MAX_RANK = 64
 
 
 def _in_extension(x, rank):
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and rank <= BF16_EXT_MAX_RANK)
+    if x.dtype == torch.float32:
+        return True
+    return x.dtype == torch.bfloat16 and (_ext.bf16_dot() or rank <= BF16_EXT_MAX_RANK)
 
 
 def _dims(x, lora_a, lora_b):
