@@ -1,7 +1,7 @@
 """The issue's experiments end to end on Fashion-MNIST, at a configurable scale.
 
     python experiments/run.py --scale smoke            # minutes-to-an-hour on a 2-core CPU
-    python experiments/run.py --scale medium --jobs 2   # ~1.5 CPU-hours: a base worth fine-tuning
+    python experiments/run.py --scale medium --jobs 2   # a few CPU-hours: a base worth fine-tuning
     python experiments/run.py --scale full             # the same protocol at a size worth reading (many CPU hours)
     TP_FT_STEPS=300 python experiments/run.py --scale smoke --out runs/exp_smoke300   # override any knob
 
@@ -43,7 +43,7 @@ SCALES = {
                   base_batch=32, ft_steps=150, ft_batch=32, rank=8, base_lr=3e-4, ft_lr=1e-3,
                   seeds="0,1,2", ablation_seeds="0", eval_samples=64, eval_reference=256, eval_steps=20,
                   cfg_scale=1.5, analyze_images=40, analyze_timesteps=10, threads=1),
-    # About 1.5 CPU-hours: the same tiny DiT trained to a usable base (6000 steps at lr 1e-3), 1000 fine-tuning
+    # A few CPU-hours: the same tiny DiT trained to a usable base (6000 steps at lr 1e-3), 1000 fine-tuning
     # steps per variant, FID/KID on 500 samples. Big enough to see whether fine-tuning moves anything.
     "medium": dict(image_size=16, preset="DiT-N/4", depth=4, hidden_size=128, num_heads=4, base_steps=6000,
                    base_batch=64, ft_steps=1000, ft_batch=64, rank=16, base_lr=1e-3, ft_lr=1e-3,

@@ -152,6 +152,29 @@ def test_ddim_step_matches_formula(diffusion):
     assert int(scheduler.timesteps[0]) == 999
 
 
+def test_ddim_with_clipping_rederives_eps_from_the_clipped_x0(diffusion):
+    """guided-diffusion's DDIM: after clamping x_0 to [-1, 1], eps is recomputed from it. Keeping the raw eps (the
+    diffusers default) makes the update inconsistent and turns strongly guided samples into noise."""
+    g = torch.Generator().manual_seed(7)
+    x_init = torch.randn(2, 3, 8, 8, generator=g).double()  # the draw sample() makes from the same seed
+
+    def overshooting(x, t, y):  # predicts an x_0 far outside [-1, 1], so clamping is active at every step
+        eps = -2.0 * x
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    got = sample(overshooting, torch.zeros(2, dtype=torch.long), (3, 8, 8), diffusion=diffusion, sampler="ddim",
+                 num_steps=10, generator=torch.Generator().manual_seed(7))
+    ab = diffusion.alphas_cumprod.double()
+    timesteps = make_scheduler("ddim", diffusion, 10).timesteps.tolist()
+    x = x_init
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        ab_prev = ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0 = ((x - (1 - ab[t]).sqrt() * -2.0 * x) / ab[t].sqrt()).clamp(-1, 1)
+        eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
 def _toy_model(x, t, y):
     """Deterministic (N, 2C, H, W) output depending on x, t and y."""
     eps = 0.5 * x + 0.01 * y.float()[:, None, None, None] + 1e-4 * t.float()[:, None, None, None]

@@ -82,7 +82,7 @@ class TrainConfig:
     finetune_from: Optional[str] = None  # a trained DiT (save_pretrained dir or training output dir)
     freeze_base: bool = True  # with finetune_from: train only the experts and gates
     # optimisation
-    max_steps: int = 2000
+    max_steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0

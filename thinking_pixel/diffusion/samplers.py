@@ -122,6 +122,10 @@ def sample(
             raise ValueError(f"the model must predict eps and variance (2*C = {2 * C} channels), got {out.shape[1]}")
         if sampler == "ddpm":
             x = scheduler.step(out, t, x, generator=generator).prev_sample
+        elif sampler == "ddim":
+            # Re-derive eps from the clipped x_0 (guided-diffusion's DDIM): diffusers' default keeps the raw eps,
+            # which no longer matches the clipped x_0 and blows up under strong guidance.
+            x = scheduler.step(out[:, :C], t, x, use_clipped_model_output=True).prev_sample
         else:
             x = scheduler.step(out[:, :C], t, x, generator=generator).prev_sample
     return x
