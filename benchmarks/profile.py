@@ -4,9 +4,9 @@
     python -m benchmarks.profile train-step   # ThinkingPixelDiT-S/2 train step, eager: what torch.compile could fuse
     python -m benchmarks.profile routed-lora  # routed_lora fwd and fwd+bwd at T=2048 D=1152 R=16 E=8, fp32 and bf16
 
-The shapes are the suite's full-run shapes (test_model.FULL, shapes.py). Categories: GEMM (mm, addmm, bmm,
-linear), attention (scaled_dot_product_*), tp_kernels ops (with their autograd nodes), and everything else (elementwise, norms, copies,
-optimizer) — the part torch.compile can fuse; its share bounds compile's speed-up at 1 / (1 - share).
+The shapes are the suite's full-run shapes (test_model.FULL, shapes.py). Categories: GEMM (mm, addmm, bmm),
+attention (scaled_dot_product_*), tp_kernels ops (with their autograd nodes), and everything else (elementwise,
+norms, copies, optimizer): the part torch.compile can fuse; its share bounds compile's speed-up at 1 / (1 - share).
 """
 
 from __future__ import annotations
