@@ -298,9 +298,23 @@ def section_gpu(res):
             "peaks from benchmarks/flop_model.py (H100 SXM datasheet, dense).\n\n" + table(header, rows))
 
 
+def merge(data, partial):
+    """``data`` with each benchmark of ``partial`` (a later run of some groups) in place of its namesake."""
+    replaced = {b["fullname"]: b for b in partial["benchmarks"]}
+    unknown = set(replaced) - {b["fullname"] for b in data["benchmarks"]}
+    if unknown:
+        raise SystemExit(f"--replace: benchmarks not in the main results: {sorted(unknown)}")
+    merged = dict(data, benchmarks=[replaced.get(b["fullname"], b) for b in data["benchmarks"]])
+    merged["replaced_by"] = {"commandline": partial.get("commandline", "(not recorded)"), "names": sorted(replaced)}
+    return merged
+
+
 def render(data, report_argv):
     res = Results(data)
     command = data.get("commandline", "(not recorded)")
+    if "replaced_by" in data:
+        command += ("`, with " + ", ".join(data["replaced_by"]["names"]) + " taken from a later run of `"
+                    + data["replaced_by"]["commandline"])
     tp = data["machine_info"].get("thinking_pixel", {})
     head = [
         "# Benchmarks",
@@ -320,8 +334,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="the --benchmark-json file of `pytest benchmarks --benchmark-only`")
     parser.add_argument("--output", "-o", help="write here instead of stdout (e.g. BENCHMARKS.md)")
+    parser.add_argument("--replace", metavar="JSON",
+                        help="results of a later run of some benchmarks (e.g. one file) that replace their namesakes")
     args = parser.parse_args(argv)
-    text = render(load(args.results), argv)
+    data = load(args.results)
+    if args.replace:
+        data = merge(data, load(args.replace))
+    text = render(data, argv)
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(text)

@@ -257,7 +257,8 @@ def _blocks(rank, dtype):
     block_r = max(16, triton.next_power_of_2(rank))
     wide = block_r >= 128  # (64, R) fp32 accumulators: spread over 8 warps, fewer pipeline stages
     block = 32 if block_r > 128 else 64
-    return dict(BLOCK_M=block, BLOCK_R=block_r, BLOCK_N=block, num_warps=8 if wide else 4,
+    # fp32 operands take twice the registers of bf16 ones: on 4 warps the forward spilled on sm_80 (R=16, one slice)
+    return dict(BLOCK_M=block, BLOCK_R=block_r, BLOCK_N=block, num_warps=8 if wide or dtype == torch.float32 else 4,
                 num_stages=2 if wide or dtype == torch.float32 else 3)
 
 
