@@ -1,8 +1,8 @@
 """Tables from the outputs of experiments/run.py (no number is typed by hand).
 
     python experiments/make_table.py runs/exp_smoke --output runs/exp_smoke/results.md
-    python experiments/make_table.py runs/exp_smoke --insert-into RESULTS.md --marker smoke \
-        --copy-to experiments/results/smoke
+    python experiments/make_table.py runs/exp_medium --insert-into RESULTS.md --marker medium \
+        --copy-to experiments/results/medium
 
 Reads OUT/settings.txt, OUT/eval/*.json (thinking-pixel evaluate) and OUT/analysis_*/routing_stats.json
 (thinking-pixel analyze). Spread is the sample standard deviation over seeds (n - 1); "n" is the number of seeds.
