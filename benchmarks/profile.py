@@ -12,11 +12,12 @@ norms, copies, optimizer): the part torch.compile can fuse; its share bounds com
 from __future__ import annotations
 
 import argparse
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from .timing import median_seconds
 
 CATEGORIES = (
     ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
@@ -34,20 +35,9 @@ def _category(name: str) -> str:
     return "other (fusable)"
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
 def profile_fn(label: str, fn, reps: int = 5) -> None:
     """Warm up, time, then profile ``fn`` and print self-CPU time per category and the top ops."""
-    for _ in range(2):
-        fn()
-    median = _median_ms(fn, reps)
+    median = 1e3 * median_seconds(fn, torch.device("cpu"), rounds=reps, warmup=2)[0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             fn()
@@ -64,62 +54,32 @@ def profile_fn(label: str, fn, reps: int = 5) -> None:
 
 
 def block() -> None:
-    from thinking_pixel import dit_config
-    from thinking_pixel.modules import Attention, RecursiveAttention
+    from .test_model import FULL, make_block
 
-    from .test_model import FULL
-
-    config, r = dit_config(FULL.preset), FULL.recursion
-    torch.manual_seed(0)
-    plain = Attention(config.hidden_size, config.num_heads).eval()
-    recursive = RecursiveAttention.from_attention(plain, config.hidden_size, experts=r.experts, steps=r.steps,
-                                                  rank=r.rank, tau=r.tau).eval()
     with torch.no_grad():
-        recursive.lora.lora_b.normal_(0, 0.02)
-    x = torch.randn(FULL.block_batch, config.num_patches, config.hidden_size)  # (N, T, D)
-    cond = torch.randn(FULL.block_batch, config.hidden_size)  # (N, D)
-    with torch.no_grad():
-        profile_fn("plain attention fwd", lambda: plain(x))
-        profile_fn(f"recursive block fwd ({FULL.label})", lambda: recursive(x, cond=cond))
+        for variant in ("attention", "recursive"):
+            module, x, kwargs, _ = make_block(FULL, variant, torch.device("cpu"))
+            module.eval()
+            profile_fn(f"{variant} block fwd ({FULL.label})", lambda: module(x, **kwargs))
 
 
 def train_step() -> None:
-    from thinking_pixel import ThinkingPixelDiT, dit_config
-    from thinking_pixel.diffusion import GaussianDiffusion
+    from .test_model import FULL, make_train_step
 
-    from .test_model import FULL
-
-    config = dit_config(FULL.preset)
-    torch.manual_seed(0)
-    model = ThinkingPixelDiT(config, FULL.recursion).train()
-    batch = FULL.train_batch
-    x0 = torch.randn(batch, config.in_channels, config.input_size, config.input_size)
-    noise = torch.randn_like(x0)
-    t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, config.num_classes, (batch,))
-    diffusion = GaussianDiffusion()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        diffusion.training_losses(model, x0, t, {"y": y}, noise)["loss"].mean().backward()
-        opt.step()
-
-    profile_fn(f"train step, eager ({FULL.label}, batch {batch})", step, reps=3)
+    _, step = make_train_step(FULL, "ThinkingPixelDiT", torch.device("cpu"))
+    profile_fn(f"train step, eager ({FULL.label}, batch {FULL.train_batch})", step, reps=3)
 
 
 def routed_lora() -> None:
     import tp_kernels
 
-    tokens, d, rank, n_exp = 2048, 1152, 16, 8
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(tokens, d, generator=gen).to(dtype).requires_grad_()
-        a = (torch.randn(n_exp, rank, d, generator=gen) / d**0.5).to(dtype).requires_grad_()
-        b = (torch.randn(n_exp, d, rank, generator=gen) * 0.02).to(dtype).requires_grad_()
-        idx = torch.randint(0, n_exp, (tokens,), generator=gen)
-        grad_y = torch.randn(tokens, d, generator=gen).to(dtype)
-        name = f"T={tokens} D={d} R={rank} E={n_exp} {str(dtype).replace('torch.', '')}"
+    from .shapes import lora_shapes
+    from .test_routed_lora import make_inputs
+
+    shape = next(s for s in lora_shapes(False) if s.key == "T=2048 D=1152 R=16 E=8")  # the worst fwd+bwd / fwd
+    for dtype_name in ("fp32", "bf16"):
+        x, idx, a, b, _, grad_y = make_inputs(shape, dtype_name, torch.device("cpu"), True)
+        name = f"{shape.key} {dtype_name}"
         profile_fn(f"routed_lora fwd {name}", lambda: tp_kernels.routed_lora(x, idx, a, b), reps=50)
         profile_fn(f"routed_lora fwd+bwd {name}",
                    lambda: torch.autograd.grad(tp_kernels.routed_lora(x, idx, a, b), [x, a, b], grad_y), reps=50)

@@ -68,9 +68,11 @@ def _prediction(bench, parts_new, parts_base) -> dict:
     }
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("variant", ["attention", "recursive"])
-def test_block(bench, device, case, mode, variant):
+def make_block(case, variant, device):
+    """The block benchmark's module (plain DiT attention or its recursive version) and inputs, seeded.
+
+    Returns (module, x (N, T, D) the adaLN-modulated block input, forward kwargs, the generator for further draws).
+    """
     config = dit_config(case.preset)
     d, heads, seq, batch = config.hidden_size, config.num_heads, config.num_patches, case.block_batch
     gen = torch.Generator(device=device).manual_seed(0)
@@ -84,9 +86,18 @@ def test_block(bench, device, case, mode, variant):
                                                    tau=r.tau).to(device)
         with torch.no_grad():  # trained-looking experts: B away from its zero init
             module.lora.lora_b.normal_(0, 0.02, generator=gen)
-    x = torch.randn(batch, seq, d, generator=gen, device=device)  # (N, T, D) the adaLN-modulated block input
+    x = torch.randn(batch, seq, d, generator=gen, device=device)  # (N, T, D)
     cond = torch.randn(batch, d, generator=gen, device=device)  # (N, D) timestep + class embedding
-    kwargs = {} if variant == "attention" else {"cond": cond}
+    return module, x, ({} if variant == "attention" else {"cond": cond}), gen
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", ["attention", "recursive"])
+def test_block(bench, device, case, mode, variant):
+    config = dit_config(case.preset)
+    d, heads, seq, batch = config.hidden_size, config.num_heads, config.num_patches, case.block_batch
+    r = case.recursion
+    module, x, kwargs, gen = make_block(case, variant, device)
     backward = mode == "fwd+bwd"
     module.train(backward)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -125,16 +136,9 @@ def _model_parts(case, model_name, batch):
     return flop_model.dit_costs(config, batch, ELEM, recursion)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("model_name", ["DiT", "ThinkingPixelDiT"])
-@pytest.mark.parametrize("which", ["suite", "cpu-default"])
-def test_train_step(bench, device, case, quick, which, model_name, compiled):
-    if which == "cpu-default":
-        if compiled:
-            pytest.skip("the CPU default preset is timed eager only (as `thinking-pixel train` runs it)")
-        case = CPU_DEFAULT
-    elif compiled and quick:
-        pytest.skip("torch.compile of a train step takes minutes on 2 CPU cores: full run only")
+def make_train_step(case, model_name, device, compiled=False):
+    """(model, step): ``step()`` is one optimisation step (forward, DiT's hybrid loss, backward, AdamW) of the
+    case's model on fixed seeded data; with ``compiled`` the model runs under torch.compile."""
     model = _model(case, model_name, device).train()
     config = model.config
     batch = case.train_batch
@@ -154,6 +158,21 @@ def test_train_step(bench, device, case, quick, which, model_name, compiled):
         loss.backward()
         opt.step()
 
+    return model, step
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("model_name", ["DiT", "ThinkingPixelDiT"])
+@pytest.mark.parametrize("which", ["suite", "cpu-default"])
+def test_train_step(bench, device, case, quick, which, model_name, compiled):
+    if which == "cpu-default":
+        if compiled:
+            pytest.skip("the CPU default preset is timed eager only (as `thinking-pixel train` runs it)")
+        case = CPU_DEFAULT
+    elif compiled and quick:
+        pytest.skip("torch.compile of a train step takes minutes on 2 CPU cores: full run only")
+    model, step = make_train_step(case, model_name, device, compiled)
+    batch = case.train_batch
     start = time.perf_counter()
     step()  # compiles when compiled
     first_call_s = time.perf_counter() - start

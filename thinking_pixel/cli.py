@@ -39,7 +39,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     S = argparse.SUPPRESS  # unset options keep TrainConfig's defaults
     p.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
-    p.add_argument("--max-steps", type=_positive_int, default=S, help="total optimisation steps (default 6000: ~10 min on 2 idle cores)")
+    p.add_argument("--max-steps", type=_positive_int, default=S,
+                   help="total optimisation steps (default 6000: ~10 min on 2 idle cores)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=S, help="default: shapes (embedded)")
     g.add_argument("--data-dir", default=S, help="data location for folder / latents / fashion_mnist")

@@ -109,6 +109,9 @@ def sample(
     device = labels.device
     C = shape[0]
 
+    # DDIM re-derives eps from the clipped x_0 (guided-diffusion's DDIM): diffusers' default keeps the raw eps,
+    # which no longer matches the clipped x_0 and turns strongly guided samples into noise.
+    step_kwargs = {"use_clipped_model_output": True} if sampler == "ddim" else {"generator": generator}
     x = torch.randn(len(labels), *shape, device=device, generator=generator)  # (N, C, H, W)
     timesteps = scheduler.timesteps
     if progress:
@@ -120,12 +123,5 @@ def sample(
         out = model_fn(x, t_batch, labels).float()  # (N, 2C, H, W)
         if out.shape[1] != 2 * C:
             raise ValueError(f"the model must predict eps and variance (2*C = {2 * C} channels), got {out.shape[1]}")
-        if sampler == "ddpm":
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
-        elif sampler == "ddim":
-            # Re-derive eps from the clipped x_0 (guided-diffusion's DDIM): diffusers' default keeps the raw eps,
-            # which no longer matches the clipped x_0 and blows up under strong guidance.
-            x = scheduler.step(out[:, :C], t, x, use_clipped_model_output=True).prev_sample
-        else:
-            x = scheduler.step(out[:, :C], t, x, generator=generator).prev_sample
+        x = scheduler.step(out if sampler == "ddpm" else out[:, :C], t, x, **step_kwargs).prev_sample
     return x

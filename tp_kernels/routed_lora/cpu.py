@@ -61,7 +61,7 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, nee
     d_out = lora_b.shape[2]
     wdt = lora_a.dtype
     perm, offsets = group_by_expert(idx, n_exp)
-    bounds = offsets.tolist()
+    bounds = offsets.tolist()  # CPU tensor: no device sync
     gy = grad_y.index_select(0, perm).view(n_tok, n_slice, d_out)  # (N, S, D_out)
     acc = acc_dtype(x.dtype)
     hs = h.index_select(0, perm).view(n_tok, n_slice, rank)  # (N, S, R) acc

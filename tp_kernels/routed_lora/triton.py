@@ -255,11 +255,12 @@ def _precision(dtype):
 def _blocks(rank, dtype):
     """Tile sizes: rank padded to a power of two >= 16 (tl.dot's minimum); picked for 0 spills (see _aot)."""
     block_r = max(16, triton.next_power_of_2(rank))
-    wide = block_r >= 128  # (64, R) fp32 accumulators: spread over 8 warps, fewer pipeline stages
+    # Many registers per thread: (64, R >= 128) fp32 accumulators, or fp32 operands (twice bf16's registers; on
+    # 4 warps the fp32 forward spilled on sm_80 at R=16). Spread them over 8 warps, with fewer pipeline stages.
+    heavy = block_r >= 128 or dtype == torch.float32
     block = 32 if block_r > 128 else 64
-    # fp32 operands take twice the registers of bf16 ones: on 4 warps the forward spilled on sm_80 (R=16, one slice)
-    return dict(BLOCK_M=block, BLOCK_R=block_r, BLOCK_N=block, num_warps=8 if wide or dtype == torch.float32 else 4,
-                num_stages=2 if wide or dtype == torch.float32 else 3)
+    return dict(BLOCK_M=block, BLOCK_R=block_r, BLOCK_N=block, num_warps=8 if heavy else 4,
+                num_stages=2 if heavy else 3)
 
 
 def _max_tiles(n_tok, n_exp, block_m):
