@@ -25,7 +25,7 @@ def test_train_without_arguments_uses_the_defaults():
 
 
 def test_train_options_map_onto_the_config():
-    cfg = train_config(["--max-steps", "7", "--output-dir", "x", "--dataset", "digits", "--steps", "3",
+    cfg = train_config(["--max-steps", "7", "--output-dir", "x", "--dataset", "digits", "--recursion-steps", "3",
                         "--experts", "5", "--rank", "8", "--recursion-layers", "1,3", "--bf16", "--compile",
                         "--lr", "3e-4", "--seed", "2", "--finetune-from", "ckpt", "--no-freeze-base"])
     assert (cfg.max_steps, cfg.output_dir, cfg.dataset, cfg.recursion_steps, cfg.experts, cfg.rank) == \
@@ -94,7 +94,7 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):
 
 def test_missing_plugin_command_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_plugin", lambda name: None)
-    assert cli.main(["analyze"]) == 1
+    assert cli.main(["analyze", "--checkpoint", "run", "--output-dir", "out"]) == 1
     err = capsys.readouterr().err.strip()
     assert "'analyze' command is not available" in err and "\n" not in err
 

@@ -1,19 +1,9 @@
 """thinking_pixel: recursive sparse reasoning in diffusion latents (The Thinking Pixel, arXiv 2604.25299).
 
 The model API lives here; training, sampling and data are in their own submodules and are imported on use
-(``thinking_pixel.train``, ``thinking_pixel.diffusion``, ...), not by this package.
+(``thinking_pixel.train``, ``thinking_pixel.diffusion``, ...), not by this package. The model API itself is
+imported on first use too, so the command line starts without importing torch.
 """
-
-from .models import (
-    DIT_CONFIGS,
-    DiT,
-    DiTConfig,
-    RecursionConfig,
-    RoutingRecord,
-    ThinkingPixelDiT,
-    dit_config,
-    load_model,
-)
 
 __version__ = "0.1.0"
 
@@ -27,3 +17,15 @@ __all__ = [
     "dit_config",
     "load_model",
 ]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'thinking_pixel' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

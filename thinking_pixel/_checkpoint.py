@@ -11,22 +11,25 @@ A training output directory looks like::
         training_state.pt                             optimizer, EMA bookkeeping, RNG states, data order
         train_config.json                             the TrainConfig of the run
 
-A step directory is assembled under a temporary name in ``checkpoints/`` and renamed into place only when
-complete, then ``latest`` is re-pointed; a crash at any moment leaves either the previous checkpoint or the
-new one, never a half-written one.
+A step directory is assembled under a temporary name in ``checkpoints/``, fsynced (every file, then every
+directory), renamed into place, and only then is ``latest`` re-pointed (itself written to a temporary file,
+fsynced and renamed): a crash or ``kill -9`` at any moment leaves either the previous checkpoint or the new one,
+never a half-written one. A failed write (full disk, read-only filesystem) removes its temporary directory and
+raises a :class:`CheckpointError` that says the previous checkpoint is intact. Files and directories get the
+permissions of the process's umask, like any other output.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from ._fileio import atomic_write, fsync_dir, fsync_tree, make_temp_dir
 
 __all__ = [
     "CheckpointError",
@@ -34,10 +37,10 @@ __all__ = [
     "find_step_dir",
     "load_model_dir",
     "load_train_config",
+    "prepare_output_dir",
     "read_latest",
+    "remove_stale_temporaries",
     "resolve_weights_dir",
-    "rng_state",
-    "set_rng_state",
     "write_checkpoint",
 ]
 
@@ -49,28 +52,6 @@ TRAIN_CONFIG = "train_config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint path that is missing, incomplete, unreadable or incompatible."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_latest(output_dir: str | Path) -> Path | None:
@@ -86,33 +67,74 @@ def read_latest(output_dir: str | Path) -> Path | None:
 
 
 def write_checkpoint(output_dir: Path, step: int, model, ema, training_state: dict, train_config: dict,
-                     keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and keep only the newest ``keep`` (0: all)."""
+                     keep: int = 2, model_state: dict | None = None, ema_state: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and keep only the newest ``keep`` (0: all).
+
+    ``model_state`` / ``ema_state``: weights to save instead of the modules' own (gathered from shards).
+    """
     root = output_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    tmp = None
     try:
-        model.save_pretrained(tmp / "model")
-        ema.save_pretrained(tmp / "ema")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(root, f".tmp-{name}-")
+        model.save_pretrained(tmp / "model", state_dict=model_state)
+        ema.save_pretrained(tmp / "ema", state_dict=ema_state)
         torch.save(training_state, tmp / TRAINING_STATE)
         (tmp / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2) + "\n")
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # left by a run that died before re-pointing `latest`: superseded
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    _atomic_write_text(output_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
+        tmp = None
+        fsync_dir(root)
+        atomic_write(output_dir / LATEST, lambda path: Path(path).write_text(f"{CHECKPOINTS}/{name}\n"))
+    except OSError as e:
+        previous = _latest_name(output_dir)
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {e.strerror or e}; "
+            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     if keep > 0:
         steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in steps[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _latest_name(output_dir: Path) -> str | None:
+    try:
+        return str(output_dir / (output_dir / LATEST).read_text().strip())
+    except OSError:
+        return None
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` if needed, check that it is writable (a one-line CheckpointError otherwise), and
+    remove what a killed run left half-written there."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as e:
+        raise CheckpointError(f"output directory {output_dir} is not writable: {e.strerror or e}") from None
+    remove_stale_temporaries(output_dir)
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Remove what a killed run left half-written: temporary step directories and temporary files."""
+    root = output_dir / CHECKPOINTS
+    stale = list(root.glob(".tmp-step_*")) if root.is_dir() else []
+    stale += [p for p in output_dir.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def load_training_state(step_dir: Path) -> dict:
@@ -172,26 +194,3 @@ def load_model_dir(path: str | Path, device="cpu"):
         return load_model(path, device=device)
     except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load a model from {path}: {e}") from None
-
-
-def rng_state() -> dict:
-    """Every RNG the training loop draws from: torch (CPU and CUDA), numpy, python."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
-                  "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

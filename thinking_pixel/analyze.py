@@ -36,34 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _checkpoint as ckpt
+from ._arguments import add_analyze_arguments as add_arguments
 from .diffusion import GaussianDiffusion
 
 __all__ = ["add_arguments", "analyze", "collect_routing", "decode_steps", "mutual_information", "recursion_states",
            "routing_statistics", "run"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="a ThinkingPixelDiT checkpoint; repeat to compare (e.g. the gate-input ablation)")
-    parser.add_argument("--label", action="append", default=None,
-                        help="a name per --checkpoint for the figures (default: the directory names)")
-    parser.add_argument("--output-dir", required=True, help="directory for the PNGs and routing_stats.json")
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
-    parser.add_argument("--dataset", default=None,
-                        help="real images to noise (default: the checkpoint's training dataset, else fashion_mnist)")
-    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
-    parser.add_argument("--split", default="test", help="dataset split (default: test)")
-    parser.add_argument("--num-images", type=int, default=100, help="real images per timestep (default: 100)")
-    parser.add_argument("--num-timesteps", type=int, default=10,
-                        help="evenly spaced diffusion timesteps in [0, 999] (default: 10)")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="recursive block for the trajectory / decode figures (default: the first)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
-    parser.add_argument("--seed", type=int, default=0, help="image subset and noise seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Command line: ``thinking-pixel {train,sample,evaluate,analyze}`` (also ``python -m thinking_pixel``).
 
-Argument parsing only; the work is done by thinking_pixel.train / .sample / .evaluate / .analyze.
+Argument parsing only; the work is done by thinking_pixel.train / .sample / .evaluate / .analyze, imported
+once the arguments are valid, so ``--help`` and argument errors stay fast (nothing here imports torch).
 Defaults of ``train`` come from :class:`~thinking_pixel.train.TrainConfig`: options left unset keep them.
 """
 
@@ -8,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from ._arguments import (DATASET_NAMES, SAMPLER_NAMES, add_analyze_arguments, add_evaluate_arguments,
+                         check_image_output)
 
 __all__ = ["build_parser", "main"]
 
@@ -34,15 +39,24 @@ def _names(text: str) -> tuple:
     return tuple(v.strip() for v in text.split(","))
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
+class _Renamed(argparse.Action):
+    """A renamed option: using the old spelling is an argument error that names the new one."""
 
+    def __init__(self, option_strings, dest, message, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {self.message}")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset options keep TrainConfig's defaults
     p.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     p.add_argument("--max-steps", type=_positive_int, default=S,
                    help="total optimisation steps (default 6000: ~10 min on 2 idle cores)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=sorted(DATASETS), default=S, help="default: shapes (embedded)")
+    g.add_argument("--dataset", choices=DATASET_NAMES, default=S, help="default: shapes (embedded)")
     g.add_argument("--data-dir", default=S, help="data location for folder / latents / fashion_mnist")
     g.add_argument("--image-size", type=_positive_int, default=S, help="default 16")
     g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
@@ -56,8 +70,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
-    g.add_argument("--steps", dest="recursion_steps", type=_positive_int, default=S,
-                   help="latent recursion steps T (default 2)")
+    g.add_argument("--recursion-steps", type=_positive_int, default=S, help="latent recursion steps T (default 2)")
+    g.add_argument("--steps", action=_Renamed, message="was renamed --recursion-steps (latent recursion steps T); "
+                   "--max-steps sets the optimisation steps")
     g.add_argument("--rank", type=_positive_int, default=S, help="LoRA rank (default 16)")
     g.add_argument("--tau", type=float, default=S, help="gate Gumbel-softmax temperature (default 5.0)")
     g.add_argument("--gate-inputs", type=_names, default=S,
@@ -79,8 +94,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=S, help="auto, cpu or cuda[:i] (default auto)")
     g.add_argument("--threads", dest="num_threads", type=_positive_int, default=S,
                    help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    g.add_argument("--distributed", choices=("ddp", "fsdp"), default=S,
+                   help="under torchrun: ddp (default) or fsdp (FSDP2, shards weights and optimizer state)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--checkpoint-every", type=_positive_int, default=S, help="default 500")
+    g.add_argument("--checkpoint-minutes", type=float, default=S,
+                   help="also checkpoint after this many minutes since the last one, 0 = never (default 5)")
+    g.add_argument("--log-every", type=_positive_int, default=S,
+                   help="read metrics from the device every N steps (default: 1 on CPU, 25 on CUDA)")
     g.add_argument("--keep-checkpoints", type=int, default=S, help="newest checkpoints kept, 0 = all (default 2)")
     g.add_argument("--no-sample-grid", dest="sample_grid", action="store_false", default=S,
                    help="do not write samples.png at the end")
@@ -88,12 +109,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    from .diffusion import SAMPLERS
-
     p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
     p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
                    help="ddpm (learned variance, DiT's), ddim, or dpm (DPM-Solver++, 10-25 steps); default ddpm")
     p.add_argument("--num-steps", type=_positive_int, default=100, help="sampling steps (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -124,13 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,analyze}")
     _add_train_arguments(sub.add_parser("train", help="train (or resume) a model"))
     _add_sample_arguments(sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint"))
-    for name, help_text in (("evaluate", "evaluate a checkpoint (FID and friends)"),
-                            ("analyze", "analyse routing and recursion of a checkpoint")):
-        p = sub.add_parser(name, help=help_text)
-        module = _plugin(name)
-        if module is not None:
-            module.add_arguments(p)
-        p.set_defaults(_module=module)
+    add_evaluate_arguments(sub.add_parser("evaluate", help="evaluate a checkpoint (FID and friends)"))
+    add_analyze_arguments(sub.add_parser("analyze", help="analyse routing and recursion of a checkpoint"))
     return parser
 
 
@@ -144,21 +158,25 @@ def main(argv: list[str] | None = None) -> int:
             from .train import TrainConfig, train
 
             result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
-            if result.last_loss is not None:
+            if result.stopped_by is not None:
+                return 143 if result.stopped_by == "SIGTERM" else 130
+            if result.last_loss is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
                 print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}"
                       + (f"; samples {result.samples}" if result.samples else ""))
         elif args.command == "sample":
             from .sample import sample_checkpoint
 
+            check_image_output(args.output)  # before importing torch and loading the model
             options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
             path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
             print(f"wrote {path}")
         else:
-            if args._module is None:
+            module = _plugin(args.command)
+            if module is None:
                 print(f"thinking-pixel: error: the '{args.command}' command is not available "
                       f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
                 return 1
-            return args._module.run(args) or 0
+            return module.run(args) or 0
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import _checkpoint as ckpt
-from .diffusion import SAMPLERS
+from ._arguments import add_evaluate_arguments as add_arguments
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
 
 __all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_subset", "reference_images", "run"]
@@ -37,32 +37,6 @@ __all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_sub
 SETTINGS = "settings.json"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--checkpoint", required=True,
-                        help="training output dir, step dir, or save_pretrained dir (config.json + model.safetensors)")
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
-    parser.add_argument("--dataset", default=None,
-                        help="real data to compare with (default: the checkpoint's training dataset, else fashion_mnist)")
-    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
-    parser.add_argument("--split", default="test", help="dataset split for the reference images (default: test)")
-    parser.add_argument("--num-samples", type=int, default=1000, help="generated samples (default: 1000)")
-    parser.add_argument("--num-reference", type=int, default=None,
-                        help="real reference images (default: same as --num-samples)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per generation chunk (default: 64)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default: ddim)")
-    parser.add_argument("--num-steps", type=int, default=50, help="sampling steps (default: 50)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--samples-dir", default=None,
-                        help="where sample chunks are kept (default: <output without .json>_samples)")
-    parser.add_argument("--output", required=True, help="metrics JSON file to write")
-    parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
-    parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision / recall")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
-    return parser
 
 
 def _check_positive(**values) -> None:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from . import _checkpoint as ckpt
+from ._arguments import check_image_output
 from ._runtime import resolve_device, torch_threads
 from .diffusion import GaussianDiffusion, sample
 
@@ -23,7 +24,8 @@ def generate(model, classes: Sequence[int], per_class: int, *, sampler: str = "d
     """``per_class`` samples of each class in ``classes``, class-major: (len(classes) * per_class, C, H, W).
 
     Seeded: the same arguments give the same images. Generation runs in chunks of ``batch_size`` samples,
-    each with its own generator seeded from (seed, chunk index).
+    each with its own generator seeded from (seed, chunk index). Non-finite samples (NaN / Inf, from broken
+    weights) raise a ValueError instead of being returned, so no caller writes them as a black image.
     """
     config = model.config
     bad = [c for c in classes if not 0 <= c < config.num_classes]
@@ -46,7 +48,12 @@ def generate(model, classes: Sequence[int], per_class: int, *, sampler: str = "d
                                  generator=generator, progress=progress))
     finally:
         model.train(was_training)
-    return torch.cat(chunks)
+    images = torch.cat(chunks)
+    if not torch.isfinite(images).all():  # one host sync per call, after all the sampling work
+        bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        raise ValueError(f"{bad} of {len(images)} sampled images hold NaN or Inf: the model's weights are "
+                         "broken (a diverged or corrupted checkpoint)")
+    return images
 
 
 def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1) -> np.ndarray:
@@ -68,11 +75,11 @@ def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1) -> 
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int, scale: int | None = None) -> Path:
-    """Write ``images`` as a PNG grid; ``scale`` None upsamples small images to at least 64 px."""
-    path = Path(path)
+    """Write ``images`` as a PNG grid into an existing directory; ``scale`` None upsamples small images to at
+    least 64 px."""
+    path = check_image_output(path, "path")
     if scale is None:
         scale = max(1, -(-64 // images.shape[-1]))
-    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(make_grid(images, ncol, scale=scale)).save(path)
     return path
 
@@ -96,8 +103,9 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
                       progress: bool = False) -> Path:
     """Sample a grid from ``checkpoint`` (training output dir, step dir or save_pretrained dir) into ``output``.
 
-    Rows are ``classes`` (default: all), ``per_class`` samples each.
+    Rows are ``classes`` (default: all), ``per_class`` samples each. ``output`` is checked before any work.
     """
+    check_image_output(output, "output")
     with torch_threads(num_threads):
         weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
         model = ckpt.load_model_dir(weights, device=resolve_device(device))

@@ -11,9 +11,17 @@ for the method:
   default here is 0.999, with the usual warm-up min(decay, (1 + n) / (10 + n)) so the early EMA tracks
   the model instead of averaging in its random initialisation.
 - resume: running the same command on the same ``output_dir`` continues from ``latest`` and produces the
-  same losses as an uninterrupted run. The data order is a pure function of (seed, step)
-  (:class:`~thinking_pixel.data.StepBatchSampler`), and the torch / numpy / python RNG states, the optimizer
-  and the EMA are restored from the checkpoint; metrics lines past the checkpoint are dropped.
+  same losses as an uninterrupted run, also after ``kill -9``. The data order is a pure function of (seed,
+  step) (:class:`~thinking_pixel.data.StepBatchSampler`), the random numbers of step s on rank r (noise,
+  timesteps, Gumbel noise, label dropout) come from the global RNG seeded with (seed, s, r) at the start of the
+  step, and the optimizer and the EMA are restored from the checkpoint; metrics lines past it are dropped.
+  Checkpoints are written every ``checkpoint_every`` steps, at the end, every ``checkpoint_minutes`` and when
+  SIGTERM or Ctrl-C arrives (the run then stops after that step).
+- several processes: under torchrun the run is data-parallel (:mod:`thinking_pixel.distributed`: DDP, or FSDP2
+  with ``distributed="fsdp"``); rank 0 alone writes metrics and checkpoints, and a run resumes on any number of
+  processes.
+- no host syncs in the step on CUDA: metrics stay on the device and are read every ``log_every`` steps
+  (:class:`~thinking_pixel._train_log.StepLog`).
 """
 
 from __future__ import annotations
@@ -22,9 +30,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +39,11 @@ import numpy as np
 import torch
 
 from . import _checkpoint as ckpt
-from ._runtime import resolve_device, torch_threads
+from . import distributed
+from ._fileio import atomic_write
+from ._interrupts import StopRequests
+from ._runtime import torch_threads
+from ._train_log import RoutingCounts, StepLog
 from .data import StepBatchSampler, make_dataset
 from .diffusion import GaussianDiffusion
 from .models import GATE_INPUTS, DiT, RecursionConfig, ThinkingPixelDiT, dit_config
@@ -43,7 +52,8 @@ __all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
 
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
-                      "progress", "sample_grid", "device", "num_threads"}
+                      "progress", "sample_grid", "device", "num_threads", "distributed", "log_every",
+                      "checkpoint_minutes"}
 
 
 @dataclass
@@ -95,8 +105,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is faster on a busy machine
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     # bookkeeping
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 5.0  # also checkpoint when this much time passed since the last one (0: never)
+    log_every: Optional[int] = None  # read metrics from the device every N steps (None: 1 on CPU, 25 on CUDA)
     keep_checkpoints: int = 2
     sample_grid: bool = True  # write samples.png (DDPM 100 steps, cfg 4, 4 per class) at the end of training
     progress: bool = True
@@ -116,16 +129,20 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("depth", "hidden_size", "num_heads", "patch_size", "num_threads"):
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "num_threads", "log_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be None or an int >= 1, got {value!r}")
         for name in ("lr", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip", "warmup_steps", "num_workers", "keep_checkpoints"):
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "num_workers", "keep_checkpoints",
+                     "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.distributed not in distributed.STRATEGIES:
+            raise ValueError(f"TrainConfig.distributed must be one of {distributed.STRATEGIES}, "
+                             f"got {self.distributed!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
@@ -149,6 +166,7 @@ class TrainResult:
     checkpoint: Path
     last_loss: float | None  # None when there was nothing left to train
     samples: Path | None = None  # the grid written at the end (sample_grid=True)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run (after a checkpoint)
 
 
 def _check_matches_data(config, dataset, source: str) -> None:
@@ -182,7 +200,9 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
 
 @torch.no_grad()
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    # local shards under FSDP2 (the EMA is sharded like the model), the tensors themselves otherwise
+    torch._foreach_lerp_(distributed.local_tensors(ema.parameters()), distributed.local_tensors(model.parameters()),
+                         1.0 - decay)
 
 
 def _ema_decay(cfg: TrainConfig, num_updates: int) -> float:
@@ -202,11 +222,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only metric lines up to ``step`` (lines past a checkpoint are recomputed on resume)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # the last line, cut short by a kill
+        kept.append(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, output_dir: Path) -> None:
@@ -219,35 +243,69 @@ def _check_resumable(saved: dict, cfg: TrainConfig, output_dir: Path) -> None:
                          "rerun with the same settings to resume, or use a new output dir")
 
 
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; returns where it ended.
 
-    ``on_step(step, metrics)`` is called after every optimisation step, after its metrics line is written
-    (used by tests to interrupt a run; an exception raised there stops training without a checkpoint).
+    ``on_step(step, metrics)`` is called for every optimisation step once its metrics line is written (every
+    ``log_every`` steps; used by tests to interrupt a run; an exception raised there stops training without a
+    checkpoint). Under torchrun, every process calls this and rank 0 writes the files.
     """
-    with torch_threads(cfg.num_threads):
-        return _train(cfg, on_step)
+    with torch_threads(cfg.num_threads), distributed.initialized(cfg.device) as runtime, \
+            StopRequests(announce=runtime.is_main) as stop:
+        return _train(cfg, on_step, runtime, stop)
 
 
-def _train(cfg: TrainConfig, on_step) -> TrainResult:
+def _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer, data_position) -> Path:
+    """Checkpoint ``step``: every rank takes part (gathering FSDP2 shards), rank 0 writes, all learn if it failed."""
+    model_state = distributed.full_state_dict(model, runtime)
+    ema_state = distributed.full_state_dict(ema, runtime)
+    optimizer_state = distributed.optimizer_state(wrapped, optimizer, runtime)
+    path, error = output_dir / ckpt.CHECKPOINTS / f"step_{step:07d}", None
+    if runtime.is_main:
+        training_state = {
+            "step": step,
+            "optimizer": optimizer_state,
+            "ema": {"decay": cfg.ema_decay, "num_updates": step},
+            "data": data_position,
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+            "world_size": runtime.world_size,
+        }
+        try:
+            path = ckpt.write_checkpoint(output_dir, step, model, ema, training_state, cfg.to_dict(),
+                                         keep=cfg.keep_checkpoints, model_state=model_state, ema_state=ema_state)
+        except ckpt.CheckpointError as e:
+            error = e
+    failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)], device=runtime.device), runtime)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ckpt.CheckpointError(f"rank 0 could not write the checkpoint of step {step} (see its error)")
+    return path
+
+
+def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRequests) -> TrainResult:
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = runtime.device
     metrics_path = output_dir / "metrics.jsonl"
+    say = print if runtime.is_main else (lambda *args, **kwargs: None)
+    if runtime.is_main:
+        ckpt.prepare_output_dir(output_dir)
 
     dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
     diffusion = GaussianDiffusion()
 
     step_dir = ckpt.read_latest(output_dir)
     if step_dir is None:
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, dataset).to(device).train()
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         state = None
         start_step = 0
-        if metrics_path.exists():
+        if runtime.is_main and metrics_path.exists():
             metrics_path.unlink()  # a previous attempt that never reached its first checkpoint
     else:
         _check_resumable(ckpt.load_train_config(step_dir), cfg, output_dir)
@@ -258,90 +316,107 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable)
         start_step = state["step"]
-        _truncate_metrics(metrics_path, start_step)
+        if runtime.is_main:
+            _truncate_metrics(metrics_path, start_step)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = distributed.wrap_model(model, runtime, cfg.distributed)
+    if wrapped is model and runtime.world_size > 1:  # FSDP2 shards in place; shard the EMA the same way
+        distributed.shard_like(ema, runtime)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the sharded parameters
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if isinstance(state["optimizer"]["param_groups"][0]["params"][0], int):  # saved before distributed training
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            distributed.load_optimizer_state(wrapped, optimizer, state["optimizer"])
         if state["data"] != {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
                              **sampler.position(start_step)}:
             raise ckpt.CheckpointError(f"{step_dir}: saved data order {state['data']} does not match this dataset")
-        ckpt.set_rng_state(state["rng"])  # last: nothing above may draw random numbers after this
 
     if start_step >= cfg.max_steps:
-        print(f"{output_dir}: already trained to step {start_step} (max_steps={cfg.max_steps}); nothing to do")
+        say(f"{output_dir}: already trained to step {start_step} (max_steps={cfg.max_steps}); nothing to do")
         return TrainResult(output_dir, start_step, step_dir, None)
+    processes = f" on {runtime.world_size} processes ({cfg.distributed})" if runtime.world_size > 1 else ""
+    if state is None:
+        say(f"{output_dir}: starting a new run of {cfg.max_steps} steps{processes}", flush=True)
+    else:
+        saved_by = state.get("world_size", 1)
+        moved = f"; saved by {saved_by} process{'es' * (saved_by > 1)}" if saved_by != runtime.world_size else ""
+        say(f"{output_dir}: resuming from step {start_step} of {cfg.max_steps} ({step_dir}){processes}{moved}",
+            flush=True)
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     # Its own generator: the loader would otherwise draw its worker seed from the global RNG when iteration
     # starts, which happens at a different point of the random stream in a resumed run.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda",
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=distributed.ShardedBatches(sampler, cfg.batch_size,
+                                                                                           runtime),
+                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True,
-               desc=f"{type(model).__name__} {n_trainable / 1e6:.2f}M/{n_total / 1e6:.2f}M params")
-    step, loss_value, last_time = start_step, None, time.perf_counter()
-    checkpoint = step_dir
-    with open(metrics_path, "a") as metrics_file:
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (N, C, H, W), (N,)
-            if cfg.hflip:
-                flip = torch.rand(x.shape[0], device=device) < 0.5  # (N,)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            t = diffusion.sample_timesteps(x.shape[0], device=device)  # (N,)
-            lr = _lr(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
-            loss = terms["loss"].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            _update_ema(ema, model, _ema_decay(cfg, step))
-            step += 1
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and runtime.is_main),
+               dynamic_ncols=True, desc=f"{type(model).__name__} {n_trainable / 1e6:.2f}M/{n_total / 1e6:.2f}M params")
+    routing = RoutingCounts(model, device)
+    log = StepLog(metrics_path, runtime, routing, every=cfg.log_every or (1 if device.type == "cpu" else 25))
+    step, loss_value, checkpoint, saved_at, stopped_by = start_step, None, step_dir, time.monotonic(), None
+    try:
+        with routing.recording():
+            for x, y in loader:
+                torch.manual_seed(_step_seed(cfg.seed, step, runtime.rank))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (n, C, H, W), (n,)
+                if cfg.hflip:
+                    flip = torch.rand(x.shape[0], device=device) < 0.5  # (n,)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                t = diffusion.sample_timesteps(x.shape[0], device=device)  # (n,)
+                lr = _lr(cfg, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+                loss = terms["loss"].mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                _update_ema(ema, model, _ema_decay(cfg, step))
+                step += 1
+                log.add(step, lr, terms, grad_norm)
 
-            now = time.perf_counter()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; try a lower lr or --grad-clip")
-            metrics = {"step": step, "loss": loss_value, "mse": terms["mse"].mean().item(),
-                       "vb": terms["vb"].mean().item(), "grad_norm": grad_norm.item(), "lr": lr,
-                       "it_s": 1.0 / max(now - last_time, 1e-9)}
-            last_time = now
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            if on_step is not None:
-                on_step(step, metrics)
-
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                training_state = {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "ema": {"decay": cfg.ema_decay, "num_updates": step},
-                    "rng": ckpt.rng_state(),
-                    "data": {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
-                             **sampler.position(step)},
-                    "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-                }
-                checkpoint = ckpt.write_checkpoint(output_dir, step, model, ema, training_state, cfg.to_dict(),
-                                                   keep=cfg.keep_checkpoints)
-            if step >= cfg.max_steps:
-                break
-    bar.close()
+                scheduled = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+                if not (scheduled or log.due()):
+                    continue
+                overdue = 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - saved_at
+                lines, (stopping, overdue) = log.flush((stop.requested, overdue))  # agreed by every rank
+                for metrics in lines:
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(metrics["step"], metrics)
+                loss_value = lines[-1]["loss"]
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if scheduled or overdue or stopping:
+                    checkpoint = _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer,
+                                       {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
+                                        **sampler.position(step)})
+                    saved_at = time.monotonic()
+                if stopping:
+                    stopped_by = stop.signal_name or "a signal to another process"
+                    break
+                if step >= cfg.max_steps:
+                    break
+    finally:
+        log.close()
+        bar.close()
+    if stopped_by is not None:
+        say(f"{output_dir}: stopped by {stopped_by} at step {step} of {cfg.max_steps}; checkpoint {checkpoint}; "
+            "run the same command to resume", flush=True)
+        return TrainResult(output_dir, step, checkpoint, loss_value, stopped_by=stopped_by)
 
     samples = None
-    if cfg.sample_grid:
+    if cfg.sample_grid and runtime.is_main:
         from .sample import sample_checkpoint
 
         samples = sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,

@@ -47,7 +47,7 @@ def _find(root: Path, name: str) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST file {name}[.gz] not found in {root}. Install the Debian package with "
         f"`apt-get install dataset-fashion-mnist` (files go to {DEFAULT_ROOT}) or pass the directory holding "
-        "the IDX files."
+        "the IDX files with --data-dir (root= in Python)."
     )
 
 

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -157,7 +158,9 @@ def convert_torchscript_inception(ts_path: str | os.PathLike) -> dict[str, torch
 
     Key coverage and shapes are checked when torch-fidelity loads the result (``load_state_dict`` is strict).
     """
-    source = torch.jit.load(str(ts_path), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # the bundled file is TorchScript; only its weights are read, once
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        source = torch.jit.load(str(ts_path), map_location="cpu").state_dict()
     converted = {_map_key(k): v.detach().clone().float() for k, v in source.items()}
     for key in [k for k in converted if k.endswith(".conv.weight")]:
         unit = key[: -len("conv.weight")]

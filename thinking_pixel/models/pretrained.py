@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .._fileio import atomic_write
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "load_model", "read_config"]
 
@@ -37,19 +37,6 @@ def config_from_dict(cls, d):
     if unknown:
         raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}; expected a subset of {sorted(known)}")
     return cls(**d)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_config(path) -> dict:
@@ -73,6 +60,17 @@ def read_config(path) -> dict:
         raise ValueError(f"{config_path}: unknown model class {config['class']!r}, "
                          f"expected one of {sorted(_MODEL_CLASSES)}")
     return config
+
+
+def _weights_dir(path) -> Path:
+    """``path`` itself when it is a save_pretrained directory; for a training output directory (or one of its
+    step directories), the EMA weights of its latest checkpoint, as ``thinking-pixel sample`` loads them."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file() or not path.is_dir():
+        return path
+    from .._checkpoint import find_step_dir, resolve_weights_dir
+
+    return path if find_step_dir(path) is None else resolve_weights_dir(path, ema=True)
 
 
 def _build(cls, config: dict, path: Path):
@@ -101,6 +99,10 @@ def _load_weights(model, path: Path, device) -> None:
                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                     if keys]
         raise ValueError(f"{weights_path} does not match {path / CONFIG_NAME}: " + "; ".join(problems))
+    non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if non_finite:  # a diverged run or a corrupted file: refuse it here rather than sample black images later
+        raise ValueError(f"{weights_path} holds NaN or Inf in {len(non_finite)} tensor(s): "
+                         f"{non_finite[:3]}{' ...' if len(non_finite) > 3 else ''}")
     model.load_state_dict(state, assign=True)
 
 
@@ -118,20 +120,26 @@ class PretrainedMixin:
     def _from_config_dict(cls, d: dict):
         raise NotImplementedError
 
-    def save_pretrained(self, path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (created if needed)."""
+    def save_pretrained(self, path, state_dict: dict | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (created if needed).
+
+        ``state_dict``: the weights to write instead of this module's own (e.g. gathered from a sharded copy).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         config = {"format": FORMAT_VERSION, "class": type(self).__name__, **self._config_dict()}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         return path
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
-        """Load a checkpoint written by save_pretrained of this class, onto ``device``."""
-        path = Path(path)
+        """Load a checkpoint written by save_pretrained of this class, onto ``device``.
+
+        ``path`` may also be a training output directory (``runs/default``): its latest EMA weights load.
+        """
+        path = _weights_dir(path)
         config = read_config(path)
         if config["class"] != cls.__name__:
             raise ValueError(f"{path} holds a {config['class']} checkpoint, not a {cls.__name__}; "
@@ -142,5 +150,7 @@ class PretrainedMixin:
 
 
 def load_model(path, device="cpu"):
-    """Load any checkpoint written by save_pretrained, dispatching on the class named in its config.json."""
+    """Load any checkpoint written by save_pretrained (or a training output directory's latest EMA weights),
+    dispatching on the class named in its config.json."""
+    path = _weights_dir(path)
     return _MODEL_CLASSES[read_config(path)["class"]].from_pretrained(path, device=device)

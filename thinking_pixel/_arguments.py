@@ -1,0 +1,90 @@
+"""Argument definitions that must stay cheap to import: ``thinking-pixel --help`` and argument errors never
+import torch, diffusers or the evaluation code (the commands import them once the arguments are valid).
+
+Names that registries in heavy modules own (datasets, samplers) are plain constants here; tests check that
+they match :data:`thinking_pixel.data.DATASETS` and :data:`thinking_pixel.diffusion.SAMPLERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["DATASET_NAMES", "IMAGE_EXTENSIONS", "SAMPLER_NAMES", "add_analyze_arguments",
+           "add_evaluate_arguments", "check_image_output"]
+
+DATASET_NAMES = ("digits", "fashion_mnist", "folder", "latents", "shapes")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def check_image_output(path, argument: str = "--output") -> Path:
+    """``path`` if an image can be written there; otherwise a ValueError naming ``argument`` and the problem.
+
+    Checked before any work: the parent directory must exist (it is not created, a typo should not make
+    directories) and be a directory, and the extension must name an image format.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"{argument} {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; "
+                         f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
+    if path.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is a directory; expected an image file path")
+    parent = path.parent
+    if not parent.exists():
+        raise ValueError(f"{argument} {str(path)!r}: directory {str(parent)!r} does not exist; create it first")
+    if not parent.is_dir():
+        raise ValueError(f"{argument} {str(path)!r}: {str(parent)!r} is a file, not a directory")
+    return path
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint", required=True,
+                        help="training output dir, step dir, or save_pretrained dir (config.json + model.safetensors)")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--dataset", default=None,
+                        help="real data to compare with (default: the checkpoint's training dataset, else fashion_mnist)")
+    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
+    parser.add_argument("--split", default="test", help="dataset split for the reference images (default: test)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="generated samples (default: 1000)")
+    parser.add_argument("--num-reference", type=int, default=None,
+                        help="real reference images (default: same as --num-samples)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per generation chunk (default: 64)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="sampler (default: ddim)")
+    parser.add_argument("--num-steps", type=int, default=50, help="sampling steps (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--samples-dir", default=None,
+                        help="where sample chunks are kept (default: <output without .json>_samples)")
+    parser.add_argument("--output", required=True, help="metrics JSON file to write")
+    parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
+    parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision / recall")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    return parser
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a ThinkingPixelDiT checkpoint; repeat to compare (e.g. the gate-input ablation)")
+    parser.add_argument("--label", action="append", default=None,
+                        help="a name per --checkpoint for the figures (default: the directory names)")
+    parser.add_argument("--output-dir", required=True, help="directory for the PNGs and routing_stats.json")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--dataset", default=None,
+                        help="real images to noise (default: the checkpoint's training dataset, else fashion_mnist)")
+    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
+    parser.add_argument("--split", default="test", help="dataset split (default: test)")
+    parser.add_argument("--num-images", type=int, default=100, help="real images per timestep (default: 100)")
+    parser.add_argument("--num-timesteps", type=int, default=10,
+                        help="evenly spaced diffusion timesteps in [0, 999] (default: 10)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="recursive block for the trajectory / decode figures (default: the first)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="image subset and noise seed (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    return parser

@@ -1,0 +1,123 @@
+"""Training metrics kept on the device and written every few steps, and the routing counts behind them.
+
+Reading a CUDA tensor's value (``.item()``) waits for the GPU; doing it for every metric of every step stalls the
+pipeline. :class:`StepLog` keeps each step's values as device tensors and reads them all at once when flushed
+(every step on CPU, where reading is free; every ``log_every`` steps on CUDA), summed over ranks with a single
+all-reduce that also carries each rank's requests to checkpoint or stop, so every rank takes the same decision
+at the same step. It still writes one ``metrics.jsonl`` line per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import torch
+
+from . import distributed
+from ._checkpoint import CheckpointError
+
+__all__ = ["RoutingCounts", "StepLog"]
+
+_TERMS = ("loss", "mse", "vb")  # means over the global batch (per-rank means, averaged over ranks)
+
+
+class RoutingCounts:
+    """Tokens routed to each expert, per recursive layer, summed over recursion steps: (L, M) on the device.
+
+    Collected through RecursiveAttention's ``recorder`` hook with a scatter-add (no host sync; ``bincount``
+    would read the largest index back). Does nothing for a model without recursion.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.layers = [layer for layer, _ in model.recursive_attentions()] if hasattr(model, "recursive_attentions") else []
+        self.attentions = [attn for _, attn in model.recursive_attentions()] if self.layers else []
+        self.experts = self.attentions[0].lora.num_experts if self.layers else 0
+        self.counts = torch.zeros(len(self.layers), self.experts, device=device)  # (L, M)
+
+    @contextlib.contextmanager
+    def recording(self):
+        for i, attn in enumerate(self.attentions):
+            attn.recorder = lambda step, idx, state, i=i: self.counts[i].scatter_add_(
+                0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
+        try:
+            yield self
+        finally:
+            for attn in self.attentions:
+                attn.recorder = None
+
+    def take(self) -> torch.Tensor:
+        """This step's counts (L, M), and reset."""
+        counts, self.counts = self.counts, torch.zeros_like(self.counts)
+        return counts
+
+    def as_fractions(self, counts: list) -> dict:
+        """{"layer_<i>": [fraction of tokens per expert]} from host-side counts (L, M)."""
+        return {f"layer_{layer}": [round(c / max(sum(row), 1.0), 6) for c in row]
+                for layer, row in zip(self.layers, counts)}
+
+
+class StepLog:
+    """Per-step metrics on the device until :meth:`flush`; rank 0 appends them to ``path``, one line per step."""
+
+    def __init__(self, path, runtime: distributed.Runtime, routing: RoutingCounts, every: int):
+        self.path, self.runtime, self.routing, self.every = path, runtime, routing, every
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.file = open(path, "a") if runtime.is_main else None  # noqa: SIM115 (closed by close())
+        self.last_time = time.perf_counter()
+
+    def add(self, step: int, lr: float, terms: dict, grad_norm: torch.Tensor) -> None:
+        """Record step ``step`` (no host sync): the loss terms (batch means), the grad norm and the routing counts."""
+        values = [terms[k].detach().float().mean() for k in _TERMS]
+        values.append(distributed.replicated(grad_norm).detach().float())
+        values = torch.cat([torch.stack(values), self.routing.take().flatten()])
+        self.pending.append((step, lr, values))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.every
+
+    def flush(self, requests=(False, False)) -> tuple[list[dict], tuple[bool, ...]]:
+        """Read, reduce and write the pending steps; returns their metrics lines and, for each of ``requests``
+        (this rank's booleans), whether any rank asked for it. One all-reduce and one host sync."""
+        if not self.pending:
+            return [], tuple(requests)
+        rt = self.runtime
+        stacked = torch.stack([v for _, _, v in self.pending])  # (S, 4 + L * M)
+        n_terms = len(_TERMS)
+        stacked[:, :n_terms] /= rt.world_size  # summed below: the mean over ranks
+        if rt.world_size > 1:
+            stacked[:, n_terms] /= rt.world_size  # the grad norm is the same on every rank
+        flags = torch.tensor([float(r) for r in requests], device=stacked.device)
+        packed = distributed.all_reduce_sum(torch.cat([stacked.flatten(), flags]), rt).tolist()  # the sync
+        rows, flags = packed[:stacked.numel()], packed[stacked.numel():]
+        width = stacked.shape[1]
+        now = time.perf_counter()
+        it_s = len(self.pending) / max(now - self.last_time, 1e-9)
+        self.last_time = now
+        lines = []
+        for i, (step, lr, _) in enumerate(self.pending):
+            row = rows[i * width:(i + 1) * width]
+            metrics = {"step": step, **dict(zip(_TERMS, row[:n_terms])), "grad_norm": row[n_terms], "lr": lr,
+                       "it_s": it_s, "world_size": rt.world_size}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; "
+                                         "try a lower lr or --grad-clip")
+            if self.routing.layers:
+                m = self.routing.experts
+                counts = [row[n_terms + 1 + j * m: n_terms + 1 + (j + 1) * m] for j in range(len(self.routing.layers))]
+                metrics["routing"] = self.routing.as_fractions(counts)
+            lines.append(metrics)
+        self.pending.clear()
+        if self.file is not None:
+            try:
+                self.file.write("".join(json.dumps(m) + "\n" for m in lines))
+                self.file.flush()
+            except OSError as e:
+                raise CheckpointError(f"cannot write {self.path}: {e.strerror or e}") from None
+        return lines, tuple(f > 0 for f in flags)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
