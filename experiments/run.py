@@ -58,18 +58,18 @@ SCALES = {
 
 MAIN_VARIANTS = {
     "dit_continued": ["--no-recursion"],
-    "lora_M1_T1": ["--experts", "1", "--steps", "1"],
-    "tp_M2_T2": ["--experts", "2", "--steps", "2"],
-    "tp_M5_T5": ["--experts", "5", "--steps", "5"],
+    "lora_M1_T1": ["--experts", "1", "--recursion-steps", "1"],
+    "tp_M2_T2": ["--experts", "2", "--recursion-steps", "2"],
+    "tp_M5_T5": ["--experts", "5", "--recursion-steps", "5"],
 }
 
 
 def ablation_variants() -> dict:
-    grid = {f"tp_M{m}_T{t}": ["--experts", str(m), "--steps", str(t)] for m in (1, 2, 5) for t in (1, 2, 5)}
+    grid = {f"tp_M{m}_T{t}": ["--experts", str(m), "--recursion-steps", str(t)] for m in (1, 2, 5) for t in (1, 2, 5)}
     for name in ("tp_M2_T2", "tp_M5_T5"):
         grid.pop(name)
     grid["lora_M1_T1"] = grid.pop("tp_M1_T1")  # the same model as the main plain-LoRA variant
-    grid["gate_tokens_M2_T2"] = ["--experts", "2", "--steps", "2", "--gate-inputs", "tokens"]
+    grid["gate_tokens_M2_T2"] = ["--experts", "2", "--recursion-steps", "2", "--gate-inputs", "tokens"]
     return grid
 
 

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ._fileio import atomic_write, fsync_dir, fsync_tree, make_temp_dir
 
@@ -90,10 +91,10 @@ def write_checkpoint(output_dir: Path, step: int, model, ema, training_state: di
         tmp = None
         fsync_dir(root)
         atomic_write(output_dir / LATEST, lambda path: Path(path).write_text(f"{CHECKPOINTS}/{name}\n"))
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors (ENOSPC...) as SafetensorError
         previous = _latest_name(output_dir)
         raise CheckpointError(
-            f"cannot write checkpoint {final}: {e.strerror or e}; "
+            f"cannot write checkpoint {final}: {getattr(e, 'strerror', None) or e}; "
             + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
         ) from None
     finally:
