@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+from . import _target
 from . import ceilings as ceilings_mod
 from .timing import CudaEventTimer, cuda_graph, synchronize
 
@@ -40,6 +41,16 @@ def pytest_configure(config):
         torch.set_num_threads(config.getoption("threads"))
     if config.getoption("device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda was given but torch.cuda.is_available() is False")
+
+
+def pytest_report_header(config):
+    return [_target.describe(config.getoption("device"))]
+
+
+def pytest_sessionstart(session):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.verbosity < 0:  # -q hides the report header: keep this line
+        reporter.write_line(_target.describe(session.config.getoption("device")))
 
 
 def pytest_collection_modifyitems(config, items):

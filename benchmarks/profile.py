@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ._target import describe
 from .timing import median_seconds
 
 CATEGORIES = (
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(describe("cpu"), flush=True)
     {"block": block, "train-step": train_step, "routed-lora": routed_lora}[args.what]()
     return 0
 

@@ -90,3 +90,31 @@ def test_fid_weights_conversion_is_quiet():
         warnings.simplefilter("error")
         weights = fid.convert_torchscript_inception(path)
     assert all(torch.is_tensor(v) for v in weights.values())
+
+
+def test_benchmarks_time_the_installed_extension_when_the_checkout_has_none(tmp_path):
+    import shutil
+
+    def package(root, built):  # a stand-in tp_kernels: the choice looks only at the package directory
+        (root / "tp_kernels").mkdir(parents=True)
+        (root / "tp_kernels" / "__init__.py").write_text("")
+        if built:
+            (root / "tp_kernels" / "_cpu_kernels.so").write_bytes(b"")
+        return root
+
+    checkout = package(tmp_path / "checkout", built=False)
+    shutil.copytree(REPO / "benchmarks", checkout / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    site = package(tmp_path / "site", built=True)
+
+    def imported():
+        code = ("import importlib.util, sys, benchmarks\n"
+                "module = sys.modules.get('tp_kernels')\n"
+                "print('FROM', module.__file__ if module else importlib.util.find_spec('tp_kernels').origin)")
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{checkout}:{site}"}
+        result = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True,
+                                timeout=120)
+        return result.stdout + result.stderr
+
+    assert f"FROM {site}" in imported()  # the unbuilt checkout is passed over for the installed copy
+    (checkout / "tp_kernels" / "_cpu_kernels.so").write_bytes(b"")
+    assert f"FROM {checkout}" in imported()  # a development build is timed as it is
