@@ -76,3 +76,6 @@ def test_one_process_run_resumes_on_two_with_fsdp(tmp_path, capsys):
 
     on_disk = load_file(out / "checkpoints" / "step_0000004" / "model" / "model.safetensors")
     assert all(torch.equal(on_disk[k], rank0[k]) for k in on_disk)
+    # and what FSDP2 saved (weights, optimizer state by parameter name) resumes on one process
+    train(tiny(tmp_path, "fsdp", max_steps=5, checkpoint_every=2, lr=1e-3, warmup_steps=0))
+    assert "resuming from step 4 of 5" in capsys.readouterr().out and world_sizes(out) == [1, 1, 2, 2, 1]

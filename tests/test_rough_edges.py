@@ -118,3 +118,12 @@ def test_benchmarks_time_the_installed_extension_when_the_checkout_has_none(tmp_
     assert f"FROM {site}" in imported()  # the unbuilt checkout is passed over for the installed copy
     (checkout / "tp_kernels" / "_cpu_kernels.so").write_bytes(b"")
     assert f"FROM {checkout}" in imported()  # a development build is timed as it is
+
+
+def test_samplers_build_without_warnings():
+    from thinking_pixel.diffusion import SAMPLERS, GaussianDiffusion, make_scheduler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in SAMPLERS:
+            make_scheduler(name, GaussianDiffusion(), 10)

@@ -32,8 +32,9 @@ class RoutingCounts:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.layers = [layer for layer, _ in model.recursive_attentions()] if hasattr(model, "recursive_attentions") else []
-        self.attentions = [attn for _, attn in model.recursive_attentions()] if self.layers else []
+        pairs = model.recursive_attentions() if hasattr(model, "recursive_attentions") else []
+        self.layers = [layer for layer, _ in pairs]
+        self.attentions = [attn for _, attn in pairs]
         self.experts = self.attentions[0].lora.num_experts if self.layers else 0
         self.counts = torch.zeros(len(self.layers), self.experts, device=device)  # (L, M)
 
@@ -121,3 +122,10 @@ class StepLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from ._runtime import resolve_device
 
 __all__ = ["STRATEGIES", "Runtime", "ShardedBatches", "all_reduce_sum", "full_state_dict", "initialized",
-           "load_optimizer_state", "optimizer_state", "unwrap", "wrap_model"]
+           "load_optimizer_state", "local_tensors", "optimizer_state", "replicated", "shard_like", "unwrap",
+           "wrap_model"]
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -88,7 +89,8 @@ def wrap_model(model: torch.nn.Module, runtime: Runtime, strategy: str = "ddp") 
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
     shard_like(model, runtime)
     return model
 

@@ -254,9 +254,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     ``log_every`` steps; used by tests to interrupt a run; an exception raised there stops training without a
     checkpoint). Under torchrun, every process calls this and rank 0 writes the files.
     """
-    with torch_threads(cfg.num_threads), distributed.initialized(cfg.device) as runtime, \
-            StopRequests(announce=runtime.is_main) as stop:
-        return _train(cfg, on_step, runtime, stop)
+    with torch_threads(cfg.num_threads), distributed.initialized(cfg.device) as runtime:
+        with StopRequests(announce=runtime.is_main) as stop:
+            result = _train(cfg, on_step, runtime, stop)
+        if cfg.sample_grid and runtime.is_main and result.last_loss is not None and result.stopped_by is None:
+            from .sample import sample_checkpoint
+
+            result.samples = sample_checkpoint(result.output_dir, result.output_dir / "samples.png", sampler="ddpm",
+                                               num_steps=100, cfg_scale=4.0, per_class=4, seed=cfg.seed,
+                                               device=str(runtime.device))
+        return result
 
 
 def _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer, data_position) -> Path:
@@ -349,11 +356,11 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     # Its own generator: the loader would otherwise draw its worker seed from the global RNG when iteration
     # starts, which happens at a different point of the random stream in a resumed run.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=distributed.ShardedBatches(sampler, cfg.batch_size,
-                                                                                           runtime),
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+    batches = distributed.ShardedBatches(sampler, cfg.batch_size, runtime)  # this rank's part of each global batch
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
 
     from tqdm.auto import tqdm
@@ -363,62 +370,50 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     routing = RoutingCounts(model, device)
     log = StepLog(metrics_path, runtime, routing, every=cfg.log_every or (1 if device.type == "cpu" else 25))
     step, loss_value, checkpoint, saved_at, stopped_by = start_step, None, step_dir, time.monotonic(), None
-    try:
-        with routing.recording():
-            for x, y in loader:
-                torch.manual_seed(_step_seed(cfg.seed, step, runtime.rank))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (n, C, H, W), (n,)
-                if cfg.hflip:
-                    flip = torch.rand(x.shape[0], device=device) < 0.5  # (n,)
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                t = diffusion.sample_timesteps(x.shape[0], device=device)  # (n,)
-                lr = _lr(cfg, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
-                loss = terms["loss"].mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                _update_ema(ema, model, _ema_decay(cfg, step))
-                step += 1
-                log.add(step, lr, terms, grad_norm)
+    with routing.recording(), log, bar:
+        for x, y in loader:
+            torch.manual_seed(_step_seed(cfg.seed, step, runtime.rank))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (N, C, H, W), (N,)
+            if cfg.hflip:
+                flip = torch.rand(x.shape[0], device=device) < 0.5  # (N,)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            t = diffusion.sample_timesteps(x.shape[0], device=device)  # (N,)
+            lr = _lr(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+            loss = terms["loss"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            _update_ema(ema, model, _ema_decay(cfg, step))
+            step += 1
+            log.add(step, lr, terms, grad_norm)
 
-                scheduled = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-                if not (scheduled or log.due()):
-                    continue
-                overdue = 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - saved_at
-                lines, (stopping, overdue) = log.flush((stop.requested, overdue))  # agreed by every rank
-                for metrics in lines:
-                    bar.update(1)
-                    if on_step is not None:
-                        on_step(metrics["step"], metrics)
-                loss_value = lines[-1]["loss"]
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if scheduled or overdue or stopping:
-                    checkpoint = _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer,
-                                       {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
-                                        **sampler.position(step)})
-                    saved_at = time.monotonic()
-                if stopping:
-                    stopped_by = stop.signal_name or "a signal to another process"
-                    break
-                if step >= cfg.max_steps:
-                    break
-    finally:
-        log.close()
-        bar.close()
+            scheduled = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            if not (scheduled or log.due()):
+                continue
+            overdue = 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - saved_at
+            lines, (stopping, overdue) = log.flush((stop.requested, overdue))  # agreed by every rank
+            for metrics in lines:
+                bar.update(1)
+                if on_step is not None:
+                    on_step(metrics["step"], metrics)
+            loss_value = lines[-1]["loss"]
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if scheduled or overdue or stopping:
+                checkpoint = _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer,
+                                   {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
+                                    **sampler.position(step)})
+                saved_at = time.monotonic()
+            if stopping:
+                stopped_by = stop.signal_name or "a signal to another process"
+                break
+            if step >= cfg.max_steps:
+                break
     if stopped_by is not None:
         say(f"{output_dir}: stopped by {stopped_by} at step {step} of {cfg.max_steps}; checkpoint {checkpoint}; "
             "run the same command to resume", flush=True)
-        return TrainResult(output_dir, step, checkpoint, loss_value, stopped_by=stopped_by)
-
-    samples = None
-    if cfg.sample_grid and runtime.is_main:
-        from .sample import sample_checkpoint
-
-        samples = sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
-                                    cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
-    return TrainResult(output_dir, step, checkpoint, loss_value, samples)
+    return TrainResult(output_dir, step, checkpoint, loss_value, stopped_by=stopped_by)

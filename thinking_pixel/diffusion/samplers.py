@@ -13,6 +13,7 @@ Classifier-free guidance is applied here, not in the model: the batch is doubled
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -58,7 +59,10 @@ def make_scheduler(name: str, diffusion: GaussianDiffusion, num_steps: int, clip
             num_train_timesteps=T, trained_betas=betas, algorithm_type="dpmsolver++", solver_order=2,
             thresholding=clip_sample, sample_max_value=1.0,
         )
-        scheduler.set_timesteps(num_steps)
+        with warnings.catch_warnings():  # diffusers calls np.array(torch tensor), numpy 2 warns: harmless here
+            warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                                    category=DeprecationWarning)
+            scheduler.set_timesteps(num_steps)
     return scheduler
 
 

@@ -106,12 +106,23 @@ def _load_weights(model, path: Path, device) -> None:
     model.load_state_dict(state, assign=True)
 
 
+def _is_sharding_wrapper(cls) -> bool:
+    """FSDP2's fully_shard swaps a module's class for a dynamic ``FSDP<Name>`` subclass of FSDPModule."""
+    return any(base.__name__ == "FSDPModule" for base in cls.__mro__)
+
+
 class PretrainedMixin:
     """save_pretrained / from_pretrained for models that implement _config_dict / _from_config_dict."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _MODEL_CLASSES[cls.__name__] = cls
+        if not _is_sharding_wrapper(cls):
+            _MODEL_CLASSES[cls.__name__] = cls
+
+    @classmethod
+    def _model_class_name(cls) -> str:
+        """The name config.json records: the model's own class, also once FSDP2 has sharded it."""
+        return next(c for c in cls.__mro__ if not _is_sharding_wrapper(c)).__name__
 
     def _config_dict(self) -> dict:
         raise NotImplementedError
@@ -127,8 +138,9 @@ class PretrainedMixin:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
-        config = {"format": FORMAT_VERSION, "class": type(self).__name__, **self._config_dict()}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+        config = {"format": FORMAT_VERSION, "class": self._model_class_name(), **self._config_dict()}
         atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         return path
