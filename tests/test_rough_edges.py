@@ -15,12 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_parser_imports_no_heavy_module():
-    # --help and every argument error run only this much: what it imports decides how long they take
+    # --help, argument errors and a bad sample --output run only this much: its imports decide how long they take
     code = ("import sys; from thinking_pixel import cli\n"
             "for argv in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['analyze', '--help'],\n"
             "             ['train', '--max-steps', 'x'], ['sample', '--checkpoint', 'c', '--sampler', 'euler']):\n"
             "    try: cli.build_parser().parse_args(argv)\n"
             "    except SystemExit: pass\n"
+            "assert cli.main(['sample', '--checkpoint', 'c', '--output', '/no-such-dir/grid.png']) == 1\n"
             "heavy = sorted(m for m in ('torch', 'diffusers', 'numpy', 'tp_kernels', 'thinking_pixel.evaluate')\n"
             "               if m in sys.modules)\n"
             "print('HEAVY', heavy)")

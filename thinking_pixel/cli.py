@@ -151,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ._checkpoint import CheckpointError
-
     try:
         if args.command == "train":
             from .train import TrainConfig, train
@@ -164,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}"
                       + (f"; samples {result.samples}" if result.samples else ""))
         elif args.command == "sample":
+            check_image_output(args.output)  # before importing torch and loading the model
             from .sample import sample_checkpoint
 
-            check_image_output(args.output)  # before importing torch and loading the model
             options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
             path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
             print(f"wrote {path}")
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
                 return 1
             return module.run(args) or 0
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError includes _checkpoint.CheckpointError
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
