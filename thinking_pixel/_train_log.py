@@ -21,9 +21,6 @@ from ._checkpoint import CheckpointError
 
 __all__ = ["RoutingCounts", "StepLog"]
 
-_TERMS = ("loss", "mse", "vb")  # means over the global batch (per-rank means, averaged over ranks)
-
-
 class RoutingCounts:
     """Tokens routed to each expert, per recursive layer, summed over recursion steps: (L, M) on the device.
 
@@ -66,12 +63,16 @@ class StepLog:
     def __init__(self, path, runtime: distributed.Runtime, routing: RoutingCounts, every: int):
         self.path, self.runtime, self.routing, self.every = path, runtime, routing, every
         self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.terms: list[str] | None = None  # the loss terms' names, "loss" first, fixed by the first step
         self.file = open(path, "a") if runtime.is_main else None  # noqa: SIM115 (closed by close())
         self.last_time = time.perf_counter()
 
     def add(self, step: int, lr: float, terms: dict, grad_norm: torch.Tensor) -> None:
-        """Record step ``step`` (no host sync): the loss terms (batch means), the grad norm and the routing counts."""
-        values = [terms[k].detach().float().mean() for k in _TERMS]
+        """Record step ``step`` (no host sync): every loss term's batch mean (per-rank means, averaged over ranks
+        when flushed), the grad norm and the routing counts."""
+        if self.terms is None:
+            self.terms = ["loss", *(k for k in terms if k != "loss")]
+        values = [terms[k].detach().float().mean() for k in self.terms]
         values.append(distributed.replicated(grad_norm).detach().float())
         values = torch.cat([torch.stack(values), self.routing.take().flatten()])
         self.pending.append((step, lr, values))
@@ -86,7 +87,7 @@ class StepLog:
             return [], tuple(requests)
         rt = self.runtime
         stacked = torch.stack([v for _, _, v in self.pending])  # (S, 4 + L * M)
-        n_terms = len(_TERMS)
+        n_terms = len(self.terms)
         stacked[:, :n_terms] /= rt.world_size  # summed below: the mean over ranks
         if rt.world_size > 1:
             stacked[:, n_terms] /= rt.world_size  # the grad norm is the same on every rank
@@ -100,7 +101,7 @@ class StepLog:
         lines = []
         for i, (step, lr, _) in enumerate(self.pending):
             row = rows[i * width:(i + 1) * width]
-            metrics = {"step": step, **dict(zip(_TERMS, row[:n_terms])), "grad_norm": row[n_terms], "lr": lr,
+            metrics = {"step": step, **dict(zip(self.terms, row[:n_terms])), "grad_norm": row[n_terms], "lr": lr,
                        "it_s": it_s, "world_size": rt.world_size}
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; "

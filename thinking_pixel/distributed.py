@@ -68,7 +68,10 @@ def initialized(device: str = "auto"):
         torch.cuda.set_device(dev)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":  # binding the group to its GPU lets NCCL connect eagerly (no hang on a first barrier)
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
     try:
         yield Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
     finally:
