@@ -188,3 +188,31 @@ def test_from_pretrained_accepts_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         ThinkingPixelDiT.from_pretrained(tmp_path)
     assert json.loads((result.checkpoint / "train_config.json").read_text())["max_steps"] == 1
+
+
+def test_every_file_and_directory_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    import thinking_pixel._checkpoint as ckpt
+    import thinking_pixel._fileio as fileio
+
+    synced, renames = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        renames.append((str(src), str(dst), list(synced)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    result = train(tiny(tmp_path, max_steps=1))
+    step_rename = next(r for r in renames if r[1] == str(result.checkpoint))
+    tmp = Path(step_rename[0])
+    written = [str(tmp / p.relative_to(result.checkpoint)) for p in result.checkpoint.rglob("*")] + [str(tmp)]
+    assert set(written) <= set(step_rename[2]), "published before every file and directory was fsynced"
+    latest = next(r for r in renames if r[1].endswith("latest"))
+    assert latest[0] in latest[2] and str(result.checkpoint.parent) in latest[2]  # new checkpoint's entry durable
+    assert str(tmp_path / "run") in synced[len(latest[2]):]  # and the new `latest` entry after its rename
