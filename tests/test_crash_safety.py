@@ -216,3 +216,14 @@ def test_every_file_and_directory_is_fsynced_before_the_rename_that_publishes_it
     latest = next(r for r in renames if r[1].endswith("latest"))
     assert latest[0] in latest[2] and str(result.checkpoint.parent) in latest[2]  # new checkpoint's entry durable
     assert str(tmp_path / "run") in synced[len(latest[2]):]  # and the new `latest` entry after its rename
+
+
+def test_a_diverging_run_stops_before_writing_a_checkpoint(tmp_path, capsys):
+    from thinking_pixel import cli
+
+    argv = ["train", "--output-dir", str(tmp_path / "run"), "--max-steps", "3", *TINY, "--lr", "1e30",
+            "--grad-clip", "0"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thinking-pixel: error: loss became") and "\n" not in err
+    assert not (tmp_path / "run" / "latest").exists()

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
                 return 1
             return module.run(args) or 0
-    except (FileNotFoundError, ValueError) as e:  # ValueError includes _checkpoint.CheckpointError
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ValueError: also _checkpoint.CheckpointError
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
