@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 
 import torch
@@ -86,7 +87,7 @@ class StepLog:
         if not self.pending:
             return [], tuple(requests)
         rt = self.runtime
-        stacked = torch.stack([v for _, _, v in self.pending])  # (S, 4 + L * M)
+        stacked = torch.stack([v for _, _, v in self.pending])  # (S, terms + grad norm + L * M)
         n_terms = len(self.terms)
         stacked[:, :n_terms] /= rt.world_size  # summed below: the mean over ranks
         if rt.world_size > 1:
@@ -119,6 +120,14 @@ class StepLog:
             except OSError as e:
                 raise CheckpointError(f"cannot write {self.path}: {e.strerror or e}") from None
         return lines, tuple(f > 0 for f in flags)
+
+    def sync(self) -> None:
+        """Make the lines written so far durable (before a checkpoint claims the steps they describe)."""
+        if self.file is not None:
+            try:
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise CheckpointError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self.file is not None:

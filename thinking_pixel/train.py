@@ -404,6 +404,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
             loss_value = lines[-1]["loss"]
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if scheduled or overdue or stopping:
+                log.sync()
                 checkpoint = _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer,
                                    {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
                                     **sampler.position(step)})
