@@ -25,16 +25,16 @@ TINY = ["--image-size", "8", "--patch-size", "2", "--depth", "2", "--hidden-size
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def torchrun(tmp_path, output_dir, max_steps, *extra, nproc=2):
+def torchrun(tmp_path, output_dir, max_steps, *extra, nproc=2, hooks=(), exit_code=0):
     """``thinking-pixel train`` on ``nproc`` gloo processes; returns (stdout, weights held by each rank)."""
     dump = tmp_path / f"weights_{output_dir.name}_{max_steps}"
     dump.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(DRIVER.parent)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(DRIVER),
-           "--dump-weights", str(dump), "--", "train", "--output-dir", str(output_dir), "--max-steps",
+           *hooks, "--dump-weights", str(dump), "--", "train", "--output-dir", str(output_dir), "--max-steps",
            str(max_steps), "--checkpoint-every", "2", *TINY, *extra]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (result.returncode == 0) == (exit_code == 0), result.stdout[-3000:] + result.stderr[-3000:]
     weights = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     return result.stdout, weights
 
@@ -63,12 +63,16 @@ def test_ddp_trains_with_identical_ranks_and_resumes_on_one_process(tmp_path):
     assert all(loss == loss for loss in losses(out))
 
 
-def test_one_process_run_resumes_on_two_with_fsdp(tmp_path, capsys):
+def test_one_process_run_resumes_on_two_with_fsdp_until_sigterm_reaches_one_rank(tmp_path, capsys):
     out = tmp_path / "fsdp"
     train(tiny(tmp_path, "fsdp", max_steps=2, checkpoint_every=2, lr=1e-3, warmup_steps=0))
     assert "starting a new run of 2 steps" in capsys.readouterr().out
-    stdout, (rank0, rank1) = torchrun(tmp_path, out, 4, "--distributed", "fsdp")
-    assert "resuming from step 2 of 4" in stdout and "saved by 1 process" in stdout
+    # rank 1 alone gets SIGTERM after step 3: both ranks stop after step 4, which rank 0 checkpoints
+    stdout, (rank0, rank1) = torchrun(tmp_path, out, 6, "--distributed", "fsdp", hooks=["--sigterm-at", "1:3"],
+                                      exit_code=143)
+    assert "resuming from step 2 of 6" in stdout and "saved by 1 process" in stdout
+    assert "stopped by SIGTERM at step 4 of 6" in stdout
+    assert (out / "latest").read_text().strip() == "checkpoints/step_0000004"
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert world_sizes(out) == [1, 1, 2, 2] and all(loss == loss for loss in losses(out))
     # what rank 0 gathered and wrote is what the shards held

@@ -5,6 +5,8 @@
 --kill-at: SIGKILL this process inside the checkpoint write of step STEP: ``files`` (every file of the step
   directory written and fsynced, not yet renamed into place) or ``latest`` (the step directory in place, the
   new ``latest`` written to its temporary file, not yet renamed over the old one).
+--sigterm-at RANK:STEP: rank RANK sends itself SIGTERM once the metrics of step STEP are flushed (the other
+  ranks get no signal: they must still stop at the same step).
 --dump-weights: after training, every rank writes the weights it holds (full tensors) to DIR/rank<r>.pt.
 """
 
@@ -41,6 +43,22 @@ def _kill_inside_checkpoint(point: str, step: int) -> None:
         raise SystemExit(f"unknown kill point {point!r}")
 
 
+def _sigterm_after(rank: int, step: int) -> None:
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    from thinking_pixel import _train_log
+
+    original = _train_log.StepLog.flush
+
+    def flush(self, requests=(False, False)):
+        result = original(self, requests)
+        if any(line["step"] == step for line in result[0]):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    _train_log.StepLog.flush = flush
+
+
 def _capture_model():
     from thinking_pixel import distributed
 
@@ -58,12 +76,16 @@ def _capture_model():
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--sigterm-at", default=None)
     parser.add_argument("--dump-weights", default=None)
     args, rest = parser.parse_known_args()
     argv = rest[1:] if rest[:1] == ["--"] else rest
     if args.kill_at:
         point, step = args.kill_at.split(":")
         _kill_inside_checkpoint(point, int(step))
+    if args.sigterm_at:
+        rank, step = args.sigterm_at.split(":")
+        _sigterm_after(int(rank), int(step))
     captured = _capture_model() if args.dump_weights else None
     if args.dump_weights and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

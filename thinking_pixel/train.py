@@ -396,21 +396,22 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
             if not (scheduled or log.due()):
                 continue
             overdue = 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - saved_at
-            lines, (stopping, overdue) = log.flush((stop.requested, overdue))  # agreed by every rank
+            asked = (stop.signal_name == "SIGTERM", stop.signal_name == "SIGINT", overdue)
+            lines, (sigterm, sigint, overdue) = log.flush(asked)  # what any rank asked: every rank acts alike
+            stopped_by = "SIGTERM" if sigterm else "SIGINT" if sigint else None
             for metrics in lines:
                 bar.update(1)
                 if on_step is not None:
                     on_step(metrics["step"], metrics)
             loss_value = lines[-1]["loss"]
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            if scheduled or overdue or stopping:
+            if scheduled or overdue or stopped_by:
                 log.sync()
                 checkpoint = _save(cfg, runtime, output_dir, step, wrapped, model, ema, optimizer,
                                    {"num_samples": len(dataset), "batch_size": cfg.batch_size, "seed": cfg.seed,
                                     **sampler.position(step)})
                 saved_at = time.monotonic()
-            if stopping:
-                stopped_by = stop.signal_name or "a signal to another process"
+            if stopped_by:
                 break
             if step >= cfg.max_steps:
                 break
