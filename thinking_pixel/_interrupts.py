@@ -27,10 +27,6 @@ class StopRequests:
         self.announce = announce
         self._previous = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now (the last complete checkpoint stays)
