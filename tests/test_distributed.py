@@ -83,3 +83,22 @@ def test_one_process_run_resumes_on_two_with_fsdp_until_sigterm_reaches_one_rank
     # and what FSDP2 saved (weights, optimizer state by parameter name) resumes on one process
     train(tiny(tmp_path, "fsdp", max_steps=5, checkpoint_every=2, lr=1e-3, warmup_steps=0))
     assert "resuming from step 4 of 5" in capsys.readouterr().out and world_sizes(out) == [1, 1, 2, 2, 1]
+
+
+def test_optimizer_state_round_trips_by_name_with_a_parameter_that_never_had_a_gradient():
+    from thinking_pixel import distributed
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 3), "unused": torch.nn.Linear(3, 3)})
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = make()
+    model["used"](torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    state = distributed.optimizer_state(model, optimizer, distributed.Runtime())
+    assert set(state["state"]) == {"used.weight", "used.bias"}  # keyed by name; the unused branch has none
+    model2, optimizer2 = make()
+    distributed.load_optimizer_state(model2, optimizer2, state)
+    restored, saved = optimizer2.state[model2["used"].weight], optimizer.state[model["used"].weight]
+    assert torch.equal(restored["exp_avg"], saved["exp_avg"])

@@ -93,7 +93,9 @@ def wrap_model(model: torch.nn.Module, runtime: Runtime, strategy: str = "ddp") 
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # static_graph: the same parameters take part in every step (also when some never get a gradient, like
+        # the context branch of SD3's last block), so DDP need not search for unused ones at each step
+        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
     shard_like(model, runtime)
     return model
 
@@ -155,7 +157,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """Load :func:`optimizer_state`'s result (every rank passes the full state; FSDP2 keeps its shard)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(unwrap(model), optimizer, state, options=_options())
+    # strict=False: a trainable parameter that never received a gradient (an unused branch) has no state
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=_options(strict=False))
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:
