@@ -55,6 +55,7 @@ __all__ = [
     "RecursionAttnProcessor",
     "SUPPORTED_MODELS",
     "apply_recursion",
+    "install_processors",
     "load_recursion",
     "recursion_config",
     "save_recursion",
@@ -91,6 +92,11 @@ class RecursionAttnProcessor(LatentRecursion):
         self.cond_inputs = tuple(cond_inputs)  # the embeddings the gate sums into its condition, in this order
         self.embeddings = {}  # name -> (N, D_c), filled by _StoreEmbedding hooks during the model's forward
 
+    @classmethod
+    def for_attention(cls, attn, recursion: RecursionConfig, cond_inputs=(), **kwargs):
+        """A processor for diffusers Attention ``attn`` (its width and heads) under ``recursion``."""
+        return cls(attn.inner_dim, attn.heads, attn.inner_dim, cond_inputs, **recursion.module_kwargs(), **kwargs)
+
     def gate_condition(self):
         """(N, D_c) the sum of the captured embeddings named in cond_inputs, or None if the gate takes none."""
         if not self.cond_inputs:
@@ -119,6 +125,10 @@ class RecursionAttnProcessor(LatentRecursion):
                 q = attn.norm_added_q(q)
         return q, k, v
 
+    def base_projection(self, attn, x):
+        """The frozen [q | k | v] of x~ (N, T, 3D): three GEMMs, once per call (the recursion's last step)."""
+        return torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
+
     def attend_step(self, attn, qkv, context, last):
         """One step's attention: vision queries (and the text's at the last step) over [vision; text] keys."""
         q, k, v = rearrange(qkv, "n t (s h d) -> s n h t d", s=3, h=self.heads)  # (N, H, T, D / H) each
@@ -144,11 +154,8 @@ class RecursionAttnProcessor(LatentRecursion):
             raise ValueError(f"hidden_states must have shape (N, T, {self.dim}), got {tuple(x.shape)}")
         n_tokens = x.shape[1]
         context = None if encoder_hidden_states is None else self.context_qkv(attn, encoder_hidden_states)
-        out = self.recurse(
-            x, self.gate_condition(),
-            lambda: torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1),  # (N, T, 3D), last step only
-            lambda qkv, last: self.attend_step(attn, qkv, context, last),
-        )  # (N, T, D), or (N, T + L, D) for a joint attention with text queries
+        out = self.recurse(x, self.gate_condition(), lambda: self.base_projection(attn, x),
+                           lambda qkv, last: self.attend_step(attn, qkv, context, last))  # (N, T, D), or (N, T + L, D) for a joint attention with text queries
         vision = attn.to_out[1](attn.to_out[0](out[:, :n_tokens]))  # output projection, dropout
         if encoder_hidden_states is None:
             return vision
@@ -229,6 +236,12 @@ def apply_recursion(model, recursion: RecursionConfig, *, freeze_base: bool = Tr
         raise ValueError("this model already has the recursion (a ThinkingPixelDiT); apply_recursion adds it once")
     if isinstance(model, DiT):
         return ThinkingPixelDiT.from_dit(model, recursion, freeze_base=freeze_base)
+    return install_processors(model, recursion, RecursionAttnProcessor, freeze_base=freeze_base)
+
+
+def install_processors(model, recursion: RecursionConfig, processor_class, *, freeze_base=True, **kwargs):
+    """Set ``processor_class.for_attention(attn, recursion, cond_inputs, **kwargs)`` on the attention of each block
+    in ``recursion.layers`` of a diffusers model, hook the gate's embeddings to it, and return the model."""
     sites, joint = _sites(model)
     done = _processors(model)
     if done:
@@ -245,8 +258,7 @@ def apply_recursion(model, recursion: RecursionConfig, *, freeze_base: bool = Tr
         weight = attn.to_q.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32  # like peft
         with torch.device(weight.device):
-            processor = RecursionAttnProcessor(attn.inner_dim, attn.heads, attn.inner_dim, cond_inputs,
-                                               **recursion.module_kwargs()).to(dtype)
+            processor = processor_class.for_attention(attn, recursion, cond_inputs, **kwargs).to(dtype)
         processor.train(model.training)
         for name in cond_inputs:
             sources[name].register_forward_hook(_StoreEmbedding(processor, name))
