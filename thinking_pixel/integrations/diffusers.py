@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models import DiT, RecursionConfig, ThinkingPixelDiT
-from ..models.pretrained import _atomic_write, read_json
+from ..models.pretrained import _atomic_write, read_json, state_mismatches
 from ..modules.recursive_attention import LatentRecursion
 
 __all__ = [
@@ -348,10 +348,7 @@ def load_recursion(model, directory, *, freeze_base: bool = True):
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
     params = _recursion_state(model)
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    problems = [f"{label} {keys[:3]}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    problems += [f"{k}: saved {tuple(state[k].shape)}, model {tuple(params[k].shape)}"
-                 for k in sorted(set(state) & set(params)) if state[k].shape != params[k].shape]
+    problems = state_mismatches(params, state)
     if problems:
         raise ValueError(f"{weights_path} does not match {RECURSION_CONFIG_NAME}: " + "; ".join(problems))
     with torch.no_grad():
