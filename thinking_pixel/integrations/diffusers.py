@@ -41,12 +41,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models import DiT, RecursionConfig, ThinkingPixelDiT
 from ..models.pretrained import _atomic_write, read_json, state_mismatches
+from ..modules.attention import merge_heads, split_heads, split_qkv
 from ..modules.recursive_attention import LatentRecursion
 
 __all__ = [
@@ -108,19 +108,17 @@ class RecursionAttnProcessor(LatentRecursion):
         parts = [self.embeddings[name] for name in self.cond_inputs]
         return sum(parts[1:], parts[0])
 
-    def split_heads(self, z):
-        return rearrange(z, "n t (h d) -> n h t d", h=self.heads)
 
     def context_qkv(self, attn, context):
         """Text tokens (N, L, D) -> their frozen (q or None, k, v), each (N, H, L, D / H), computed once per call.
         q is None where the block drops the text output (context_pre_only)."""
-        k = self.split_heads(attn.add_k_proj(context))
-        v = self.split_heads(attn.add_v_proj(context))
+        k = split_heads(attn.add_k_proj(context), self.heads)
+        v = split_heads(attn.add_v_proj(context), self.heads)
         if attn.norm_added_k is not None:
             k = attn.norm_added_k(k)
         q = None
         if not attn.context_pre_only:
-            q = self.split_heads(attn.add_q_proj(context))
+            q = split_heads(attn.add_q_proj(context), self.heads)
             if attn.norm_added_q is not None:
                 q = attn.norm_added_q(q)
         return q, k, v
@@ -131,7 +129,7 @@ class RecursionAttnProcessor(LatentRecursion):
 
     def attend_step(self, attn, qkv, context, last):
         """One step's attention: vision queries (and the text's at the last step) over [vision; text] keys."""
-        q, k, v = rearrange(qkv, "n t (s h d) -> s n h t d", s=3, h=self.heads)  # (N, H, T, D / H) each
+        q, k, v = split_qkv(qkv, self.heads)  # (N, H, T, D / H) each
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -143,7 +141,7 @@ class RecursionAttnProcessor(LatentRecursion):
             if last and q_c is not None:
                 q = torch.cat([q, q_c], dim=2)  # the text stream's output is needed from the last step only
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T or T + L, D / H)
-        return rearrange(out, "n h t d -> n t (h d)").to(q.dtype)
+        return merge_heads(out).to(q.dtype)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if attention_mask is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ..modules.attention import Attention
 from ..modules._checks import is_int, is_number
@@ -196,7 +197,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return rearrange(self.proj(x), "n d h w -> n (h w) d")  # (N, T, D)
 
 
 #################################################################################
@@ -320,12 +321,8 @@ class DiT(PretrainedMixin, nn.Module):
 
     def unpatchify(self, x):
         """x (N, T, p * p * C) -> imgs (N, C, H, W)."""
-        c = self.out_channels
-        p = self.patch_size
-        h = w = self.config.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        h = self.config.input_size // self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def embed(self, x, t, y):
         """Patch tokens with positions (N, T, D), timestep embedding (N, D) and label embedding (N, D)."""
