@@ -106,7 +106,7 @@ class RecursionAttnProcessor(LatentRecursion):
             raise RuntimeError(f"RecursionAttnProcessor has no {missing} embedding for its gate: it is captured "
                                "while the model's forward computes it, so call the model, not a block alone")
         parts = [self.embeddings[name] for name in self.cond_inputs]
-        return sum(parts[1:], parts[0])
+        return sum(parts[1:], parts[0]).to(self.gate.cond_proj.weight.dtype)  # fp32 gate under a bf16 model
 
 
     def context_qkv(self, attn, context):
