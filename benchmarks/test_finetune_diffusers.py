@@ -69,7 +69,8 @@ class FinetuneCase:
     @property
     def label(self) -> str:
         text = f" + {self.ctx} text" if self.ctx else ""
-        return (f"{dict(dit='DiT', sd3='SD3')[self.kind]} {self.width_name} width (D={self.dim}, {self.depth} blocks, all recursive) | "
+        name = dict(dit="DiT", sd3="SD3")[self.kind]
+        return (f"{name} {self.width_name} width (D={self.dim}, {self.depth} blocks, all recursive) | "
                 f"batch {self.batch} x {self.seq} tokens{text}")
 
 
