@@ -14,16 +14,25 @@ __all__ = [
     "RecursionConfig",
     "RoutingRecord",
     "ThinkingPixelDiT",
+    "apply_recursion",
     "dit_config",
+    "export_peft",
     "load_model",
+    "load_recursion",
+    "recursion_config",
+    "save_recursion",
 ]
+
+
+_INTEGRATIONS = {"apply_recursion", "export_peft", "load_recursion", "recursion_config", "save_recursion"}
 
 
 def __getattr__(name):
     if name in __all__:
-        from . import models
+        import importlib
 
-        return getattr(models, name)
+        module = ".integrations" if name in _INTEGRATIONS else ".models"
+        return getattr(importlib.import_module(module, __name__), name)
     raise AttributeError(f"module 'thinking_pixel' has no attribute {name!r}")
 
 
