@@ -1,4 +1,4 @@
-"""README's "Recursion on your diffusers transformer" example runs as written."""
+"""README's examples run as written and do what their comments say."""
 
 import re
 from pathlib import Path
@@ -26,3 +26,13 @@ def test_the_diffusers_example_runs_as_written(tmp_path, monkeypatch):
     stored = load_file(tmp_path / "sd3_recursion" / "recursion.safetensors")
     assert set(stored) == {n for n, p in namespace["model"].named_parameters() if p.requires_grad}
     assert any(v.abs().max() > 0 for k, v in stored.items() if k.endswith("lora_b"))  # the step trained the experts
+
+
+def test_the_usage_example_reaches_the_router():
+    code = example("## Usage")
+    assert "grads reach lora_b and the router" in code
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["lora_b"].grad.abs().sum() > 0
+    router = namespace["router"]
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0  # exactly 0 with lora_b at zero

@@ -1,6 +1,5 @@
 """What a new user meets first: a fast --help, early argument checks, a README example that is true, clean output."""
 
-import re
 import subprocess
 import sys
 import warnings
@@ -59,18 +58,6 @@ def test_sample_output_is_checked_before_any_work(tmp_path, capsys, output, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith("thinking-pixel: error: --output") and message.format(tmp=tmp_path) in err
     assert "\n" not in err and not (tmp_path / "missing").exists()
-
-
-def test_readme_usage_example_is_true():
-    readme = (REPO / "README.md").read_text()
-    usage = readme[readme.index("## Usage"):]
-    code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert "grads reach lora_b and the router" in code
-    assert namespace["lora_b"].grad.abs().sum() > 0
-    router = namespace["router"]
-    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
 
 
 def test_fashion_mnist_not_found_names_data_dir(tmp_path):
