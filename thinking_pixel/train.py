@@ -39,7 +39,9 @@ from .data import StepBatchSampler, make_dataset
 from .diffusion import GaussianDiffusion
 from .models import GATE_INPUTS, DiT, RecursionConfig, ThinkingPixelDiT, dit_config
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
+TEXT_DATASETS = ("captions", "compositional")  # datasets of (image, caption): trained with the text-to-image model
+
+__all__ = ["DiTTask", "TrainConfig", "TrainResult", "build_model", "task_for", "train"]
 
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
@@ -65,7 +67,11 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (right for photos, wrong for digits)
     num_workers: int = 0
     # model
-    preset: str = "DiT-N/4"  # 4 blocks of width 128, 16 tokens of 4x4 pixels at 16 px: minutes, not hours
+    # None: DiT-N/4 (4 blocks of width 128, 16 tokens of 4x4 pixels at 16 px: minutes, not hours), or SD3-T/2 for
+    # text-to-image data (captions, compositional); an SD3-* preset selects the text-to-image model.
+    preset: Optional[str] = None
+    pipeline: Optional[str] = None  # a local diffusers SD3 pipeline dir: train its transformer in its VAE's latents
+    peft_lora: bool = False  # text-to-image: a plain peft LoRA on to_q/to_k/to_v of recursion_layers (the baseline)
     # Overrides of the preset's architecture (None: the preset's value).
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
@@ -102,6 +108,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.preset is None:
+            self.preset = "SD3-T/2" if self.dataset in TEXT_DATASETS or self.pipeline else "DiT-N/4"
         if self.recursion_layers is not None:
             self.recursion_layers = tuple(self.recursion_layers)
         if isinstance(self.gate_inputs, str) or not hasattr(self.gate_inputs, "__iter__"):
@@ -134,6 +142,11 @@ class TrainConfig:
         d["recursion_layers"] = None if self.recursion_layers is None else list(self.recursion_layers)
         d["gate_inputs"] = list(self.gate_inputs)
         return d
+
+    @property
+    def text_to_image(self) -> bool:
+        """Whether this run trains the text-to-image SD3 model (thinking_pixel.text_to_image) instead of the DiT."""
+        return self.dataset in TEXT_DATASETS or self.preset.startswith("SD3") or self.pipeline is not None
 
     def recursion_config(self) -> RecursionConfig | None:
         if not self.recursion:
@@ -178,6 +191,41 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     config = dit_config(cfg.preset, input_size=dataset.image_size, in_channels=dataset.num_channels,
                         num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob, **overrides)
     return DiT(config) if recursion is None else ThinkingPixelDiT(config, recursion)
+
+
+class DiTTask:
+    """What the loop needs from a model family, for the class-conditional DiT: its data, model, loss and grid."""
+
+    @staticmethod
+    def make_dataset(cfg: TrainConfig):
+        return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+
+    build_model = staticmethod(build_model)
+
+    def __init__(self, cfg: TrainConfig, dataset, model, device: torch.device, output_dir: Path):
+        self.diffusion, self.device = GaussianDiffusion(), device
+
+    def losses(self, model, x, y) -> dict:
+        """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss."""
+        t = self.diffusion.sample_timesteps(x.shape[0], device=self.device)  # (N,)
+        terms = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y.to(self.device, non_blocking=True)})
+        return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
+
+    @staticmethod
+    def sample_grid(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Path:
+        from .sample import sample_checkpoint
+
+        return sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
+                                 cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
+
+
+def task_for(cfg: TrainConfig):
+    """The model family ``cfg`` trains: DiTTask, or the text-to-image SD3 task."""
+    if cfg.text_to_image:
+        from .text_to_image.training import TextToImageTask
+
+        return TextToImageTask
+    return DiTTask
 
 
 @torch.no_grad()
@@ -235,15 +283,15 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     device = resolve_device(cfg.device)
     metrics_path = output_dir / "metrics.jsonl"
 
-    dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    diffusion = GaussianDiffusion()
+    task_type = task_for(cfg)
+    dataset = task_type.make_dataset(cfg)
 
     step_dir = ckpt.read_latest(output_dir)
     if step_dir is None:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        model = build_model(cfg, dataset).to(device).train()
+        model = task_type.build_model(cfg, dataset).to(device).train()
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         state = None
         start_step = 0
@@ -274,6 +322,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
         print(f"{output_dir}: already trained to step {start_step} (max_steps={cfg.max_steps}); nothing to do")
         return TrainResult(output_dir, start_step, step_dir, None)
 
+    task = task_type(cfg, dataset, model, device, output_dir)
     forward = torch.compile(model) if cfg.compile else model
     # Its own generator: the loader would otherwise draw its worker seed from the global RNG when iteration
     # starts, which happens at a different point of the random stream in a resumed run.
@@ -291,16 +340,15 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     checkpoint = step_dir
     with open(metrics_path, "a") as metrics_file:
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (N, C, H, W), (N,)
+            x = x.to(device, non_blocking=True)  # (N, C, H, W); y: labels (N,) or captions
             if cfg.hflip:
                 flip = torch.rand(x.shape[0], device=device) < 0.5  # (N,)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            t = diffusion.sample_timesteps(x.shape[0], device=device)  # (N,)
             lr = _lr(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+                terms = task.losses(forward, x, y)
             loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -313,9 +361,9 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}; try a lower lr or --grad-clip")
-            metrics = {"step": step, "loss": loss_value, "mse": terms["mse"].mean().item(),
-                       "vb": terms["vb"].mean().item(), "grad_norm": grad_norm.item(), "lr": lr,
-                       "it_s": 1.0 / max(now - last_time, 1e-9)}
+            metrics = {"step": step, "loss": loss_value,
+                       **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
+                       "grad_norm": grad_norm.item(), "lr": lr, "it_s": 1.0 / max(now - last_time, 1e-9)}
             last_time = now
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
@@ -342,8 +390,5 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 
     samples = None
     if cfg.sample_grid:
-        from .sample import sample_checkpoint
-
-        samples = sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
-                                    cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
+        samples = task_type.sample_grid(cfg, output_dir, device)
     return TrainResult(output_dir, step, checkpoint, loss_value, samples)

@@ -5,6 +5,7 @@
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
 - ``latents``: precomputed VAE latents with labels
+- ``captions``: captioned images (metadata.jsonl with file_name, text), yielding (image, caption str)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 from .base import ImageDataset, StepBatchSampler, resize_batch, to_unit_range
+from .captions import CaptionFolderDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
@@ -19,6 +21,7 @@ from .latents import LatentDataset, load_latents
 from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 
 __all__ = [
+    "CaptionFolderDataset",
     "COLOURS",
     "DATASETS",
     "DigitsDataset",
@@ -43,6 +46,7 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "fashion_mnist": FashionMNISTDataset,
     "folder": ImageFolderDataset,
     "latents": LatentDataset,
+    "captions": CaptionFolderDataset,
 }
 
 
