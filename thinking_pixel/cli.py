@@ -48,7 +48,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
     g.add_argument("--num-workers", type=int, default=S, help="data loader worker processes (default 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4)")
+    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4), "
+                   "or a text-to-image SD3 preset: SD3-N/2, SD3-T/2, SD3-S/2 (default for caption data: SD3-T/2)")
+    g.add_argument("--pipeline", default=S, help="a local diffusers StableDiffusion3Pipeline dir: train the recursion "
+                   "on its transformer, in its VAE's latents, with its text encoders")
+    g.add_argument("--peft-lora", action="store_true", default=S, help="text-to-image: a plain peft LoRA (rank "
+                   "--rank) on to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
     g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth")
     g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
@@ -104,6 +109,12 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling of the grid (default auto)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir, for latent models")
+    g = p.add_argument_group("text-to-image")
+    g.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows (one per prompt)")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    g.add_argument("--per-prompt", type=_positive_int, default=4, help="samples per prompt (default 4)")
+    g.add_argument("--pipeline", default=None, help="the diffusers SD3 pipeline dir of a --pipeline checkpoint "
+                   "(default: the path stored in the checkpoint)")
     p.add_argument("--threads", dest="num_threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ._checkpoint import CheckpointError
+    from .text.minilm import TextEncoderMissing
 
     try:
         if args.command == "train":
@@ -147,10 +159,20 @@ def main(argv: list[str] | None = None) -> int:
             if result.last_loss is not None:
                 print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}"
                       + (f"; samples {result.samples}" if result.samples else ""))
+        elif args.command == "sample" and (args.prompt is not None or args.prompts_file is not None):
+            from .text_to_image.sampling import read_prompts, sample_prompts
+
+            path = sample_prompts(args.checkpoint, args.output, read_prompts(args.prompt, args.prompts_file),
+                                  per_prompt=args.per_prompt, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
+                                  seed=args.seed, use_ema=args.use_ema, device=args.device,
+                                  batch_size=args.batch_size, scale=args.scale, pipeline=args.pipeline,
+                                  num_threads=args.num_threads, progress=True)
+            print(f"wrote {path}")
         elif args.command == "sample":
             from .sample import sample_checkpoint
 
-            options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
+            text_options = ("prompt", "prompts_file", "per_prompt", "pipeline")
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output", *text_options)}
             path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
             print(f"wrote {path}")
         else:
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
                 return 1
             return args._module.run(args) or 0
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, TextEncoderMissing) as e:
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

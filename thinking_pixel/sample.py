@@ -101,6 +101,8 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
     with torch_threads(num_threads):
         weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
         model = ckpt.load_model_dir(weights, device=resolve_device(device))
+        if not hasattr(getattr(model, "config", None), "num_classes"):
+            raise ValueError(f"{checkpoint} holds a text-to-image model ({type(model).__name__}): pass --prompt \"...\"")
         step_dir = ckpt.find_step_dir(weights)
         is_latent = step_dir is not None and ckpt.load_train_config(step_dir).get("dataset") == "latents"
         classes = list(range(model.config.num_classes)) if classes is None else list(classes)

@@ -61,16 +61,16 @@ def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: in
                 pos_embed_max_size=image_size // arch["patch_size"])
 
 
-def _apply_recursion(transformer, recursion: RecursionConfig, freeze_base: bool):
-    from ..integrations.diffusers import apply_recursion
+def _apply_recursion(transformer, recursion: RecursionConfig) -> set:
+    """Apply the recursion to ``transformer`` in place; -> the names of the parameters it added."""
+    from ..integrations import apply_recursion
 
-    return apply_recursion(transformer, recursion, freeze_base=freeze_base)
-
-
-def _recursion_parameter_names(transformer) -> set:
-    from ..integrations.diffusers import recursion_state_dict
-
-    return set(recursion_state_dict(transformer))
+    was_trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    apply_recursion(transformer, recursion, freeze_base=True)  # only the new parameters require grad now
+    added = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    for n, p in transformer.named_parameters():
+        p.requires_grad_(n in added or n in was_trainable)
+    return added
 
 
 class SD3TextToImage(PretrainedMixin, nn.Module):
@@ -105,8 +105,9 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
                                                          "layers": sorted(int(i) for i in peft_lora["layers"])}
         if recursion is not None and peft_lora is not None:
             raise ValueError("a model has either the recursion or a peft LoRA, not both")
+        self._expert_names = set()
         if recursion is not None:
-            _apply_recursion(self.transformer, recursion, freeze_base=False)
+            self._expert_names = {f"transformer.{n}" for n in _apply_recursion(self.transformer, recursion)}
         if self.peft_lora is not None:
             self._inject_peft_lora()
 
@@ -135,6 +136,18 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
     def recursive_layers(self) -> tuple:
         return () if self.recursion is None else self.recursion.resolve_layers(self.transformer_config["num_layers"])
 
+    def set_latent_size(self, image_size: int) -> None:
+        """Pipeline models: record that images are ``image_size`` px, i.e. latents of image_size / (VAE factor) (the
+        transformer's ``sample_size``, which the pipeline samples at by default)."""
+        import json
+
+        vae_config = json.loads((Path(self.pipeline) / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        if image_size % factor:
+            raise ValueError(f"--image-size {image_size} must be divisible by the VAE's downsampling factor {factor}")
+        self.transformer.register_to_config(sample_size=image_size // factor)
+        self.transformer_config["sample_size"] = image_size // factor
+
     def forward(self, x, t, hidden, pooled):
         return self.transformer(hidden_states=x, encoder_hidden_states=hidden, pooled_projections=pooled,
                                 timestep=t, return_dict=False)[0]  # (N, C, H, W)
@@ -158,10 +171,7 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
         """(name, parameter) of the recursion's experts and gates (or the peft LoRA's A and B)."""
         if self.peft_lora is not None:
             return [(n, p) for n, p in self.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-        if self.recursion is None:
-            return []
-        names = {f"transformer.{n}" for n in _recursion_parameter_names(self.transformer)}
-        return [(n, p) for n, p in self.named_parameters() if n in names]
+        return [(n, p) for n, p in self.named_parameters() if n in self._expert_names]
 
     def freeze_base(self, frozen: bool = True) -> "SD3TextToImage":
         """Freeze (or unfreeze) the transformer's own weights; experts and gates always train."""

@@ -24,7 +24,7 @@ from .conditioning import PipelineVAE, load_text_encoder, null_caption_embedding
 
 CAPTION_CACHE = "caption_embeddings.safetensors"  # in a training run directory
 
-__all__ = ["PromptSampler", "grid_prompts", "image_seed", "load_text_model", "sample_prompts"]
+__all__ = ["PromptSampler", "grid_prompts", "image_seed", "load_text_model", "read_prompts", "sample_prompts"]
 
 
 def image_seed(seed: int, *key: int) -> int:
@@ -115,6 +115,19 @@ class PromptSampler:
         return torch.cat(images).float()
 
 
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | Path | None = None) -> list[str]:
+    """The --prompt values followed by the lines of --prompts-file (blank lines skipped); at least one is required."""
+    found = list(prompts or [])
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path} does not exist")
+        found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not found:
+        raise ValueError("no prompts given: pass --prompt \"a red circle\" (repeatable) or a non-empty --prompts-file")
+    return found
+
+
 def grid_prompts(cfg) -> list[str]:
     """A few captions of the run's data for the end-of-training grid (TrainConfig ``cfg``)."""
     from ..data import make_dataset
@@ -134,9 +147,7 @@ def sample_prompts(checkpoint: str | Path, output: str | Path, prompts: Sequence
     """Write a PNG grid: one row per prompt, ``per_prompt`` samples each."""
     from ..sample import save_grid
 
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given: pass at least one --prompt \"...\"")
+    prompts = read_prompts(prompts)
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     with torch_threads(num_threads):

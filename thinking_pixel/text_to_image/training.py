@@ -63,6 +63,7 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
                                  f"channels; the data has {dataset.image_size} px, {dataset.num_channels} channels")
         else:
             base = SD3TextToImage({}, text={"encoder": "pipeline"}, pipeline=cfg.pipeline)
+            base.set_latent_size(cfg.image_size)
             if not cfg.freeze_base:
                 raise ValueError("--pipeline trains the recursion (or LoRA) on a frozen transformer; "
                                  "--no-freeze-base is not supported with --pipeline")
