@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    parser.add_argument("--benchmark", choices=("fid", "compositional"), default="fid",
+                        help="fid: FID/KID against real data (class-conditional models); compositional: GenEval's "
+                             "protocol on the shapes world (text-to-image models)")
+    from .text_to_image.geneval import add_arguments as add_compositional_arguments
+
+    add_compositional_arguments(parser)
     return parser
 
 
@@ -254,6 +260,10 @@ def set_threads(threads: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``thinking-pixel evaluate`` command: prints the headline metrics; the full result goes to --output."""
+    if args.benchmark == "compositional":
+        from .text_to_image.geneval import run as run_compositional
+
+        return run_compositional(args)
     set_threads(args.threads)
     result = evaluate_checkpoint(
         args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
