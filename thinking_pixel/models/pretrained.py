@@ -52,18 +52,23 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def read_json(path: Path, missing: str):
+    """The parsed JSON file ``path``; FileNotFoundError(missing) if absent, ValueError if not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_config(path) -> dict:
     """The parsed ``config.json`` of checkpoint directory ``path``, with its class name checked."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {path}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json(config_path, f"no {CONFIG_NAME} in checkpoint directory {path}")
     if not isinstance(config, dict) or not isinstance(config.get("class"), str):
         raise ValueError(f"{config_path} must be a JSON object with a string 'class' field")
     if config.get("format") != FORMAT_VERSION:
