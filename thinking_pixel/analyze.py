@@ -388,19 +388,20 @@ def run(args: argparse.Namespace) -> int:
         stats = analyze_text_models(args.checkpoint, args.output_dir, labels=args.label, use_ema=args.use_ema,
                                     num_images=args.num_images, num_timesteps=args.num_timesteps,
                                     batch_size=args.batch_size, seed=args.seed, device=args.device)
-        for label, s in stats.items():
-            p = s["pooled"]
-            print(f"{label}: H(E) = {p['entropy_bits']:.3f} bits, I(E;t) = {p['mi_timestep_bits']:.4f}, "
-                  f"I(E;tag) = {p['mi_tag_bits']:.4f}, I(E;position) = {p['mi_position_bits']:.4f}", flush=True)
-        print(f"wrote figures and routing_stats.json to {args.output_dir}", flush=True)
+        _print_summary(stats, "tag", args.output_dir)
         return 0
     stats = analyze(args.checkpoint, args.output_dir, labels=args.label, use_ema=args.use_ema, dataset=args.dataset,
                     data_dir=args.data_dir, split=args.split, num_images=args.num_images,
                     num_timesteps=args.num_timesteps, layer=args.layer, batch_size=args.batch_size, seed=args.seed,
                     device=args.device)
+    _print_summary(stats, "class", args.output_dir)
+    return 0
+
+
+def _print_summary(stats: dict, condition: str, output_dir) -> None:
     for label, s in stats.items():
         p = s["pooled"]
         print(f"{label}: H(E) = {p['entropy_bits']:.3f} bits, I(E;t) = {p['mi_timestep_bits']:.4f}, "
-              f"I(E;class) = {p['mi_class_bits']:.4f}, I(E;position) = {p['mi_position_bits']:.4f}", flush=True)
-    print(f"wrote figures and routing_stats.json to {args.output_dir}", flush=True)
-    return 0
+              f"I(E;{condition}) = {p[f'mi_{condition}_bits']:.4f}, I(E;position) = {p['mi_position_bits']:.4f}",
+              flush=True)
+    print(f"wrote figures and routing_stats.json to {output_dir}", flush=True)

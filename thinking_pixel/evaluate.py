@@ -97,6 +97,20 @@ def _generate_chunk(model, labels: torch.Tensor, *, seed: int, sampler: str, num
     return to_uint8(images.cpu())
 
 
+def check_sample_settings(samples_dir: Path, identity: dict) -> None:
+    """Record what the samples in ``samples_dir`` are, or refuse if it holds samples made otherwise."""
+    settings_path = samples_dir / SETTINGS
+    if settings_path.is_file():
+        stored = json.loads(settings_path.read_text())
+        if stored != identity:
+            diff = {k: (stored.get(k), identity.get(k)) for k in set(stored) | set(identity)
+                    if stored.get(k) != identity.get(k)}
+            raise ValueError(f"{samples_dir} holds samples made with other settings ({diff}, as stored vs now); "
+                             "use another --samples-dir or delete it")
+    else:
+        settings_path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
 def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_size: int = 64, seed: int = 0,
                      sampler: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.5,
                      settings: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +124,7 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
     samples_dir.mkdir(parents=True, exist_ok=True)
     identity = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
                     num_steps=num_steps, cfg_scale=cfg_scale)
-    settings_path = samples_dir / SETTINGS
-    if settings_path.is_file():
-        stored = json.loads(settings_path.read_text())
-        if stored != identity:
-            diff = {k: (stored.get(k), identity.get(k)) for k in set(stored) | set(identity)
-                    if stored.get(k) != identity.get(k)}
-            raise ValueError(f"{samples_dir} holds samples made with other settings ({diff}, as stored vs now); "
-                             "use another --samples-dir or delete it")
-    else:
-        settings_path.write_text(json.dumps(identity, indent=2) + "\n")
+    check_sample_settings(samples_dir, identity)
 
     num_classes = model.config.num_classes
     labels = torch.arange(num_samples) % num_classes  # (num_samples,), balanced classes

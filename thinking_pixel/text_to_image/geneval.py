@@ -30,9 +30,6 @@ from ..metrics import to_uint8
 
 __all__ = ["benchmark_prompts", "evaluate_compositional", "run"]
 
-SETTINGS = "settings.json"
-
-
 def benchmark_prompts(prompts_per_tag: int, seed: int = 0) -> tuple[list, list]:
     """(seen-composition prompts, held-out-composition prompts) of the benchmark."""
     from ..tasks.compositional import make_prompts
@@ -41,30 +38,12 @@ def benchmark_prompts(prompts_per_tag: int, seed: int = 0) -> tuple[list, list]:
             make_prompts(prompts_per_tag, seed=seed, split="test"))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    from ..evaluate import _atomic_torch_save as save
-
-    save(obj, path)
-
-
-def _check_settings(samples_dir: Path, identity: dict) -> None:
-    path = samples_dir / SETTINGS
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != identity:
-            diff = {k: (stored.get(k), identity.get(k)) for k in set(stored) | set(identity)
-                    if stored.get(k) != identity.get(k)}
-            raise ValueError(f"{samples_dir} holds samples made with other settings ({diff}, as stored vs now); "
-                             "use another --samples-dir or delete it")
-    else:
-        path.write_text(json.dumps(identity, indent=2) + "\n")
-
-
 def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompts_per_tag: int = 25,
                            images_per_prompt: int = 4, prompt_seed: int = 0, seed: int = 0, cfg_scale: float = 4.0,
                            num_steps: int = 28, batch_size: int = 64, samples_dir: str | Path | None = None,
                            use_ema: bool = True, device: str = "auto", progress: bool = True) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
+    from ..evaluate import _atomic_torch_save, check_sample_settings
     from ..tasks.compositional import score
     from .sampling import PromptSampler, load_text_model
 
@@ -83,7 +62,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
 
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
     samples_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(samples_dir, {"checkpoint": str(weights.resolve()), "prompts_per_tag": prompts_per_tag,
+    check_sample_settings(samples_dir, {"checkpoint": str(weights.resolve()), "prompts_per_tag": prompts_per_tag,
                                   "images_per_prompt": images_per_prompt, "prompt_seed": prompt_seed, "seed": seed,
                                   "cfg_scale": cfg_scale, "num_steps": num_steps, "batch_size": batch_size})
     sampler = None
