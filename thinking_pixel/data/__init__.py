@@ -5,7 +5,7 @@
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
 - ``latents``: precomputed VAE latents with labels
-- ``captions``: captioned images (metadata.jsonl with file_name, text), yielding (image, caption str)
+- ``captions``: captioned images (metadata.jsonl with file_name, text); labels index the distinct captions
 """
 
 from __future__ import annotations

@@ -133,9 +133,7 @@ def grid_prompts(cfg) -> list[str]:
     from ..data import make_dataset
 
     dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    captions = list(getattr(dataset, "captions", ()))
-    if not captions:
-        captions = [dataset[i][1] for i in range(min(len(dataset), 8))]
+    captions = list(dataset.class_names)
     step = max(1, len(captions) // 8)
     return captions[::step][:8]
 

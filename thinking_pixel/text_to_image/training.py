@@ -3,8 +3,9 @@
 The loop, checkpoints, resumption, EMA, progress bar and metrics.jsonl are train.py's; this module supplies what
 differs from the class-conditional DiT (the ``task`` seam there):
 
-- data: a dataset of (image, caption) pairs (``captions``: an imagefolder with metadata.jsonl; ``compositional``:
-  the shapes world's scenes);
+- data: any dataset, its labels' ``class_names`` being the captions (``captions``: an imagefolder with
+  metadata.jsonl; ``compositional``: the shapes world's scenes with GenEval captions; the class datasets work too,
+  captioned by their class names);
 - model: ``SD3TextToImage`` from an SD3-* preset in pixel space, or a local diffusers SD3 pipeline's transformer
   (``--pipeline DIR``, trained in its VAE's latent space with its own text encoders); ``--finetune-from`` wraps a
   trained model (the paper's setting: base frozen, experts and gates train), ``--peft-lora`` puts a plain peft
@@ -34,13 +35,10 @@ from .sampling import CAPTION_CACHE
 
 
 def _minilm_max_length(dataset) -> int:
-    """Tokens kept per caption: the dataset's longest caption (rounded up to 8), or 32 if it does not list them."""
-    captions = getattr(dataset, "captions", None)
-    if not captions:
-        return 32
+    """Tokens kept per caption: the dataset's longest caption, rounded up to 8 (at least 8, at most 128)."""
     from ..text import MiniLMTextEncoder
 
-    longest = max(MiniLMTextEncoder.token_lengths_of(captions))
+    longest = max(MiniLMTextEncoder.token_lengths_of(dataset.class_names))
     return min(128, max(8, -(-longest // 8) * 8))
 
 
@@ -94,27 +92,24 @@ class TextToImageTask:
 
     @staticmethod
     def make_dataset(cfg):
-        dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-        if not getattr(dataset, "is_captioned", False):
-            raise ValueError(f"--dataset {cfg.dataset} has class labels, not captions; the text-to-image model "
-                             "trains on --dataset captions --data-dir DIR or --dataset compositional")
-        return dataset
+        return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
 
     build_model = staticmethod(build_text_model)
 
     def __init__(self, cfg, dataset, model: SD3TextToImage, device: torch.device, output_dir: Path):
-        self.device, self.dropout = device, cfg.class_dropout_prob
+        self.device, self.dropout, self.captions = device, cfg.class_dropout_prob, dataset.class_names
         self.flow = RectifiedFlow()
         cache = Path(output_dir) / CAPTION_CACHE
         self.embeddings = CaptionEmbeddings(load_text_encoder(model.text, model.pipeline, device)).load(cache)
-        # Every caption the data lists, in one sorted pass: the same embeddings whether or not the run resumed.
-        self.embeddings.add(["", *getattr(dataset, "captions", ())])
+        # Every caption of the data in one sorted pass: the same embeddings whether or not the run resumed.
+        self.embeddings.add(["", *dataset.class_names])
         self.embeddings.save(cache)
         self.null = null_caption_embedding(self.embeddings, 1, device)  # (1, L, D), (1, D_p)
         self.vae = PipelineVAE(model.pipeline, device) if model.pipeline is not None else None
 
-    def losses(self, model, x, captions) -> dict:
-        hidden, pooled = self.embeddings.lookup(list(captions), device=self.device)  # (N, L, D), (N, D_p)
+    def losses(self, model, x, labels) -> dict:
+        captions = [self.captions[i] for i in labels.tolist()]
+        hidden, pooled = self.embeddings.lookup(captions, device=self.device)  # (N, L, D), (N, D_p)
         drop = torch.rand(x.shape[0], device=self.device) < self.dropout  # (N,): train the null condition too
         hidden = torch.where(drop[:, None, None], self.null[0], hidden)
         pooled = torch.where(drop[:, None], self.null[1], pooled)
