@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO, Runner, finished  # noqa: E402  (experiments/run.py: the command runner of the DiT study)
+from run import REPO, Runner, finished, settings  # noqa: E402  (experiments/run.py: the command runner of the DiT study)
 
 SCALES = {
     # ~1.5 h on a busy 2-core CPU: 32 px scenes, SD3-T/4 (4 blocks of width 128, 64 tokens), short fine-tuning,
@@ -60,17 +60,6 @@ LABELS = {"base": "base SD3-T (no fine-tuning)", "sd3_continued": "SD3-T, contin
           "lora_peft": "plain LoRA via peft (M=1, T=1, block 2)", "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2",
           "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3", "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2"}
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
-def settings(scale: str) -> dict:
-    import os
-
-    s = dict(SCALES[scale])
-    for key, default in s.items():
-        env = os.environ.get(f"TP_{key.upper()}")
-        if env is not None:
-            s[key] = type(default)(env)
-    return s
 
 
 def train_cmd(s: dict, out_dir: Path, steps: int, lr: float, seed: int, batch: int, extra: list[str]) -> list[str]:
@@ -118,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     stages = set(args.stages.split(","))
-    s = settings(args.scale)
+    s = settings(args.scale, SCALES)
     out = Path(args.out or REPO / "runs" / f"t2i_{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.txt").write_text("".join(f"{k}={v}\n" for k, v in sorted(s.items())) + f"scale={args.scale}\n")
