@@ -1,6 +1,7 @@
 """Datasets: ``make_dataset(name, ...)`` -> an :class:`ImageDataset` of ((C, H, W) in [-1, 1], label).
 
 - ``shapes``: embedded procedural coloured shapes (the default; no files needed)
+- ``compositional``: scenes of 1-4 shapes captioned with GenEval's templates, with a held-out split
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
@@ -12,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 from .base import ImageDataset, StepBatchSampler, resize_batch, to_unit_range
+from .compositional import CompositionalDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
@@ -20,6 +22,7 @@ from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 
 __all__ = [
     "COLOURS",
+    "CompositionalDataset",
     "DATASETS",
     "DigitsDataset",
     "FashionMNISTDataset",
@@ -39,6 +42,7 @@ __all__ = [
 
 DATASETS: dict[str, type[ImageDataset]] = {
     "shapes": ShapesDataset,
+    "compositional": CompositionalDataset,
     "digits": DigitsDataset,
     "fashion_mnist": FashionMNISTDataset,
     "folder": ImageFolderDataset,
