@@ -1,6 +1,7 @@
 """Datasets: ``make_dataset(name, ...)`` -> an :class:`ImageDataset` of ((C, H, W) in [-1, 1], label).
 
 - ``shapes``: embedded procedural coloured shapes (the default; no files needed)
+- ``compositional``: scenes of 1-4 shapes captioned with GenEval's templates, with a held-out split
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
@@ -14,6 +15,7 @@ import inspect
 
 from .base import ImageDataset, StepBatchSampler, resize_batch, to_unit_range
 from .captions import CaptionFolderDataset
+from .compositional import CompositionalDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
@@ -23,6 +25,7 @@ from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 __all__ = [
     "CaptionFolderDataset",
     "COLOURS",
+    "CompositionalDataset",
     "DATASETS",
     "DigitsDataset",
     "FashionMNISTDataset",
@@ -42,6 +45,7 @@ __all__ = [
 
 DATASETS: dict[str, type[ImageDataset]] = {
     "shapes": ShapesDataset,
+    "compositional": CompositionalDataset,
     "digits": DigitsDataset,
     "fashion_mnist": FashionMNISTDataset,
     "folder": ImageFolderDataset,
