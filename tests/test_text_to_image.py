@@ -188,3 +188,55 @@ def test_pipeline_training_and_sampling_with_the_recursion(tmp_path, caption_dir
                      "2", "--num-steps", "2", "--scale", "1", "--threads", "1", "--output", str(out)]) == 0
     with Image.open(out) as image:
         assert image.size == (2 * 18 + 2, 18 + 2)
+
+
+@pytest.fixture(scope="module")
+def compositional_run(tmp_path_factory):
+    """A tiny text-to-image model with the recursion in 2 blocks, 3 steps on --dataset compositional (16 px)."""
+    out = tmp_path_factory.mktemp("comp")
+    cfg = TrainConfig(output_dir=str(out / "run"), dataset="compositional", image_size=16, preset="SD3-N/2",
+                      recursion_layers=(0, 1), experts=2, recursion_steps=2, rank=4, batch_size=4, max_steps=3,
+                      checkpoint_every=3, warmup_steps=0, sample_grid=False, progress=False, num_threads=1)
+    return train(cfg).output_dir
+
+
+def test_compositional_evaluation_end_to_end_and_resumable(tmp_path, compositional_run, monkeypatch, capsys):
+    from thinking_pixel.text_to_image import sampling
+    from thinking_pixel.text_to_image.geneval import benchmark_prompts
+
+    out = tmp_path / "res.json"
+    argv = ["evaluate", "--checkpoint", str(compositional_run), "--benchmark", "compositional", "--prompts-per-tag",
+            "1", "--images-per-prompt", "2", "--num-steps", "2", "--batch-size", "6", "--threads", "1",
+            "--no-progress", "--output", str(out)]
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    tags = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    assert set(tags) <= set(result) and 0 <= result["overall"] <= 1
+    assert result["num_images"] == {t: 2 for t in tags}
+    seen, heldout = benchmark_prompts(1)
+    assert set(result["heldout"]["num_images"]) == {p.tag for p in heldout} and "single_object" not in result["heldout"]
+    details = (tmp_path / "res_details.jsonl").read_text().splitlines()
+    assert len(details) == 2 * (len(seen) + len(heldout))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a finished chunk was generated again")
+
+    monkeypatch.setattr(sampling.PromptSampler, "generate", no_sampling)
+    out.unlink()
+    assert cli.main(argv) == 0  # every chunk is on disk: nothing is sampled again
+    assert json.loads(out.read_text())["overall"] == result["overall"]
+    assert cli.main([*argv[:-1], str(tmp_path / "other.json"), "--samples-dir", str(tmp_path / "res_samples"),
+                     "--cfg-scale", "2"]) == 1
+    assert "other settings" in _one_line_error(capsys)
+
+
+def test_analyze_text_model_expert_usage(tmp_path, compositional_run):
+    out = tmp_path / "fig"
+    assert cli.main(["analyze", "--checkpoint", str(compositional_run), "--output-dir", str(out), "--num-images", "6",
+                     "--num-timesteps", "3", "--threads", "1"]) == 0
+    stats = json.loads((out / "routing_stats.json").read_text())["run"]
+    pooled = stats["pooled"]
+    assert pooled["tokens"] == 6 * 3 * 64 * 2 * 2  # images x noise levels x tokens (8 x 8) x layers x steps
+    assert {"mi_timestep_bits", "mi_tag_bits", "mi_position_bits"} <= set(pooled)
+    assert set(stats["per_layer_step"]) == {"layer0_step1", "layer0_step2", "layer1_step1", "layer1_step2"}
+    assert (out / "expert_usage.png").is_file() and (out / "expert_positions.png").is_file()

@@ -95,7 +95,7 @@ def analyze_text_models(checkpoints: list[str], output_dir: str | Path, *, label
         if model.recursion is None:
             raise ValueError(f"--checkpoint {checkpoint} has no recursion to analyse")
         size = model.image_size
-        images = torch.stack([torch.from_numpy(np.asarray(render(p, size=size, seed=seed))).permute(2, 0, 1)
+        images = torch.stack([torch.from_numpy(np.array(render(p, size=size, seed=seed))).permute(2, 0, 1)
                               for p in prompts]).float().div(127.5).sub(1).to(device)  # (N, 3, S, S) in [-1, 1]
         tag_index = torch.tensor([TAGS.index(p.tag) for p in prompts], device=device)
         sampler = PromptSampler(model)
