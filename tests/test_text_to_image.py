@@ -110,6 +110,11 @@ def test_finetune_trains_only_the_experts_and_sampling_writes_a_png(tmp_path, ca
     ft_state, base_state = ft.state_dict(), frozen.state_dict()
     assert all(torch.equal(ft_state[k], v) for k, v in base_state.items())  # the base did not move
     assert any(v.abs().sum() > 0 for k, v in ft_state.items() if "lora_b" in k)  # the experts did
+    peft = train(tiny(tmp_path, caption_dir, "peft", finetune_from=str(base.output_dir), peft_lora=True, max_steps=2))
+    peft_state = load_model(peft.checkpoint / "model").state_dict()  # peft's keys: to_q.base_layer / lora_A / lora_B
+    assert all(torch.equal(peft_state[k.replace(".to_q.", ".to_q.base_layer.")], v) for k, v in base_state.items()
+               if ".transformer_blocks.1.attn.to_q." in k)
+    assert any(v.abs().sum() > 0 for k, v in peft_state.items() if ".lora_B." in k)
     out = tmp_path / "grid.png"
     assert cli.main(["sample", "--checkpoint", str(result.output_dir), "--prompt", "a red square", "--prompt",
                      "a blue square", "--per-prompt", "3", "--num-steps", "3", "--scale", "1", "--threads", "1",
