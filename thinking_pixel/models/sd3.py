@@ -206,6 +206,11 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
                 "recursion": None if self.recursion is None else self.recursion.to_dict(), "peft_lora": self.peft_lora}
 
     @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        # A pipeline model's base weights come from the pipeline directory on the CPU: move them along.
+        return super().from_pretrained(path, device=device).to(device)
+
+    @classmethod
     def _from_config_dict(cls, d: dict) -> "SD3TextToImage":
         recursion = None if d.get("recursion") is None else RecursionConfig.from_dict(d["recursion"])
         args = (d["transformer"], recursion, d["text"], d.get("pipeline"))

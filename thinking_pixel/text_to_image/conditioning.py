@@ -33,7 +33,7 @@ class PipelineTextEncoder:
         # bf16 on GPU: T5-XXL alone is 19 GB in fp32; the embeddings are computed once per caption anyway.
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         self.pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, transformer=None, vae=None,
-                                                             torch_dtype=dtype, local_files_only=True).to(device)
+                                                             dtype=dtype, local_files_only=True).to(device)
         self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
