@@ -68,7 +68,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-inputs", type=_names, default=S,
                    help="what the gate sees, comma-separated subset of tokens,timestep,condition (default all)")
     g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
-    g.add_argument("--finetune-from", default=S, help="a trained DiT checkpoint to wrap (its EMA weights)")
+    g.add_argument("--finetune-from", default=S, help="a trained DiT to wrap: a checkpoint of ours (its EMA weights), "
+                   "a diffusers DiT model directory (with or without transformer/), or a facebookresearch/DiT .pt")
     g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,
                    help="with --finetune-from: also train the base DiT")
     g = p.add_argument_group("optimisation")

@@ -4,5 +4,7 @@ diffusers and peft are imported only when a function needs them, so ``import thi
 """
 
 from .diffusers import apply_recursion, load_recursion, recursion_config, save_recursion
+from .peft import add_peft_experts, add_peft_lora, copy_experts_to_peft, export_peft
 
-__all__ = ["apply_recursion", "load_recursion", "recursion_config", "save_recursion"]
+__all__ = ["add_peft_experts", "add_peft_lora", "apply_recursion", "copy_experts_to_peft", "export_peft",
+           "load_recursion", "recursion_config", "save_recursion"]

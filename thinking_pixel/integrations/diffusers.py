@@ -41,12 +41,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models import DiT, RecursionConfig, ThinkingPixelDiT
-from ..models.pretrained import _atomic_write, read_json
+from ..models.pretrained import _atomic_write, read_json, state_mismatches
+from ..modules.attention import merge_heads, split_heads, split_qkv
 from ..modules.recursive_attention import LatentRecursion
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "RecursionAttnProcessor",
     "SUPPORTED_MODELS",
     "apply_recursion",
+    "install_processors",
     "load_recursion",
     "recursion_config",
     "save_recursion",
@@ -91,6 +92,11 @@ class RecursionAttnProcessor(LatentRecursion):
         self.cond_inputs = tuple(cond_inputs)  # the embeddings the gate sums into its condition, in this order
         self.embeddings = {}  # name -> (N, D_c), filled by _StoreEmbedding hooks during the model's forward
 
+    @classmethod
+    def for_attention(cls, attn, recursion: RecursionConfig, cond_inputs=(), **kwargs):
+        """A processor for diffusers Attention ``attn`` (its width and heads) under ``recursion``."""
+        return cls(attn.inner_dim, attn.heads, attn.inner_dim, cond_inputs, **recursion.module_kwargs(), **kwargs)
+
     def gate_condition(self):
         """(N, D_c) the sum of the captured embeddings named in cond_inputs, or None if the gate takes none."""
         if not self.cond_inputs:
@@ -102,26 +108,28 @@ class RecursionAttnProcessor(LatentRecursion):
         parts = [self.embeddings[name] for name in self.cond_inputs]
         return sum(parts[1:], parts[0])
 
-    def split_heads(self, z):
-        return rearrange(z, "n t (h d) -> n h t d", h=self.heads)
 
     def context_qkv(self, attn, context):
         """Text tokens (N, L, D) -> their frozen (q or None, k, v), each (N, H, L, D / H), computed once per call.
         q is None where the block drops the text output (context_pre_only)."""
-        k = self.split_heads(attn.add_k_proj(context))
-        v = self.split_heads(attn.add_v_proj(context))
+        k = split_heads(attn.add_k_proj(context), self.heads)
+        v = split_heads(attn.add_v_proj(context), self.heads)
         if attn.norm_added_k is not None:
             k = attn.norm_added_k(k)
         q = None
         if not attn.context_pre_only:
-            q = self.split_heads(attn.add_q_proj(context))
+            q = split_heads(attn.add_q_proj(context), self.heads)
             if attn.norm_added_q is not None:
                 q = attn.norm_added_q(q)
         return q, k, v
 
+    def base_projection(self, attn, x):
+        """The frozen [q | k | v] of x~ (N, T, 3D): three GEMMs, once per call (the recursion's last step)."""
+        return torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
+
     def attend_step(self, attn, qkv, context, last):
         """One step's attention: vision queries (and the text's at the last step) over [vision; text] keys."""
-        q, k, v = rearrange(qkv, "n t (s h d) -> s n h t d", s=3, h=self.heads)  # (N, H, T, D / H) each
+        q, k, v = split_qkv(qkv, self.heads)  # (N, H, T, D / H) each
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -133,7 +141,7 @@ class RecursionAttnProcessor(LatentRecursion):
             if last and q_c is not None:
                 q = torch.cat([q, q_c], dim=2)  # the text stream's output is needed from the last step only
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T or T + L, D / H)
-        return rearrange(out, "n h t d -> n t (h d)").to(q.dtype)
+        return merge_heads(out).to(q.dtype)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if attention_mask is not None:
@@ -144,11 +152,8 @@ class RecursionAttnProcessor(LatentRecursion):
             raise ValueError(f"hidden_states must have shape (N, T, {self.dim}), got {tuple(x.shape)}")
         n_tokens = x.shape[1]
         context = None if encoder_hidden_states is None else self.context_qkv(attn, encoder_hidden_states)
-        out = self.recurse(
-            x, self.gate_condition(),
-            lambda: torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1),  # (N, T, 3D), last step only
-            lambda qkv, last: self.attend_step(attn, qkv, context, last),
-        )  # (N, T, D), or (N, T + L, D) for a joint attention with text queries
+        out = self.recurse(x, self.gate_condition(), lambda: self.base_projection(attn, x),
+                           lambda qkv, last: self.attend_step(attn, qkv, context, last))  # (N, T, D), or (N, T + L, D) for a joint attention with text queries
         vision = attn.to_out[1](attn.to_out[0](out[:, :n_tokens]))  # output projection, dropout
         if encoder_hidden_states is None:
             return vision
@@ -229,6 +234,12 @@ def apply_recursion(model, recursion: RecursionConfig, *, freeze_base: bool = Tr
         raise ValueError("this model already has the recursion (a ThinkingPixelDiT); apply_recursion adds it once")
     if isinstance(model, DiT):
         return ThinkingPixelDiT.from_dit(model, recursion, freeze_base=freeze_base)
+    return install_processors(model, recursion, RecursionAttnProcessor, freeze_base=freeze_base)
+
+
+def install_processors(model, recursion: RecursionConfig, processor_class, *, freeze_base=True, **kwargs):
+    """Set ``processor_class.for_attention(attn, recursion, cond_inputs, **kwargs)`` on the attention of each block
+    in ``recursion.layers`` of a diffusers model, hook the gate's embeddings to it, and return the model."""
     sites, joint = _sites(model)
     done = _processors(model)
     if done:
@@ -245,8 +256,7 @@ def apply_recursion(model, recursion: RecursionConfig, *, freeze_base: bool = Tr
         weight = attn.to_q.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32  # like peft
         with torch.device(weight.device):
-            processor = RecursionAttnProcessor(attn.inner_dim, attn.heads, attn.inner_dim, cond_inputs,
-                                               **recursion.module_kwargs()).to(dtype)
+            processor = processor_class.for_attention(attn, recursion, cond_inputs, **kwargs).to(dtype)
         processor.train(model.training)
         for name in cond_inputs:
             sources[name].register_forward_hook(_StoreEmbedding(processor, name))
@@ -336,10 +346,7 @@ def load_recursion(model, directory, *, freeze_base: bool = True):
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
     params = _recursion_state(model)
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    problems = [f"{label} {keys[:3]}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    problems += [f"{k}: saved {tuple(state[k].shape)}, model {tuple(params[k].shape)}"
-                 for k in sorted(set(state) & set(params)) if state[k].shape != params[k].shape]
+    problems = state_mismatches(params, state)
     if problems:
         raise ValueError(f"{weights_path} does not match {RECURSION_CONFIG_NAME}: " + "; ".join(problems))
     with torch.no_grad():

@@ -77,20 +77,14 @@ class LatentRecursion(nn.Module):
             output projection. Its first T rows (dim 1) are the vision tokens' (N, T, D); at the last step a joint
             attention may append the context tokens' rows, which come back to the caller as they are.
         """
-        token_weight, cond_logits = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
+        gate_terms = self.gate.fused_terms(cond)  # token_weight (M, D) or None, cond_logits (N, 1, M) or (M,)
         gate_shape = (*x.shape[:-1], self.gate.num_experts)  # (N, T, M)
         a = x  # a^0 = x~, (N, T, D)
         for step in range(1, self.steps + 1):
             last = step == self.steps
-            dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
             noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
-            base = base_projection().to(dtype) if last else None  # W^ x~, last step only
-            qkv, expert_idx, _ = tp_kernels.refine_step(
-                a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
-                token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
-                tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps,
-                normalize=self.norm_first_step or step > 1,
-            )  # (N, T, 3D): base + weight * LoRA_e(LN(a)), e = expert_idx (N, T)
+            base = base_projection().to(a.dtype) if last else None  # W^ x~, last step only
+            qkv, expert_idx = self.refine(a, gate_terms, noise, base, normalize=self.norm_first_step or step > 1)
             if self.recorder is not None:
                 self.recorder(step, expert_idx, a)
             out = attend_step(qkv, last)  # (N, T, D); at the last step maybe (N, T + L, D)
@@ -98,9 +92,21 @@ class LatentRecursion(nn.Module):
                 a = out + x  # residual back to the block input
         return out
 
+    def refine(self, a, gate_terms, noise, base, normalize):
+        """One step's LN + gate + routed LoRA (+ base): -> qkv (N, T, 3D) = base + weight * LoRA_e(LN(a)), and
+        expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines)."""
+        dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
+        token_weight, cond_logits = gate_terms
+        qkv, expert_idx, _ = tp_kernels.refine_step(
+            a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
+            token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
+            tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps, normalize=normalize,
+        )
+        return qkv, expert_idx
+
     def recursion_parameters(self):
         """(name, parameter) of what the recursion adds: the experts and the gate (names relative to self)."""
-        return [(f"{part}.{name}", p) for part in ("lora", "gate")
+        return [(f"{part}.{name}", p) for part in ("lora", "gate") if getattr(self, part) is not None
                 for name, p in getattr(self, part).named_parameters()]
 
     def extra_repr(self):
