@@ -150,6 +150,14 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
     return torch.cat(images), labels
 
 
+def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **options):
+    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken)."""
+    started = time.time()
+    images, labels = generate_samples(model, samples_dir, num_samples, settings={"checkpoint": str(weights.resolve())},
+                                      **options)
+    return images, labels, time.time() - started
+
+
 def _dataset_options(name: str, **wanted) -> dict:
     """The subset of ``wanted`` constructor options that dataset ``name`` accepts."""
     from .data import DATASETS
@@ -216,11 +224,9 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     real = reference_images(dataset, num_reference, image_size=cfg.input_size, num_channels=cfg.in_channels,
                             split=split, data_dir=data_dir)
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
-    started = time.time()
-    images, labels = generate_samples(
-        model, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler, num_steps=num_steps,
-        cfg_scale=cfg_scale, settings={"checkpoint": str(weights.resolve())}, progress=progress)
-    sampling_seconds = time.time() - started
+    images, labels, sampling_seconds = _timed_samples(
+        model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
+        num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
 
     cache_name = f"{dataset}-{split}-{cfg.input_size}px-{cfg.in_channels}ch-n{num_reference}"
     if data_dir is not None:  # another copy of the data may differ: keep its statistics apart
@@ -286,11 +292,9 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
                          f"dataset has {data.num_classes} classes of RGB images")
 
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
-    started = time.time()
-    images, labels = generate_samples(
-        model, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler, num_steps=num_steps,
-        cfg_scale=cfg_scale, settings={"checkpoint": str(weights.resolve())}, progress=progress)
-    sampling_seconds = time.time() - started
+    images, labels, sampling_seconds = _timed_samples(
+        model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
+        num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
     parts = [data.label_parts(y) for y in range(data.num_classes)]
     found = main_objects(images)
     real = [data.render(i) for i in range(min(num_samples, len(data)))]  # class-balanced, as the samples

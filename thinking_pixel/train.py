@@ -41,6 +41,7 @@ from .models import GATE_INPUTS, DiT, RecursionConfig, ThinkingPixelDiT, dit_con
 
 __all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
 
+LR_SCHEDULES = ("constant", "cosine")
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
                       "progress", "sample_grid", "device", "num_threads"}
@@ -87,6 +88,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after warm-up: "constant" (DiT) or "cosine" (decays to 0 at max_steps)
+    min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weighting of the eps MSE (None: DiT's uniform)
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -126,6 +129,10 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "warmup_steps", "num_workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"TrainConfig.min_snr_gamma must be None or > 0, got {self.min_snr_gamma!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
@@ -192,9 +199,13 @@ def _ema_decay(cfg: TrainConfig, num_updates: int) -> float:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT)."""
+    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT) or a cosine
+    decay to 0 at ``max_steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr
 
 
@@ -300,7 +311,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y},
+                                                  min_snr_gamma=cfg.min_snr_gamma)
             loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
