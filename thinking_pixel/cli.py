@@ -77,6 +77,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=S, help="AdamW learning rate (default 1e-3; DiT: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--warmup-steps", type=int, default=S, help="linear lr warm-up (default 100)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=S,
+                   help="after warm-up: constant, or cosine decay to 0 at --max-steps")
+    g.add_argument("--min-snr-gamma", type=float, default=S, help="Min-SNR-gamma weighting of the eps loss")
     g.add_argument("--grad-clip", type=float, default=S, help="max grad norm, 0 disables (default 1.0)")
     g.add_argument("--ema-decay", type=float, default=S, help="default 0.999 (DiT: 0.9999 for long runs)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")

@@ -43,6 +43,7 @@ TEXT_DATASETS = ("captions", "compositional")  # datasets of (image, caption): t
 
 __all__ = ["DiTTask", "TrainConfig", "TrainResult", "build_model", "task_for", "train"]
 
+LR_SCHEDULES = ("constant", "cosine")
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
                       "progress", "sample_grid", "device", "num_threads"}
@@ -93,6 +94,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after warm-up: "constant" (DiT) or "cosine" (decays to 0 at max_steps)
+    min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weighting of the eps MSE (None: DiT's uniform)
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -134,6 +137,10 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "warmup_steps", "num_workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"TrainConfig.min_snr_gamma must be None or > 0, got {self.min_snr_gamma!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
@@ -203,12 +210,13 @@ class DiTTask:
     build_model = staticmethod(build_model)
 
     def __init__(self, cfg: TrainConfig, dataset, model, device: torch.device, output_dir: Path):
-        self.diffusion, self.device = GaussianDiffusion(), device
+        self.diffusion, self.device, self.min_snr_gamma = GaussianDiffusion(), device, cfg.min_snr_gamma
 
     def losses(self, model, x, y) -> dict:
         """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss."""
         t = self.diffusion.sample_timesteps(x.shape[0], device=self.device)  # (N,)
-        terms = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y.to(self.device, non_blocking=True)})
+        terms = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y.to(self.device, non_blocking=True)},
+                                               min_snr_gamma=self.min_snr_gamma)
         return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
 
     @staticmethod
@@ -240,9 +248,13 @@ def _ema_decay(cfg: TrainConfig, num_updates: int) -> float:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT)."""
+    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT) or a cosine
+    decay to 0 at ``max_steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr
 
 

@@ -97,6 +97,9 @@ class TextToImageTask:
     build_model = staticmethod(build_text_model)
 
     def __init__(self, cfg, dataset, model: SD3TextToImage, device: torch.device, output_dir: Path):
+        if cfg.min_snr_gamma is not None:
+            raise ValueError("--min-snr-gamma weights the DiT's eps loss; the text-to-image model trains with "
+                             "rectified flow (logit-normal timesteps), which it does not apply to")
         self.device, self.dropout, self.captions = device, cfg.class_dropout_prob, dataset.class_names
         self.flow = RectifiedFlow()
         cache = Path(output_dir) / CAPTION_CACHE
