@@ -112,16 +112,12 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
             self._inject_peft_lora()
 
     def _inject_peft_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from ..integrations.peft import add_peft_lora
 
-        depth = self.transformer_config["num_layers"]
-        bad = [i for i in self.peft_lora["layers"] if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"peft_lora layers {bad} out of range for a transformer with {depth} blocks")
-        targets = [f"transformer_blocks.{i}.attn.{proj}" for i in self.peft_lora["layers"]
-                   for proj in ("to_q", "to_k", "to_v")]
-        rank = self.peft_lora["rank"]
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), self.transformer)
+        trainable = {n for n, p in self.transformer.named_parameters() if p.requires_grad}
+        add_peft_lora(self.transformer, self.peft_lora["layers"], self.peft_lora["rank"])
+        for n, p in self.transformer.named_parameters():  # like the recursion: freeze_base decides what trains
+            p.requires_grad_(n.replace(".base_layer", "") in trainable or ".lora_" in n)
 
     # ---- shapes -------------------------------------------------------------------------------------------------
     @property
