@@ -128,10 +128,6 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
     def in_channels(self) -> int:
         return self.transformer_config["in_channels"]
 
-    @property
-    def recursive_layers(self) -> tuple:
-        return () if self.recursion is None else self.recursion.resolve_layers(self.transformer_config["num_layers"])
-
     def set_latent_size(self, image_size: int) -> None:
         """Pipeline models: record that images are ``image_size`` px, i.e. latents of image_size / (VAE factor) (the
         transformer's ``sample_size``, which the pipeline samples at by default)."""
@@ -181,8 +177,9 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
         return self.pipeline is not None and (self.recursion is not None or self.peft_lora is not None)
 
     def state_dict(self, *args, **kwargs):
+        """The full state, or for a pipeline model with a frozen base only the experts' and gates' tensors."""
         state = super().state_dict(*args, **kwargs)
-        if self._saves_experts_only() and not kwargs.get("keep_vars") and not args:
+        if self._saves_experts_only():
             experts = {n for n, _ in self.expert_named_parameters()}
             state = type(state)((k, v) for k, v in state.items() if k in experts)
         return state
