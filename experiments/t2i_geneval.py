@@ -36,7 +36,7 @@ from run import REPO, Runner, finished, settings  # noqa: E402  (experiments/run
 SCALES = {
     # ~1.5 h on a busy 2-core CPU: 32 px scenes, SD3-T/4 (4 blocks of width 128, 64 tokens), short fine-tuning,
     # 4 prompts per tag and split (160 images per checkpoint).
-    "small": dict(image_size=32, preset="SD3-T/4", base_steps=1500, base_batch=32, base_lr=1e-3, ft_steps=200,
+    "small": dict(image_size=32, preset="SD3-T/4", base_steps=1000, base_batch=32, base_lr=1e-3, ft_steps=150,
                   ft_batch=32, ft_lr=1e-3, rank=16, multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=4,
                   eval_steps=20, cfg_scale=4.0, analyze_images=60, threads=1),
     # Many CPU hours: longer base and fine-tuning, 25 prompts per tag and split.
