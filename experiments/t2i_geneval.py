@@ -16,7 +16,8 @@ Protocol (the paper's fine-tuning setting):
   3. evaluate: ``thinking-pixel evaluate --benchmark compositional`` (GenEval's protocol: prompts per tag, 4 images
      per prompt, seeded), seen and held-out compositions apart; the base too.
   4. analyze: expert usage vs timestep and prompt tag for tp_M2_T2_multi and tp_M5_T5 (seed 0).
-  5. table: OUT/results.md (mean ± sample std over seeds), from the result JSONs only.
+  5. grids: OUT/grids/NAME.png, the first 12 seen prompts x 4 images of each seed-0 evaluation (no new sampling).
+  6. table: OUT/results.md (mean ± sample std over seeds), from the result JSONs only.
 
 Every command is printed and appended to OUT/commands.sh; finished evaluations are skipped, training resumes.
 """
@@ -98,11 +99,31 @@ def table(out: Path, s: dict) -> str:
     return "\n".join(lines)
 
 
+def grids(out: Path, name: str, rows: int = 12) -> None:
+    """OUT/grids/NAME.png from the evaluation's stored samples: the first ``rows`` seen prompts, 4 images each
+    (captions in OUT/grids/NAME.txt, one per row)."""
+    import torch
+
+    from thinking_pixel.sample import save_grid
+
+    result = out / "eval" / f"{name}.json"
+    if not result.is_file():
+        return
+    chunks = sorted((out / "eval_samples" / name).glob("chunk_*.pt"))
+    images = torch.cat([torch.load(c, weights_only=True)["images"] for c in chunks])
+    details = [json.loads(line) for line in Path(json.loads(result.read_text())["details"]).read_text().splitlines()]
+    per = json.loads(result.read_text())["images_per_prompt"]
+    grid = images[: rows * per].float() / 127.5 - 1
+    (out / "grids").mkdir(exist_ok=True)
+    save_grid(grid, out / "grids" / f"{name}.png", ncol=per, scale=2)
+    (out / "grids" / f"{name}.txt").write_text("".join(d["caption"] + "\n" for d in details[: rows * per: per]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument("--out", default=None, help="output root (default: runs/t2i_<scale>)")
-    parser.add_argument("--stages", default="base,finetune,evaluate,analyze,table")
+    parser.add_argument("--stages", default="base,finetune,evaluate,analyze,grids,table")
     parser.add_argument("--jobs", type=int, default=1, help="runs / evaluations in parallel (default 1)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
@@ -146,6 +167,9 @@ def main(argv=None) -> int:
             for n, label in items:
                 cmd += ["--checkpoint", str(out / "runs" / n), "--label", label]
             run(cmd)
+    if "grids" in stages:
+        for name in ("base", *(f"{v}_s{seeds[0]}" for v in variants(s))):
+            grids(out, name)
     if "table" in stages:
         text = table(out, s)
         (out / "results.md").write_text(text + "\n")
