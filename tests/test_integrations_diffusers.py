@@ -151,3 +151,15 @@ def test_bad_inputs_are_named(tmp_path):
         save_recursion(make_base("sd3"), tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="recursion_config.json"):
         load_recursion(make_base("sd3"), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("kind", ["sd3", "dit_diffusers"])
+def test_a_bf16_model_gets_fp32_experts_and_trains(kind):
+    base = make_base(kind).to(torch.bfloat16)
+    inputs = [i.to(torch.bfloat16) if i.is_floating_point() else i for i in make_inputs(kind)]
+    model = apply_recursion(copy.deepcopy(base), RecursionConfig(layers=(1,), experts=2, steps=2, rank=4))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # like peft's adapters
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, inputs), run(base, inputs))
+    run(model.train(), inputs).float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -106,8 +106,7 @@ class RecursionAttnProcessor(LatentRecursion):
             raise RuntimeError(f"RecursionAttnProcessor has no {missing} embedding for its gate: it is captured "
                                "while the model's forward computes it, so call the model, not a block alone")
         parts = [self.embeddings[name] for name in self.cond_inputs]
-        return sum(parts[1:], parts[0])
-
+        return sum(parts[1:], parts[0]).to(self.gate.cond_proj.weight.dtype)  # fp32 gate under a bf16 model
 
     def context_qkv(self, attn, context):
         """Text tokens (N, L, D) -> their frozen (q or None, k, v), each (N, H, L, D / H), computed once per call.
@@ -153,7 +152,8 @@ class RecursionAttnProcessor(LatentRecursion):
         n_tokens = x.shape[1]
         context = None if encoder_hidden_states is None else self.context_qkv(attn, encoder_hidden_states)
         out = self.recurse(x, self.gate_condition(), lambda: self.base_projection(attn, x),
-                           lambda qkv, last: self.attend_step(attn, qkv, context, last))  # (N, T, D), or (N, T + L, D) for a joint attention with text queries
+                           lambda qkv, last: self.attend_step(attn, qkv, context, last))
+        # out: (N, T, D), or (N, T + L, D) when the last step also ran the text queries
         vision = attn.to_out[1](attn.to_out[0](out[:, :n_tokens]))  # output projection, dropout
         if encoder_hidden_states is None:
             return vision

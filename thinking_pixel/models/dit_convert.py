@@ -34,7 +34,8 @@ def dit_from_diffusers(transformer) -> DiT:
     from diffusers import DiTTransformer2DModel
 
     if not isinstance(transformer, DiTTransformer2DModel):
-        raise TypeError(f"DiT.from_diffusers expects a diffusers DiTTransformer2DModel, got {type(transformer).__name__}")
+        raise TypeError(f"DiT.from_diffusers expects a diffusers DiTTransformer2DModel, "
+                        f"got {type(transformer).__name__}")
     cfg = transformer.config
     wrong = {k: cfg[k] for k, v in _DIFFUSERS_REQUIRED.items() if cfg[k] != v}
     if wrong:
