@@ -48,3 +48,21 @@ def test_guidance_interval_guides_only_inside():
         torch.testing.assert_close(fn(x, t, y)[:, :2], want)
     with pytest.raises(ValueError, match="cfg_interval"):
         sample(_toy_model, y, (2, 4, 4), cfg_scale=2.0, null_class=5, cfg_interval=(600, 100), num_steps=2)
+
+
+def test_v_prediction_model_returns_eps():
+    from thinking_pixel.models import DiT, dit_config
+
+    torch.manual_seed(0)
+    model = DiT(dit_config("DiT-N/4", depth=1, hidden_size=32, num_heads=2, prediction="v")).eval()
+    diffusion = GaussianDiffusion()
+    x0, eps = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 3, 16, 16)
+    t = torch.tensor([0, 500, 999])
+    x_t = diffusion.q_sample(x0, t, eps)
+    a, s = diffusion.sqrt_alphas_cumprod[t].float(), diffusion.sqrt_one_minus_alphas_cumprod[t].float()
+    v = a.view(-1, 1, 1, 1) * eps - s.view(-1, 1, 1, 1) * x0  # the exact v of (x_0, eps)
+    out = model.as_eps(torch.cat([v, torch.zeros_like(v)], 1), x_t, t)
+    torch.testing.assert_close(out[:, :3], eps, atol=1e-4, rtol=1e-4)
+    assert "sqrt_alphas_cumprod" not in model.state_dict()  # derived from the schedule, not saved
+    with pytest.raises(ValueError, match="prediction"):
+        dit_config("DiT-N/4", prediction="x0")
