@@ -67,8 +67,8 @@ def train_cmd(s: dict, out_dir: Path, steps: int, lr: float, seed: int, batch: i
     return [sys.executable, "-m", "thinking_pixel", "train", "--output-dir", str(out_dir), "--dataset",
             "compositional", "--image-size", str(s["image_size"]), "--preset", s["preset"], "--rank", str(s["rank"]),
             "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
-            "--checkpoint-every", str(min(steps, 250)), "--threads", str(s["threads"]), "--no-sample-grid",
-            "--no-progress", *extra]
+            "--checkpoint-every", str(min(steps, 250)), "--lr-schedule", "constant", "--threads", str(s["threads"]),
+            "--no-sample-grid", "--no-progress", *extra]
 
 
 def _cell(values: list[float]) -> str:

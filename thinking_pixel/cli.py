@@ -30,6 +30,14 @@ def _layers(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2 or 2,4, got {text!r}") from None
 
 
+def timestep_interval(text: str) -> tuple:
+    """argparse type of --cfg-interval: "LO,HI" -> (LO, HI)."""
+    values = _layers(text)
+    if len(values) != 2 or not 0 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps with 0 <= LO <= HI, got {text!r}")
+    return values
+
+
 def _names(text: str) -> tuple:
     return tuple(v.strip() for v in text.split(","))
 
@@ -58,6 +66,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
+    g.add_argument("--prediction", choices=("eps", "v"), default=S,
+                   help="network output: eps (DiT) or v, converted to eps inside the model (default eps)")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
@@ -102,6 +112,8 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
     p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--cfg-interval", type=timestep_interval, default=None,
+                   help="guide only at timesteps LO..HI, e.g. 0,500 (default: every step)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm (learned variance, DiT's), ddim, or dpm (DPM-Solver++, 10-25 steps); default ddpm")
     p.add_argument("--num-steps", type=_positive_int, default=100, help="sampling steps (default 100)")

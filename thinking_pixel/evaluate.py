@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import _checkpoint as ckpt
+from .cli import timestep_interval
 from ._runtime import resolve_device
 from .diffusion import SAMPLERS
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
@@ -42,7 +43,7 @@ METRICS = ("fid", "accuracy")
 # Sampling settings when none are given: FID's usual ones, and for accuracy those of `thinking-pixel sample`
 # (the grid a user looks at).
 DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5},
-                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0}}
+                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0, "cfg_interval": None}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="classifier-free guidance scale (default: 1.5 for fid, the sample command's for accuracy)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None,
                         help="sampler (default: ddim for fid, the sample command's for accuracy)")
+    parser.add_argument("--cfg-interval", type=timestep_interval, default=None,
+                        help="with --metric accuracy: guide only at timesteps LO..HI, e.g. 0,500 (default: the sample "
+                             "command's)")
     parser.add_argument("--num-steps", type=int, default=None,
                         help="sampling steps (default: 50 for fid, the sample command's for accuracy)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -102,12 +106,12 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 def _generate_chunk(model, labels: torch.Tensor, *, seed: int, sampler: str, num_steps: int,
-                    cfg_scale: float) -> torch.Tensor:
+                    cfg_scale: float, cfg_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """Samples for ``labels`` (n,) -> (n, C, H, W) uint8, with one generator seeded by ``seed``."""
     from .sample import generate
 
     images = generate(model, labels.tolist(), 1, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
-                      seed=seed, batch_size=len(labels))
+                      cfg_interval=cfg_interval, seed=seed, batch_size=len(labels))
     return to_uint8(images.cpu())
 
 
@@ -127,7 +131,8 @@ def check_sample_settings(samples_dir: Path, identity: dict) -> None:
 
 def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_size: int = 64, seed: int = 0,
                      sampler: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.5,
-                     settings: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     cfg_interval: tuple[int, int] | None = None, settings: dict | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate (or resume generating) ``num_samples`` class-balanced samples into ``samples_dir``.
 
     Returns (images (num_samples, C, H, W) uint8, labels (num_samples,) int64). ``settings``: extra facts that
@@ -138,6 +143,8 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
     samples_dir.mkdir(parents=True, exist_ok=True)
     identity = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
                     num_steps=num_steps, cfg_scale=cfg_scale)
+    if cfg_interval is not None:  # only when set, so sample dirs written before the option still match
+        identity["cfg_interval"] = list(cfg_interval)
     check_sample_settings(samples_dir, identity)
 
     num_classes = model.config.num_classes
@@ -154,7 +161,7 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
                 chunk = saved["images"]
             else:
                 chunk = _generate_chunk(model, chunk_labels, seed=_chunk_seed(seed, c), sampler=sampler,
-                                        num_steps=num_steps, cfg_scale=cfg_scale)
+                                        num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
                 _atomic_torch_save({"images": chunk, "labels": chunk_labels}, path)
             images.append(chunk)
             bar.update(len(chunk_labels))
@@ -276,8 +283,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
 
 
 def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples: int = 1000, batch_size: int = 64,
-                      cfg_scale: float = 4.0, sampler: str = "ddpm", num_steps: int = 100, seed: int = 0,
-                      samples_dir: str | None = None, use_ema: bool = True, device: str = "auto",
+                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, sampler: str = "ddpm",
+                      num_steps: int = 100, seed: int = 0, samples_dir: str | None = None, use_ema: bool = True, device: str = "auto",
                       progress: bool = True) -> dict:
     """Class accuracy of a class-conditional ``shapes`` checkpoint and its spread of positions and sizes.
 
@@ -305,7 +312,7 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
     images, labels, sampling_seconds = _timed_samples(
         model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
-        num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
+        num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
     parts = [data.label_parts(y) for y in range(data.num_classes)]
     found = main_objects(images)
     real = [data.render(i) for i in range(min(num_samples, len(data)))]  # class-balanced, as the samples
@@ -317,7 +324,8 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         "model_class": type(model).__name__,
         "recursion": model.recursion.to_dict() if hasattr(model, "recursion") else None,
         "image_size": cfg.input_size, "num_samples": num_samples, "sampler": sampler, "num_steps": num_steps,
-        "cfg_scale": cfg_scale, "seed": seed, "use_ema": use_ema,
+        "cfg_scale": cfg_scale, "cfg_interval": None if cfg_interval is None else list(cfg_interval), "seed": seed,
+        "use_ema": use_ema,
         **class_accuracy(found, labels.tolist(), parts, list(data.class_names)),
         "placement": {"samples": placement(found, cfg.input_size), "data": placement(real_found, cfg.input_size)},
         "data_accuracy": real_accuracy["accuracy"],  # the detector on training images: its own error rate
@@ -345,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         return run_compositional(args)
     set_threads(args.threads)
     sampling = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULT_SAMPLING[args.metric].items()}
+    if args.metric == "fid" and args.cfg_interval is not None:
+        raise ValueError("--cfg-interval is only available with --metric accuracy")
     if args.metric == "accuracy":
         result = evaluate_accuracy(
             args.checkpoint, args.output, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,

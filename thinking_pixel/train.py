@@ -79,6 +79,7 @@ class TrainConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     class_dropout_prob: float = 0.1
+    prediction: str = "eps"  # what the network outputs: "eps" (DiT) or "v" (converted to eps inside the model)
     recursion: bool = True
     recursion_layers: Optional[tuple] = None  # None: the middle block
     experts: int = 2
@@ -94,8 +95,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # after warm-up: "constant" (DiT) or "cosine" (decays to 0 at max_steps)
-    min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weighting of the eps MSE (None: DiT's uniform)
+    lr_schedule: str = "cosine"  # after warm-up: "constant" (DiT) or "cosine" (decays to 0 at max_steps)
+    min_snr_gamma: Optional[float] = 5.0  # Min-SNR-gamma loss weighting of the eps MSE (None: DiT's uniform)
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -195,6 +196,7 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
         return ThinkingPixelDiT.from_dit(base, recursion, freeze_base=cfg.freeze_base).train()
     overrides = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
                  if getattr(cfg, k) is not None}
+    overrides["prediction"] = cfg.prediction
     config = dit_config(cfg.preset, input_size=dataset.image_size, in_channels=dataset.num_channels,
                         num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob, **overrides)
     return DiT(config) if recursion is None else ThinkingPixelDiT(config, recursion)

@@ -11,7 +11,9 @@ differs from the class-conditional DiT (the ``task`` seam there):
   trained model (the paper's setting: base frozen, experts and gates train), ``--peft-lora`` puts a plain peft
   LoRA on the same layers instead (the M = 1, T = 1 baseline without a gate);
 - loss: rectified flow with logit-normal timesteps (``RectifiedFlow``), the caption replaced by the empty caption
-  with probability ``class_dropout_prob`` (classifier-free guidance);
+  with probability ``class_dropout_prob`` (classifier-free guidance). The DiT's objective options
+  (``min_snr_gamma``, ``prediction``) shape its eps loss and do not apply here: the flow has its own timestep
+  density and velocity target;
 - text: embeddings computed once per caption (``CaptionEmbeddings``) and kept in ``caption_embeddings.safetensors``
   in the run directory.
 """
@@ -97,9 +99,6 @@ class TextToImageTask:
     build_model = staticmethod(build_text_model)
 
     def __init__(self, cfg, dataset, model: SD3TextToImage, device: torch.device, output_dir: Path):
-        if cfg.min_snr_gamma is not None:
-            raise ValueError("--min-snr-gamma weights the DiT's eps loss; the text-to-image model trains with "
-                             "rectified flow (logit-normal timesteps), which it does not apply to")
         self.device, self.dropout, self.captions = device, cfg.class_dropout_prob, dataset.class_names
         self.flow = RectifiedFlow()
         cache = Path(output_dir) / CAPTION_CACHE
