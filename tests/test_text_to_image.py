@@ -209,7 +209,7 @@ def test_compositional_evaluation_end_to_end_and_resumable(tmp_path, composition
     from thinking_pixel.text_to_image import sampling
     from thinking_pixel.text_to_image.geneval import benchmark_prompts
 
-    out = tmp_path / "res.json"
+    out = tmp_path / "eval" / "res.json"  # its directory does not exist yet
     argv = ["evaluate", "--checkpoint", str(compositional_run), "--benchmark", "compositional", "--prompts-per-tag",
             "1", "--images-per-prompt", "2", "--num-steps", "2", "--batch-size", "6", "--threads", "1",
             "--no-progress", "--output", str(out)]
@@ -220,7 +220,7 @@ def test_compositional_evaluation_end_to_end_and_resumable(tmp_path, composition
     assert result["num_images"] == {t: 2 for t in tags}
     seen, heldout = benchmark_prompts(1)
     assert set(result["heldout"]["num_images"]) == {p.tag for p in heldout} and "single_object" not in result["heldout"]
-    details = (tmp_path / "res_details.jsonl").read_text().splitlines()
+    details = (tmp_path / "eval" / "res_details.jsonl").read_text().splitlines()
     assert len(details) == 2 * (len(seen) + len(heldout))
 
     def no_sampling(*args, **kwargs):
@@ -230,7 +230,7 @@ def test_compositional_evaluation_end_to_end_and_resumable(tmp_path, composition
     out.unlink()
     assert cli.main(argv) == 0  # every chunk is on disk: nothing is sampled again
     assert json.loads(out.read_text())["overall"] == result["overall"]
-    assert cli.main([*argv[:-1], str(tmp_path / "other.json"), "--samples-dir", str(tmp_path / "res_samples"),
+    assert cli.main([*argv[:-1], str(tmp_path / "other.json"), "--samples-dir", str(tmp_path / "eval" / "res_samples"),
                      "--cfg-scale", "2"]) == 1
     assert "other settings" in _one_line_error(capsys)
 

@@ -88,6 +88,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
     seen_scores = score(images[:n_seen], row_prompts[:n_seen], details=True)
     heldout_scores = score(images[n_seen:], row_prompts[n_seen:], details=True) if heldout else None
 
+    output.parent.mkdir(parents=True, exist_ok=True)
     details = output.with_name(output.stem + "_details.jsonl")
     with open(details, "w") as f:
         for split, scores in (("seen", seen_scores), ("heldout", heldout_scores)):
@@ -106,7 +107,6 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
         "seed": seed, "cfg_scale": cfg_scale, "num_steps": num_steps, "use_ema": use_ema,
         "samples_dir": str(samples_dir), "details": str(details), "sampling_seconds": round(sampling_seconds, 1),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
