@@ -30,6 +30,8 @@ from ..metrics import to_uint8
 
 __all__ = ["benchmark_prompts", "evaluate_compositional", "run"]
 
+DEFAULT_CFG_SCALE, DEFAULT_NUM_STEPS = 4.0, 28
+
 def benchmark_prompts(prompts_per_tag: int, seed: int = 0) -> tuple[list, list]:
     """(seen-composition prompts, held-out-composition prompts) of the benchmark."""
     from ..tasks.compositional import make_prompts
@@ -39,8 +41,9 @@ def benchmark_prompts(prompts_per_tag: int, seed: int = 0) -> tuple[list, list]:
 
 
 def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompts_per_tag: int = 25,
-                           images_per_prompt: int = 4, prompt_seed: int = 0, seed: int = 0, cfg_scale: float = 4.0,
-                           num_steps: int = 28, batch_size: int = 64, samples_dir: str | Path | None = None,
+                           images_per_prompt: int = 4, prompt_seed: int = 0, seed: int = 0,
+                           cfg_scale: float = DEFAULT_CFG_SCALE, num_steps: int = DEFAULT_NUM_STEPS,
+                           batch_size: int = 64, samples_dir: str | Path | None = None,
                            use_ema: bool = True, device: str = "auto", progress: bool = True) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
     from ..evaluate import _atomic_torch_save, check_sample_settings
@@ -112,7 +115,8 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("--benchmark compositional")
+    g = parser.add_argument_group("--benchmark compositional", "text-to-image checkpoints; --cfg-scale defaults to "
+                                  f"{DEFAULT_CFG_SCALE}, --num-steps to {DEFAULT_NUM_STEPS} (flow-matching Euler)")
     g.add_argument("--prompts-per-tag", type=int, default=25, help="prompts per GenEval tag and split (default 25)")
     g.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4, as GenEval)")
     g.add_argument("--prompt-seed", type=int, default=0, help="which prompts are drawn (default 0)")
@@ -124,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     result = evaluate_compositional(
         args.checkpoint, args.output, prompts_per_tag=args.prompts_per_tag, images_per_prompt=args.images_per_prompt,
-        prompt_seed=args.prompt_seed, seed=args.seed, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
+        prompt_seed=args.prompt_seed, seed=args.seed,
+        cfg_scale=DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
+        num_steps=DEFAULT_NUM_STEPS if args.num_steps is None else args.num_steps,
         batch_size=args.batch_size, samples_dir=args.samples_dir, use_ema=args.use_ema, device=args.device,
         progress=args.progress)
     summary = {"overall": result["overall"], "heldout_overall": (result["heldout"] or {}).get("overall")}
