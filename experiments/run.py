@@ -73,9 +73,9 @@ def ablation_variants() -> dict:
     return grid
 
 
-def settings(scale: str) -> dict:
+def settings(scale: str, scales: dict = SCALES) -> dict:
     """The scale's preset with TP_<KEY> environment overrides (e.g. TP_FT_STEPS=300)."""
-    s = dict(SCALES[scale])
+    s = dict(scales[scale])
     for key, default in s.items():
         env = os.environ.get(f"TP_{key.upper()}")
         if env is not None:

@@ -11,10 +11,15 @@ import argparse
 from pathlib import Path
 
 __all__ = ["DATASET_NAMES", "IMAGE_EXTENSIONS", "SAMPLER_NAMES", "add_analyze_arguments",
-           "add_evaluate_arguments", "check_image_output"]
+           "add_compositional_arguments", "add_evaluate_arguments",
+           "check_image_output", "timestep_interval"]
 
-DATASET_NAMES = ("digits", "fashion_mnist", "folder", "latents", "shapes")
+DATASET_NAMES = ("captions", "compositional", "digits", "fashion_mnist", "folder", "latents", "shapes")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm")
+METRIC_NAMES = ("fid", "accuracy")
+BENCHMARK_NAMES = ("fid", "compositional")
+# the compositional benchmark's sampling when none is given (flow-matching Euler)
+COMPOSITIONAL_SAMPLING = {"cfg_scale": 4.0, "num_steps": 28}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -38,6 +43,17 @@ def check_image_output(path, argument: str = "--output") -> Path:
     return path
 
 
+def timestep_interval(text: str) -> tuple:
+    """argparse type of --cfg-interval: "LO,HI" -> (LO, HI)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not 0 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps with 0 <= LO <= HI, got {text!r}")
+    return values
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="training output dir, step dir, or save_pretrained dir (config.json + model.safetensors)")
@@ -50,9 +66,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--num-reference", type=int, default=None,
                         help="real reference images (default: same as --num-samples)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per generation chunk (default: 64)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="sampler (default: ddim)")
-    parser.add_argument("--num-steps", type=int, default=50, help="sampling steps (default: 50)")
+    parser.add_argument("--metric", choices=METRIC_NAMES, default="fid",
+                        help="fid: FID/KID/precision/recall against real data; accuracy: shape and colour of "
+                             "class-conditional shapes samples, read by a classical-vision detector (default: fid)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: 1.5 for fid, the sample command's for accuracy)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help="sampler (default: ddim for fid, the sample command's for accuracy)")
+    parser.add_argument("--cfg-interval", type=timestep_interval, default=None,
+                        help="with --metric accuracy: guide only at timesteps LO..HI, e.g. 0,500 (default: the sample "
+                             "command's)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="sampling steps (default: 50 for fid, the sample command's for accuracy)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--samples-dir", default=None,
                         help="where sample chunks are kept (default: <output without .json>_samples)")
@@ -63,7 +88,20 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    parser.add_argument("--benchmark", choices=BENCHMARK_NAMES, default="fid",
+                        help="fid: the --metric above on a class-conditional model; compositional: GenEval's "
+                             "protocol on the shapes world (text-to-image models)")
+    add_compositional_arguments(parser)
     return parser
+
+
+def add_compositional_arguments(parser: argparse.ArgumentParser) -> None:
+    cfg_scale, num_steps = COMPOSITIONAL_SAMPLING["cfg_scale"], COMPOSITIONAL_SAMPLING["num_steps"]
+    g = parser.add_argument_group("--benchmark compositional", "text-to-image checkpoints; --cfg-scale defaults to "
+                                  f"{cfg_scale}, --num-steps to {num_steps} (flow-matching Euler)")
+    g.add_argument("--prompts-per-tag", type=int, default=25, help="prompts per GenEval tag and split (default 25)")
+    g.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4, as GenEval)")
+    g.add_argument("--prompt-seed", type=int, default=0, help="which prompts are drawn (default 0)")
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -172,7 +172,8 @@ def _pooled(counts: dict) -> np.ndarray:
     return sum(counts.values())
 
 
-def plot_expert_usage(results: list[dict], timesteps: list[int], path: Path) -> None:
+def plot_expert_usage(results: list[dict], timesteps: list[int], path: Path, class_names: list[str] | None = None,
+                      class_axis: str = "class") -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(2, len(results), figsize=(4.8 * len(results) + 1, 7.5), squeeze=False,
                              layout="constrained")
@@ -182,11 +183,11 @@ def plot_expert_usage(results: list[dict], timesteps: list[int], path: Path) -> 
         by_c = pooled.sum((0, 2))  # (C, M)
         for row, (table, xlabel, ticks, mi) in enumerate((
                 (by_t, "diffusion timestep", timesteps, stats["mi_timestep_bits"]),
-                (by_c, "class", list(range(by_c.shape[0])), stats["mi_class_bits"]))):
+                (by_c, class_axis, class_names or list(range(by_c.shape[0])), stats["mi_class_bits"]))):
             frac = table / np.maximum(table.sum(1, keepdims=True), 1)  # (|X|, M): expert share per value
             ax = axes[row, col]
             im = ax.imshow(frac.T, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            ax.set_xticks(range(len(ticks)), [str(v) for v in ticks], rotation=90 if len(ticks) > 10 else 0,
+            ax.set_xticks(range(len(ticks)), [str(v) for v in ticks], rotation=90 if len(ticks) > 10 or class_names else 0,
                           fontsize=7)
             ax.set_yticks(range(frac.shape[1]))
             ax.set_xlabel(xlabel)
@@ -347,18 +348,37 @@ def analyze(checkpoints: list[str], output_dir: str | Path, *, labels: list[str]
     return stats_json
 
 
+def _is_text_model(checkpoint: str) -> bool:
+    from .models import read_config
+
+    return read_config(ckpt.resolve_weights_dir(checkpoint))["class"] == "SD3TextToImage"
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``thinking-pixel analyze`` command."""
     from .evaluate import set_threads
 
     set_threads(args.threads)
+    if _is_text_model(args.checkpoint[0]):
+        from .text_to_image.routing import analyze_text_models
+
+        stats = analyze_text_models(args.checkpoint, args.output_dir, labels=args.label, use_ema=args.use_ema,
+                                    num_images=args.num_images, num_timesteps=args.num_timesteps,
+                                    batch_size=args.batch_size, seed=args.seed, device=args.device)
+        _print_summary(stats, "tag", args.output_dir)
+        return 0
     stats = analyze(args.checkpoint, args.output_dir, labels=args.label, use_ema=args.use_ema, dataset=args.dataset,
                     data_dir=args.data_dir, split=args.split, num_images=args.num_images,
                     num_timesteps=args.num_timesteps, layer=args.layer, batch_size=args.batch_size, seed=args.seed,
                     device=args.device)
+    _print_summary(stats, "class", args.output_dir)
+    return 0
+
+
+def _print_summary(stats: dict, condition: str, output_dir) -> None:
     for label, s in stats.items():
         p = s["pooled"]
         print(f"{label}: H(E) = {p['entropy_bits']:.3f} bits, I(E;t) = {p['mi_timestep_bits']:.4f}, "
-              f"I(E;class) = {p['mi_class_bits']:.4f}, I(E;position) = {p['mi_position_bits']:.4f}", flush=True)
-    print(f"wrote figures and routing_stats.json to {args.output_dir}", flush=True)
-    return 0
+              f"I(E;{condition}) = {p[f'mi_{condition}_bits']:.4f}, I(E;position) = {p['mi_position_bits']:.4f}",
+              flush=True)
+    print(f"wrote figures and routing_stats.json to {output_dir}", flush=True)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from ._arguments import (DATASET_NAMES, SAMPLER_NAMES, add_analyze_arguments, add_evaluate_arguments,
-                         check_image_output)
+                         check_image_output, timestep_interval)
 
 __all__ = ["build_parser", "main"]
 
@@ -62,11 +62,18 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
     g.add_argument("--num-workers", type=int, default=S, help="data loader worker processes (default 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4)")
+    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4), "
+                   "or a text-to-image SD3 preset: SD3-N/2, SD3-T/2, SD3-S/2 (default for caption data: SD3-T/2)")
+    g.add_argument("--pipeline", default=S, help="a local diffusers StableDiffusion3Pipeline dir: train the recursion "
+                   "on its transformer, in its VAE's latents, with its text encoders")
+    g.add_argument("--peft-lora", action="store_true", default=S, help="text-to-image: a plain peft LoRA (rank "
+                   "--rank) on to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
     g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth")
     g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
+    g.add_argument("--prediction", choices=("eps", "v"), default=S,
+                   help="network output: eps (DiT) or v, converted to eps inside the model (default eps)")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
@@ -87,6 +94,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=S, help="AdamW learning rate (default 1e-3; DiT: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--warmup-steps", type=int, default=S, help="linear lr warm-up (default 100)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=S,
+                   help="after warm-up: constant, or cosine decay to 0 at --max-steps")
+    g.add_argument("--min-snr-gamma", type=float, default=S, help="Min-SNR-gamma weighting of the eps loss")
     g.add_argument("--grad-clip", type=float, default=S, help="max grad norm, 0 disables (default 1.0)")
     g.add_argument("--ema-decay", type=float, default=S, help="default 0.999 (DiT: 0.9999 for long runs)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
@@ -113,6 +123,8 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
     p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--cfg-interval", type=timestep_interval, default=None,
+                   help="guide only at timesteps LO..HI, e.g. 0,500 (default: every step)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
                    help="ddpm (learned variance, DiT's), ddim, or dpm (DPM-Solver++, 10-25 steps); default ddpm")
     p.add_argument("--num-steps", type=_positive_int, default=100, help="sampling steps (default 100)")
@@ -124,6 +136,12 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling of the grid (default auto)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir, for latent models")
+    g = p.add_argument_group("text-to-image")
+    g.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows (one per prompt)")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    g.add_argument("--per-prompt", type=_positive_int, default=4, help="samples per prompt (default 4)")
+    g.add_argument("--pipeline", default=None, help="the diffusers SD3 pipeline dir of a --pipeline checkpoint "
+                   "(default: the path stored in the checkpoint)")
     p.add_argument("--threads", dest="num_threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
@@ -164,10 +182,21 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"; samples {result.samples}" if result.samples else ""))
         elif args.command == "sample":
             check_image_output(args.output)  # before importing torch and loading the model
-            from .sample import sample_checkpoint
+            if args.prompt is not None or args.prompts_file is not None:
+                from .text_to_image.sampling import read_prompts, sample_prompts
 
-            options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
-            path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
+                path = sample_prompts(args.checkpoint, args.output, read_prompts(args.prompt, args.prompts_file),
+                                      per_prompt=args.per_prompt, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
+                                      seed=args.seed, use_ema=args.use_ema, device=args.device,
+                                      batch_size=args.batch_size, scale=args.scale, pipeline=args.pipeline,
+                                      num_threads=args.num_threads, progress=True)
+            else:
+                from .sample import sample_checkpoint
+
+                text_options = ("prompt", "prompts_file", "per_prompt", "pipeline")
+                options = {k: v for k, v in vars(args).items()
+                           if k not in ("command", "checkpoint", "output", *text_options)}
+                path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
             print(f"wrote {path}")
         else:
             module = _plugin(args.command)
@@ -177,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return module.run(args) or 0
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ValueError: also _checkpoint.CheckpointError
+        print(f"thinking-pixel: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        from .text.minilm import TextEncoderMissing  # imported only here: the parser stays light
+
+        if not isinstance(e, TextEncoderMissing):
+            raise
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,6 +1,8 @@
-"""Evaluation: generate class-balanced samples from a checkpoint (resumably) and score them with FID / KID.
+"""Evaluation: generate class-balanced samples from a checkpoint (resumably) and score them with FID / KID,
+or (``--metric accuracy``, shapes models) with the shape and colour a classical-vision detector reads in them.
 
 ``thinking-pixel evaluate --checkpoint RUN --num-samples 1000 --output eval.json``
+``thinking-pixel evaluate --checkpoint RUN --metric accuracy --output acc.json``
 
 - Samples: sample ``i`` has class ``i % num_classes``. They are generated in chunks of ``--batch-size``; chunk
   ``c`` uses a generator seeded from (seed, c), so the images do not depend on how often the run was
@@ -30,11 +32,16 @@ from tqdm import tqdm
 
 from . import _checkpoint as ckpt
 from ._arguments import add_evaluate_arguments as add_arguments
+from ._runtime import resolve_device
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
 
 __all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_subset", "reference_images", "run"]
 
 SETTINGS = "settings.json"
+# Sampling settings when none are given: FID's usual ones, and for accuracy those of `thinking-pixel sample`
+# (the grid a user looks at).
+DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5},
+                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0, "cfg_interval": None}}
 
 
 
@@ -56,28 +63,17 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 def _generate_chunk(model, labels: torch.Tensor, *, seed: int, sampler: str, num_steps: int,
-                    cfg_scale: float) -> torch.Tensor:
+                    cfg_scale: float, cfg_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """Samples for ``labels`` (n,) -> (n, C, H, W) uint8, with one generator seeded by ``seed``."""
     from .sample import generate
 
     images = generate(model, labels.tolist(), 1, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
-                      seed=seed, batch_size=len(labels))
+                      cfg_interval=cfg_interval, seed=seed, batch_size=len(labels))
     return to_uint8(images.cpu())
 
 
-def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_size: int = 64, seed: int = 0,
-                     sampler: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.5,
-                     settings: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate (or resume generating) ``num_samples`` class-balanced samples into ``samples_dir``.
-
-    Returns (images (num_samples, C, H, W) uint8, labels (num_samples,) int64). ``settings``: extra facts that
-    identify the samples (e.g. the checkpoint path); a rerun whose settings differ from the stored ones fails.
-    """
-    _check_positive(num_samples=num_samples, batch_size=batch_size, num_steps=num_steps)
-    samples_dir = Path(samples_dir)
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    identity = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
-                    num_steps=num_steps, cfg_scale=cfg_scale)
+def check_sample_settings(samples_dir: Path, identity: dict) -> None:
+    """Record what the samples in ``samples_dir`` are, or refuse if it holds samples made otherwise."""
     settings_path = samples_dir / SETTINGS
     if settings_path.is_file():
         stored = json.loads(settings_path.read_text())
@@ -88,6 +84,25 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
                              "use another --samples-dir or delete it")
     else:
         settings_path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_size: int = 64, seed: int = 0,
+                     sampler: str = "ddim", num_steps: int = 50, cfg_scale: float = 1.5,
+                     cfg_interval: tuple[int, int] | None = None, settings: dict | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate (or resume generating) ``num_samples`` class-balanced samples into ``samples_dir``.
+
+    Returns (images (num_samples, C, H, W) uint8, labels (num_samples,) int64). ``settings``: extra facts that
+    identify the samples (e.g. the checkpoint path); a rerun whose settings differ from the stored ones fails.
+    """
+    _check_positive(num_samples=num_samples, batch_size=batch_size, num_steps=num_steps)
+    samples_dir = Path(samples_dir)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    identity = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
+                    num_steps=num_steps, cfg_scale=cfg_scale)
+    if cfg_interval is not None:  # only when set, so sample dirs written before the option still match
+        identity["cfg_interval"] = list(cfg_interval)
+    check_sample_settings(samples_dir, identity)
 
     num_classes = model.config.num_classes
     labels = torch.arange(num_samples) % num_classes  # (num_samples,), balanced classes
@@ -103,11 +118,19 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
                 chunk = saved["images"]
             else:
                 chunk = _generate_chunk(model, chunk_labels, seed=_chunk_seed(seed, c), sampler=sampler,
-                                        num_steps=num_steps, cfg_scale=cfg_scale)
+                                        num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
                 _atomic_torch_save({"images": chunk, "labels": chunk_labels}, path)
             images.append(chunk)
             bar.update(len(chunk_labels))
     return torch.cat(images), labels
+
+
+def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **options):
+    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken)."""
+    started = time.time()
+    images, labels = generate_samples(model, samples_dir, num_samples, settings={"checkpoint": str(weights.resolve())},
+                                      **options)
+    return images, labels, time.time() - started
 
 
 def _dataset_options(name: str, **wanted) -> dict:
@@ -176,11 +199,9 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     real = reference_images(dataset, num_reference, image_size=cfg.input_size, num_channels=cfg.in_channels,
                             split=split, data_dir=data_dir)
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
-    started = time.time()
-    images, labels = generate_samples(
-        model, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler, num_steps=num_steps,
-        cfg_scale=cfg_scale, settings={"checkpoint": str(weights.resolve())}, progress=progress)
-    sampling_seconds = time.time() - started
+    images, labels, sampling_seconds = _timed_samples(
+        model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
+        num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
 
     cache_name = f"{dataset}-{split}-{cfg.input_size}px-{cfg.in_channels}ch-n{num_reference}"
     if data_dir is not None:  # another copy of the data may differ: keep its statistics apart
@@ -218,6 +239,61 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     return result
 
 
+def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples: int = 1000, batch_size: int = 64,
+                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, sampler: str = "ddpm",
+                      num_steps: int = 100, seed: int = 0, samples_dir: str | None = None, use_ema: bool = True, device: str = "auto",
+                      progress: bool = True) -> dict:
+    """Class accuracy of a class-conditional ``shapes`` checkpoint and its spread of positions and sizes.
+
+    Samples are class-balanced (as for FID, resumable in ``samples_dir``); the data's spread is measured the same
+    way on ``num_samples`` training images. Writes and returns the result JSON.
+    """
+    from .data import make_dataset
+    from .metrics.accuracy import class_accuracy, main_objects, placement
+
+    output = Path(output)
+    _check_positive(num_samples=num_samples, batch_size=batch_size)
+    weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
+    step_dir = ckpt.find_step_dir(weights)
+    train_config = ckpt.load_train_config(step_dir) if step_dir is not None else {}
+    if train_config.get("dataset", "shapes") != "shapes":
+        raise ValueError(f"--metric accuracy needs a model trained on the shapes dataset; {checkpoint} was trained "
+                         f"on {train_config['dataset']!r}")
+    model = ckpt.load_model_dir(weights, device=resolve_device(device)).eval()
+    cfg = model.config
+    data = make_dataset("shapes", image_size=cfg.input_size, seed=train_config.get("seed", 0))
+    if cfg.num_classes != data.num_classes or cfg.in_channels != 3:
+        raise ValueError(f"the model has {cfg.num_classes} classes and {cfg.in_channels} channels; the shapes "
+                         f"dataset has {data.num_classes} classes of RGB images")
+
+    samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
+    images, labels, sampling_seconds = _timed_samples(
+        model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
+        num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
+    parts = [data.label_parts(y) for y in range(data.num_classes)]
+    found = main_objects(images)
+    real = [data.render(i) for i in range(min(num_samples, len(data)))]  # class-balanced, as the samples
+    real_found = main_objects([image for image, _ in real])
+    real_accuracy = class_accuracy(real_found, [y for _, y in real], parts, list(data.class_names))
+    result = {
+        "checkpoint": str(weights),
+        "step": int(step_dir.name.split("_")[1]) if step_dir is not None and step_dir.name.startswith("step_") else None,
+        "model_class": type(model).__name__,
+        "recursion": model.recursion.to_dict() if hasattr(model, "recursion") else None,
+        "image_size": cfg.input_size, "num_samples": num_samples, "sampler": sampler, "num_steps": num_steps,
+        "cfg_scale": cfg_scale, "cfg_interval": None if cfg_interval is None else list(cfg_interval), "seed": seed,
+        "use_ema": use_ema,
+        **class_accuracy(found, labels.tolist(), parts, list(data.class_names)),
+        "placement": {"samples": placement(found, cfg.input_size), "data": placement(real_found, cfg.input_size)},
+        "data_accuracy": real_accuracy["accuracy"],  # the detector on training images: its own error rate
+        "samples_dir": str(samples_dir),
+        "sampling_seconds": round(sampling_seconds, 1),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def set_threads(threads: int | None) -> None:
     """Apply a --threads option (None: keep torch's default)."""
     if threads is not None:
@@ -228,13 +304,27 @@ def set_threads(threads: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``thinking-pixel evaluate`` command: prints the headline metrics; the full result goes to --output."""
+    if args.benchmark == "compositional":
+        from .text_to_image.geneval import run as run_compositional
+
+        return run_compositional(args)
     set_threads(args.threads)
-    result = evaluate_checkpoint(
-        args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,
-        cfg_scale=args.cfg_scale, sampler=args.sampler, num_steps=args.num_steps, seed=args.seed,
-        samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, prc=args.prc, device=args.device,
-        progress=args.progress)
-    summary = {k: result[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall") if k in result}
+    sampling = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULT_SAMPLING[args.metric].items()}
+    if args.metric == "fid" and args.cfg_interval is not None:
+        raise ValueError("--cfg-interval is only available with --metric accuracy")
+    if args.metric == "accuracy":
+        result = evaluate_accuracy(
+            args.checkpoint, args.output, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+            samples_dir=args.samples_dir, use_ema=args.use_ema, device=args.device, progress=args.progress,
+            **sampling)
+        keys = ("accuracy", "shape_accuracy", "color_accuracy")
+    else:
+        result = evaluate_checkpoint(
+            args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+            num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,
+            seed=args.seed, samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, prc=args.prc,
+            device=args.device, progress=args.progress, **sampling)
+        keys = ("fid", "kid_mean", "kid_std", "precision", "recall")
+    summary = {k: result[k] for k in keys if k in result}
     print(json.dumps(summary), flush=True)
     return 0

@@ -19,8 +19,8 @@ __all__ = ["generate", "make_grid", "sample_checkpoint", "save_grid"]
 
 @torch.no_grad()
 def generate(model, classes: Sequence[int], per_class: int, *, sampler: str = "ddpm", num_steps: int = 100,
-             cfg_scale: float = 4.0, seed: int = 0, clip_sample: bool = True, batch_size: int = 64,
-             progress: bool = False) -> torch.Tensor:
+             cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, seed: int = 0,
+             clip_sample: bool = True, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """``per_class`` samples of each class in ``classes``, class-major: (len(classes) * per_class, C, H, W).
 
     Seeded: the same arguments give the same images. Generation runs in chunks of ``batch_size`` samples,
@@ -44,8 +44,8 @@ def generate(model, classes: Sequence[int], per_class: int, *, sampler: str = "d
         for i, chunk in enumerate(labels.split(batch_size)):
             generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
             chunks.append(sample(model, chunk, shape, diffusion=diffusion, sampler=sampler, num_steps=num_steps,
-                                 cfg_scale=cfg_scale, null_class=config.num_classes, clip_sample=clip_sample,
-                                 generator=generator, progress=progress))
+                                 cfg_scale=cfg_scale, cfg_interval=cfg_interval, null_class=config.num_classes,
+                                 clip_sample=clip_sample, generator=generator, progress=progress))
     finally:
         model.train(was_training)
     images = torch.cat(chunks)
@@ -97,7 +97,8 @@ def _decode_latents(latents: torch.Tensor, vae_dir: str | None) -> torch.Tensor:
 
 
 def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: str = "ddpm", num_steps: int = 100,
-                      cfg_scale: float = 4.0, seed: int = 0, classes: Sequence[int] | None = None,
+                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, seed: int = 0,
+                      classes: Sequence[int] | None = None,
                       per_class: int = 8, use_ema: bool = True, device: str = "auto", batch_size: int = 64,
                       scale: int | None = None, vae: str | None = None, num_threads: int | None = None,
                       progress: bool = False) -> Path:
@@ -109,11 +110,14 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
     with torch_threads(num_threads):
         weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
         model = ckpt.load_model_dir(weights, device=resolve_device(device))
+        if not hasattr(getattr(model, "config", None), "num_classes"):
+            raise ValueError(f"{checkpoint} holds a text-to-image model ({type(model).__name__}): pass --prompt \"...\"")
         step_dir = ckpt.find_step_dir(weights)
         is_latent = step_dir is not None and ckpt.load_train_config(step_dir).get("dataset") == "latents"
         classes = list(range(model.config.num_classes)) if classes is None else list(classes)
         images = generate(model, classes, per_class, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
-                          seed=seed, clip_sample=not is_latent, batch_size=batch_size, progress=progress)
+                          cfg_interval=cfg_interval, seed=seed, clip_sample=not is_latent, batch_size=batch_size,
+                          progress=progress)
         if is_latent:
             images = _decode_latents(images, vae)
         return save_grid(images, output, ncol=per_class, scale=scale)

@@ -48,8 +48,11 @@ from .data import StepBatchSampler, make_dataset
 from .diffusion import GaussianDiffusion
 from .models import GATE_INPUTS, DiT, RecursionConfig, ThinkingPixelDiT, dit_config
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
+TEXT_DATASETS = ("captions", "compositional")  # datasets of (image, caption): trained with the text-to-image model
 
+__all__ = ["DiTTask", "TrainConfig", "TrainResult", "build_model", "task_for", "train"]
+
+LR_SCHEDULES = ("constant", "cosine")
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
                       "progress", "sample_grid", "device", "num_threads", "distributed", "log_every",
@@ -75,13 +78,18 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (right for photos, wrong for digits)
     num_workers: int = 0
     # model
-    preset: str = "DiT-N/4"  # 4 blocks of width 128, 16 tokens of 4x4 pixels at 16 px: minutes, not hours
+    # None: DiT-N/4 (4 blocks of width 128, 16 tokens of 4x4 pixels at 16 px: minutes, not hours), or SD3-T/2 for
+    # text-to-image data (captions, compositional); an SD3-* preset selects the text-to-image model.
+    preset: Optional[str] = None
+    pipeline: Optional[str] = None  # a local diffusers SD3 pipeline dir: train its transformer in its VAE's latents
+    peft_lora: bool = False  # text-to-image: a plain peft LoRA on to_q/to_k/to_v of recursion_layers (the baseline)
     # Overrides of the preset's architecture (None: the preset's value).
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     class_dropout_prob: float = 0.1
+    prediction: str = "eps"  # what the network outputs: "eps" (DiT) or "v" (converted to eps inside the model)
     recursion: bool = True
     recursion_layers: Optional[tuple] = None  # None: the middle block
     experts: int = 2
@@ -97,6 +105,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # after warm-up: "constant" (DiT) or "cosine" (decays to 0 at max_steps)
+    min_snr_gamma: Optional[float] = 5.0  # Min-SNR-gamma loss weighting of the eps MSE (None: DiT's uniform)
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -115,6 +125,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.preset is None:
+            self.preset = "SD3-T/2" if self.dataset in TEXT_DATASETS or self.pipeline else "DiT-N/4"
         if self.recursion_layers is not None:
             self.recursion_layers = tuple(self.recursion_layers)
         if isinstance(self.gate_inputs, str) or not hasattr(self.gate_inputs, "__iter__"):
@@ -143,6 +155,10 @@ class TrainConfig:
         if self.distributed not in distributed.STRATEGIES:
             raise ValueError(f"TrainConfig.distributed must be one of {distributed.STRATEGIES}, "
                              f"got {self.distributed!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"TrainConfig.min_snr_gamma must be None or > 0, got {self.min_snr_gamma!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
@@ -151,6 +167,11 @@ class TrainConfig:
         d["recursion_layers"] = None if self.recursion_layers is None else list(self.recursion_layers)
         d["gate_inputs"] = list(self.gate_inputs)
         return d
+
+    @property
+    def text_to_image(self) -> bool:
+        """Whether this run trains the text-to-image SD3 model (thinking_pixel.text_to_image) instead of the DiT."""
+        return self.dataset in TEXT_DATASETS or self.preset.startswith("SD3") or self.pipeline is not None
 
     def recursion_config(self) -> RecursionConfig | None:
         if not self.recursion:
@@ -193,9 +214,46 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
         return ThinkingPixelDiT.from_dit(base, recursion, freeze_base=cfg.freeze_base).train()
     overrides = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
                  if getattr(cfg, k) is not None}
+    overrides["prediction"] = cfg.prediction
     config = dit_config(cfg.preset, input_size=dataset.image_size, in_channels=dataset.num_channels,
                         num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob, **overrides)
     return DiT(config) if recursion is None else ThinkingPixelDiT(config, recursion)
+
+
+class DiTTask:
+    """What the loop needs from a model family, for the class-conditional DiT: its data, model, loss and grid."""
+
+    @staticmethod
+    def make_dataset(cfg: TrainConfig):
+        return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+
+    build_model = staticmethod(build_model)
+
+    def __init__(self, cfg: TrainConfig, dataset, model, device: torch.device, output_dir: Path):
+        self.diffusion, self.device, self.min_snr_gamma = GaussianDiffusion(), device, cfg.min_snr_gamma
+
+    def losses(self, model, x, y) -> dict:
+        """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss."""
+        t = self.diffusion.sample_timesteps(x.shape[0], device=self.device)  # (N,)
+        terms = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y.to(self.device, non_blocking=True)},
+                                               min_snr_gamma=self.min_snr_gamma)
+        return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
+
+    @staticmethod
+    def sample_grid(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Path:
+        from .sample import sample_checkpoint
+
+        return sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
+                                 cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
+
+
+def task_for(cfg: TrainConfig):
+    """The model family ``cfg`` trains: DiTTask, or the text-to-image SD3 task."""
+    if cfg.text_to_image:
+        from .text_to_image.training import TextToImageTask
+
+        return TextToImageTask
+    return DiTTask
 
 
 @torch.no_grad()
@@ -212,9 +270,13 @@ def _ema_decay(cfg: TrainConfig, num_updates: int) -> float:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT)."""
+    """Learning rate for update number ``step`` (0-based): linear warm-up, then constant (as DiT) or a cosine
+    decay to 0 at ``max_steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr
 
 
@@ -258,11 +320,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         with StopRequests(announce=runtime.is_main) as stop:
             result = _train(cfg, on_step, runtime, stop)
         if cfg.sample_grid and runtime.is_main and result.last_loss is not None and result.stopped_by is None:
-            from .sample import sample_checkpoint
-
-            result.samples = sample_checkpoint(result.output_dir, result.output_dir / "samples.png", sampler="ddpm",
-                                               num_steps=100, cfg_scale=4.0, per_class=4, seed=cfg.seed,
-                                               device=str(runtime.device))
+            result.samples = task_for(cfg).sample_grid(cfg, result.output_dir, runtime.device)
         return result
 
 
@@ -302,13 +360,13 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     if runtime.is_main:
         ckpt.prepare_output_dir(output_dir)
 
-    dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    diffusion = GaussianDiffusion()
+    task_type = task_for(cfg)
+    dataset = task_type.make_dataset(cfg)
 
     step_dir = ckpt.read_latest(output_dir)
     if step_dir is None:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = build_model(cfg, dataset).to(device).train()
+        model = task_type.build_model(cfg, dataset).to(device).train()
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         state = None
         start_step = 0
@@ -353,6 +411,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
         say(f"{output_dir}: resuming from step {start_step} of {cfg.max_steps} ({step_dir}){processes}{moved}",
             flush=True)
 
+    task = task_type(cfg, dataset, model, device, output_dir)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     # Its own generator: the loader would otherwise draw its worker seed from the global RNG when iteration
     # starts, which happens at a different point of the random stream in a resumed run.
@@ -373,16 +432,15 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     with routing.recording(), log, bar:
         for x, y in loader:
             torch.manual_seed(_step_seed(cfg.seed, step, runtime.rank))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (N, C, H, W), (N,)
+            x = x.to(device, non_blocking=True)  # (N, C, H, W); y: labels (N,), moved by the task
             if cfg.hflip:
                 flip = torch.rand(x.shape[0], device=device) < 0.5  # (N,)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            t = diffusion.sample_timesteps(x.shape[0], device=device)  # (N,)
             lr = _lr(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+                terms = task.losses(forward, x, y)
             loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,12 @@
 """Datasets: ``make_dataset(name, ...)`` -> an :class:`ImageDataset` of ((C, H, W) in [-1, 1], label).
 
 - ``shapes``: embedded procedural coloured shapes (the default; no files needed)
+- ``compositional``: scenes of 1-4 shapes captioned with GenEval's templates, with a held-out split
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
 - ``latents``: precomputed VAE latents with labels
+- ``captions``: captioned images (metadata.jsonl with file_name, text); labels index the distinct captions
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import inspect
 
 from .base import ImageDataset, StepBatchSampler, resize_batch, to_unit_range
+from .captions import CaptionFolderDataset
+from .compositional import CompositionalDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
@@ -19,7 +23,9 @@ from .latents import LatentDataset, load_latents
 from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 
 __all__ = [
+    "CaptionFolderDataset",
     "COLOURS",
+    "CompositionalDataset",
     "DATASETS",
     "DigitsDataset",
     "FashionMNISTDataset",
@@ -39,10 +45,12 @@ __all__ = [
 
 DATASETS: dict[str, type[ImageDataset]] = {
     "shapes": ShapesDataset,
+    "compositional": CompositionalDataset,
     "digits": DigitsDataset,
     "fashion_mnist": FashionMNISTDataset,
     "folder": ImageFolderDataset,
     "latents": LatentDataset,
+    "captions": CaptionFolderDataset,
 }
 
 

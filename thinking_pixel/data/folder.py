@@ -10,7 +10,7 @@ from PIL import Image
 
 from .base import ImageDataset, to_unit_range
 
-__all__ = ["ImageFolderDataset", "center_crop_resize", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageFolderDataset", "center_crop_resize", "IMAGE_EXTENSIONS", "load_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -24,6 +24,15 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
     left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
+    """An image file -> (C, size, size) float32 in [-1, 1], centre-cropped and resized (RGB, or L for 1 channel)."""
+    with Image.open(path) as image:
+        image = center_crop_resize(image.convert("RGB" if num_channels == 3 else "L"), size)
+        array = np.asarray(image)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, S, S)
+    return to_unit_range(array)
 
 
 class ImageFolderDataset(ImageDataset):
@@ -50,8 +59,4 @@ class ImageFolderDataset(ImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = center_crop_resize(image.convert("RGB" if self.num_channels == 3 else "L"), self.image_size)
-            array = np.asarray(image)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, S, S)
-        return to_unit_range(array), label
+        return load_image(path, self.image_size, self.num_channels), label

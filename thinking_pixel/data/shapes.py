@@ -15,9 +15,9 @@ import torch
 
 from .base import ImageDataset, to_unit_range
 
-__all__ = ["SHAPES", "COLOURS", "ShapesDataset", "render_shape"]
+__all__ = ["SHAPES", "COLOURS", "ShapesDataset", "inside_shape", "render_shape"]
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring")
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -28,7 +28,7 @@ COLOURS = {
 }
 
 
-def _inside(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+def inside_shape(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Boolean mask of points (in the shape's own frame, circumradius ~1) inside ``shape``.
 
     Extents are chosen so that all shapes cover a similar area and none is mistaken for another at 16 px.
@@ -52,6 +52,9 @@ def _inside(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     if shape == "ring":
         r2 = px**2 + py**2
         return (r2 <= 0.95**2) & (r2 >= 0.55**2)
+    if shape == "diamond":
+        # Taller than wide, so that a near-upright diamond is never a rotated square.
+        return np.abs(px) / 0.75 + np.abs(py) / 1.05 <= 1.0
     raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
 
 
@@ -75,7 +78,7 @@ def render_shape(
     dx, dy = (gx - center[0]) / radius, (gy - center[1]) / radius
     c, s = math.cos(angle), math.sin(angle)
     px, py = c * dx + s * dy, -s * dx + c * dy  # rotate the sample points by -angle
-    coverage = _inside(shape, px, py).reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
+    coverage = inside_shape(shape, px, py).reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
     rgb = np.asarray(colour, dtype=np.float32)[:, None, None] * coverage[None]  # (3, H, W)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 

@@ -7,10 +7,12 @@ from .gaussian import (
     mean_flat,
     normal_kl,
 )
+from .flow import RectifiedFlow
 from .samplers import SAMPLERS, guided_model_fn, make_scheduler, sample
 
 __all__ = [
     "GaussianDiffusion",
+    "RectifiedFlow",
     "SAMPLERS",
     "discretized_gaussian_log_likelihood",
     "guided_model_fn",

@@ -163,8 +163,13 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
 
     def training_losses(self, model, x_start, t, model_kwargs: dict | None = None,
-                        noise=None) -> dict[str, torch.Tensor]:
-        """DiT's hybrid loss per sample: {"loss", "mse", "vb"}, each (N,)."""
+                        noise=None, min_snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
+        """DiT's hybrid loss per sample: {"loss", "mse", "vb"}, each (N,).
+
+        ``min_snr_gamma``: Min-SNR-gamma weighting (Hang et al. 2023) of the eps MSE in the loss,
+        min(SNR_t, gamma) / SNR_t: the low-noise steps, where eps is easy and the image nearly known, stop
+        dominating the gradient. ``mse`` is reported unweighted.
+        """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
@@ -180,4 +185,8 @@ class GaussianDiffusion:
         frozen_output = torch.cat([eps.detach(), model_output[:, C:]], dim=1)
         vb = self.vb_terms_bpd(frozen_output, x_start.float(), x_t.float(), t)
         mse = mean_flat((noise.float() - eps) ** 2)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weighted = mse
+        if min_snr_gamma is not None:
+            snr = _extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse).reshape(-1)  # (N,)
+            weighted = mse * snr.clamp(max=min_snr_gamma) / snr
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}

@@ -37,6 +37,15 @@ __all__ = [
 ]
 
 
+PREDICTIONS = ("eps", "v")
+
+
+def _sqrt_alphas_cumprod(num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of DiT's linear schedule (the one GaussianDiffusion uses)."""
+    alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64), dim=0)
+    return alphas_cumprod.sqrt().float(), (1.0 - alphas_cumprod).sqrt().float()
+
+
 @dataclass
 class DiTConfig:
     """The constructor arguments of DiT, with its defaults (DiT-XL/2 on 256px ImageNet latents)."""
@@ -54,6 +63,9 @@ class DiTConfig:
     # Two details where diffusers' DiTTransformer2DModel differs from the reference (DiT.from_diffusers sets them):
     timestep_freq_shift: float = 0.0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP; diffusers: its config's norm_eps (1e-5)
+    # What the network's first C output channels are: "eps" (DiT) or "v" = sqrt(a)·eps - sqrt(1-a)·x_0, a the
+    # alpha_bar of DiT's schedule. forward() always returns eps: a v-network's output is converted in the model.
+    prediction: str = "eps"
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -80,6 +92,8 @@ class DiTConfig:
                              f"got {self.timestep_freq_shift!r}")
         if not is_number(self.mlp_norm_eps) or not self.mlp_norm_eps > 0:
             raise ValueError(f"DiTConfig.mlp_norm_eps must be a number > 0, got {self.mlp_norm_eps!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"DiTConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
     @property
     def out_channels(self) -> int:
@@ -280,6 +294,10 @@ class DiT(PretrainedMixin, nn.Module):
             for _ in range(config.depth)
         ])
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
+        if config.prediction == "v":  # not saved: a function of the schedule
+            sqrt_a, sqrt_1ma = _sqrt_alphas_cumprod()
+            self.register_buffer("sqrt_alphas_cumprod", sqrt_a, persistent=False)
+            self.register_buffer("sqrt_one_minus_alphas_cumprod", sqrt_1ma, persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -339,6 +357,19 @@ class DiT(PretrainedMixin, nn.Module):
         """Final layer and unpatchify: tokens (N, T, D) -> (N, C_out, H, W)."""
         return self.unpatchify(self.final_layer(x, c))
 
+    def as_eps(self, out, x_t, t):
+        """The network output (N, C_out, H, W) with its first C channels as eps (converted from v if need be).
+
+        eps = sqrt(a_t)·v + sqrt(1 - a_t)·x_t. A v-network predicts x_0 = sqrt(a_t)·x_t - sqrt(1 - a_t)·v with an
+        error no larger than its own, where an eps-network's error is amplified by 1 / sqrt(a_t) at high noise.
+        """
+        if self.config.prediction == "eps":
+            return out
+        C = self.in_channels
+        a = self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1).to(out.dtype)  # (N, 1, 1, 1)
+        s = self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1).to(out.dtype)
+        return torch.cat([a * out[:, :C] + s * x_t, out[:, C:]], dim=1)
+
     def forward(self, x, t, y):
         """
         Forward pass of DiT.
@@ -346,11 +377,12 @@ class DiT(PretrainedMixin, nn.Module):
         t: (N,) tensor of diffusion timesteps
         y: (N,) tensor of class labels
         """
+        x_t = x
         x, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb + y_emb  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
-        return self.head(x, c)  # (N, C_out, H, W)
+        return self.as_eps(self.head(x, c), x_t, t)  # (N, C_out, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
         """

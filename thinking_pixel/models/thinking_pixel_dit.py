@@ -211,6 +211,7 @@ class ThinkingPixelDiT(DiT):
         return sum(parts[1:], parts[0]) if parts else None
 
     def forward(self, x, t, y, context=None):
+        x_t = x
         x, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb + y_emb  # (N, D)
         gate_cond = self._gate_condition(t_emb, y_emb)  # (N, D) or None
@@ -222,7 +223,7 @@ class ThinkingPixelDiT(DiT):
                 x = block(x, c, cond=gate_cond, context=context)  # (N, T, D)
             else:
                 x = block(x, c)
-        return self.head(x, c)  # (N, C_out, H, W)
+        return self.as_eps(self.head(x, c), x_t, t)  # (N, C_out, H, W)
 
     @contextlib.contextmanager
     def record_routing(self, states: bool = False):

@@ -1,0 +1,68 @@
+"""Training and sampling options of the shapes recipe: Min-SNR-gamma weighting, cosine lr, guidance interval."""
+
+import pytest
+import torch
+
+from thinking_pixel.diffusion import GaussianDiffusion, guided_model_fn, sample
+from thinking_pixel.train import TrainConfig, _lr
+
+
+def _toy_model(x, t, y):
+    eps = 0.5 * x + 0.01 * y.float()[:, None, None, None] + 1e-4 * t.float()[:, None, None, None]
+    return torch.cat([eps, torch.tanh(x)], dim=1)
+
+
+def test_min_snr_weights_the_eps_loss_only():
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 6, 4, 4, generator=g)
+    x0, noise = torch.rand(3, 3, 4, 4, generator=g) * 2 - 1, torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 300, 999])
+    kwargs = dict(model_kwargs={"y": torch.zeros(3, dtype=torch.long)}, noise=noise)
+    plain = diffusion.training_losses(lambda x, t, y: out, x0, t, **kwargs)
+    weighted = diffusion.training_losses(lambda x, t, y: out, x0, t, min_snr_gamma=5.0, **kwargs)
+    snr = (diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))[t].float()
+    torch.testing.assert_close(weighted["mse"], plain["mse"])
+    torch.testing.assert_close(weighted["loss"], plain["mse"] * snr.clamp(max=5.0) / snr + plain["vb"])
+    assert snr[0] > 5 and snr[2] < 5  # t = 0 is down-weighted, t = 999 keeps weight 1
+
+
+def test_cosine_lr_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    assert _lr(cfg, 0) == pytest.approx(1e-4) and _lr(cfg, 10) == pytest.approx(1e-3)
+    assert _lr(cfg, 60) == pytest.approx(5e-4) and _lr(cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    assert _lr(TrainConfig(lr_schedule="constant", warmup_steps=0), 5000) == TrainConfig().lr
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        TrainConfig(min_snr_gamma=0.0)
+
+
+def test_guidance_interval_guides_only_inside():
+    x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
+    fn = guided_model_fn(_toy_model, 3.0, null_class=5, interval=(0, 500))
+    for step, guided in ((400, True), (501, False)):
+        t = torch.full((2,), step)
+        cond, uncond = _toy_model(x, t, y), _toy_model(x, t, torch.full_like(y, 5))
+        want = uncond[:, :2] + 3.0 * (cond[:, :2] - uncond[:, :2]) if guided else cond[:, :2]
+        torch.testing.assert_close(fn(x, t, y)[:, :2], want)
+    with pytest.raises(ValueError, match="cfg_interval"):
+        sample(_toy_model, y, (2, 4, 4), cfg_scale=2.0, null_class=5, cfg_interval=(600, 100), num_steps=2)
+
+
+def test_v_prediction_model_returns_eps():
+    from thinking_pixel.models import DiT, dit_config
+
+    torch.manual_seed(0)
+    model = DiT(dit_config("DiT-N/4", depth=1, hidden_size=32, num_heads=2, prediction="v")).eval()
+    diffusion = GaussianDiffusion()
+    x0, eps = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 3, 16, 16)
+    t = torch.tensor([0, 500, 999])
+    x_t = diffusion.q_sample(x0, t, eps)
+    a, s = diffusion.sqrt_alphas_cumprod[t].float(), diffusion.sqrt_one_minus_alphas_cumprod[t].float()
+    v = a.view(-1, 1, 1, 1) * eps - s.view(-1, 1, 1, 1) * x0  # the exact v of (x_0, eps)
+    out = model.as_eps(torch.cat([v, torch.zeros_like(v)], 1), x_t, t)
+    torch.testing.assert_close(out[:, :3], eps, atol=1e-4, rtol=1e-4)
+    assert "sqrt_alphas_cumprod" not in model.state_dict()  # derived from the schedule, not saved
+    with pytest.raises(ValueError, match="prediction"):
+        dit_config("DiT-N/4", prediction="x0")

@@ -1,0 +1,67 @@
+"""Class accuracy of samples from a class-conditional shapes model, read by the classical-vision detector.
+
+Each image's object is its largest detection (by coverage); it is right when its shape and colour are the
+class's. ``placement`` summarises where objects sit and how large they are, to compare a model's spread of
+positions and sizes with the data's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from ..tasks.compositional.detect import detect_objects
+
+__all__ = ["class_accuracy", "main_objects", "placement"]
+
+
+def main_objects(images) -> list:
+    """The largest detection of each image (None where nothing was detected)."""
+    found = []
+    for image in images:
+        detections = detect_objects(image)
+        found.append(max(detections, key=lambda d: d.area) if detections else None)
+    return found
+
+
+def class_accuracy(objects: list, labels, class_parts: list[tuple[str, str]], class_names: list[str]) -> dict:
+    """Accuracy of ``objects`` (from :func:`main_objects`) against (shape, colour) ``class_parts[label]``.
+
+    Returns {"accuracy" (shape and colour right), "shape_accuracy", "color_accuracy", "detected" (fraction with
+    an object), "per_class": {name: the same four plus "n" and the most frequent "predicted" labels}}.
+    """
+    labels = [int(y) for y in labels]
+    if len(objects) != len(labels):
+        raise ValueError(f"objects and labels must have the same length, got {len(objects)} and {len(labels)}")
+    rows = []
+    for obj, y in zip(objects, labels):
+        shape, colour = class_parts[y]
+        rows.append((y, obj is not None and obj.shape == shape, obj is not None and obj.colour == colour,
+                     obj is not None, "nothing" if obj is None else f"{obj.colour} {obj.shape or 'blob'}"))
+
+    def summary(subset):
+        return {"accuracy": float(np.mean([s and c for _, s, c, _, _ in subset])),
+                "shape_accuracy": float(np.mean([s for _, s, _, _, _ in subset])),
+                "color_accuracy": float(np.mean([c for _, _, c, _, _ in subset])),
+                "detected": float(np.mean([d for _, _, _, d, _ in subset]))}
+
+    per_class = {}
+    for y, name in enumerate(class_names):
+        subset = [r for r in rows if r[0] == y]
+        if subset:
+            predicted = Counter(r[4] for r in subset).most_common(3)
+            per_class[name] = {**summary(subset), "n": len(subset), "predicted": dict(predicted)}
+    return {**summary(rows), "per_class": per_class}
+
+
+def placement(objects: list, image_size: int) -> dict:
+    """Mean and standard deviation of the object centres (x, y) and sizes (sqrt(area)), as fractions of the side."""
+    found = [o for o in objects if o is not None]
+    if not found:
+        return {"n": 0}
+    x = np.array([o.center[0] for o in found]) / image_size
+    y = np.array([o.center[1] for o in found]) / image_size
+    size = np.sqrt([o.area for o in found]) / image_size
+    return {"n": len(found), **{f"{name}_{stat}": float(fn(v)) for name, v in (("x", x), ("y", y), ("size", size))
+                                for stat, fn in (("mean", np.mean), ("std", np.std))}}

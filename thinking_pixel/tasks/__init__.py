@@ -1,0 +1,1 @@
+"""Tasks: synthetic worlds with programmatic evaluators (``compositional``: GenEval-style shape scenes)."""
