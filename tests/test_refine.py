@@ -99,9 +99,19 @@ def _backward(outputs, grads):
     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
-def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE):
+def upstream_grads(qkv, weight, seed, strided=False):
+    """Random d loss / d qkv and d loss / d weight; ``strided``: laid out as autograd often hands them over,
+    d qkv a every-other-column view and d weight one value expanded (stride 0, as ``weight.sum()`` gives)."""
+    g = torch.Generator().manual_seed(seed)
+    if not strided:
+        return torch.randn(qkv.shape, generator=g).to(qkv.dtype), torch.randn(weight.shape, generator=g)
+    grad_qkv = torch.randn(*qkv.shape[:-1], 2 * qkv.shape[-1], generator=g).to(qkv.dtype)[..., ::2]
+    return grad_qkv, torch.randn((), generator=g).expand(weight.shape)
+
+
+def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE, strided_grads=False):
     """refine_step forward + backward (through qkv and the gate weight) vs the float64 reference;
-    gradients for the inputs named in ``need``."""
+    gradients for the inputs named in ``need``; ``strided_grads``: non-contiguous upstream gradients."""
     dtype = inputs["state"].dtype
     tol = TOL[dtype] if tol is None else tol
     leaves = {k: (v.clone().requires_grad_(k in need) if v is not None else None)
@@ -113,9 +123,7 @@ def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE):
     assert qkv.dtype == dtype and idx.dtype == torch.int64 and idx.shape == lead and weight.shape == lead
     assert weight.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.all(weight == 1)
-    g = torch.Generator().manual_seed(seed)
-    grad_qkv = torch.randn(qkv.shape, generator=g).to(dtype)
-    grad_weight = torch.randn(weight.shape, generator=g)
+    grad_qkv, grad_weight = upstream_grads(qkv, weight, seed, strided_grads)
     _backward([qkv, weight], [grad_qkv, grad_weight.to(weight.dtype)])
 
     # Routing: the float64 argmax wherever it is not a near-tie at this dtype's precision; then everything
@@ -144,6 +152,12 @@ def test_matches_reference(backend, name):
 @pytest.mark.parametrize("name", ["full", "odd_unstacked"])
 def test_other_dtypes(backend, name, dtype):
     check(make_case(name, dtype))
+
+
+@pytest.mark.parametrize("name", ["full", "odd_unstacked"])
+def test_strided_upstream_grads(backend, name):
+    """A loss on the gate weight (``weight.sum()``: a stride-0 gradient) and a non-contiguous d qkv."""
+    check(make_case(name), strided_grads=True)
 
 
 def test_large_mean_state(backend):

@@ -35,6 +35,12 @@ def test_partial_grads(need):
     assert all(v.grad is None for k, v in leaves.items() if v is not None and k not in need)
 
 
+@pytest.mark.parametrize("name", ["full", "odd_unstacked"])
+def test_strided_upstream_grads(name):
+    """A loss on the gate weight gives a stride-0 gradient: the kernels must not read past its one element."""
+    check(make_case(name), strided_grads=True)
+
+
 def test_no_tokens():
     check_no_tokens()
 

@@ -78,8 +78,9 @@ def refine_step_bwd(
     scale: float, eps: float, normalize: bool, need_state: bool, need_w: bool, need_token_weight: bool,
     need_cond: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # upstream gradients come in any layout (weight.sum() gives a stride-0 one): the kernels index rows densely
     return _backend(state.device).backward(
-        grad_qkv.contiguous(), grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
+        grad_qkv.contiguous(), None if grad_weight is None else grad_weight.contiguous(), state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
     )
 

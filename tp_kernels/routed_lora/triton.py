@@ -240,6 +240,10 @@ class Launch:
     num_stages: int
 
     def __call__(self):
+        # every kernel indexes its tensors as dense row-major arrays: a strided view would be read out of bounds
+        for name, value in self.args.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                raise ValueError(f"{self.kernel.__name__}: {name} must be contiguous, got strides {value.stride()}")
         if all(g > 0 for g in self.grid):
             self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
