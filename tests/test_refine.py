@@ -234,8 +234,10 @@ def test_cond_grouping_matches_per_token_rows(backend):
     (dict(noise=torch.zeros(2, 9, 4)), "noise must have shape"),
     (dict(base=torch.zeros(2, 9, 47)), "base must have shape"),
     (dict(base=torch.zeros(2, 9, 48, dtype=torch.float64)), "base must have dtype"),
-    (dict(tau=0.0), "tau must be a positive"),
-    (dict(eps=-1.0), "eps must be a positive"),
+    (dict(tau=0.0), "tau must be a finite positive"),
+    (dict(tau=float("inf")), "tau must be a finite positive"),
+    (dict(eps=-1.0), "eps must be a finite positive"),
+    (dict(scale=float("nan")), "scale must be a finite"),
     (dict(scale="1"), "scale must be a Python float"),
 ])
 def test_bad_input_names_the_argument(change, match):

@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 
 from .._dispatch import resolve
-from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
 from .op import refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
 
@@ -111,9 +111,9 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         check_tensor("base", base, dtypes=(state.dtype,))
         if tuple(base.shape) != (*lead, n_slice * d_out):
             raise ValueError(f"base must have shape {(*lead, n_slice * d_out)}, got {tuple(base.shape)}")
-    for name, value, positive in (("tau", tau, True), ("scale", scale, False), ("eps", eps, True)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
-            raise ValueError(f"{name} must be a {'positive ' if positive else ''}Python float, got {value!r}")
+    check_finite_number("tau", tau, positive=True)
+    check_finite_number("scale", scale)
+    check_finite_number("eps", eps, positive=True)
     check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
                       noise=noise, base=base)
 

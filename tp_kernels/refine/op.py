@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import resolve
-from .._validate import acc_dtype
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from ..routed_lora.op import _Reference as _LoraReference
 from . import cpu as _cpu
 from .reference import refine_step_parts
@@ -52,11 +52,38 @@ def _backend(device):
     return importlib.import_module(".triton", __package__)
 
 
+def _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps) -> OpArgs:
+    """The layout both ops share (see OpArgs): state (N, D), lora_a (E, S, R, D), lora_b (E, S, D_out, R)."""
+    arg = OpArgs(op, state.device if isinstance(state, Tensor) else None)
+    arg("state", state, ("N", "D"), FLOAT_DTYPES)
+    arg("lora_a", lora_a, ("E", "S", "R", "D"), (state.dtype,))
+    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (state.dtype,))
+    arg("token_weight", token_weight, ("E", "D"), (state.dtype,), optional=True)
+    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
+        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    check_finite_number("tau", tau, positive=True)
+    check_finite_number("scale", scale)
+    check_finite_number("eps", eps, positive=True)
+    return arg
+
+
+def _check_groups(op, n_groups, n_tok):
+    if n_groups < 0 or (n_groups == 0 and n_tok > 0) or (n_groups and n_tok % n_groups):
+        raise ValueError(f"{op}: cond_logits' {n_groups} rows must divide the {n_tok} tokens")
+
+
 @torch.library.custom_op("tp_kernels::refine_step_fwd", mutates_args=())
 def refine_step_fwd(
     state: Tensor, lora_a: Tensor, lora_b: Tensor, token_weight: Optional[Tensor], cond_logits: Optional[Tensor],
     noise: Optional[Tensor], base: Optional[Tensor], tau: float, scale: float, eps: float, normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "tp_kernels.refine_step_fwd"
+    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+    arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
+    arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
+    arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
+    if cond_logits is not None:
+        _check_groups(op, cond_logits.shape[0], state.shape[0])
     return _backend(state.device).forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
                                           eps, normalize)
 
@@ -78,9 +105,22 @@ def refine_step_bwd(
     scale: float, eps: float, normalize: bool, need_state: bool, need_w: bool, need_token_weight: bool,
     need_cond: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "tp_kernels.refine_step_bwd"
     # upstream gradients come in any layout (weight.sum() gives a stride-0 one): the kernels index rows densely
+    grad_qkv, grad_weight = (g.contiguous() if isinstance(g, Tensor) else g for g in (grad_qkv, grad_weight))
+    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+    n_exp, n_slice, rank, _ = lora_a.shape
+    acc = (acc_dtype(state.dtype),)
+    arg("grad_qkv", grad_qkv, ("N", n_slice * lora_b.shape[2]), FLOAT_DTYPES)
+    arg("grad_weight", grad_weight, ("N",), FLOAT_DTYPES, optional=True)
+    arg("idx", idx, ("N",), INDEX_DTYPES)
+    arg("probs", probs, ("N", "E"), acc)
+    arg("lora_h", lora_h, ("N", n_slice * rank), acc)
+    if need_cond:
+        _check_groups(op, n_groups, state.shape[0])
+    check_index_range("expert_idx", idx, n_exp)
     return _backend(state.device).backward(
-        grad_qkv.contiguous(), None if grad_weight is None else grad_weight.contiguous(), state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
+        grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_number, check_same_device, check_tensor
 from .op import routed_lora_bwd, routed_lora_fwd
 from .reference import routed_lora_reference
 
@@ -58,8 +58,7 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
         check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"gate must have shape {tuple(x.shape[:-1])}, got {tuple(gate.shape)}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    check_finite_number("scale", scale)
     check_same_device(x=x, expert_idx=expert_idx, lora_a=lora_a, lora_b=lora_b, gate=gate)
 
     lead = x.shape[:-1]

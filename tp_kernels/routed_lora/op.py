@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import resolve
-from .._validate import acc_dtype, check_index_range
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from . import cpu as _cpu
 from .reference import routed_lora_backward_reference, routed_lora_reference
 
@@ -47,11 +47,26 @@ def _backend(device):
     return importlib.import_module(".triton", __package__)
 
 
+def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
+    """The raw op's layout (see OpArgs): x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)."""
+    arg = OpArgs(op, x.device if isinstance(x, Tensor) else None)
+    arg("x", x, ("N", "D_in"), FLOAT_DTYPES)
+    arg("idx", idx, ("N",), INDEX_DTYPES)
+    arg("lora_a", lora_a, ("E", "S", "R", "D_in"), (x.dtype,))
+    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (x.dtype,))
+    arg("gate", gate, ("N",), FLOAT_DTYPES, optional=True)
+    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
+        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    check_finite_number("scale", scale)
+    check_index_range("expert_idx", idx, lora_a.shape[0])
+    return arg
+
+
 @torch.library.custom_op("tp_kernels::routed_lora_fwd", mutates_args=())
 def routed_lora_fwd(
     x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor], scale: float
 ) -> tuple[Tensor, Tensor]:
-    check_index_range("expert_idx", idx, lora_a.shape[0])
+    check_args("tp_kernels.routed_lora_fwd", x, idx, lora_a, lora_b, gate, scale)
     return _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
 
 
@@ -66,9 +81,13 @@ def routed_lora_bwd(
     grad_y: Tensor, x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor],
     h: Tensor, scale: float, need_x: bool, need_w: bool, need_gate: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backend(x.device).backward(
-        grad_y.contiguous(), x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate
-    )
+    op = "tp_kernels.routed_lora_bwd"
+    grad_y = grad_y.contiguous() if isinstance(grad_y, Tensor) else grad_y  # autograd hands over any layout
+    arg = check_args(op, x, idx, lora_a, lora_b, gate, scale)
+    n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
+    arg("grad_y", grad_y, ("N", n_slice * d_out), FLOAT_DTYPES)
+    arg("h", h, ("N", n_slice * rank), (acc_dtype(x.dtype),))
+    return _backend(x.device).backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate)
 
 
 @routed_lora_bwd.register_fake
