@@ -64,7 +64,7 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
     lead = x.shape[:-1]
     y, _ = routed_lora_fwd(
         x.reshape(-1, d_in).contiguous(),
-        expert_idx.reshape(-1).to(torch.int64),
+        expert_idx.reshape(-1).to(torch.int64).contiguous(),
         a.contiguous(),
         b.contiguous(),
         None if gate is None else gate.reshape(-1).contiguous(),
