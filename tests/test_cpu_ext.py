@@ -4,6 +4,7 @@ Build it first: ``python setup.py build_ext --inplace``. Tests that need it are 
 built; the TP_KERNELS_NO_EXT tests run either way.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -315,3 +316,30 @@ def test_narrower_instruction_sets(isa, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture
+def reload_ext():
+    """_ext._load() run afresh under the test's monkeypatching, and once more afterwards with the real values."""
+    _ext._load.cache_clear()
+    yield
+    _ext._load.cache_clear()
+
+
+@needs_ext
+@pytest.mark.parametrize("stale", ["version", "symbol"])
+def test_mismatched_extension_falls_back_with_a_warning(monkeypatch, cpu_backend, reload_ext, stale):
+    """A library from other sources (another interface version, or a function missing) is never called."""
+    if stale == "version":
+        monkeypatch.setattr(_ext, "ABI_VERSION", _ext.ABI_VERSION + 1)
+    else:
+        monkeypatch.setitem(_ext._SIGNATURES, "tp_function_of_a_newer_build", (ctypes.c_int, []))
+    with pytest.warns(UserWarning, match="rebuild it"):
+        assert _ext.library() is None
+    assert _ext.routed_lora_cpu() is None and _ext.gate_cpu() is None
+    check_against_reference(*make_inputs(40, 16, 12, 4, 3, 1, torch.float32))
+
+
+@needs_ext
+def test_extension_reports_this_interface_version():
+    assert _ext.library().tp_abi_version() == _ext.ABI_VERSION
