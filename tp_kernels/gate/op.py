@@ -39,6 +39,8 @@ def _backend(device):
     name = resolve(device)
     if name == "reference":
         return _Reference
+    if name == "torch":
+        return _cpu
     if name == "cpu":
         from .. import _ext
 

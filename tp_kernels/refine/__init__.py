@@ -120,7 +120,7 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
     def flat(t, width):
         return None if t is None else t.reshape(-1, width).contiguous()
 
-    normalize = resolve(state.device) != "cpu"
+    normalize = resolve(state.device) not in ("cpu", "torch")
     if not normalize:
         state = F.layer_norm(state, (dim,), eps=float(eps))  # (..., D) h, kept by autograd with its statistics
     qkv, weight, idx, _, _ = refine_step_fwd(

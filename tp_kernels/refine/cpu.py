@@ -51,13 +51,15 @@ def gate_logits(h, token_weight, cond_logits, n_exp):
     return logits
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
-    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R)."""
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, *, lora=None,
+            gate=None):
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R).
+    ``lora`` / ``gate``: the routed-LoRA and gate backend modules (default: the extension's, else composed torch)."""
     n_exp = lora_a.shape[0]
     h = torch.native_layer_norm(state, [state.shape[1]], None, None, eps)[0] if normalize else state  # (N, D)
     logits = gate_logits(h, token_weight, cond_logits, n_exp)  # (N, E)
-    idx, weight, probs = _gate().forward(logits, noise, tau, True)
-    qkv, lora_h = _lora().forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1: no multiplier needed
+    idx, weight, probs = (gate or _gate()).forward(logits, noise, tau, True)
+    qkv, lora_h = (lora or _lora()).forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1: no multiplier
     if base is not None:
         qkv.add_(base)
     return qkv, weight, idx, probs, lora_h
@@ -119,3 +121,15 @@ def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, pr
              eps, normalize, need_state, need_w, need_token_weight, need_cond):
     return backward_with(_lora(), grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
                          n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
+
+
+class Composed:
+    """The step in composed torch ops only, never the extension: the path of devices without Triton."""
+
+    @staticmethod
+    def forward(*args):
+        return forward(*args, lora=_lora_torch, gate=_gate_torch)
+
+    @staticmethod
+    def backward(*args):
+        return backward_with(_lora_torch, *args)

@@ -47,6 +47,8 @@ def _backend(device):
     name = resolve(device)
     if name == "reference":
         return _Reference
+    if name == "torch":
+        return _cpu.Composed
     if name == "cpu":
         return _cpu
     return importlib.import_module(".triton", __package__)

@@ -1,10 +1,11 @@
-"""Routed LoRA on CPU with composed torch ops (the fallback when csrc/ is not built).
+"""Routed LoRA with composed torch ops: the CPU fallback when csrc/ is not built, and the path of any device
+without Triton (the per-token-weight reference would materialise (N, S, R, D) weights).
 
 Tokens are grouped by expert once (stable sort), gathered into one contiguous
 buffer, and each expert runs two GEMMs on its contiguous slice; the gate and
 scale are applied on the rank-R intermediate, which is D_out/R times cheaper
-than scaling the output.  Offsets are read on the host, which is free for CPU
-tensors (this module never sees CUDA tensors).
+than scaling the output.  Offsets are read on the host: free for CPU tensors,
+one sync per call on other devices (CUDA with Triton never comes here).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     n_exp, n_slice, rank, _ = lora_a.shape
     d_out = lora_b.shape[2]
     perm, offsets = group_by_expert(idx, n_exp)
-    bounds = offsets.tolist()  # CPU tensor: no device sync
+    bounds = offsets.tolist()  # free on CPU; one sync elsewhere (see the docstring)
     xs = x.index_select(0, perm)  # (N, D_in) grouped
-    hs = torch.empty(n_tok, n_slice * rank, dtype=x.dtype)
-    ys = torch.empty(n_tok, n_slice, d_out, dtype=x.dtype)
+    hs = x.new_empty(n_tok, n_slice * rank)
+    ys = x.new_empty(n_tok, n_slice, d_out)
     mult = _token_scale(gate, perm, scale)
     for e in range(n_exp):
         lo, hi = bounds[e], bounds[e + 1]
@@ -47,9 +48,9 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
         h = h.view(-1, n_slice, rank)
         for s in range(n_slice):
             torch.mm(h[:, s], lora_b[e, s].t(), out=ys[lo:hi, s])  # (n, D_out)
-    y = torch.empty(n_tok, n_slice * d_out, dtype=x.dtype)
+    y = x.new_empty(n_tok, n_slice * d_out)
     y.index_copy_(0, perm, ys.view(n_tok, n_slice * d_out))
-    h_tok = torch.empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
+    h_tok = x.new_empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
     h_tok.index_copy_(0, perm, hs.to(h_tok.dtype))
     return y, h_tok
 
@@ -61,18 +62,18 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, nee
     d_out = lora_b.shape[2]
     wdt = lora_a.dtype
     perm, offsets = group_by_expert(idx, n_exp)
-    bounds = offsets.tolist()  # CPU tensor: no device sync
+    bounds = offsets.tolist()  # free on CPU; one sync elsewhere (see the docstring)
     gy = grad_y.index_select(0, perm).view(n_tok, n_slice, d_out)  # (N, S, D_out)
     acc = acc_dtype(x.dtype)
     hs = h.index_select(0, perm).view(n_tok, n_slice, rank)  # (N, S, R) acc
     mult = _token_scale(gate, perm, scale)
     if mult is None:
-        mult = torch.full((n_tok, 1), float(scale), dtype=acc)
+        mult = x.new_full((n_tok, 1), float(scale), dtype=acc)
     xs = x.index_select(0, perm) if need_w else None
-    dxs = torch.empty(n_tok, d_in, dtype=x.dtype) if need_x else None
+    dxs = x.new_empty(n_tok, d_in) if need_x else None
     da = torch.zeros_like(lora_a) if need_w else None
     db = torch.zeros_like(lora_b) if need_w else None
-    dgs = torch.empty(n_tok, dtype=acc) if need_gate else None
+    dgs = x.new_empty(n_tok, dtype=acc) if need_gate else None
     for e in range(n_exp):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
@@ -95,7 +96,7 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, nee
         dx.index_copy_(0, perm, dxs)
     dg = x.new_empty(0)
     if need_gate:
-        dg = torch.empty(n_tok, dtype=gate.dtype)
+        dg = gate.new_empty(n_tok)
         dg.index_copy_(0, perm, dgs.to(gate.dtype))
     # distinct empties: custom-op outputs may not alias each other
     return dx, (da if need_w else x.new_empty(0)), (db if need_w else x.new_empty(0)), dg
