@@ -32,7 +32,8 @@ class _Reference:
         if not hard:
             return idx, weight, weight.new_empty(0)
         z = logits.to(weight.dtype) + (0 if noise is None else noise.to(weight.dtype))
-        return idx, weight.detach().clone(), torch.softmax(z / tau, dim=-1)
+        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
+        return idx, torch.ones_like(weight.detach()), torch.softmax(z / tau, dim=-1)
 
 
 def _backend(device):

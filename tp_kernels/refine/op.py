@@ -36,7 +36,8 @@ class _Reference:
                               normalize=normalize)
         a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
         lora_h = torch.einsum("nsrd,nd->nsr", a, p["h"]).flatten(1)  # (N, S*R)
-        return p["qkv"].to(state.dtype), p["weight"].detach().clone(), p["idx"], p["probs"], lora_h
+        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
+        return p["qkv"].to(state.dtype), torch.ones_like(p["weight"].detach()), p["idx"], p["probs"], lora_h
 
     @staticmethod
     def backward(*args):
