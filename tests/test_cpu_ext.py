@@ -15,6 +15,7 @@ import torch
 
 import tp_kernels
 from tp_kernels import _ext
+from tp_kernels._grouping import group_by_expert
 from tp_kernels.gate import cpu_ext as gate_ext
 from tp_kernels.gate.reference import gate_top1_reference
 from tp_kernels.routed_lora import cpu as lora_torch
@@ -165,7 +166,8 @@ def test_bf16_rank_cutover_applies_only_without_bf16_dot_products(monkeypatch):
     monkeypatch.setattr(lora_torch, "forward", lambda *args: calls.append("forward"))
     monkeypatch.setattr(lora_torch, "backward", lambda *args: calls.append("backward"))
     lora_ext.forward(x, idx, a, b, g, 0.5)
-    lora_ext.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, 0.5, True, True, True)
+    lora_ext.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, *group_by_expert(idx, 3), 0.5, True,
+                      True, True)
     # with bf16 dot products the extension's GEMMs are the fast ones at any rank: no cut-over
     assert calls == ([] if _ext.bf16_dot() else ["forward", "backward"])
 
@@ -196,7 +198,7 @@ def test_out_of_range_index_raises_in_the_backend():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
 def test_other_dtypes_fall_back_to_the_torch_path(dtype):
     x, idx, a, b, g = make_inputs(20, 8, 6, 4, 3, 1, dtype)
-    y, h = lora_ext.forward(x, idx, a, b, g, 1.0)
+    y, h, _, _ = lora_ext.forward(x, idx, a, b, g, 1.0)
     expected = routed_lora_reference(x.double(), idx, a.double(), b.double(), g.double(), 1.0)
     torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-3)
 

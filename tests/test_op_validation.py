@@ -19,7 +19,8 @@ def lora_bwd_args(**change):
     args = lora_args()
     n, (n_exp, n_slice, rank, _), d_out = 6, args["lora_a"].shape, args["lora_b"].shape[2]
     args = dict(grad_y=torch.randn(n, n_slice * d_out), **{k: v for k, v in args.items() if k != "scale"},
-                h=torch.randn(n, n_slice * rank), scale=0.5, need_x=True, need_w=True, need_gate=True)
+                h=torch.randn(n, n_slice * rank), perm=torch.tensor([0, 3, 1, 4, 2, 5]),
+                offsets=torch.tensor([0, 2, 4, 6]), scale=0.5, need_x=True, need_w=True, need_gate=True)
     args.update(change)
     return args
 
@@ -40,7 +41,7 @@ def refine_bwd_args(**change):
     args = dict(grad_qkv=torch.randn(n, n_slice * d_out), grad_weight=torch.randn(n), state=fwd["state"],
                 lora_a=fwd["lora_a"], lora_b=fwd["lora_b"], token_weight=fwd["token_weight"],
                 idx=torch.tensor([0, 1, 2, 0, 1, 2]), probs=torch.rand(n, n_exp), lora_h=torch.randn(n, n_slice * rank),
-                n_groups=2, tau=5.0, scale=0.5, eps=1e-6, normalize=True, need_state=True, need_w=True,
+                perm=torch.tensor([0, 3, 1, 4, 2, 5]), offsets=torch.tensor([0, 2, 4, 6]), n_groups=2, tau=5.0, scale=0.5, eps=1e-6, normalize=True, need_state=True, need_w=True,
                 need_token_weight=True, need_cond=True)
     args.update(change)
     return args
@@ -66,6 +67,8 @@ BAD = [
     ("routed_lora_bwd", lora_bwd_args(h=torch.randn(6, 8, dtype=torch.float64)), TypeError, "h must have dtype"),
     ("routed_lora_bwd", lora_bwd_args(h=torch.randn(5, 8)), ValueError, "h has N = 5"),
     ("routed_lora_bwd", lora_bwd_args(x=torch.randn(6, 8, dtype=torch.bfloat16)), TypeError, "lora_a must have dtype"),
+    ("routed_lora_bwd", lora_bwd_args(offsets=torch.tensor([0, 6])), ValueError, "offsets must have shape"),
+    ("routed_lora_bwd", lora_bwd_args(perm=torch.arange(6, dtype=torch.int32)), TypeError, "perm must have dtype"),
     # gate_top1_fwd
     ("gate_top1_fwd", dict(logits=torch.randn(4, 3), noise=torch.randn(4, 2), tau=1.0, hard=True), ValueError,
      "noise has E = 2"),

@@ -154,6 +154,13 @@ def test_other_dtypes(backend, name, dtype):
     check(make_case(name, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_state_with_large_mean(backend, dtype):
+    """|mean| >> std in bf16/fp16: the LayerNorm statistics must not be kept in the input's dtype (torch's CPU
+    LayerNorm does, and its backward then returns garbage)."""
+    check(make_case("full", dtype, mean=40.0))
+
+
 @pytest.mark.parametrize("name", ["full", "odd_unstacked"])
 def test_strided_upstream_grads(backend, name):
     """A loss on the gate weight (``weight.sum()``: a stride-0 gradient) and a non-contiguous d qkv."""
@@ -272,10 +279,38 @@ def test_opcheck_fwd(backend, with_optional, normalize):
                                              ((False, True, False, True), True), ((True, True, True, True), False)])
 def test_opcheck_bwd(backend, needs, normalize):
     args = _op_args(True, grad=False, normalize=normalize)
-    qkv, weight, idx, probs, lora_h = refine_step_fwd(*args)
+    qkv, weight, idx, probs, lora_h, perm, offsets = refine_step_fwd(*args)
     state, lora_a, lora_b, token_weight = args[:4]
     torch.library.opcheck(refine_step_bwd, (torch.randn_like(qkv), torch.randn_like(weight), state, lora_a, lora_b,
-                                            token_weight, idx, probs, lora_h, 2, 2.0, 0.5, 1e-6, normalize, *needs))
+                                            token_weight, idx, probs, lora_h, perm, offsets, 2, 2.0, 0.5, 1e-6,
+                                            normalize, *needs))
+
+
+def check_batch_invariance(dtype=torch.float32):
+    """A token's qkv, expert, gate weight and state gradient are bit-identical whatever other tokens share its
+    batch (gradients of the weights, sums over tokens, excepted)."""
+    inputs = make_case(((150,), 72, 40, 16, 3, 3, True, "token", True, True), dtype)
+    g = torch.Generator().manual_seed(2)
+    grad_qkv = torch.randn(150, 120, generator=g).to(dtype)
+    grad_weight = torch.randn(150, generator=g)
+
+    def run(rows):
+        state = inputs["state"][rows].clone().requires_grad_()
+        kwargs = {k: inputs[k][rows] for k in ("cond_logits", "noise", "base")}
+        qkv, idx, weight = tp_kernels.refine_step(state, inputs["lora_a"], inputs["lora_b"], tau=2.0, scale=0.5,
+                                                  token_weight=inputs["token_weight"], **kwargs)
+        torch.autograd.backward([qkv, weight], [grad_qkv[rows], grad_weight[rows].to(weight.dtype)])
+        return qkv.detach(), idx, weight.detach(), state.grad
+
+    full = run(torch.arange(150))
+    for rows in (torch.arange(3, 150, 7), torch.tensor([17]), torch.arange(150).flip(0)):
+        for name, got, want in zip(("qkv", "idx", "weight", "dstate"), run(rows), full):
+            assert torch.equal(got, want[rows]), f"{name} of a token changed with the batch around it"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_batch_invariance(backend, dtype):
+    check_batch_invariance(dtype)
 
 
 def check_op_normalize_modes(dtype=torch.float64, seed=0):

@@ -8,7 +8,8 @@ import torch
 
 import tp_kernels
 from test_refine import (  # noqa: E402
-    CASES, PARTIAL, check, check_no_tokens, check_op_normalize_modes, check_recursive_training, make_case,
+    CASES, PARTIAL, check, check_batch_invariance, check_no_tokens, check_op_normalize_modes, check_recursive_training,
+    make_case,
 )
 
 
@@ -73,3 +74,14 @@ def test_multi_tile_experts():
 def test_recursive_attention_trains_like_the_unfused_modules():
     """float32 here, so the fused kernels run (float64 would take the reference fallback)."""
     check_recursive_training({}, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_multi_tile_rank128_loss_on_gate_weight(dtype):
+    """Several K and N tiles and programs per axis at rank 128, with strided upstream grads (weight.sum())."""
+    check(make_case(((2, 40), 136, 72, 128, 3, 3, True, "sample", True, True), dtype), strided_grads=True)
+
+
+def test_batch_invariance():
+    """A token's qkv, routing and state gradient are bit-identical whatever other tokens share the batch."""
+    check_batch_invariance()

@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 
 from .._dispatch import resolve
-from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, acc_dtype, check_finite_number, check_same_device, check_tensor
 from .op import refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
 
@@ -122,8 +122,11 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
 
     normalize = resolve(state.device) not in ("cpu", "torch")
     if not normalize:
-        state = F.layer_norm(state, (dim,), eps=float(eps))  # (..., D) h, kept by autograd with its statistics
-    qkv, weight, idx, _, _ = refine_step_fwd(
+        # (..., D) h, kept by autograd with its statistics. Computed in the accumulation dtype: torch's CPU
+        # LayerNorm keeps a bf16/fp16 input's mean and rstd in that dtype, and its backward then loses the
+        # gradient entirely when |mean| >> std (found by tests/test_fuzz_ops.py).
+        state = F.layer_norm(state.to(acc_dtype(state.dtype)), (dim,), eps=float(eps)).to(state.dtype)
+    qkv, weight, idx, *_ = refine_step_fwd(
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
         cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), normalize,
     )

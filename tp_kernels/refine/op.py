@@ -2,13 +2,14 @@
 
 Two custom ops, both opaque to torch.compile:
     tp_kernels::refine_step_fwd(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-        normalize) -> (qkv, weight, idx, probs, lora_h)
+        normalize) -> (qkv, weight, idx, probs, lora_h, perm, offsets)
     tp_kernels::refine_step_bwd(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
-        n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
+        perm, offsets, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
         -> (d_state, d_lora_a, d_lora_b, d_token_weight, d_cond_logits)
 normalize=False: state already is LN(a) and the op skips its LayerNorm (the CPU path: see refine_step).
 probs = softmax(z / tau) (N, E) and lora_h = A_idx LN(state) (N, S*R) are saved for the backward
-(float32; float64 for float64 state). The base's gradient is grad_qkv itself, passed through in Python.
+(float32; float64 for float64 state), and the LoRA's token grouping (perm (N,), offsets (E+1,) int64) so the
+backward does not sort again. The base's gradient is grad_qkv itself, passed through in Python.
 Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
 """
 
@@ -23,8 +24,10 @@ from torch import Tensor
 from .._dispatch import resolve
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from ..routed_lora.op import _Reference as _LoraReference
+from ..routed_lora.reference import shrink
 from . import cpu as _cpu
 from .reference import refine_step_parts
+from .._grouping import group_by_expert
 
 
 class _Reference:
@@ -35,9 +38,10 @@ class _Reference:
         p = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
                               normalize=normalize)
         a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
-        lora_h = torch.einsum("nsrd,nd->nsr", a, p["h"]).flatten(1)  # (N, S*R)
+        lora_h = shrink(a, p["h"]).flatten(1)  # (N, S*R)
         # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
-        return p["qkv"].to(state.dtype), torch.ones_like(p["weight"].detach()), p["idx"], p["probs"], lora_h
+        return (p["qkv"].to(state.dtype), torch.ones_like(p["weight"].detach()), p["idx"], p["probs"], lora_h,
+                *group_by_expert(p["idx"], lora_a.shape[0]))
 
     @staticmethod
     def backward(*args):
@@ -79,7 +83,7 @@ def _check_groups(op, n_groups, n_tok):
 def refine_step_fwd(
     state: Tensor, lora_a: Tensor, lora_b: Tensor, token_weight: Optional[Tensor], cond_logits: Optional[Tensor],
     noise: Optional[Tensor], base: Optional[Tensor], tau: float, scale: float, eps: float, normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     op = "tp_kernels.refine_step_fwd"
     arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
     arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
@@ -98,13 +102,15 @@ def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
     acc = acc_dtype(state.dtype)
     return (state.new_empty(n_tok, n_slice * lora_b.shape[2]), state.new_empty(n_tok, dtype=acc),
             state.new_empty(n_tok, dtype=torch.int64), state.new_empty(n_tok, n_exp, dtype=acc),
-            state.new_empty(n_tok, n_slice * rank, dtype=acc))
+            state.new_empty(n_tok, n_slice * rank, dtype=acc), state.new_empty(n_tok, dtype=torch.int64),
+            state.new_empty(n_exp + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("tp_kernels::refine_step_bwd", mutates_args=())
 def refine_step_bwd(
     grad_qkv: Tensor, grad_weight: Optional[Tensor], state: Tensor, lora_a: Tensor, lora_b: Tensor,
-    token_weight: Optional[Tensor], idx: Tensor, probs: Tensor, lora_h: Tensor, n_groups: int, tau: float,
+    token_weight: Optional[Tensor], idx: Tensor, probs: Tensor, lora_h: Tensor, perm: Tensor, offsets: Tensor,
+    n_groups: int, tau: float,
     scale: float, eps: float, normalize: bool, need_state: bool, need_w: bool, need_token_weight: bool,
     need_cond: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -119,18 +125,20 @@ def refine_step_bwd(
     arg("idx", idx, ("N",), INDEX_DTYPES)
     arg("probs", probs, ("N", "E"), acc)
     arg("lora_h", lora_h, ("N", n_slice * rank), acc)
+    arg("perm", perm, ("N",), (torch.int64,))
+    arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
     if need_cond:
         _check_groups(op, n_groups, state.shape[0])
     check_index_range("expert_idx", idx, n_exp)
     return _backend(state.device).backward(
-        grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
+        grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
     )
 
 
 @refine_step_bwd.register_fake
-def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale, eps,
-      normalize, need_state, need_w, need_token_weight, need_cond):
+def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
+      scale, eps, normalize, need_state, need_w, need_token_weight, need_cond):
     def empty_or(need, like):
         return torch.empty_like(like) if need else state.new_empty(0)
 
@@ -141,16 +149,16 @@ def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lo
 
 def _setup_context(ctx, inputs, output):
     state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize = inputs
-    qkv, weight, idx, probs, lora_h = output
-    ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h)
+    qkv, weight, idx, probs, lora_h, perm, offsets = output
+    ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets)
     ctx.n_groups = 0 if cond_logits is None else cond_logits.shape[0]
     ctx.cond_dtype = None if cond_logits is None else cond_logits.dtype
     ctx.tau, ctx.scale, ctx.eps, ctx.normalize = tau, scale, eps, normalize
-    ctx.mark_non_differentiable(idx, probs, lora_h)
+    ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
 
 
-def _backward(ctx, grad_qkv, grad_weight, grad_idx, grad_probs, grad_lora_h):
-    state, lora_a, lora_b, token_weight, idx, probs, lora_h = ctx.saved_tensors
+def _backward(ctx, grad_qkv, grad_weight, *_):
+    state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets = ctx.saved_tensors
     need_state, need_a, need_b, need_tw, need_cond, _, need_base = ctx.needs_input_grad[:7]
     need_w = need_a or need_b
     need_cond = bool(need_cond and ctx.n_groups)
@@ -158,7 +166,8 @@ def _backward(ctx, grad_qkv, grad_weight, grad_idx, grad_probs, grad_lora_h):
     grads = [None] * 11
     if need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
-            grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, ctx.n_groups, ctx.tau,
+            grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
+            ctx.n_groups, ctx.tau,
             ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
         )
         grads[:5] = (d_state if need_state else None, da if need_a else None, db if need_b else None,

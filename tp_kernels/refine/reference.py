@@ -36,7 +36,7 @@ def refine_logits_reference(h, token_weight=None, cond_logits=None, num_experts=
     n_tok = h.shape[0]
     logits = h.new_zeros(n_tok, num_experts)
     if token_weight is not None:
-        logits = logits + h @ token_weight.to(h.dtype).t()
+        logits = logits + (h[:, None, :] * token_weight.to(h.dtype)).sum(-1)  # per token: batch invariant
     if cond_logits is not None:
         groups = cond_logits.shape[0]
         logits = logits + cond_logits.to(h.dtype).repeat_interleave(n_tok // groups if groups else 0, dim=0)

@@ -62,7 +62,7 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
     check_same_device(x=x, expert_idx=expert_idx, lora_a=lora_a, lora_b=lora_b, gate=gate)
 
     lead = x.shape[:-1]
-    y, _ = routed_lora_fwd(
+    y, *_ = routed_lora_fwd(
         x.reshape(-1, d_in).contiguous(),
         expert_idx.reshape(-1).to(torch.int64).contiguous(),
         a.contiguous(),
