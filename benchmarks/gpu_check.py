@@ -21,7 +21,6 @@ Everything but the GPU itself is tested on CPU (tests/test_gpu_check.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +28,8 @@ import sys
 import time
 
 import torch
+
+from tp_kernels._aot import allow_tf32
 
 SECTION = "## GPU check (python -m benchmarks.gpu_check)"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -64,16 +65,6 @@ def correctness_cases(quick: bool = False) -> list[Case]:
         cases = [dataclasses.replace(c, tokens=min(c.tokens, 120), d_in=40, d_out=36, rank=16) for c in cases
                  if c.dtype == torch.bfloat16 or c.op == "gate_top1"]
     return cases
-
-
-@contextlib.contextmanager
-def allow_tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _rel_err(got, want):
@@ -209,7 +200,7 @@ def check_correctness(device, quick: bool = False) -> list[dict]:
     for case in correctness_cases(quick):
         gen = torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        with allow_tf32(case.tf32):
+        with allow_tf32(case.tf32):  # the fp32 precision the kernels follow
             got, want = RUNNERS[case.op](case, device, gen)
             invariant = batch_invariant(case, device) if case.op != "gate_top1" else True
         tol = TF32_TOL if case.tf32 else TOL[case.dtype]

@@ -173,7 +173,8 @@ def _ptxas_usage(ptx: str, capability: int):
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool):
+def allow_tf32(enabled: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``enabled`` inside the block."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -195,8 +196,8 @@ def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT
     target = GPUTarget("cuda", capability, 32)
     records = []
     for shape in shapes:
-        for dtype, allow_tf32 in variants:
-            with _tf32(allow_tf32):
+        for dtype, tf32 in variants:
+            with allow_tf32(tf32):
                 launches = _launches(shape, dtype)
             for role, launch in launches:
                 compiled = triton.compile(_source(launch), target=target,
