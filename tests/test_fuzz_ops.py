@@ -84,6 +84,7 @@ def lora_cases(draw):
         n_exp=draw(st.integers(1, 6)), n_slice=draw(st.sampled_from([None, 1, 2, 3])),
         dtype=draw(st.sampled_from(DTYPES)), idx_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
         gate=draw(st.booleans()), scale=draw(st.floats(-4, 4, allow_nan=False)), strided=draw(st.booleans()),
+        skip=draw(st.booleans()),
         poison=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 31 - 1)), backend=draw(st.sampled_from(BACKENDS)),
     )
 
@@ -92,7 +93,7 @@ def lora_inputs(c):
     gen = torch.Generator().manual_seed(c["seed"])
     s, dt = c["n_slice"] or 1, c["dtype"]
     x = randn(gen, (*c["lead"], c["d_in"]), dt, strided=c["strided"])
-    idx = torch.randint(0, c["n_exp"], c["lead"], generator=gen).to(c["idx_dtype"])
+    idx = torch.randint(-1 if c["skip"] else 0, c["n_exp"], c["lead"], generator=gen).to(c["idx_dtype"])
     a = randn(gen, (c["n_exp"], s, c["rank"], c["d_in"]), dt, scale=c["d_in"] ** -0.5)
     b = randn(gen, (c["n_exp"], s, c["d_out"], c["rank"]), dt, strided=c["strided"], scale=c["rank"] ** -0.5)
     if c["n_slice"] is None:
@@ -328,7 +329,7 @@ MALFORMED = [
     # (op, argument name, strategy of a bad value, call)
     ("routed_lora", "x", st.sampled_from([torch.randn(5, 9), torch.randn(5), torch.zeros(5, 8, dtype=torch.int32)]),
      lambda v: _lora_call(x=v)),
-    ("routed_lora", "expert_idx", st.integers(3, 10 ** 6) | st.integers(-10 ** 6, -1),
+    ("routed_lora", "expert_idx", st.integers(3, 10 ** 6) | st.integers(-10 ** 6, -2),
      lambda v: _lora_call(idx=torch.tensor([0, 1, v, 0, 1]))),
     ("routed_lora", "expert_idx", st.sampled_from([torch.zeros(5), torch.zeros(4, dtype=torch.int64),
                                                   torch.zeros(5, 1, dtype=torch.int64)]),

@@ -13,10 +13,13 @@ import torch
 
 
 def group_by_expert(idx: torch.Tensor, num_experts: int):
-    """idx (N,) -> perm (N,) int64 with idx[perm] sorted, offsets (E + 1,) int64."""
-    counts = torch.bincount(idx, minlength=num_experts)  # (E,)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    """idx (N,) -> perm (N,) int64 with idx[perm] sorted, offsets (E + 1,) int64.
+
+    Expert e's tokens are perm[offsets[e]:offsets[e + 1]]; tokens with index -1 (skipped) sort first,
+    perm[:offsets[0]], and belong to no expert.
+    """
+    counts = torch.bincount(idx + 1, minlength=num_experts + 1)  # (E + 1,): skipped, then each expert
+    offsets = torch.cumsum(counts, 0)  # (E + 1,) offsets[e] = skipped + tokens of experts before e
     perm = torch.argsort(idx, stable=True)
     return perm, offsets
 

@@ -29,8 +29,8 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share a device")
 
 
-def check_index_range(name: str, idx: torch.Tensor, num: int) -> None:
-    """Fail if any index is outside [0, num).
+def check_index_range(name: str, idx: torch.Tensor, num: int, allow_skip: bool = False) -> None:
+    """Fail if any index is outside [0, num) ([-1, num) with ``allow_skip``: -1 = skip the token).
 
     On CPU this is a plain check. On CUDA it is a device-side assert
     (``torch._assert_async``): no host sync; a bad index aborts the next
@@ -38,13 +38,15 @@ def check_index_range(name: str, idx: torch.Tensor, num: int) -> None:
     """
     if idx.numel() == 0:
         return
-    bad = (idx < 0) | (idx >= num)
+    low = -1 if allow_skip else 0
+    bad = (idx < low) | (idx >= num)
+    want = f"[{low}, {num})" + (" (-1: skip the token)" if allow_skip else "")
     if idx.device.type == "cpu":
         if bool(bad.any()):
             first = idx[bad][0]
-            raise IndexError(f"{name} must lie in [0, {num}), found {int(first)}")
+            raise IndexError(f"{name} must lie in {want}, found {int(first)}")
     else:
-        torch._assert_async(~bad.any(), f"{name} must lie in [0, {num})")
+        torch._assert_async(~bad.any(), f"{name} must lie in {want}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

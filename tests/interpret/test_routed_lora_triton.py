@@ -189,3 +189,14 @@ def test_batch_invariance():
     for sub in (torch.arange(3, 150, 7), torch.tensor([17]), torch.arange(150).flip(0)):
         y_sub, grads_sub, _ = run(x[sub], idx[sub], a, b, g[sub], 0.5, grad_y=grad_y[sub], need=("x",))
         assert torch.equal(y_sub, y[sub]) and torch.equal(grads_sub["x"], grads["x"][sub])
+
+
+def test_skipped_tokens():
+    """expert_idx -1: no tile covers the token; its output and gradients are exactly 0."""
+    idx = torch.randint(0, 3, (70,), generator=torch.Generator().manual_seed(2))
+    idx[::3] = -1
+    x, idx, a, b, g = make_inputs(70, 24, 16, 8, 3, 2, idx=idx)
+    y, grads = check((x, idx, a, b, g, 0.5))
+    skipped = idx < 0
+    assert y[skipped].abs().max() == 0 and grads["x"][skipped].abs().max() == 0
+    assert grads["gate"][skipped].abs().max() == 0

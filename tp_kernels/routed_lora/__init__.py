@@ -16,7 +16,8 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
 
     Args:
         x: ``(..., D_in)`` activations (fp32, bf16, fp16 or fp64; accumulation is fp32 or better).
-        expert_idx: ``(...)`` int32/int64, each in ``[0, E)``.
+        expert_idx: ``(...)`` int32/int64, each in ``[0, E)``, or -1: skip the token (its output row is 0,
+            nothing is computed for it, and it contributes to no gradient).
         lora_a: ``(E, R, D_in)``, or stacked ``(E, S, R, D_in)`` for S slices sharing one routing.
         lora_b: ``(E, D_out, R)``, or stacked ``(E, S, D_out, R)``.
         scale: a float multiplier (LoRA's alpha / r).

@@ -35,6 +35,8 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     xs = x.index_select(0, perm)  # (N, D_in) grouped
     hs = x.new_empty(n_tok, n_slice * rank)
     ys = x.new_empty(n_tok, n_slice, d_out)
+    hs[:bounds[0]] = 0  # skipped tokens (index -1): no compute, zero output
+    ys[:bounds[0]] = 0
     mult = _token_scale(gate, perm, scale)
     for e in range(n_exp):
         lo, hi = bounds[e], bounds[e + 1]
@@ -71,9 +73,11 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         mult = x.new_full((n_tok, 1), float(scale), dtype=acc)
     xs = x.index_select(0, perm) if need_w else None
     dxs = x.new_empty(n_tok, d_in) if need_x else None
+    if need_x:
+        dxs[:bounds[0]] = 0  # skipped tokens
     da = torch.zeros_like(lora_a) if need_w else None
     db = torch.zeros_like(lora_b) if need_w else None
-    dgs = x.new_empty(n_tok, dtype=acc) if need_gate else None
+    dgs = x.new_zeros(n_tok, dtype=acc) if need_gate else None
     for e in range(n_exp):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:

@@ -30,7 +30,7 @@ class _Reference:
     def forward(x, idx, lora_a, lora_b, gate, scale):
         y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
         acc = acc_dtype(x.dtype)
-        h = shrink(lora_a.to(acc)[idx], x.to(acc))  # (N, S, R)
+        h = shrink(lora_a.to(acc)[idx.clamp(min=0)], torch.where((idx >= 0)[:, None], x.to(acc), 0))  # (N, S, R)
         return (y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2]),
                 *group_by_expert(idx, lora_a.shape[0]))
 
@@ -65,7 +65,7 @@ def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
     if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
         raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
     check_finite_number("scale", scale)
-    check_index_range("expert_idx", idx, lora_a.shape[0])
+    check_index_range("expert_idx", idx, lora_a.shape[0], allow_skip=True)
     return arg
 
 

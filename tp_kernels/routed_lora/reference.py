@@ -8,7 +8,8 @@ Shapes (flattened tokens, stacked slices):
     gate     (N,) or None       per-token multiplier
     returns  (N, S * D_out)     slice s at columns [s * D_out, (s + 1) * D_out)
 
-y[n, s] = gate[n] * scale * lora_b[e, s] @ (lora_a[e, s] @ x[n]),  e = idx[n].
+y[n, s] = gate[n] * scale * lora_b[e, s] @ (lora_a[e, s] @ x[n]),  e = idx[n];  y[n] = 0 where idx[n] = -1
+(a skipped token, which contributes to no gradient either).
 
 Each token's expert weights are gathered, which wastes memory but is obviously
 right; this is the spec the fast paths are tested against (use float64). The
@@ -32,12 +33,13 @@ def shrink(a, x):
 def routed_lora_reference(x, idx, lora_a, lora_b, gate=None, scale=1.0):
     acc = acc_dtype(x.dtype)
     n_tok, n_slice, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
-    a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
-    b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
-    h = shrink(a, x.to(acc))  # (N, S, R)
+    live = (idx >= 0)[:, None]  # (N, 1): False for skipped tokens, whose inputs are never read
+    a = lora_a.to(acc)[idx.clamp(min=0)]  # (N, S, R, D_in)
+    b = lora_b.to(acc)[idx.clamp(min=0)]  # (N, S, D_out, R)
+    h = shrink(a, torch.where(live, x.to(acc), 0))  # (N, S, R)
     y = (b * h[:, :, None, :]).sum(-1) * scale  # (N, S, D_out)
     if gate is not None:
-        y = y * gate.to(acc)[:, None, None]
+        y = y * torch.where(live, gate.to(acc)[:, None], 0)[:, :, None]
     return y.reshape(n_tok, n_slice * d_out).to(x.dtype)
 
 
@@ -47,11 +49,14 @@ def routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate=None, sc
     acc = acc_dtype(x.dtype)
     n_exp, n_slice, rank, d_in = lora_a.shape
     d_out = lora_b.shape[2]
-    xa = x.to(acc)
+    live = (idx >= 0)[:, None]  # (N, 1): skipped tokens get and give no gradient; their inputs are never read
+    xa = torch.where(live, x.to(acc), 0)
+    idx = idx.clamp(min=0)
     a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
     b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
-    gy = grad_y.to(acc).reshape(-1, n_slice, d_out)  # (N, S, D_out)
-    m = torch.full((x.shape[0],), float(scale), dtype=acc) if gate is None else gate.to(acc) * scale  # (N,)
+    gy = torch.where(live, grad_y.to(acc), 0).reshape(-1, n_slice, d_out)  # (N, S, D_out)
+    m = (torch.full((x.shape[0],), float(scale), dtype=acc) if gate is None
+         else torch.where(live[:, 0], gate.to(acc), 0) * scale)  # (N,)
     h = shrink(a, xa)  # (N, S, R)
     dhg = (gy[..., None] * b).sum(2)  # (N, S, R): d loss / d (m h)
     dh = dhg * m[:, None, None]

@@ -386,7 +386,8 @@ def _max_tiles(n_tok, n_exp, block_m):
 
 
 def group_on_device(idx, n_exp):
-    """idx (N,) -> perm (N,) int64 with idx[perm] sorted (stable), offsets (E+1,) int64: device ops, no sync."""
+    """idx (N,) -> perm (N,) int64 with idx[perm] sorted (stable), offsets (E+1,) int64: device ops, no sync.
+    Skipped tokens (index -1) sort first and precede offsets[0]: no tile covers them."""
     perm = torch.argsort(idx, stable=True)
     bounds = torch.arange(n_exp + 1, device=idx.device, dtype=idx.dtype)
     offsets = torch.searchsorted(idx.index_select(0, perm), bounds)  # (E+1,) first sorted row of each expert
@@ -507,8 +508,9 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     _check(lora_a)
     n_tok = x.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
-    y = x.new_empty(n_tok, n_slice * lora_b.shape[2])
-    h = x.new_empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
+    # zeros: the rows of skipped tokens (index -1, grouped before expert 0) are written by no program
+    y = x.new_zeros(n_tok, n_slice * lora_b.shape[2])
+    h = x.new_zeros(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
     forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h)()
     return y, h, perm, offsets
 
@@ -526,8 +528,8 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     n_tok = x.shape[0]
     n_exp, n_slice, rank, d_in = lora_a.shape
     dh = x.new_empty(n_tok, n_slice * rank, dtype=torch.float32)  # m * B_e^T dy, token order
-    dgp = x.new_empty(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
-    dx = torch.empty_like(x) if need_x else None
+    dgp = x.new_zeros(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
+    dx = torch.zeros_like(x) if need_x else None  # zeros: skipped tokens' rows are written by no program
     da = torch.empty_like(lora_a) if need_w else None
     db = torch.empty_like(lora_b) if need_w else None
     chunks = max_chunks(n_tok, n_exp)
