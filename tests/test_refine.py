@@ -308,6 +308,55 @@ def check_batch_invariance(dtype=torch.float32):
             assert torch.equal(got, want[rows]), f"{name} of a token changed with the batch around it"
 
 
+def check_active_mask(dtype=torch.float32):
+    """Inactive tokens: expert -1, gate weight 0, qkv = base exactly, no gradient but the base's; the active ones
+    get exactly what a call on them alone gives."""
+    inputs = make_case(((60,), 40, 24, 8, 3, 3, True, "token", True, True), dtype)
+    active = torch.rand(60, generator=torch.Generator().manual_seed(3)) < 0.6
+    g = torch.Generator().manual_seed(4)
+    grad_qkv, grad_weight = torch.randn(60, 72, generator=g).to(dtype), torch.randn(60, generator=g)
+
+    def run(rows, mask):
+        leaves = {k: (v[rows] if k in ("state", "cond_logits", "noise", "base") else v).clone().requires_grad_(
+            k != "noise") for k, v in inputs.items()}
+        qkv, idx, weight = tp_kernels.refine_step(leaves["state"], leaves["lora_a"], leaves["lora_b"], tau=2.0,
+                                                  scale=0.5, active=None if mask is None else mask[rows],
+                                                  **{k: leaves[k] for k in ("token_weight", "cond_logits", "noise",
+                                                                            "base")})
+        torch.autograd.backward([qkv, weight], [grad_qkv[rows], grad_weight[rows].to(weight.dtype)])
+        return qkv.detach(), idx, weight.detach(), leaves
+
+    qkv, idx, weight, leaves = run(torch.arange(60), active)
+    off = ~active
+    assert torch.equal(idx[off], torch.full_like(idx[off], -1)) and torch.equal(weight[off], torch.zeros_like(
+        weight[off]))
+    assert torch.equal(qkv[off], inputs["base"][off])
+    assert leaves["state"].grad[off].abs().max() == 0 and leaves["cond_logits"].grad[off].abs().max() == 0
+    assert torch.equal(leaves["base"].grad[off], grad_qkv[off])
+    rows = active.nonzero()[:, 0]
+    qkv_a, idx_a, weight_a, leaves_a = run(rows, None)
+    assert torch.equal(qkv[active], qkv_a) and torch.equal(idx[active], idx_a) and torch.equal(weight[active], weight_a)
+    assert torch.equal(leaves["state"].grad[active], leaves_a["state"].grad)
+    for name in ("lora_a", "lora_b", "token_weight"):
+        torch.testing.assert_close(leaves[name].grad, leaves_a[name].grad)
+    with torch.no_grad():  # no base: inactive rows are 0
+        qkv, _, _ = tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=active)
+    assert torch.equal(qkv[off], torch.zeros_like(qkv[off]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_active_mask(backend, dtype):
+    check_active_mask(dtype)
+
+
+def test_active_mask_must_match_the_tokens():
+    inputs = make_case("full")
+    with pytest.raises(ValueError, match="active must have shape"):
+        tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=torch.ones(2, 8, dtype=bool))
+    with pytest.raises(TypeError, match="active must have dtype"):
+        tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=torch.ones(2, 9))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_batch_invariance(backend, dtype):
     check_batch_invariance(dtype)

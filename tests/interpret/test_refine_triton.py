@@ -8,7 +8,7 @@ import torch
 
 import tp_kernels
 from test_refine import (  # noqa: E402
-    CASES, PARTIAL, check, check_batch_invariance, check_no_tokens, check_op_normalize_modes, check_recursive_training,
+    CASES, PARTIAL, check, check_active_mask, check_batch_invariance, check_no_tokens, check_op_normalize_modes, check_recursive_training,
     make_case,
 )
 
@@ -85,3 +85,8 @@ def test_multi_tile_rank128_loss_on_gate_weight(dtype):
 def test_batch_invariance():
     """A token's qkv, routing and state gradient are bit-identical whatever other tokens share the batch."""
     check_batch_invariance()
+
+
+def test_active_mask():
+    """Inactive tokens: no tile, weight 0, qkv = base, no gradient but the base's."""
+    check_active_mask()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 from .._dispatch import resolve
@@ -38,7 +39,7 @@ def _cond_groups(cond_logits, lead, n_exp):
 
 
 def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
-                base=None, eps=1e-6):
+                base=None, eps=1e-6, active=None):
     """One refinement step of recursive routed-LoRA attention: returns ``(qkv, expert_idx, gate_weight)``.
 
     With ``h = LayerNorm(state)`` (no affine, ``eps``) over the last dim::
@@ -66,6 +67,9 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         scale: LoRA's multiplier (alpha / rank).
         base: ``(..., S * D_out)`` added to the output (the frozen projection at the last step), state's dtype.
         eps: LayerNorm epsilon, > 0.
+        active: optional ``(...)`` bool mask (state's lead shape). Inactive tokens (adaptive halting: they have
+            stopped refining) get expert_idx -1, gate_weight 0 and qkv = base (0 without a base); the LoRA does no
+            work for them and they receive no gradient except the base's. No host sync.
 
     Returns:
         qkv ``(..., S * D_out)`` in state's dtype (slice s in columns ``[s * D_out, (s + 1) * D_out)``),
@@ -114,8 +118,12 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
     check_finite_number("tau", tau, positive=True)
     check_finite_number("scale", scale)
     check_finite_number("eps", eps, positive=True)
+    if active is not None:
+        check_tensor("active", active, dtypes=(torch.bool,))
+        if tuple(active.shape) != lead:
+            raise ValueError(f"active must have shape {lead} (state's lead dims), got {tuple(active.shape)}")
     check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
-                      noise=noise, base=base)
+                      noise=noise, base=base, active=active)
 
     def flat(t, width):
         return None if t is None else t.reshape(-1, width).contiguous()
@@ -129,5 +137,6 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
     qkv, weight, idx, *_ = refine_step_fwd(
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
         cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), normalize,
+        None if active is None else active.reshape(-1).contiguous(),
     )
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

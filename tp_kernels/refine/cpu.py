@@ -61,8 +61,8 @@ def gate_logits(h, token_weight, cond_logits, n_exp):
     return logits
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, *, lora=None,
-            gate=None):
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None,
+            *, lora=None, gate=None):
     """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R), and the
     LoRA's grouping perm (N,), offsets (E+1,) for the backward.
     ``lora`` / ``gate``: the routed-LoRA and gate backend modules (default: the extension's, else composed torch)."""
@@ -70,6 +70,9 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     h = layer_norm(state, eps)[0] if normalize else state  # (N, D)
     logits = gate_logits(h, token_weight, cond_logits, n_exp)  # (N, E)
     idx, weight, probs = (gate or _gate()).forward(logits, noise, tau, True)
+    if active is not None:  # inactive tokens: expert -1, which the LoRA skips, and weight 0
+        idx = torch.where(active, idx, -1)
+        weight = active.to(weight.dtype)
     qkv, lora_h, perm, offsets = (lora or _lora()).forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1
     if base is not None:
         qkv.add_(base)
@@ -87,9 +90,12 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
     if need_logits:
         acc = probs.dtype
         dweight = dgate.to(acc) if grad_weight is None else dgate.to(acc) + grad_weight.to(acc)  # (N,)
-        # weight = 1 + p_e - sg(p_e): d weight / d z_j = p_e (onehot_j - p_j) / tau
-        p_sel = probs.gather(1, idx[:, None])  # (N, 1)
-        onehot = torch.zeros_like(probs).scatter_(1, idx[:, None], 1.0)
+        # weight = 1 + p_e - sg(p_e): d weight / d z_j = p_e (onehot_j - p_j) / tau; an inactive token (idx -1)
+        # has the constant weight 0
+        live = idx >= 0
+        chosen = idx.clamp(min=0)[:, None]
+        p_sel = torch.where(live[:, None], probs.gather(1, chosen), 0)  # (N, 1)
+        onehot = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
         dlogits = (dweight[:, None] * p_sel) * (onehot - probs) / tau  # (N, E)
         if need_state and token_weight is not None:
             dh.add_(mm_rows(dlogits.to(dh.dtype), token_weight))  # + d logits / d LN(state)

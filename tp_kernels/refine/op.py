@@ -2,11 +2,13 @@
 
 Two custom ops, both opaque to torch.compile:
     tp_kernels::refine_step_fwd(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-        normalize) -> (qkv, weight, idx, probs, lora_h, perm, offsets)
+        normalize, active) -> (qkv, weight, idx, probs, lora_h, perm, offsets)
     tp_kernels::refine_step_bwd(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
         perm, offsets, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
         -> (d_state, d_lora_a, d_lora_b, d_token_weight, d_cond_logits)
 normalize=False: state already is LN(a) and the op skips its LayerNorm (the CPU path: see refine_step).
+active (N,) bool or None: inactive tokens get idx -1 (the LoRA skips them), weight 0 and qkv = base (or 0); the
+backward knows them by idx -1 and gives them no gradient but the base's.
 probs = softmax(z / tau) (N, E) and lora_h = A_idx LN(state) (N, S*R) are saved for the backward
 (float32; float64 for float64 state), and the LoRA's token grouping (perm (N,), offsets (E+1,) int64) so the
 backward does not sort again. The base's gradient is grad_qkv itself, passed through in Python.
@@ -34,13 +36,15 @@ class _Reference:
     """The reference as a backend: the spec's forward; the backward composed with routed LoRA's reference."""
 
     @staticmethod
-    def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+    def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
+                active=None):
         p = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
-                              normalize=normalize)
+                              normalize=normalize, active=active)
         a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
         lora_h = shrink(a, p["h"]).flatten(1)  # (N, S*R)
         # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
-        return (p["qkv"].to(state.dtype), torch.ones_like(p["weight"].detach()), p["idx"], p["probs"], lora_h,
+        weight = torch.ones_like(p["weight"]) if active is None else active.to(p["weight"].dtype)
+        return (p["qkv"].to(state.dtype), weight, p["idx"], p["probs"], lora_h,
                 *group_by_expert(p["idx"], lora_a.shape[0]))
 
     @staticmethod
@@ -83,20 +87,22 @@ def _check_groups(op, n_groups, n_tok):
 def refine_step_fwd(
     state: Tensor, lora_a: Tensor, lora_b: Tensor, token_weight: Optional[Tensor], cond_logits: Optional[Tensor],
     noise: Optional[Tensor], base: Optional[Tensor], tau: float, scale: float, eps: float, normalize: bool,
+    active: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     op = "tp_kernels.refine_step_fwd"
     arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
     arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
     arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
     arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
+    arg("active", active, ("N",), (torch.bool,), optional=True)
     if cond_logits is not None:
         _check_groups(op, cond_logits.shape[0], state.shape[0])
     return _backend(state.device).forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
-                                          eps, normalize)
+                                          eps, normalize, active)
 
 
 @refine_step_fwd.register_fake
-def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
     acc = acc_dtype(state.dtype)
@@ -129,7 +135,7 @@ def refine_step_bwd(
     arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
     if need_cond:
         _check_groups(op, n_groups, state.shape[0])
-    check_index_range("expert_idx", idx, n_exp)
+    check_index_range("expert_idx", idx, n_exp, allow_skip=True)  # -1: an inactive token
     return _backend(state.device).backward(
         grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
@@ -148,7 +154,7 @@ def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lo
 
 
 def _setup_context(ctx, inputs, output):
-    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize = inputs
+    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active = inputs
     qkv, weight, idx, probs, lora_h, perm, offsets = output
     ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets)
     ctx.n_groups = 0 if cond_logits is None else cond_logits.shape[0]
@@ -163,7 +169,7 @@ def _backward(ctx, grad_qkv, grad_weight, *_):
     need_w = need_a or need_b
     need_cond = bool(need_cond and ctx.n_groups)
     need_tw = bool(need_tw and token_weight is not None)
-    grads = [None] * 11
+    grads = [None] * 12
     if need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
             grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,

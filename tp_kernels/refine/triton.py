@@ -198,12 +198,12 @@ def _reference():
     return _Reference
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
     """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32,
     and the LoRA's grouping perm (N,), offsets (E+1,)."""
     if state.dtype == torch.float64:
         return _reference().forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-                                    normalize)
+                                    normalize, active)
     _lora._check(lora_a)
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
@@ -218,6 +218,10 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     h = state.new_empty(n_tok, n_slice * rank, dtype=acc)
     stats_gate_launch(state, token_weight, cond_logits, noise, float(tau), float(eps), normalize, idx, weight, probs,
                       mean, rstd)()
+    if active is not None:  # inactive tokens: expert -1 (no tile covers them), weight 0, qkv = base or 0
+        idx = torch.where(active, idx, -1)
+        weight = active.to(acc)
+        y = base.clone() if base is not None else y.zero_()
     perm, offsets = _lora.group_on_device(idx, n_exp)
     stats = dict(mean=mean, rstd=rstd) if normalize else {}  # normalize=False: the state is used as given
     _lora.forward_launch(state, perm, offsets, lora_a, lora_b, None, float(scale), y, h, base=base,
