@@ -236,6 +236,7 @@ def refine_cases(draw):
         cond=draw(st.sampled_from([None, "sample", "token", "global"])), noise=draw(st.booleans()),
         base=draw(st.booleans()), tau=draw(st.floats(0.1, 10)), scale=draw(st.floats(-3, 3)),
         eps=draw(st.sampled_from([1e-6, 1e-5, 0.1])), mean=draw(st.floats(-50, 50)), strided=draw(st.booleans()),
+        active=draw(st.booleans()),
         seed=draw(st.integers(0, 2 ** 31 - 1)), backend=draw(st.sampled_from(BACKENDS)),
     )
 
@@ -261,10 +262,11 @@ def test_refine_step_matches_reference(c):
     )
     leaves = {k: (v.clone().requires_grad_() if v is not None and k != "noise" else v)
               for k, v in dict(state=state, lora_a=a, lora_b=b, **inputs).items()}
+    active = torch.rand(lead, generator=gen) < 0.7 if c["active"] else None
     with tp_kernels.use_backend(c["backend"]):
         qkv, idx, weight = tp_kernels.refine_step(
             leaves["state"], leaves["lora_a"], leaves["lora_b"], tau=c["tau"], scale=c["scale"], eps=c["eps"],
-            **{k: leaves[k] for k in inputs})
+            active=active, **{k: leaves[k] for k in inputs})
         gq = randn(gen, qkv.shape, qkv.dtype, strided=c["strided"])
         gw = randn(gen, (), weight.dtype).expand(weight.shape)  # a loss on the gate weight: stride-0 grad
         torch.autograd.backward([t for t in (qkv, weight) if t.requires_grad],
@@ -281,7 +283,8 @@ def test_refine_step_matches_reference(c):
         ref["state"].reshape(n_tok, c["dim"]), a4, b4, ref["token_weight"],
         None if cond is None else cond.expand(*lead, e).reshape(n_tok, e), c["tau"],
         None if inputs["noise"] is None else inputs["noise"].to(d).reshape(n_tok, e), c["scale"],
-        None if ref["base"] is None else ref["base"].reshape(n_tok, s * c["d_out"]), c["eps"], idx.reshape(-1))
+        None if ref["base"] is None else ref["base"].reshape(n_tok, s * c["d_out"]), c["eps"], idx.reshape(-1),
+        active=None if active is None else active.reshape(-1))
     pairs = [(ref_qkv, gq.to(d).reshape(n_tok, s * c["d_out"])), (ref_w, gw.to(d).reshape(-1))]
     torch.autograd.backward(*zip(*[(t, g) for t, g in pairs if t.requires_grad]))
     eps = EPS[dt] if dt != torch.float32 else 2.0 ** -20
