@@ -259,7 +259,10 @@ def predicted_ratio(parts_new: list, parts_base: list, peak_flops: float = None,
 
 # NVIDIA H100 SXM datasheet peaks (dense): HBM3 bandwidth, and tensor-core / SIMT FLOP/s by input precision.
 H100_BANDWIDTH = 3.35e12
-H100_PEAK_FLOPS = {"native": 989.4e12, "tf32": 494.7e12, "ieee": 66.9e12, "-": 66.9e12}
+H100_PEAK_FLOPS = {"native": 989.4e12, "tf32": 494.7e12, "tf32x3": 494.7e12 / 3, "ieee": 66.9e12, "-": 66.9e12}
+
+
+CHUNK = 512  # tokens per weight-gradient chunk (tp_kernels.routed_lora.triton.CHUNK)
 
 
 def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int, experts: int, slices: int,
@@ -273,12 +276,17 @@ def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int,
     x, y = n * d_in * elem, n * s * d_out * elem
     wa, wb = experts * s * r * d_in * elem, experts * s * d_out * r * elem
     index = 8 * n + 8 * (experts + 1)  # permutation and offsets
+    chunks = min(n, (n + experts * (CHUNK - 1)) // CHUNK)  # tp_kernels.routed_lora.triton.max_chunks
+    part_a, part_b = 4 * chunks * s * r * d_in, 4 * chunks * s * d_out * r
     costs = {
         "routed_lora.fwd": Cost(2 * n * s * r * (d_in + d_out), x + y + wa + wb + h + index + n * elem),
         "routed_lora.bwd_dh": Cost(2 * n * s * d_out * r, y + wb + 2 * h + index + 4 * n * s),
         "routed_lora.bwd_dx": Cost(2 * n * s * r * d_in, h + wa + x + index),
-        "routed_lora.bwd_dA": Cost(2 * n * s * r * d_in, h + x + wa + index),
-        "routed_lora.bwd_dB": Cost(2 * n * s * d_out * r, y + h + wb + index),
+        # weight gradients in two stages: fp32 partials per chunk of CHUNK tokens, then their sum per expert
+        "routed_lora.bwd_dA": Cost(2 * n * s * r * d_in, h + x + part_a + index),
+        "routed_lora.bwd_dA_sum": Cost(part_a // 4, part_a + wa + index),
+        "routed_lora.bwd_dB": Cost(2 * n * s * d_out * r, y + h + part_b + index),
+        "routed_lora.bwd_dB_sum": Cost(part_b // 4, part_b + wb + index),
         "gate.fwd": gate_top1(n, experts, elem),
         # the refinement step (tp_kernels/refine/triton.py), compiled with noise, conditioning and the base
         "refine.stats_gate": Cost(n * d_in * (7 + 2 * experts) + 8 * n * experts,

@@ -478,6 +478,27 @@ def render(data, report_argv):
     return "\n\n".join(head + sections) + "\n"
 
 
+GPU_HEADING = "## GPU readiness"
+
+
+def replace_section(path, heading, section):
+    """Put ``section`` into the markdown file at ``path`` in place of the one whose heading line starts with
+    ``heading`` (up to the next ``## ``), else at the end; the rest of the file is left alone."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        text = ""
+    start = text.find("\n" + heading) + 1 if not text.startswith(heading) else 0
+    if start > 0 or text.startswith(heading):
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section.rstrip("\n") + "\n" + ("" if end < 0 else text[end:])
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section.rstrip("\n") + "\n"
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -490,8 +511,18 @@ def main(argv=None):
     parser.add_argument("--splice", metavar="MD",
                         help="write only the diffusers fine-tuning section, in place of its namesake in this file "
                              "(e.g. BENCHMARKS.md), leaving the rest of the file as it is")
+    parser.add_argument("--gpu-section-into", metavar="MD",
+                        help="write only the GPU readiness section, from RESULTS (e.g. a run of "
+                             "test_gpu_readiness.py alone), into this file in place of its old one")
     args = parser.parse_args(argv)
     data = load(args.results)
+    if args.gpu_section_into:
+        section = section_gpu(Results(data))
+        command = shlex.join(["python", "-m", "benchmarks.report", *argv])
+        replace_section(args.gpu_section_into, GPU_HEADING,
+                        section + f"\n\nThis section: `{command}` from the JSON written by "
+                                  f"`{data.get('commandline', '(not recorded)')}`.\n")
+        return
     if args.replace:
         data = merge(data, load(args.replace))
     for extra in args.add:

@@ -30,12 +30,12 @@ def aot_shapes(quick: bool):
 
 def test_aot_compile(benchmark, quick):
     shapes = aot_shapes(quick)
-    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
+    variants = ((torch.bfloat16, False),) if quick else _aot.VARIANTS  # full: bf16, fp16, fp32 TF32 and 3xTF32
     by_name = {s.name: s for s in shapes}
     benchmark.group = "triton AOT compile (no GPU)"
 
     def compile_all():
-        return [r for cc in CAPABILITIES for r in _aot.compile_kernels(cc, dtypes=dtypes, shapes=shapes)]
+        return [r for cc in CAPABILITIES for r in _aot.compile_kernels(cc, variants=variants, shapes=shapes)]
 
     records = benchmark.pedantic(compile_all, rounds=1, iterations=1)
     kernels = []

@@ -12,6 +12,10 @@
 
 #define TP_EXPORT extern "C" __attribute__((visibility("default")))
 
+// The exported functions' interface: bump on any change of a signature or of an argument's meaning, together
+// with ABI_VERSION in tp_kernels/_ext.py (which refuses a library reporting another number).
+#define TP_ABI_VERSION 1
+
 namespace tp {
 
 enum Status : int { kOk = 0, kBadIndex = 1, kNoMemory = 2 };

@@ -45,6 +45,8 @@ const Kernels* kernels() {
 
 }  // namespace tp
 
+TP_EXPORT int tp_abi_version() { return TP_ABI_VERSION; }
+
 TP_EXPORT const char* tp_isa() { return tp::kernels()->name; }
 
 TP_EXPORT int tp_has_bf16_dot() { return tp::kernels()->gemm_pairs != nullptr; }

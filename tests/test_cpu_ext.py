@@ -4,6 +4,7 @@ Build it first: ``python setup.py build_ext --inplace``. Tests that need it are 
 built; the TP_KERNELS_NO_EXT tests run either way.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 import tp_kernels
 from tp_kernels import _ext
+from tp_kernels._grouping import group_by_expert
 from tp_kernels.gate import cpu_ext as gate_ext
 from tp_kernels.gate.reference import gate_top1_reference
 from tp_kernels.routed_lora import cpu as lora_torch
@@ -164,7 +166,8 @@ def test_bf16_rank_cutover_applies_only_without_bf16_dot_products(monkeypatch):
     monkeypatch.setattr(lora_torch, "forward", lambda *args: calls.append("forward"))
     monkeypatch.setattr(lora_torch, "backward", lambda *args: calls.append("backward"))
     lora_ext.forward(x, idx, a, b, g, 0.5)
-    lora_ext.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, 0.5, True, True, True)
+    lora_ext.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, *group_by_expert(idx, 3), 0.5, True,
+                      True, True)
     # with bf16 dot products the extension's GEMMs are the fast ones at any rank: no cut-over
     assert calls == ([] if _ext.bf16_dot() else ["forward", "backward"])
 
@@ -195,7 +198,7 @@ def test_out_of_range_index_raises_in_the_backend():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
 def test_other_dtypes_fall_back_to_the_torch_path(dtype):
     x, idx, a, b, g = make_inputs(20, 8, 6, 4, 3, 1, dtype)
-    y, h = lora_ext.forward(x, idx, a, b, g, 1.0)
+    y, h, _, _ = lora_ext.forward(x, idx, a, b, g, 1.0)
     expected = routed_lora_reference(x.double(), idx, a.double(), b.double(), g.double(), 1.0)
     torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-3)
 
@@ -315,3 +318,30 @@ def test_narrower_instruction_sets(isa, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture
+def reload_ext():
+    """_ext._load() run afresh under the test's monkeypatching, and once more afterwards with the real values."""
+    _ext._load.cache_clear()
+    yield
+    _ext._load.cache_clear()
+
+
+@needs_ext
+@pytest.mark.parametrize("stale", ["version", "symbol"])
+def test_mismatched_extension_falls_back_with_a_warning(monkeypatch, cpu_backend, reload_ext, stale):
+    """A library from other sources (another interface version, or a function missing) is never called."""
+    if stale == "version":
+        monkeypatch.setattr(_ext, "ABI_VERSION", _ext.ABI_VERSION + 1)
+    else:
+        monkeypatch.setitem(_ext._SIGNATURES, "tp_function_of_a_newer_build", (ctypes.c_int, []))
+    with pytest.warns(UserWarning, match="rebuild it"):
+        assert _ext.library() is None
+    assert _ext.routed_lora_cpu() is None and _ext.gate_cpu() is None
+    check_against_reference(*make_inputs(40, 16, 12, 4, 3, 1, torch.float32))
+
+
+@needs_ext
+def test_extension_reports_this_interface_version():
+    assert _ext.library().tp_abi_version() == _ext.ABI_VERSION

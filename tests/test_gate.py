@@ -70,8 +70,10 @@ def test_noise_sources(backend):
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(tau=0.0), ValueError, "tau must be a float > 0"),
-        (dict(tau=-1.0), ValueError, "tau must be a float > 0"),
+        (dict(tau=0.0), ValueError, "tau must be a finite positive float"),
+        (dict(tau=-1.0), ValueError, "tau must be a finite positive float"),
+        (dict(tau=float("inf")), ValueError, "tau must be a finite positive float"),
+        (dict(tau=float("nan")), ValueError, "tau must be a finite positive float"),
         (dict(noise=torch.zeros(4, 4)), ValueError, "noise must have logits' shape"),
         (dict(logits=torch.zeros(4, 3, dtype=torch.int64)), TypeError, "logits must have dtype"),
         (dict(logits=torch.zeros(4, 0)), ValueError, "logits must have shape"),

@@ -26,8 +26,8 @@ def test_opcheck_routed_lora_fwd(use_gate):
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False)])
 def test_opcheck_routed_lora_bwd(needs):
     x, idx, a, b, g = _lora_args(grad=False)
-    y, h = routed_lora_fwd(x, idx, a, b, g, 0.5)
-    torch.library.opcheck(routed_lora_bwd, (torch.randn_like(y), x, idx, a, b, g, h, 0.5, *needs))
+    y, h, perm, offsets = routed_lora_fwd(x, idx, a, b, g, 0.5)
+    torch.library.opcheck(routed_lora_bwd, (torch.randn_like(y), x, idx, a, b, g, h, perm, offsets, 0.5, *needs))
 
 
 @pytest.mark.parametrize("hard", [True, False])

@@ -99,9 +99,19 @@ def _backward(outputs, grads):
     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
-def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE):
+def upstream_grads(qkv, weight, seed, strided=False):
+    """Random d loss / d qkv and d loss / d weight; ``strided``: laid out as autograd often hands them over,
+    d qkv a every-other-column view and d weight one value expanded (stride 0, as ``weight.sum()`` gives)."""
+    g = torch.Generator().manual_seed(seed)
+    if not strided:
+        return torch.randn(qkv.shape, generator=g).to(qkv.dtype), torch.randn(weight.shape, generator=g)
+    grad_qkv = torch.randn(*qkv.shape[:-1], 2 * qkv.shape[-1], generator=g).to(qkv.dtype)[..., ::2]
+    return grad_qkv, torch.randn((), generator=g).expand(weight.shape)
+
+
+def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE, strided_grads=False):
     """refine_step forward + backward (through qkv and the gate weight) vs the float64 reference;
-    gradients for the inputs named in ``need``."""
+    gradients for the inputs named in ``need``; ``strided_grads``: non-contiguous upstream gradients."""
     dtype = inputs["state"].dtype
     tol = TOL[dtype] if tol is None else tol
     leaves = {k: (v.clone().requires_grad_(k in need) if v is not None else None)
@@ -113,9 +123,7 @@ def check(inputs, tau=2.0, scale=0.5, tol=None, seed=1, need=DIFFERENTIABLE):
     assert qkv.dtype == dtype and idx.dtype == torch.int64 and idx.shape == lead and weight.shape == lead
     assert weight.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.all(weight == 1)
-    g = torch.Generator().manual_seed(seed)
-    grad_qkv = torch.randn(qkv.shape, generator=g).to(dtype)
-    grad_weight = torch.randn(weight.shape, generator=g)
+    grad_qkv, grad_weight = upstream_grads(qkv, weight, seed, strided_grads)
     _backward([qkv, weight], [grad_qkv, grad_weight.to(weight.dtype)])
 
     # Routing: the float64 argmax wherever it is not a near-tie at this dtype's precision; then everything
@@ -166,6 +174,19 @@ def test_normalize_false_uses_the_state_as_is(backend):
 @pytest.mark.parametrize("name", ["full", "odd_unstacked"])
 def test_other_dtypes(backend, name, dtype):
     check(make_case(name, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_state_with_large_mean(backend, dtype):
+    """|mean| >> std in bf16/fp16: the LayerNorm statistics must not be kept in the input's dtype (torch's CPU
+    LayerNorm does, and its backward then returns garbage)."""
+    check(make_case("full", dtype, mean=40.0))
+
+
+@pytest.mark.parametrize("name", ["full", "odd_unstacked"])
+def test_strided_upstream_grads(backend, name):
+    """A loss on the gate weight (``weight.sum()``: a stride-0 gradient) and a non-contiguous d qkv."""
+    check(make_case(name), strided_grads=True)
 
 
 def test_large_mean_state(backend):
@@ -242,8 +263,10 @@ def test_cond_grouping_matches_per_token_rows(backend):
     (dict(noise=torch.zeros(2, 9, 4)), "noise must have shape"),
     (dict(base=torch.zeros(2, 9, 47)), "base must have shape"),
     (dict(base=torch.zeros(2, 9, 48, dtype=torch.float64)), "base must have dtype"),
-    (dict(tau=0.0), "tau must be a positive"),
-    (dict(eps=-1.0), "eps must be a positive"),
+    (dict(tau=0.0), "tau must be a finite positive"),
+    (dict(tau=float("inf")), "tau must be a finite positive"),
+    (dict(eps=-1.0), "eps must be a finite positive"),
+    (dict(scale=float("nan")), "scale must be a finite"),
     (dict(scale="1"), "scale must be a Python float"),
 ])
 def test_bad_input_names_the_argument(change, match):
@@ -278,10 +301,87 @@ def test_opcheck_fwd(backend, with_optional, normalize):
                                              ((False, True, False, True), True), ((True, True, True, True), False)])
 def test_opcheck_bwd(backend, needs, normalize):
     args = _op_args(True, grad=False, normalize=normalize)
-    qkv, weight, idx, probs, lora_h = refine_step_fwd(*args)
+    qkv, weight, idx, probs, lora_h, perm, offsets = refine_step_fwd(*args)
     state, lora_a, lora_b, token_weight = args[:4]
     torch.library.opcheck(refine_step_bwd, (torch.randn_like(qkv), torch.randn_like(weight), state, lora_a, lora_b,
-                                            token_weight, idx, probs, lora_h, 2, 2.0, 0.5, 1e-6, normalize, *needs))
+                                            token_weight, idx, probs, lora_h, perm, offsets, 2, 2.0, 0.5, 1e-6,
+                                            normalize, *needs))
+
+
+def check_batch_invariance(dtype=torch.float32):
+    """A token's qkv, expert, gate weight and state gradient are bit-identical whatever other tokens share its
+    batch (gradients of the weights, sums over tokens, excepted)."""
+    inputs = make_case(((150,), 72, 40, 16, 3, 3, True, "token", True, True), dtype)
+    g = torch.Generator().manual_seed(2)
+    grad_qkv = torch.randn(150, 120, generator=g).to(dtype)
+    grad_weight = torch.randn(150, generator=g)
+
+    def run(rows):
+        state = inputs["state"][rows].clone().requires_grad_()
+        kwargs = {k: inputs[k][rows] for k in ("cond_logits", "noise", "base")}
+        qkv, idx, weight = tp_kernels.refine_step(state, inputs["lora_a"], inputs["lora_b"], tau=2.0, scale=0.5,
+                                                  token_weight=inputs["token_weight"], **kwargs)
+        torch.autograd.backward([qkv, weight], [grad_qkv[rows], grad_weight[rows].to(weight.dtype)])
+        return qkv.detach(), idx, weight.detach(), state.grad
+
+    full = run(torch.arange(150))
+    for rows in (torch.arange(3, 150, 7), torch.tensor([17]), torch.arange(150).flip(0)):
+        for name, got, want in zip(("qkv", "idx", "weight", "dstate"), run(rows), full):
+            assert torch.equal(got, want[rows]), f"{name} of a token changed with the batch around it"
+
+
+def check_active_mask(dtype=torch.float32):
+    """Inactive tokens: expert -1, gate weight 0, qkv = base exactly, no gradient but the base's; the active ones
+    get exactly what a call on them alone gives."""
+    inputs = make_case(((60,), 40, 24, 8, 3, 3, True, "token", True, True), dtype)
+    active = torch.rand(60, generator=torch.Generator().manual_seed(3)) < 0.6
+    g = torch.Generator().manual_seed(4)
+    grad_qkv, grad_weight = torch.randn(60, 72, generator=g).to(dtype), torch.randn(60, generator=g)
+
+    def run(rows, mask):
+        leaves = {k: (v[rows] if k in ("state", "cond_logits", "noise", "base") else v).clone().requires_grad_(
+            k != "noise") for k, v in inputs.items()}
+        qkv, idx, weight = tp_kernels.refine_step(leaves["state"], leaves["lora_a"], leaves["lora_b"], tau=2.0,
+                                                  scale=0.5, active=None if mask is None else mask[rows],
+                                                  **{k: leaves[k] for k in ("token_weight", "cond_logits", "noise",
+                                                                            "base")})
+        torch.autograd.backward([qkv, weight], [grad_qkv[rows], grad_weight[rows].to(weight.dtype)])
+        return qkv.detach(), idx, weight.detach(), leaves
+
+    qkv, idx, weight, leaves = run(torch.arange(60), active)
+    off = ~active
+    assert torch.equal(idx[off], torch.full_like(idx[off], -1)) and torch.equal(weight[off], torch.zeros_like(
+        weight[off]))
+    assert torch.equal(qkv[off], inputs["base"][off])
+    assert leaves["state"].grad[off].abs().max() == 0 and leaves["cond_logits"].grad[off].abs().max() == 0
+    assert torch.equal(leaves["base"].grad[off], grad_qkv[off])
+    rows = active.nonzero()[:, 0]
+    qkv_a, idx_a, weight_a, leaves_a = run(rows, None)
+    assert torch.equal(qkv[active], qkv_a) and torch.equal(idx[active], idx_a) and torch.equal(weight[active], weight_a)
+    assert torch.equal(leaves["state"].grad[active], leaves_a["state"].grad)
+    for name in ("lora_a", "lora_b", "token_weight"):
+        torch.testing.assert_close(leaves[name].grad, leaves_a[name].grad)
+    with torch.no_grad():  # no base: inactive rows are 0
+        qkv, _, _ = tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=active)
+    assert torch.equal(qkv[off], torch.zeros_like(qkv[off]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_active_mask(backend, dtype):
+    check_active_mask(dtype)
+
+
+def test_active_mask_must_match_the_tokens():
+    inputs = make_case("full")
+    with pytest.raises(ValueError, match="active must have shape"):
+        tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=torch.ones(2, 8, dtype=bool))
+    with pytest.raises(TypeError, match="active must have dtype"):
+        tp_kernels.refine_step(inputs["state"], inputs["lora_a"], inputs["lora_b"], active=torch.ones(2, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_batch_invariance(backend, dtype):
+    check_batch_invariance(dtype)
 
 
 def check_op_normalize_modes(dtype=torch.float64, seed=0):

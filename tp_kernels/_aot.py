@@ -1,9 +1,11 @@
 """Compile every Triton kernel of tp_kernels ahead of time for an NVIDIA target, without a GPU.
 
 The launches come from the same planning functions the runtime uses
-(``routed_lora.triton.forward_launches`` / ``backward_launches``, ``gate.triton.gate_launch``,
-``refine.triton.stats_gate_launch`` / ``lora_launch`` / ``gate_ln_bwd_launch``), fed with ``meta`` tensors of
+(``routed_lora.triton.forward_launch`` / ``backward_launches``, ``gate.triton.gate_launch``,
+``refine.triton.stats_gate_launch`` / ``gate_ln_bwd_launch``), fed with ``meta`` tensors of
 the wanted shapes, so the tile sizes, warps and stages compiled here are the ones a GPU would run.
+Every precision variant a GPU run can reach is compiled (:data:`VARIANTS`): bf16, fp16, and fp32 both with
+TF32 (torch allows TF32) and with 3xTF32 (torch's default, full fp32 precision).
 Arguments are specialised as the Triton runtime does for contiguous torch
 tensors: pointers and integers divisible by 16 carry ``tt.divisibility=16``,
 integers equal to 1 become constants.
@@ -56,7 +58,7 @@ class KernelRecord:
     shape: str
     arch: str  # e.g. "sm_80", "sm_90a"
     dtype: str
-    precision: str  # tl.dot input_precision: "ieee"/"tf32" for fp32, "native" for fp16/bf16, "-" without tl.dot
+    precision: str  # tl.dot input_precision: "tf32x3"/"tf32" for fp32, "native" for fp16/bf16, "-" without tl.dot
     num_warps: int
     num_stages: int
     registers: int
@@ -77,6 +79,10 @@ class KernelRecord:
         return "+".join(ops) or "-"
 
 
+# (dtype, torch allows TF32): every variant a GPU run reaches; fp32 follows torch.backends.cuda.matmul.allow_tf32
+VARIANTS = ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False))
+
+
 def _launches(shape: Shape, dtype: torch.dtype):
     """(role, Launch) for the forward, the full backward (with gate), the gate and the refinement step at ``shape``.
 
@@ -84,8 +90,8 @@ def _launches(shape: Shape, dtype: torch.dtype):
     the base (one sample per ``TOKENS_PER_SAMPLE`` tokens).
     """
     from .gate.triton import gate_launch
-    from .refine.triton import gate_ln_bwd_launch, lora_launch, stats_gate_launch
-    from .routed_lora.triton import backward_launches, forward_launches
+    from .refine.triton import gate_ln_bwd_launch, stats_gate_launch
+    from .routed_lora.triton import backward_launches, forward_launch, max_chunks
 
     def meta(*size, dt=dtype):
         return torch.empty(*size, dtype=dt, device="meta")
@@ -96,9 +102,11 @@ def _launches(shape: Shape, dtype: torch.dtype):
     perm, offsets = meta(n, dt=torch.int64), meta(e + 1, dt=torch.int64)
     y, h, dh, dgp = meta(n, s * shape.d_out), meta(n, s * r, dt=torch.float32), meta(n, s * r, dt=torch.float32), \
         meta(n, s, dt=torch.float32)
-    fwd = forward_launches(x, perm, offsets, a, b, gate, 1.0, y, h)
+    fwd = [forward_launch(x, perm, offsets, a, b, gate, 1.0, y, h)]
+    chunks = max_chunks(n, e)
     bwd = backward_launches(y, x, perm, offsets, a, b, gate, h, 1.0, dh, dgp, torch.empty_like(x),
-                            torch.empty_like(a), torch.empty_like(b))
+                            torch.empty_like(a), torch.empty_like(b), meta(chunks, s, r, shape.d_in, dt=torch.float32),
+                            meta(chunks, s, shape.d_out, r, dt=torch.float32))
     logits = meta(n, e)
     gate_fwd = gate_launch(logits, torch.empty_like(logits), 1.0, True, meta(n, dt=torch.int64),
                            meta(n, dt=torch.float32), meta(n, e, dt=torch.float32))
@@ -106,13 +114,15 @@ def _launches(shape: Shape, dtype: torch.dtype):
     refine_gate = stats_gate_launch(x, meta(e, shape.d_in), meta(max(1, n // TOKENS_PER_SAMPLE), e, dt=torch.float32),
                                     meta(n, e, dt=torch.float32), 5.0, 1e-6, True, meta(n, dt=torch.int64), stats,
                                     meta(n, e, dt=torch.float32), stats, stats)
-    refine_lora = lora_launch(x, stats, stats, perm, offsets, a, b, y, 1.0, torch.empty_like(y), h)
+    refine_lora = forward_launch(x, perm, offsets, a, b, None, 1.0, torch.empty_like(y), h, mean=stats, rstd=stats,
+                                 base=y)
     probs = meta(n, e, dt=torch.float32)
     refine_bwd = gate_ln_bwd_launch(torch.empty_like(x), stats, stats, x, meta(n, 1, dt=torch.float32),
                                     meta(n, 1, dt=torch.float32), meta(e, shape.d_in), probs, meta(n, dt=torch.int64),
                                     5.0, torch.empty_like(probs), torch.empty_like(x))
     roles = ["routed_lora.fwd", "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dA",
-             "routed_lora.bwd_dB", "gate.fwd", "refine.stats_gate", "refine.fwd", "refine.bwd_gate_ln"]
+             "routed_lora.bwd_dA_sum", "routed_lora.bwd_dB", "routed_lora.bwd_dB_sum", "gate.fwd", "refine.stats_gate",
+             "refine.fwd", "refine.bwd_gate_ln"]
     return list(zip(roles, fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]))
 
 
@@ -163,7 +173,8 @@ def _ptxas_usage(ptx: str, capability: int):
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool):
+def allow_tf32(enabled: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``enabled`` inside the block."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -172,13 +183,11 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def compile_kernels(capability: int = 80, dtypes=(torch.bfloat16, torch.float32), shapes=(DIT_XL, DIT_S),
-                    allow_tf32: bool = True):
-    """Compile every kernel for ``GPUTarget("cuda", capability, 32)`` at each shape and dtype -> [KernelRecord].
+def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT_S)):
+    """Compile every kernel for ``GPUTarget("cuda", capability, 32)`` at each shape and variant -> [KernelRecord].
 
-    fp32 kernels are compiled with TF32 tensor cores when ``allow_tf32`` (what
-    ``torch.backends.cuda.matmul.allow_tf32 = True`` selects at run time), else
-    with ``input_precision="ieee"`` (FMA, no tensor cores).
+    ``variants``: (dtype, allow_tf32) pairs; fp32 kernels get the tl.dot precision the runtime picks under
+    that ``torch.backends.cuda.matmul.allow_tf32`` (``routed_lora.triton._precision``).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -187,8 +196,8 @@ def compile_kernels(capability: int = 80, dtypes=(torch.bfloat16, torch.float32)
     target = GPUTarget("cuda", capability, 32)
     records = []
     for shape in shapes:
-        for dtype in dtypes:
-            with _tf32(allow_tf32):
+        for dtype, tf32 in variants:
+            with allow_tf32(tf32):
                 launches = _launches(shape, dtype)
             for role, launch in launches:
                 compiled = triton.compile(_source(launch), target=target,

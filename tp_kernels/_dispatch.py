@@ -1,9 +1,12 @@
 """Backend choice for every tp_kernels op.
 
 ``auto`` picks by device: Triton for CUDA tensors, the fast CPU path for CPU
-tensors. ``TP_KERNELS_BACKEND`` (environment) or :func:`use_backend` (context
-manager, wins over the environment) force one of ``reference``, ``cpu`` or
-``triton``. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+tensors, and ``torch`` -- tokens grouped by expert, one GEMM pair per expert in
+composed torch ops -- on any other device, or CUDA without Triton (the
+``reference`` gathers per-token weights: ~14 GB at DiT-XL with 8192 tokens).
+``TP_KERNELS_BACKEND`` (environment) or :func:`use_backend` (context
+manager, wins over the environment) force one of ``reference``, ``cpu``,
+``torch`` or ``triton``. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
 set before triton is imported; that is how the kernels are tested here.
 """
 
@@ -16,7 +19,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
 _ENV_VAR = "TP_KERNELS_BACKEND"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tp_kernels_backend", default=None)
 
@@ -64,7 +67,7 @@ def resolve(device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
-        return "cpu" if device.type == "cpu" else "reference"
+        return "cpu" if device.type == "cpu" else "torch"
     if name == "triton":
         if not triton_available():
             raise RuntimeError(f"{_ENV_VAR}=triton but triton is not importable")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
+ABI_VERSION = 1  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -51,8 +52,25 @@ def _load():
     except OSError as err:  # e.g. built for another platform
         warnings.warn(f"tp_kernels: cannot load the CPU extension {LIB_PATH} ({err}); using the torch CPU path")
         return None
+    # A stale build (older sources, another checkout's library) would be called with the wrong arguments:
+    # only a library that reports this interface's version and exports every function is used.
+    try:
+        version_fn = lib.tp_abi_version
+    except AttributeError:
+        version = None
+    else:
+        version_fn.restype, version_fn.argtypes = _INT, []
+        version = version_fn()
+    if version != ABI_VERSION:
+        warnings.warn(f"tp_kernels: the CPU extension {LIB_PATH} has interface version {version}, this package needs "
+                      f"{ABI_VERSION} (rebuild it: python setup.py build_ext --inplace); using the torch CPU path")
+        return None
     for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        fn = getattr(lib, name, None)
+        if fn is None:
+            warnings.warn(f"tp_kernels: the CPU extension {LIB_PATH} lacks {name} (rebuild it: python setup.py "
+                          "build_ext --inplace); using the torch CPU path")
+            return None
         fn.restype, fn.argtypes = restype, argtypes
     return lib
 

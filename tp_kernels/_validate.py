@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,8 +29,8 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share a device")
 
 
-def check_index_range(name: str, idx: torch.Tensor, num: int) -> None:
-    """Fail if any index is outside [0, num).
+def check_index_range(name: str, idx: torch.Tensor, num: int, allow_skip: bool = False) -> None:
+    """Fail if any index is outside [0, num) ([-1, num) with ``allow_skip``: -1 = skip the token).
 
     On CPU this is a plain check. On CUDA it is a device-side assert
     (``torch._assert_async``): no host sync; a bad index aborts the next
@@ -36,15 +38,64 @@ def check_index_range(name: str, idx: torch.Tensor, num: int) -> None:
     """
     if idx.numel() == 0:
         return
-    bad = (idx < 0) | (idx >= num)
+    low = -1 if allow_skip else 0
+    bad = (idx < low) | (idx >= num)
+    want = f"[{low}, {num})" + (" (-1: skip the token)" if allow_skip else "")
     if idx.device.type == "cpu":
         if bool(bad.any()):
             first = idx[bad][0]
-            raise IndexError(f"{name} must lie in [0, {num}), found {int(first)}")
+            raise IndexError(f"{name} must lie in {want}, found {int(first)}")
     else:
-        torch._assert_async(~bad.any(), f"{name} must lie in [0, {num})")
+        torch._assert_async(~bad.any(), f"{name} must lie in {want}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype for inputs of ``dtype``: float64 stays float64, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_finite_number(name: str, value, *, positive: bool = False) -> None:
+    """A real Python number (not a bool), finite, and > 0 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}float, got {value!r}")
+
+
+class OpArgs:
+    """Checks of a registered op's raw arguments, run in the op body before any kernel or ctypes call.
+
+    The public wrappers reshape and convert their inputs; the ops themselves can be called directly
+    (``torch.ops.tp_kernels.*``), so they check the layout the kernels index: dims, sizes, dtypes, devices
+    and dense row-major storage. ``dims`` name the sizes (``"N"``, ``"E"``...) so one size seen in several
+    arguments must agree; each error names the op and the argument.
+    """
+
+    def __init__(self, op: str, device: torch.device):
+        self.op, self.device, self.sizes = op, device, {}
+
+    def __call__(self, name: str, t, dims, dtypes=None, optional=False):
+        if t is None:
+            if optional:
+                return
+            raise TypeError(f"{self.op}: {name} must be a tensor, got None")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{self.op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != len(dims):
+            raise ValueError(f"{self.op}: {name} must have shape ({', '.join(map(str, dims))}), "
+                             f"got {tuple(t.shape)}")
+        for dim, size in zip(dims, t.shape):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise ValueError(f"{self.op}: {name} must have shape {tuple(dims)}, got {tuple(t.shape)}")
+                continue
+            want, first = self.sizes.setdefault(dim, (size, name))
+            if size != want:
+                raise ValueError(f"{self.op}: {name} has {dim} = {size} (shape {tuple(t.shape)}) but {first} has "
+                                 f"{dim} = {want}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise TypeError(f"{self.op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{self.op}: {name} is on {t.device}, expected {self.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{self.op}: {name} must be contiguous, got strides {t.stride()}")

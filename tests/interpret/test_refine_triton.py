@@ -8,7 +8,8 @@ import torch
 
 import tp_kernels
 from test_refine import (  # noqa: E402
-    CASES, PARTIAL, check, check_no_tokens, check_op_normalize_modes, check_recursive_training, make_case,
+    CASES, PARTIAL, check, check_active_mask, check_batch_invariance, check_no_tokens, check_op_normalize_modes, check_recursive_training,
+    make_case,
 )
 
 
@@ -33,6 +34,12 @@ def test_other_dtypes(dtype):
 def test_partial_grads(need):
     _, _, leaves = check(make_case("full"), need=need)
     assert all(v.grad is None for k, v in leaves.items() if v is not None and k not in need)
+
+
+@pytest.mark.parametrize("name", ["full", "odd_unstacked"])
+def test_strided_upstream_grads(name):
+    """A loss on the gate weight gives a stride-0 gradient: the kernels must not read past its one element."""
+    check(make_case(name), strided_grads=True)
 
 
 def test_no_tokens():
@@ -67,3 +74,19 @@ def test_multi_tile_experts():
 def test_recursive_attention_trains_like_the_unfused_modules():
     """float32 here, so the fused kernels run (float64 would take the reference fallback)."""
     check_recursive_training({}, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_multi_tile_rank128_loss_on_gate_weight(dtype):
+    """Several K and N tiles and programs per axis at rank 128, with strided upstream grads (weight.sum())."""
+    check(make_case(((2, 40), 136, 72, 128, 3, 3, True, "sample", True, True), dtype), strided_grads=True)
+
+
+def test_batch_invariance():
+    """A token's qkv, routing and state gradient are bit-identical whatever other tokens share the batch."""
+    check_batch_invariance()
+
+
+def test_active_mask():
+    """Inactive tokens: no tile, weight 0, qkv = base, no gradient but the base's."""
+    check_active_mask()

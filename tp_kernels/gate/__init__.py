@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
 from .op import gate_top1_fwd
 from .reference import gate_top1_reference, gumbel_noise
 
@@ -28,8 +28,7 @@ def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
-    if not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau must be a float > 0, got {tau!r}")
+    check_finite_number("tau", tau, positive=True)
     if noise is not None:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
         if noise.shape != logits.shape:

@@ -1,4 +1,4 @@
-"""Top-1 gate on CPU with composed torch ops (the fallback when csrc/ is not built)."""
+"""Top-1 gate with composed torch ops (the CPU fallback when csrc/ is not built; any device without Triton)."""
 
 from __future__ import annotations
 
@@ -16,5 +16,5 @@ def forward(logits, noise, tau, hard):
     idx = torch.argmax(z, dim=-1)
     probs = torch.softmax(z / tau, dim=-1)
     if hard:
-        return idx, torch.ones(z.shape[0], dtype=acc), probs
+        return idx, z.new_ones(z.shape[0]), probs
     return idx, probs, probs.new_empty(0)

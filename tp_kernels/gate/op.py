@@ -16,8 +16,9 @@ from typing import Optional
 
 import torch
 
-from .._validate import acc_dtype
 from torch import Tensor
+
+from .._validate import FLOAT_DTYPES, OpArgs, acc_dtype, check_finite_number
 
 from .._dispatch import resolve
 from . import cpu as _cpu
@@ -31,13 +32,16 @@ class _Reference:
         if not hard:
             return idx, weight, weight.new_empty(0)
         z = logits.to(weight.dtype) + (0 if noise is None else noise.to(weight.dtype))
-        return idx, weight.detach().clone(), torch.softmax(z / tau, dim=-1)
+        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
+        return idx, torch.ones_like(weight.detach()), torch.softmax(z / tau, dim=-1)
 
 
 def _backend(device):
     name = resolve(device)
     if name == "reference":
         return _Reference
+    if name == "torch":
+        return _cpu
     if name == "cpu":
         from .. import _ext
 
@@ -47,6 +51,13 @@ def _backend(device):
 
 @torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())
 def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool) -> tuple[Tensor, Tensor, Tensor]:
+    op = "tp_kernels.gate_top1_fwd"
+    arg = OpArgs(op, logits.device if isinstance(logits, Tensor) else None)
+    arg("logits", logits, ("N", "E"), FLOAT_DTYPES)
+    arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: logits needs at least one expert (column), got shape {tuple(logits.shape)}")
+    check_finite_number("tau", tau, positive=True)
     idx, weight, probs = _backend(logits.device).forward(logits, noise, tau, hard)
     return weight, idx, probs
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 from .._dispatch import resolve
-from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, acc_dtype, check_finite_number, check_same_device, check_tensor
 from .op import refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
 
@@ -38,7 +39,7 @@ def _cond_groups(cond_logits, lead, n_exp):
 
 
 def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
-                base=None, eps=1e-6, normalize=True):
+                base=None, eps=1e-6, normalize=True, active=None):
     """One refinement step of recursive routed-LoRA attention: returns ``(qkv, expert_idx, gate_weight)``.
 
     With ``h = LayerNorm(state)`` (no affine, ``eps``) over the last dim::
@@ -68,6 +69,9 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         eps: LayerNorm epsilon, > 0.
         normalize: False skips the LayerNorm: ``h = state`` (a state that needs no normalising, e.g. an
             adaLN-modulated block input at a recursion's first step).
+        active: optional ``(...)`` bool mask (state's lead shape). Inactive tokens (adaptive halting: they have
+            stopped refining) get expert_idx -1, gate_weight 0 and qkv = base (0 without a base); the LoRA does no
+            work for them and they receive no gradient except the base's. No host sync.
 
     Returns:
         qkv ``(..., S * D_out)`` in state's dtype (slice s in columns ``[s * D_out, (s + 1) * D_out)``),
@@ -113,22 +117,30 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         check_tensor("base", base, dtypes=(state.dtype,))
         if tuple(base.shape) != (*lead, n_slice * d_out):
             raise ValueError(f"base must have shape {(*lead, n_slice * d_out)}, got {tuple(base.shape)}")
-    for name, value, positive in (("tau", tau, True), ("scale", scale, False), ("eps", eps, True)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
-            raise ValueError(f"{name} must be a {'positive ' if positive else ''}Python float, got {value!r}")
+    check_finite_number("tau", tau, positive=True)
+    check_finite_number("scale", scale)
+    check_finite_number("eps", eps, positive=True)
+    if active is not None:
+        check_tensor("active", active, dtypes=(torch.bool,))
+        if tuple(active.shape) != lead:
+            raise ValueError(f"active must have shape {lead} (state's lead dims), got {tuple(active.shape)}")
     check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
-                      noise=noise, base=base)
+                      noise=noise, base=base, active=active)
 
     def flat(t, width):
         return None if t is None else t.reshape(-1, width).contiguous()
 
     if not isinstance(normalize, bool):
         raise ValueError(f"normalize must be a bool, got {normalize!r}")
-    fused_norm = normalize and resolve(state.device) != "cpu"
+    fused_norm = normalize and resolve(state.device) not in ("cpu", "torch")
     if normalize and not fused_norm:
-        state = F.layer_norm(state, (dim,), eps=float(eps))  # (..., D) h, kept by autograd with its statistics
-    qkv, weight, idx, _, _ = refine_step_fwd(
+        # (..., D) h, kept by autograd with its statistics. Computed in the accumulation dtype: torch's CPU
+        # LayerNorm keeps a bf16/fp16 input's mean and rstd in that dtype, and its backward then loses the
+        # gradient entirely when |mean| >> std (found by tests/test_fuzz_ops.py).
+        state = F.layer_norm(state.to(acc_dtype(state.dtype)), (dim,), eps=float(eps)).to(state.dtype)
+    qkv, weight, idx, *_ = refine_step_fwd(
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
         cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
+        None if active is None else active.reshape(-1).contiguous(),
     )
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

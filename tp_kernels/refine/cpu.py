@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .._grouping import mm_rows
 from .._validate import acc_dtype
 from ..gate import cpu as _gate_torch
 from ..routed_lora import cpu as _lora_torch
@@ -37,12 +38,21 @@ def _gate():
     return _ext.gate_cpu() or _gate_torch
 
 
+def layer_norm(state, eps):
+    """LN(state) (N, D) in state's dtype, with mean and rstd (N, 1) in the accumulation dtype.
+
+    Computed in the accumulation dtype: torch's CPU LayerNorm keeps a bf16/fp16 input's statistics in that
+    dtype, and the backward through them loses the gradient when |mean| >> std."""
+    h, mean, rstd = torch.native_layer_norm(state.to(acc_dtype(state.dtype)), [state.shape[1]], None, None, eps)
+    return h.to(state.dtype), mean, rstd
+
+
 def gate_logits(h, token_weight, cond_logits, n_exp):
     """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T (a GEMM in h's dtype) + cond rows."""
     n_tok = h.shape[0]
     acc = acc_dtype(h.dtype)
     if token_weight is not None:
-        logits = torch.mm(h, token_weight.t()).to(acc)  # (N, E)
+        logits = mm_rows(h, token_weight.t()).to(acc)  # (N, E)
     else:
         logits = h.new_zeros(n_tok, n_exp, dtype=acc)
     if cond_logits is not None and n_tok:
@@ -51,16 +61,22 @@ def gate_logits(h, token_weight, cond_logits, n_exp):
     return logits
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
-    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R)."""
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None,
+            *, lora=None, gate=None):
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R), and the
+    LoRA's grouping perm (N,), offsets (E+1,) for the backward.
+    ``lora`` / ``gate``: the routed-LoRA and gate backend modules (default: the extension's, else composed torch)."""
     n_exp = lora_a.shape[0]
-    h = torch.native_layer_norm(state, [state.shape[1]], None, None, eps)[0] if normalize else state  # (N, D)
+    h = layer_norm(state, eps)[0] if normalize else state  # (N, D)
     logits = gate_logits(h, token_weight, cond_logits, n_exp)  # (N, E)
-    idx, weight, probs = _gate().forward(logits, noise, tau, True)
-    qkv, lora_h = _lora().forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1: no multiplier needed
+    idx, weight, probs = (gate or _gate()).forward(logits, noise, tau, True)
+    if active is not None:  # inactive tokens: expert -1, which the LoRA skips, and weight 0
+        idx = torch.where(active, idx, -1)
+        weight = active.to(weight.dtype)
+    qkv, lora_h, perm, offsets = (lora or _lora()).forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1
     if base is not None:
         qkv.add_(base)
-    return qkv, weight, idx, probs, lora_h
+    return qkv, weight, idx, probs, lora_h, perm, offsets
 
 
 def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
@@ -74,20 +90,26 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
     if need_logits:
         acc = probs.dtype
         dweight = dgate.to(acc) if grad_weight is None else dgate.to(acc) + grad_weight.to(acc)  # (N,)
-        # weight = 1 + p_e - sg(p_e): d weight / d z_j = p_e (onehot_j - p_j) / tau
-        p_sel = probs.gather(1, idx[:, None])  # (N, 1)
-        onehot = torch.zeros_like(probs).scatter_(1, idx[:, None], 1.0)
+        # weight = 1 + p_e - sg(p_e): d weight / d z_j = p_e (onehot_j - p_j) / tau; an inactive token (idx -1)
+        # has the constant weight 0
+        live = idx >= 0
+        chosen = idx.clamp(min=0)[:, None]
+        p_sel = torch.where(live[:, None], probs.gather(1, chosen), 0)  # (N, 1)
+        onehot = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
         dlogits = (dweight[:, None] * p_sel) * (onehot - probs) / tau  # (N, E)
         if need_state and token_weight is not None:
-            dh.addmm_(dlogits.to(dh.dtype), token_weight)  # + d logits / d LN(state)
+            dh.add_(mm_rows(dlogits.to(dh.dtype), token_weight))  # + d logits / d LN(state)
     if need_state:
+        acc = mean.dtype if mean is not None else None
         d_state = dh if mean is None else torch.ops.aten.native_layer_norm_backward(
-            dh, state, [state.shape[1]], mean, rstd, None, None, [True, False, False])[0]
+            dh.to(acc), state.to(acc), [state.shape[1]], mean, rstd, None, None, [True, False, False])[0].to(
+            state.dtype)
     return dlogits, d_state
 
 
-def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups,
-                  tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond, tail=gate_ln_backward):
+def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
+                  n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
+                  tail=gate_ln_backward):
     """Gradients of forward() -> (d state, dA, dB, d token_weight, d cond (G, E) in the accumulation dtype).
 
     ``lora`` is a routed-LoRA backend module (its backward(): the CPU extension, cpu.py or triton.py) and
@@ -98,12 +120,12 @@ def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weig
     n_exp = lora_a.shape[0]
     need_logits = need_cond or need_token_weight or (need_state and token_weight is not None)
     if normalize:  # recomputed: bit-identical to the forward's, and one (N, D) tensor less kept per step
-        h, mean, rstd = torch.native_layer_norm(state, [dim], None, None, eps)  # (N, D), (N, 1), (N, 1)
+        h, mean, rstd = layer_norm(state, eps)  # (N, D), (N, 1), (N, 1)
     else:
         h, mean, rstd = state, None, None
     gate = torch.ones(n_tok, dtype=probs.dtype, device=state.device) if need_logits else None
-    dh, da, db, dgate = lora.backward(grad_qkv.to(state.dtype), h, idx, lora_a, lora_b, gate, lora_h, scale,
-                                      need_state, need_w, need_logits)
+    dh, da, db, dgate = lora.backward(grad_qkv.to(state.dtype), h, idx, lora_a, lora_b, gate, lora_h, perm, offsets,
+                                      scale, need_state, need_w, need_logits)
     dlogits, d_state = tail(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
                             need_state)
     d_tw = d_cond = None
@@ -115,7 +137,17 @@ def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weig
                                                                   db if need_w else None, d_tw, d_cond))
 
 
-def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale,
-             eps, normalize, need_state, need_w, need_token_weight, need_cond):
-    return backward_with(_lora(), grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
-                         n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
+def backward(*args):
+    return backward_with(_lora(), *args)
+
+
+class Composed:
+    """The step in composed torch ops only, never the extension: the path of devices without Triton."""
+
+    @staticmethod
+    def forward(*args):
+        return forward(*args, lora=_lora_torch, gate=_gate_torch)
+
+    @staticmethod
+    def backward(*args):
+        return backward_with(_lora_torch, *args)

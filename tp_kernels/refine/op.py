@@ -2,13 +2,16 @@
 
 Two custom ops, both opaque to torch.compile:
     tp_kernels::refine_step_fwd(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-        normalize) -> (qkv, weight, idx, probs, lora_h)
+        normalize, active) -> (qkv, weight, idx, probs, lora_h, perm, offsets)
     tp_kernels::refine_step_bwd(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
-        n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
+        perm, offsets, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
         -> (d_state, d_lora_a, d_lora_b, d_token_weight, d_cond_logits)
 normalize=False: state already is LN(a) and the op skips its LayerNorm (the CPU path: see refine_step).
+active (N,) bool or None: inactive tokens get idx -1 (the LoRA skips them), weight 0 and qkv = base (or 0); the
+backward knows them by idx -1 and gives them no gradient but the base's.
 probs = softmax(z / tau) (N, E) and lora_h = A_idx LN(state) (N, S*R) are saved for the backward
-(float32; float64 for float64 state). The base's gradient is grad_qkv itself, passed through in Python.
+(float32; float64 for float64 state), and the LoRA's token grouping (perm (N,), offsets (E+1,) int64) so the
+backward does not sort again. The base's gradient is grad_qkv itself, passed through in Python.
 Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
 """
 
@@ -21,22 +24,28 @@ import torch
 from torch import Tensor
 
 from .._dispatch import resolve
-from .._validate import acc_dtype
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from ..routed_lora.op import _Reference as _LoraReference
+from ..routed_lora.reference import shrink
 from . import cpu as _cpu
 from .reference import refine_step_parts
+from .._grouping import group_by_expert
 
 
 class _Reference:
     """The reference as a backend: the spec's forward; the backward composed with routed LoRA's reference."""
 
     @staticmethod
-    def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+    def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
+                active=None):
         p = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
-                              normalize=normalize)
+                              normalize=normalize, active=active)
         a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
-        lora_h = torch.einsum("nsrd,nd->nsr", a, p["h"]).flatten(1)  # (N, S*R)
-        return p["qkv"].to(state.dtype), p["weight"].detach().clone(), p["idx"], p["probs"], lora_h
+        lora_h = shrink(a, p["h"]).flatten(1)  # (N, S*R)
+        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
+        weight = torch.ones_like(p["weight"]) if active is None else active.to(p["weight"].dtype)
+        return (p["qkv"].to(state.dtype), weight, p["idx"], p["probs"], lora_h,
+                *group_by_expert(p["idx"], lora_a.shape[0]))
 
     @staticmethod
     def backward(*args):
@@ -47,46 +56,95 @@ def _backend(device):
     name = resolve(device)
     if name == "reference":
         return _Reference
+    if name == "torch":
+        return _cpu.Composed
     if name == "cpu":
         return _cpu
     return importlib.import_module(".triton", __package__)
+
+
+def _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps) -> OpArgs:
+    """The layout both ops share (see OpArgs): state (N, D), lora_a (E, S, R, D), lora_b (E, S, D_out, R)."""
+    arg = OpArgs(op, state.device if isinstance(state, Tensor) else None)
+    arg("state", state, ("N", "D"), FLOAT_DTYPES)
+    arg("lora_a", lora_a, ("E", "S", "R", "D"), (state.dtype,))
+    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (state.dtype,))
+    arg("token_weight", token_weight, ("E", "D"), (state.dtype,), optional=True)
+    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
+        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    check_finite_number("tau", tau, positive=True)
+    check_finite_number("scale", scale)
+    check_finite_number("eps", eps, positive=True)
+    return arg
+
+
+def _check_groups(op, n_groups, n_tok):
+    if n_groups < 0 or (n_groups == 0 and n_tok > 0) or (n_groups and n_tok % n_groups):
+        raise ValueError(f"{op}: cond_logits' {n_groups} rows must divide the {n_tok} tokens")
 
 
 @torch.library.custom_op("tp_kernels::refine_step_fwd", mutates_args=())
 def refine_step_fwd(
     state: Tensor, lora_a: Tensor, lora_b: Tensor, token_weight: Optional[Tensor], cond_logits: Optional[Tensor],
     noise: Optional[Tensor], base: Optional[Tensor], tau: float, scale: float, eps: float, normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    active: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "tp_kernels.refine_step_fwd"
+    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+    arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
+    arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
+    arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
+    arg("active", active, ("N",), (torch.bool,), optional=True)
+    if cond_logits is not None:
+        _check_groups(op, cond_logits.shape[0], state.shape[0])
     return _backend(state.device).forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
-                                          eps, normalize)
+                                          eps, normalize, active)
 
 
 @refine_step_fwd.register_fake
-def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
+def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
     acc = acc_dtype(state.dtype)
     return (state.new_empty(n_tok, n_slice * lora_b.shape[2]), state.new_empty(n_tok, dtype=acc),
             state.new_empty(n_tok, dtype=torch.int64), state.new_empty(n_tok, n_exp, dtype=acc),
-            state.new_empty(n_tok, n_slice * rank, dtype=acc))
+            state.new_empty(n_tok, n_slice * rank, dtype=acc), state.new_empty(n_tok, dtype=torch.int64),
+            state.new_empty(n_exp + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("tp_kernels::refine_step_bwd", mutates_args=())
 def refine_step_bwd(
     grad_qkv: Tensor, grad_weight: Optional[Tensor], state: Tensor, lora_a: Tensor, lora_b: Tensor,
-    token_weight: Optional[Tensor], idx: Tensor, probs: Tensor, lora_h: Tensor, n_groups: int, tau: float,
+    token_weight: Optional[Tensor], idx: Tensor, probs: Tensor, lora_h: Tensor, perm: Tensor, offsets: Tensor,
+    n_groups: int, tau: float,
     scale: float, eps: float, normalize: bool, need_state: bool, need_w: bool, need_token_weight: bool,
     need_cond: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "tp_kernels.refine_step_bwd"
+    # upstream gradients come in any layout (weight.sum() gives a stride-0 one): the kernels index rows densely
+    grad_qkv, grad_weight = (g.contiguous() if isinstance(g, Tensor) else g for g in (grad_qkv, grad_weight))
+    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+    n_exp, n_slice, rank, _ = lora_a.shape
+    acc = (acc_dtype(state.dtype),)
+    arg("grad_qkv", grad_qkv, ("N", n_slice * lora_b.shape[2]), FLOAT_DTYPES)
+    arg("grad_weight", grad_weight, ("N",), FLOAT_DTYPES, optional=True)
+    arg("idx", idx, ("N",), INDEX_DTYPES)
+    arg("probs", probs, ("N", "E"), acc)
+    arg("lora_h", lora_h, ("N", n_slice * rank), acc)
+    arg("perm", perm, ("N",), (torch.int64,))
+    arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
+    if need_cond:
+        _check_groups(op, n_groups, state.shape[0])
+    check_index_range("expert_idx", idx, n_exp, allow_skip=True)  # -1: an inactive token
     return _backend(state.device).backward(
-        grad_qkv.contiguous(), grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau,
+        grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
     )
 
 
 @refine_step_bwd.register_fake
-def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale, eps,
-      normalize, need_state, need_w, need_token_weight, need_cond):
+def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
+      scale, eps, normalize, need_state, need_w, need_token_weight, need_cond):
     def empty_or(need, like):
         return torch.empty_like(like) if need else state.new_empty(0)
 
@@ -96,25 +154,26 @@ def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lo
 
 
 def _setup_context(ctx, inputs, output):
-    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize = inputs
-    qkv, weight, idx, probs, lora_h = output
-    ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h)
+    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active = inputs
+    qkv, weight, idx, probs, lora_h, perm, offsets = output
+    ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets)
     ctx.n_groups = 0 if cond_logits is None else cond_logits.shape[0]
     ctx.cond_dtype = None if cond_logits is None else cond_logits.dtype
     ctx.tau, ctx.scale, ctx.eps, ctx.normalize = tau, scale, eps, normalize
-    ctx.mark_non_differentiable(idx, probs, lora_h)
+    ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
 
 
-def _backward(ctx, grad_qkv, grad_weight, grad_idx, grad_probs, grad_lora_h):
-    state, lora_a, lora_b, token_weight, idx, probs, lora_h = ctx.saved_tensors
+def _backward(ctx, grad_qkv, grad_weight, *_):
+    state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets = ctx.saved_tensors
     need_state, need_a, need_b, need_tw, need_cond, _, need_base = ctx.needs_input_grad[:7]
     need_w = need_a or need_b
     need_cond = bool(need_cond and ctx.n_groups)
     need_tw = bool(need_tw and token_weight is not None)
-    grads = [None] * 11
+    grads = [None] * 12
     if need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
-            grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, ctx.n_groups, ctx.tau,
+            grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
+            ctx.n_groups, ctx.tau,
             ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
         )
         grads[:5] = (d_state if need_state else None, da if need_a else None, db if need_b else None,

@@ -36,7 +36,7 @@ def refine_logits_reference(h, token_weight=None, cond_logits=None, num_experts=
     n_tok = h.shape[0]
     logits = h.new_zeros(n_tok, num_experts)
     if token_weight is not None:
-        logits = logits + h @ token_weight.to(h.dtype).t()
+        logits = logits + (h[:, None, :] * token_weight.to(h.dtype)).sum(-1)  # per token: batch invariant
     if cond_logits is not None:
         groups = cond_logits.shape[0]
         logits = logits + cond_logits.to(h.dtype).repeat_interleave(n_tok // groups if groups else 0, dim=0)
@@ -44,7 +44,7 @@ def refine_logits_reference(h, token_weight=None, cond_logits=None, num_experts=
 
 
 def refine_step_parts(state, lora_a, lora_b, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
-                      base=None, eps=1e-6, expert_idx=None, normalize=True):
+                      base=None, eps=1e-6, expert_idx=None, normalize=True, active=None):
     """The step with its intermediates: dict of h (N, D), probs (N, E), idx (N,), weight (N,), qkv (N, S*D_out),
     all in the accumulation dtype (float32; float64 for float64 state). See refine_step_reference."""
     acc = acc_dtype(state.dtype)
@@ -53,8 +53,12 @@ def refine_step_parts(state, lora_a, lora_b, token_weight=None, cond_logits=None
     idx, probs = gate_top1_reference(logits, noise, tau, hard=False)  # argmax, softmax(z / tau)
     if expert_idx is not None:
         idx = expert_idx.to(torch.int64)
-    p_sel = probs.gather(1, idx[:, None])[:, 0]  # (N,)
+    if active is not None:  # inactive tokens: expert -1 (skipped by the LoRA), weight 0
+        idx = torch.where(active, idx, -1)
+    p_sel = probs.gather(1, idx.clamp(min=0)[:, None])[:, 0]  # (N,)
     weight = 1.0 + (p_sel - p_sel.detach())
+    if active is not None:
+        weight = torch.where(active, weight, 0.0)
     qkv = routed_lora_reference(h, idx, lora_a.to(acc), lora_b.to(acc), weight, scale)  # (N, S*D_out)
     if base is not None:
         qkv = qkv + base.to(acc)
@@ -62,13 +66,14 @@ def refine_step_parts(state, lora_a, lora_b, token_weight=None, cond_logits=None
 
 
 def refine_step_reference(state, lora_a, lora_b, token_weight=None, cond_logits=None, tau=1.0, noise=None,
-                          scale=1.0, base=None, eps=1e-6, expert_idx=None, normalize=True):
+                          scale=1.0, base=None, eps=1e-6, expert_idx=None, normalize=True, active=None):
     """-> (qkv (N, S*D_out) in state's dtype, idx (N,) int64, weight (N,) float32/float64).
 
     expert_idx: None routes by the argmax (the definition). Given, it forces the routing, for tests of
     low-precision paths whose logits may break a near-tie the other way; weight then uses its p.
     normalize=False: state already is LN(a) (the caller ran the LayerNorm); h = state.
+    active: (N,) bool or None; inactive tokens get idx -1, weight 0 and qkv = base (0 without a base).
     """
     parts = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
-                              expert_idx, normalize)
+                              expert_idx, normalize, active)
     return parts["qkv"].to(state.dtype), parts["idx"], parts["weight"]

@@ -4,8 +4,9 @@
                         statistics, the gate's token logits (folded through the normalisation), the conditioning
                         rows and the noise, the argmax and the softmax: writes idx, probs, mean, rstd.
     (grouping)          routed_lora.triton.group_on_device: stable argsort + searchsorted, on device.
-    _refine_lora_kernel grid (expert tiles, S): the three Q/K/V slices in one launch, the LayerNorm folded into
-                        the shrink, the base added in the expand's epilogue, each output row written once.
+    routed_lora.triton._fwd_kernel with NORMALIZE and HAS_BASE, grid (expert tiles, S): the three Q/K/V slices
+                        in one launch, the LayerNorm folded into the shrink, the base added in the expand's
+                        epilogue, each output row written once.
 
 LayerNorm folding. ``A_e LN(a) = rstd * A_e (a - mean)``: the shrink centres each loaded tile of ``a`` in
 registers and scales the (BLOCK_M, R) accumulator by rstd, so LN(a) is never stored. (The algebraically equal
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from .._validate import acc_dtype
 from ..routed_lora import triton as _lora
-from ..routed_lora.triton import Launch, _dot, _locate_tile
+from ..routed_lora.triton import Launch
 from . import cpu as _composed
 
 
@@ -98,58 +99,6 @@ def _stats_gate_kernel(
     tl.store(idx_ptr + rows, idx.to(tl.int64), mask=row_ok)
     tl.store(weight_ptr + rows, tl.full((BLOCK_T,), 1.0, tl.float32), mask=row_ok)
     tl.store(probs_ptr + offs, p, mask=mask)
-
-
-@triton.jit
-def _refine_lora_kernel(
-    x_ptr, mean_ptr, rstd_ptr, perm_ptr, offsets_ptr, a_ptr, b_ptr, base_ptr, y_ptr, h_ptr,
-    dim, d_out, rank, n_exp, n_slice, scale,
-    HAS_BASE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
-    if expert >= n_exp:
-        return
-    s = tl.program_id(1)
-    dt = x_ptr.dtype.element_ty
-    rows = row_lo + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_hi
-    tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)  # (BLOCK_M,) int64 token ids
-    mean = tl.load(mean_ptr + tok, mask=row_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    es = expert.to(tl.int64) * n_slice + s
-
-    # h = rstd * (a - mean) A^T over D: (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R), tiles centred in registers
-    a_base = a_ptr + es * rank * dim
-    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < dim
-        mask = row_ok[:, None] & k_ok[None, :]
-        xt = tl.load(x_ptr + tok[:, None] * dim + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        xc = tl.where(mask, xt - mean[:, None], 0.0).to(dt)
-        at = tl.load(a_base + r[None, :] * dim + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        h = _dot(xc, at, h, PRECISION)
-    h = h * rstd[:, None]
-    hw = n_slice * rank
-    tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], h, mask=row_ok[:, None] & r_ok[None, :])
-
-    # y = base + scale h B^T over D_out (the gate weight is exactly 1 forward), one output tile at a time
-    hm = (h * scale).to(dt)
-    b_base = b_ptr + es * d_out * rank
-    yw = n_slice * d_out
-    for n0 in range(0, d_out, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < d_out
-        bt = tl.load(b_base + n[None, :] * rank + r[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        y = _dot(hm, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
-        out = tok[:, None] * yw + s * d_out + n[None, :]
-        mask = row_ok[:, None] & n_ok[None, :]
-        if HAS_BASE:
-            y += tl.load(base_ptr + out, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + out, y.to(dt), mask=mask)
 
 
 @triton.jit
@@ -243,34 +192,18 @@ def stats_gate_launch(state, token_weight, cond_logits, noise, tau, eps, normali
     )
 
 
-def lora_launch(state, mean, rstd, perm, offsets, lora_a, lora_b, base, scale, y, h):
-    n_tok, dim = state.shape
-    n_exp, n_slice, rank, _ = lora_a.shape
-    d_out = lora_b.shape[2]
-    cfg = _lora._blocks(rank, state.dtype)
-    return Launch(
-        _refine_lora_kernel, (_lora._max_tiles(n_tok, n_exp, cfg["BLOCK_M"]), n_slice),
-        dict(x_ptr=state, mean_ptr=mean, rstd_ptr=rstd, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a,
-             b_ptr=lora_b, base_ptr=base, y_ptr=y, h_ptr=h, dim=dim, d_out=d_out, rank=rank, n_exp=n_exp,
-             n_slice=n_slice, scale=scale),
-        dict(HAS_BASE=base is not None, PRECISION=_lora._precision(state.dtype),
-             BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=64,
-             BLOCK_N=cfg["BLOCK_N"]),
-        cfg["num_warps"], cfg["num_stages"],
-    )
-
-
 def _reference():
     from .op import _Reference  # imported late: op imports this module on first use
 
     return _Reference
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize):
-    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32."""
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32,
+    and the LoRA's grouping perm (N,), offsets (E+1,)."""
     if state.dtype == torch.float64:
         return _reference().forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-                                    normalize)
+                                    normalize, active)
     _lora._check(lora_a)
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
@@ -285,9 +218,15 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     h = state.new_empty(n_tok, n_slice * rank, dtype=acc)
     stats_gate_launch(state, token_weight, cond_logits, noise, float(tau), float(eps), normalize, idx, weight, probs,
                       mean, rstd)()
+    if active is not None:  # inactive tokens: expert -1 (no tile covers them), weight 0, qkv = base or 0
+        idx = torch.where(active, idx, -1)
+        weight = active.to(acc)
+        y = base.clone() if base is not None else y.zero_()
     perm, offsets = _lora.group_on_device(idx, n_exp)
-    lora_launch(state, mean, rstd, perm, offsets, lora_a, lora_b, base, float(scale), y, h)()
-    return y, weight, idx, probs, h
+    stats = dict(mean=mean, rstd=rstd) if normalize else {}  # normalize=False: the state is used as given
+    _lora.forward_launch(state, perm, offsets, lora_a, lora_b, None, float(scale), y, h, base=base,
+                         **stats)()  # the gate weight is exactly 1 forward: no multiplier
+    return y, weight, idx, probs, h, perm, offsets
 
 
 def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, dlogits, d_state):
@@ -323,8 +262,5 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
     return dlogits, d_state
 
 
-def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, n_groups, tau, scale,
-             eps, normalize, need_state, need_w, need_token_weight, need_cond):
-    return _composed.backward_with(_lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs,
-                                   lora_h, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight,
-                                   need_cond, tail=gate_ln_backward)
+def backward(*args):
+    return _composed.backward_with(_lora, *args, tail=gate_ln_backward)

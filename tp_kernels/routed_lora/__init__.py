@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_number, check_same_device, check_tensor
 from .op import routed_lora_bwd, routed_lora_fwd
 from .reference import routed_lora_reference
 
@@ -16,7 +16,8 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
 
     Args:
         x: ``(..., D_in)`` activations (fp32, bf16, fp16 or fp64; accumulation is fp32 or better).
-        expert_idx: ``(...)`` int32/int64, each in ``[0, E)``.
+        expert_idx: ``(...)`` int32/int64, each in ``[0, E)``, or -1: skip the token (its output row is 0,
+            nothing is computed for it, and it contributes to no gradient).
         lora_a: ``(E, R, D_in)``, or stacked ``(E, S, R, D_in)`` for S slices sharing one routing.
         lora_b: ``(E, D_out, R)``, or stacked ``(E, S, D_out, R)``.
         scale: a float multiplier (LoRA's alpha / r).
@@ -58,14 +59,13 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
         check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"gate must have shape {tuple(x.shape[:-1])}, got {tuple(gate.shape)}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    check_finite_number("scale", scale)
     check_same_device(x=x, expert_idx=expert_idx, lora_a=lora_a, lora_b=lora_b, gate=gate)
 
     lead = x.shape[:-1]
-    y, _ = routed_lora_fwd(
+    y, *_ = routed_lora_fwd(
         x.reshape(-1, d_in).contiguous(),
-        expert_idx.reshape(-1).to(torch.int64),
+        expert_idx.reshape(-1).to(torch.int64).contiguous(),
         a.contiguous(),
         b.contiguous(),
         None if gate is None else gate.reshape(-1).contiguous(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .._grouping import group_by_expert
 from . import cpu as _torch_path
 
 # Largest rank for which bfloat16 runs in the extension when it multiplies in fp32 (no bf16 dot products).
@@ -38,16 +39,38 @@ def _gate_f32(gate):
     return None if gate is None else gate.to(torch.float32).contiguous()
 
 
+def _live_rows(idx):
+    """Token ids that are not skipped (index -1), or None when none is; a CPU tensor, so no device sync."""
+    skipped = idx < 0
+    return (~skipped).nonzero()[:, 0] if bool(skipped.any()) else None
+
+
+def _rows(t, rows):
+    return None if t is None else t.index_select(0, rows)
+
+
+def _scatter(rows, part, n):
+    """An (n, ...) tensor of zeros holding ``part`` at ``rows``."""
+    return part.new_zeros(n, *part.shape[1:]).index_copy_(0, rows, part)
+
+
 def forward(x, idx, lora_a, lora_b, gate, scale):
     """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
-    -> y (N, S*D_out) in x.dtype, h (N, S*R) float32 (= A_e x, unscaled, token order)."""
+    -> y (N, S*D_out) in x.dtype, h (N, S*R) float32 (= A_e x, unscaled, token order), perm, offsets.
+
+    The extension groups the tokens itself (a counting sort per call); perm / offsets are returned for the
+    op's interface (the backward of cpu.py uses them), not used by the extension's backward."""
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
     if not _in_extension(x, rank):
         return _torch_path.forward(x, idx, lora_a, lora_b, gate, scale)
+    live = _live_rows(idx)
+    if live is not None:  # skipped tokens: the extension runs on the others (results are batch invariant)
+        y, h, _, _ = forward(_rows(x, live), _rows(idx, live), lora_a, lora_b, _rows(gate, live), scale)
+        return (_scatter(live, y, n), _scatter(live, h, n), *group_by_expert(idx, n_exp))
     y = torch.empty(n, n_slice * d_out, dtype=x.dtype)
     h = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n == 0:
-        return y, h
+        return (y, h, *group_by_expert(idx, n_exp))
     x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
     gate = _gate_f32(gate)
     status = _ext.library().tp_routed_lora_fwd(
@@ -55,15 +78,21 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
         n, d_in, n_exp, n_slice, rank, d_out, float(scale), y.data_ptr(), h.data_ptr(), torch.get_num_threads(),
     )
     _ext.check(status, "routed_lora", n_exp)
-    return y, h
+    return (y, h, *group_by_expert(idx, n_exp))  # after the call: the extension checks the indices first
 
 
-def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
     """Gradients for forward(); unneeded ones come back as empty tensors."""
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
     if not _in_extension(x, rank):
-        return _torch_path.backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate)
+        return _torch_path.backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w,
+                                    need_gate)
     need_gate = need_gate and gate is not None
+    live = _live_rows(idx)
+    if live is not None:  # skipped tokens get and give no gradient
+        dx, da, db, dg = backward(_rows(grad_y, live), _rows(x, live), _rows(idx, live), lora_a, lora_b,
+                                  _rows(gate, live), _rows(h, live), perm, offsets, scale, need_x, need_w, need_gate)
+        return (_scatter(live, dx, n) if need_x else dx, da, db, _scatter(live, dg, n) if need_gate else dg)
     dx = torch.empty(n, d_in, dtype=x.dtype) if need_x else None
     da = torch.empty(lora_a.shape, dtype=lora_a.dtype) if need_w else None
     db = torch.empty(lora_b.shape, dtype=lora_b.dtype) if need_w else None

@@ -1,9 +1,12 @@
 """torch.library registration of routed LoRA: schema, fake, autograd, dispatch by backend.
 
 Two custom ops, both opaque to torch.compile (no graph break, no retrace):
-    tp_kernels::routed_lora_fwd(x, idx, lora_a, lora_b, gate, scale) -> (y, h)
-    tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, scale, ...) -> (dx, da, db, dgate)
-h = A_e x (N, S*R, float32; float64 for float64 x) is saved by the forward so the backward need not recompute it.
+    tp_kernels::routed_lora_fwd(x, idx, lora_a, lora_b, gate, scale) -> (y, h, perm, offsets)
+    tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, ...)
+        -> (dx, da, db, dgate)
+h = A_e x (N, S*R, float32; float64 for float64 x) is saved by the forward so the backward need not recompute it,
+and so is the forward's token grouping: perm (N,) int64 with idx[perm] sorted, offsets (E+1,) int64 (expert e's
+tokens are perm[offsets[e]:offsets[e+1]]), so the backward does not sort again.
 Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
 """
 
@@ -16,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .._dispatch import resolve
-from .._validate import acc_dtype, check_index_range
+from .._grouping import group_by_expert
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from . import cpu as _cpu
-from .reference import routed_lora_backward_reference, routed_lora_reference
+from .reference import routed_lora_backward_reference, routed_lora_reference, shrink
 
 
 class _Reference:
@@ -26,11 +30,12 @@ class _Reference:
     def forward(x, idx, lora_a, lora_b, gate, scale):
         y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
         acc = acc_dtype(x.dtype)
-        h = torch.einsum("nsrd,nd->nsr", lora_a.to(acc)[idx], x.to(acc))  # (N, S, R)
-        return y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2])
+        h = shrink(lora_a.to(acc)[idx.clamp(min=0)], torch.where((idx >= 0)[:, None], x.to(acc), 0))  # (N, S, R)
+        return (y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2]),
+                *group_by_expert(idx, lora_a.shape[0]))
 
     @staticmethod
-    def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+    def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
         dx, da, db, dg = routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate, scale)
         return (dx if need_x else x.new_empty(0), da if need_w else x.new_empty(0),
                 db if need_w else x.new_empty(0), dg if need_gate else x.new_empty(0))
@@ -40,6 +45,8 @@ def _backend(device):
     name = resolve(device)
     if name == "reference":
         return _Reference
+    if name == "torch":
+        return _cpu
     if name == "cpu":
         from .. import _ext
 
@@ -47,32 +54,55 @@ def _backend(device):
     return importlib.import_module(".triton", __package__)
 
 
+def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
+    """The raw op's layout (see OpArgs): x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)."""
+    arg = OpArgs(op, x.device if isinstance(x, Tensor) else None)
+    arg("x", x, ("N", "D_in"), FLOAT_DTYPES)
+    arg("idx", idx, ("N",), INDEX_DTYPES)
+    arg("lora_a", lora_a, ("E", "S", "R", "D_in"), (x.dtype,))
+    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (x.dtype,))
+    arg("gate", gate, ("N",), FLOAT_DTYPES, optional=True)
+    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
+        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    check_finite_number("scale", scale)
+    check_index_range("expert_idx", idx, lora_a.shape[0], allow_skip=True)
+    return arg
+
+
 @torch.library.custom_op("tp_kernels::routed_lora_fwd", mutates_args=())
 def routed_lora_fwd(
     x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor], scale: float
-) -> tuple[Tensor, Tensor]:
-    check_index_range("expert_idx", idx, lora_a.shape[0])
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_args("tp_kernels.routed_lora_fwd", x, idx, lora_a, lora_b, gate, scale)
     return _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
 
 
 @routed_lora_fwd.register_fake
 def _(x, idx, lora_a, lora_b, gate, scale):
     n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
-    return x.new_empty(x.shape[0], n_slice * d_out), x.new_empty(x.shape[0], n_slice * rank, dtype=acc_dtype(x.dtype))
+    return (x.new_empty(x.shape[0], n_slice * d_out), x.new_empty(x.shape[0], n_slice * rank, dtype=acc_dtype(x.dtype)),
+            x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(lora_a.shape[0] + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("tp_kernels::routed_lora_bwd", mutates_args=())
 def routed_lora_bwd(
     grad_y: Tensor, x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor],
-    h: Tensor, scale: float, need_x: bool, need_w: bool, need_gate: bool,
+    h: Tensor, perm: Tensor, offsets: Tensor, scale: float, need_x: bool, need_w: bool, need_gate: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backend(x.device).backward(
-        grad_y.contiguous(), x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate
-    )
+    op = "tp_kernels.routed_lora_bwd"
+    grad_y = grad_y.contiguous() if isinstance(grad_y, Tensor) else grad_y  # autograd hands over any layout
+    arg = check_args(op, x, idx, lora_a, lora_b, gate, scale)
+    n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
+    arg("grad_y", grad_y, ("N", n_slice * d_out), FLOAT_DTYPES)
+    arg("h", h, ("N", n_slice * rank), (acc_dtype(x.dtype),))
+    arg("perm", perm, ("N",), (torch.int64,))
+    arg("offsets", offsets, (lora_a.shape[0] + 1,), (torch.int64,))
+    return _backend(x.device).backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w,
+                                       need_gate)
 
 
 @routed_lora_bwd.register_fake
-def _(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
+def _(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(lora_a) if need_w else x.new_empty(0),
@@ -83,19 +113,21 @@ def _(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate)
 
 def _setup_context(ctx, inputs, output):
     x, idx, lora_a, lora_b, gate, scale = inputs
-    ctx.save_for_backward(x, idx, lora_a, lora_b, gate, output[1])
+    y, h, perm, offsets = output
+    ctx.save_for_backward(x, idx, lora_a, lora_b, gate, h, perm, offsets)
     ctx.scale = scale
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(h, perm, offsets)
 
 
-def _backward(ctx, grad_y, grad_h):
-    x, idx, lora_a, lora_b, gate, h = ctx.saved_tensors
+def _backward(ctx, grad_y, *_):
+    x, idx, lora_a, lora_b, gate, h, perm, offsets = ctx.saved_tensors
     need_x, _, need_a, need_b, need_gate, _ = ctx.needs_input_grad
     need_w = need_a or need_b
     need_gate = bool(need_gate and gate is not None)
     if not (need_x or need_w or need_gate):
         return None, None, None, None, None, None
-    dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, ctx.scale, need_x, need_w, need_gate)
+    dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, ctx.scale, need_x,
+                                     need_w, need_gate)
     return (dx if need_x else None, None, da if need_a else None, db if need_b else None,
             dg if need_gate else None, None)
 

@@ -8,10 +8,14 @@ Shapes (flattened tokens, stacked slices):
     gate     (N,) or None       per-token multiplier
     returns  (N, S * D_out)     slice s at columns [s * D_out, (s + 1) * D_out)
 
-y[n, s] = gate[n] * scale * lora_b[e, s] @ (lora_a[e, s] @ x[n]),  e = idx[n].
+y[n, s] = gate[n] * scale * lora_b[e, s] @ (lora_a[e, s] @ x[n]),  e = idx[n];  y[n] = 0 where idx[n] = -1
+(a skipped token, which contributes to no gradient either).
 
 Each token's expert weights are gathered, which wastes memory but is obviously
-right; this is the spec the fast paths are tested against (use float64).
+right; this is the spec the fast paths are tested against (use float64). The
+per-token contractions are products reduced over their last dims, never a batched
+GEMM, whose kernel choice would depend on N: a token's result is the same whatever
+batch it is in.
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ import torch
 from .._validate import acc_dtype
 
 
+def shrink(a, x):
+    """a (N, S, R, D) per-token weights, x (N, D) -> (N, S, R) = a x per token, reduced over D."""
+    return (a * x[:, None, None, :]).sum(-1)
+
+
 def routed_lora_reference(x, idx, lora_a, lora_b, gate=None, scale=1.0):
     acc = acc_dtype(x.dtype)
     n_tok, n_slice, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
-    a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
-    b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
-    h = torch.einsum("nsrd,nd->nsr", a, x.to(acc))  # (N, S, R)
-    y = torch.einsum("nsor,nsr->nso", b, h) * scale  # (N, S, D_out)
+    live = (idx >= 0)[:, None]  # (N, 1): False for skipped tokens, whose inputs are never read
+    a = lora_a.to(acc)[idx.clamp(min=0)]  # (N, S, R, D_in)
+    b = lora_b.to(acc)[idx.clamp(min=0)]  # (N, S, D_out, R)
+    h = shrink(a, torch.where(live, x.to(acc), 0))  # (N, S, R)
+    y = (b * h[:, :, None, :]).sum(-1) * scale  # (N, S, D_out)
     if gate is not None:
-        y = y * gate.to(acc)[:, None, None]
+        y = y * torch.where(live, gate.to(acc)[:, None], 0)[:, :, None]
     return y.reshape(n_tok, n_slice * d_out).to(x.dtype)
 
 
@@ -39,15 +49,18 @@ def routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate=None, sc
     acc = acc_dtype(x.dtype)
     n_exp, n_slice, rank, d_in = lora_a.shape
     d_out = lora_b.shape[2]
-    xa = x.to(acc)
+    live = (idx >= 0)[:, None]  # (N, 1): skipped tokens get and give no gradient; their inputs are never read
+    xa = torch.where(live, x.to(acc), 0)
+    idx = idx.clamp(min=0)
     a = lora_a.to(acc)[idx]  # (N, S, R, D_in)
     b = lora_b.to(acc)[idx]  # (N, S, D_out, R)
-    gy = grad_y.to(acc).reshape(-1, n_slice, d_out)  # (N, S, D_out)
-    m = torch.full((x.shape[0],), float(scale), dtype=acc) if gate is None else gate.to(acc) * scale  # (N,)
-    h = torch.einsum("nsrd,nd->nsr", a, xa)  # (N, S, R)
-    dhg = torch.einsum("nso,nsor->nsr", gy, b)  # (N, S, R): d loss / d (m h)
+    gy = torch.where(live, grad_y.to(acc), 0).reshape(-1, n_slice, d_out)  # (N, S, D_out)
+    m = (torch.full((x.shape[0],), float(scale), dtype=acc) if gate is None
+         else torch.where(live[:, 0], gate.to(acc), 0) * scale)  # (N,)
+    h = shrink(a, xa)  # (N, S, R)
+    dhg = (gy[..., None] * b).sum(2)  # (N, S, R): d loss / d (m h)
     dh = dhg * m[:, None, None]
-    dx = torch.einsum("nsr,nsrd->nd", dh, a)
+    dx = (dh[..., None] * a).sum((1, 2))  # (N, D_in)
     da = torch.zeros(n_exp, n_slice, rank, d_in, dtype=acc).index_add_(0, idx, torch.einsum("nsr,nd->nsrd", dh, xa))
     db = torch.zeros(n_exp, n_slice, d_out, rank, dtype=acc).index_add_(
         0, idx, torch.einsum("nso,nsr->nsor", gy, h * m[:, None, None])

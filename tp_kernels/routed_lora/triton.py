@@ -11,21 +11,29 @@ through ``perm`` and write each output row once, at its token position.
 
 Kernels (all matmuls are ``tl.dot`` with fp32 accumulators, so they run on
 tensor cores: ``mma.sync`` on sm_80, ``wgmma`` where Triton picks it on sm_90):
-    _fwd_kernel          grid (tiles, S):          h = A_e x, y = B_e (m h);  m = gate * scale
-    _bwd_dh_kernel       grid (tiles, S):          dh = m B_e^T dy, and sum(B_e^T dy * h) for dgate
-    _bwd_dx_kernel       grid (tiles, D_in tiles): dx = sum_s A_e[s]^T dh_s
-    _expert_outer_kernel grid (E*S, P, Q tiles):   dA_e[s] = sum dh x^T,  dB_e[s] = sum dy (m h)^T
+    _fwd_kernel            grid (tiles, S):        h = A_e x, y = base + B_e (m h);  m = gate * scale
+                                                   (also the refinement step's LoRA: x normalised in registers)
+    _bwd_dh_kernel         grid (tiles, S):        dh = m B_e^T dy, and sum(B_e^T dy * h) for dgate
+    _bwd_dx_kernel         grid (tiles, D_in tiles): dx = sum_s A_e[s]^T dh_s
+    _outer_partial_kernel  grid (chunks, S * P tiles, Q tiles): per chunk of CHUNK sorted tokens of one expert,
+                           dA = sum dh x^T and dB = sum dy (m h)^T, fp32 partials
+    _outer_sum_kernel      grid (E * S, P*Q blocks): each expert's partials summed in chunk order
 
-Determinism: no atomics. Each output element is written by exactly one program,
-and dA / dB reduce over their expert's tokens in sorted (stable) order.
+Weight gradients in two stages: the tokens of an expert are cut into fixed chunks, each reduced by its own
+programs, then the chunks' partials are summed -- so the work spreads over the GPU when routing sends most
+tokens to one expert (one program per expert would loop over them all while the rest of the GPU idles).
+The backward reuses the forward's grouping (perm, offsets are outputs of the forward op, saved for it).
+
+Determinism: no atomics. Each output element is written by exactly one program; the chunks are fixed by
+the routing alone and summed in a fixed order, so every result is bit-reproducible. A token's own outputs
+(y, h, dh, dx) depend on no other token: the reduction order over D_in / D_out / R is the same in every tile.
 
 Precision: fp16/bf16 operands, fp32 accumulation; the rank-R intermediate is
 rounded to the input dtype before the second GEMM (as the CPU path does). fp32
-operands follow torch's matmul setting: ``torch.backends.cuda.matmul.allow_tf32``
-(``torch.set_float32_matmul_precision("high")``) selects TF32 tensor cores,
-otherwise (torch's default, and under the interpreter) ``input_precision="ieee"``
-keeps full fp32 so results match a float64 reference. fp64 falls back to the
-plain-PyTorch reference: it is a checking dtype, not a training one.
+operands follow torch's matmul setting (see :func:`_precision`): TF32 when torch
+allows it, else 3xTF32 (fp32-level accuracy on tensor cores); under the
+interpreter full fp32 (``"ieee"``) so results match a float64 reference. fp64
+falls back to the plain-PyTorch reference: it is a checking dtype, not a training one.
 """
 
 from __future__ import annotations
@@ -55,14 +63,21 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _locate_tile(offsets_ptr, n_exp, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's tile: (expert, first sorted row, end of the expert's rows); expert >= n_exp if none."""
-    pid = tl.program_id(0)
+def _expert_tiles(offsets_ptr, n_exp, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert (BLOCK_E,): first sorted row, its tile count cdiv(count, BLOCK_M), and the tiles before it."""
     e = tl.arange(0, BLOCK_E)
-    lo = tl.load(offsets_ptr + e, mask=e < n_exp, other=0)  # (BLOCK_E,)
+    lo = tl.load(offsets_ptr + e, mask=e < n_exp, other=0)
     hi = tl.load(offsets_ptr + e + 1, mask=e < n_exp, other=0)
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, 0)
+    return e, lo, hi, tiles, tile_end
+
+
+@triton.jit
+def _locate_tile(offsets_ptr, n_exp, pid, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``pid`` of the grouped layout: (expert, first sorted row, end of the expert's rows); expert >= n_exp
+    if there is no such tile."""
+    e, lo, hi, tiles, tile_end = _expert_tiles(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
     expert = tl.sum((tile_end <= pid).to(tl.int32), 0)
     mine = e == expert
     first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
@@ -81,12 +96,19 @@ def _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE: tl.constexpr, BLOCK_M: t
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, perm_ptr, offsets_ptr, a_ptr, b_ptr, gate_ptr, y_ptr, h_ptr,
+    x_ptr, mean_ptr, rstd_ptr, perm_ptr, offsets_ptr, a_ptr, b_ptr, gate_ptr, base_ptr, y_ptr, h_ptr,
     d_in, d_out, rank, n_exp, n_slice, scale,
-    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
+    """h = A_e x', y = base + B_e (m h) with m = gate * scale; x' = x, or LN(x) = rstd (x - mean) if NORMALIZE.
+
+    Routed LoRA (NORMALIZE off, the gate optional) and the refinement step's LoRA (NORMALIZE and the base on)
+    are this one kernel. The LayerNorm is folded: each loaded tile of x is centred in registers and the
+    (BLOCK_M, R) accumulator scaled by rstd, so LN(x) is never stored.
+    """
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M)
     if expert >= n_exp:
         return
     s = tl.program_id(1)
@@ -94,23 +116,31 @@ def _fwd_kernel(
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)  # (BLOCK_M,) int64 token ids
+    if NORMALIZE:
+        mean = tl.load(mean_ptr + tok, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
     es = expert.to(tl.int64) * n_slice + s
 
-    # h = x A^T over D_in: (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
+    # h = x' A^T over D_in: (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
     a_base = a_ptr + es * rank * d_in
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < d_in
-        xt = tl.load(x_ptr + tok[:, None] * d_in + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        mask = row_ok[:, None] & k_ok[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * d_in + k[None, :], mask=mask, other=0.0)
+        if NORMALIZE:
+            xt = tl.where(mask, xt.to(tl.float32) - mean[:, None], 0.0).to(dt)
         at = tl.load(a_base + r[None, :] * d_in + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         h = _dot(xt, at, h, PRECISION)
+    if NORMALIZE:
+        h = h * rstd[:, None]
     hw = n_slice * rank
     tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], h, mask=row_ok[:, None] & r_ok[None, :])
 
-    # y = (m h) B^T over D_out: (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N), one output tile at a time
+    # y = base + (m h) B^T over D_out: (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N), one output tile at a time
     m = _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)
     hm = (h * m[:, None]).to(dt)
     b_base = b_ptr + es * d_out * rank
@@ -120,7 +150,11 @@ def _fwd_kernel(
         n_ok = n < d_out
         bt = tl.load(b_base + n[None, :] * rank + r[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         y = _dot(hm, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
-        tl.store(y_ptr + tok[:, None] * yw + s * d_out + n[None, :], y.to(dt), mask=row_ok[:, None] & n_ok[None, :])
+        out = tok[:, None] * yw + s * d_out + n[None, :]
+        mask = row_ok[:, None] & n_ok[None, :]
+        if HAS_BASE:
+            y += tl.load(base_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out, y.to(dt), mask=mask)
 
 
 @triton.jit
@@ -130,7 +164,7 @@ def _bwd_dh_kernel(
     HAS_GATE: tl.constexpr, NEED_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M)
     if expert >= n_exp:
         return
     s = tl.program_id(1)
@@ -167,55 +201,63 @@ def _bwd_dx_kernel(
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
+    """dx = sum_s dh_s A_e[s], the rank reduced in steps of BLOCK_R (all of it, or chunks for wide operands)."""
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M)
     if expert >= n_exp:
         return
     dt = dx_ptr.dtype.element_ty
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < d_in
     hw = n_slice * rank
 
-    # dx = sum_s dh_s A_e[s]: (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N)
+    # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N) per slice and rank step
     dx = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, n_slice):
-        dh = tl.load(dh_ptr + tok[:, None] * hw + s * rank + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                     other=0.0)
-        a = tl.load(a_ptr + ((expert.to(tl.int64) * n_slice + s) * rank + r[:, None]) * d_in + n[None, :],
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        dx = _dot(dh.to(dt), a, dx, PRECISION)
+        for r0 in range(0, rank, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = r < rank
+            dh = tl.load(dh_ptr + tok[:, None] * hw + s * rank + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                         other=0.0)
+            a = tl.load(a_ptr + ((expert.to(tl.int64) * n_slice + s) * rank + r[:, None]) * d_in + n[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            dx = _dot(dh.to(dt), a, dx, PRECISION)
     tl.store(dx_ptr + tok[:, None] * d_in + n[None, :], dx.to(dt), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _expert_outer_kernel(
-    u_ptr, v_ptr, perm_ptr, offsets_ptr, gate_ptr, out_ptr,
-    u_stride, u_slice, v_stride, v_slice, p_dim, q_dim, n_slice, scale,
-    SCALE_V: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _outer_partial_kernel(
+    u_ptr, v_ptr, perm_ptr, offsets_ptr, gate_ptr, part_ptr,
+    u_stride, u_slice, v_stride, v_slice, p_dim, q_dim, n_exp, n_slice, scale,
+    SCALE_V: tl.constexpr, HAS_GATE: tl.constexpr, U_HAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """out[e, s] (P, Q) = sum over expert e's tokens n, in sorted order, of u[n, s]^T v[n, s] (times m_n if SCALE_V).
+    """Stage 1 of a weight gradient: part[c, s] (P, Q) = sum over the tokens n of chunk c (CHUNK sorted rows of
+    one expert) of u[n, s]^T v[n, s] (times m_n if SCALE_V), in sorted order, fp32.
 
-    u[n, s] = u_ptr[n * u_stride + s * u_slice + p], likewise v; one program per (e, s, P tile, Q tile).
+    u[n, s] = u_ptr[n * u_stride + s * u_slice + p], likewise v; one program per (chunk, s, P tile, Q tile).
+    One of u, v is fp32 scratch, the other in the weights' dtype (U_HAS_DTYPE: u), which both are multiplied in.
     """
-    es = tl.program_id(0)
-    expert = es // n_slice
-    s = es % n_slice
-    dt = out_ptr.dtype.element_ty
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    chunk = tl.program_id(0)
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, chunk, BLOCK_E, CHUNK)
+    if expert >= n_exp:
+        return
+    s = tl.program_id(1) % n_slice
+    if U_HAS_DTYPE:
+        dt = u_ptr.dtype.element_ty
+    else:
+        dt = v_ptr.dtype.element_ty
+    p = (tl.program_id(1) // n_slice) * BLOCK_P + tl.arange(0, BLOCK_P)
     q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = p < p_dim
     q_ok = q < q_dim
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(lo, hi, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < hi
+    end = tl.minimum(row_hi, row_lo + CHUNK)
+    for m0 in range(0, CHUNK, BLOCK_M):
+        rows = row_lo + m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
         tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
         u = tl.load(u_ptr + tok[:, None] * u_stride + s * u_slice + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
                     other=0.0)  # (BLOCK_M, BLOCK_P)
@@ -224,8 +266,34 @@ def _expert_outer_kernel(
         if SCALE_V:
             v = v * _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)[:, None]
         acc = _dot(tl.trans(u.to(dt)), v.to(dt), acc, PRECISION)
-    tl.store(out_ptr + (es.to(tl.int64) * p_dim + p[:, None]) * q_dim + q[None, :], acc.to(dt),
+    tl.store(part_ptr + ((chunk.to(tl.int64) * n_slice + s) * p_dim + p[:, None]) * q_dim + q[None, :], acc,
              mask=p_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
+def _outer_sum_kernel(
+    part_ptr, offsets_ptr, out_ptr, pq, n_exp, n_slice,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Stage 2: out[e, s] = sum of expert e's chunk partials, in chunk order (zero for an expert without tokens).
+
+    Fixed chunks and a fixed order, no atomics: the gradient is bit-identical from run to run.
+    """
+    es = tl.program_id(0)
+    expert = es // n_slice
+    s = es % n_slice
+    e, lo, hi, tiles, tile_end = _expert_tiles(offsets_ptr, n_exp, BLOCK_E, CHUNK)
+    mine = e == expert
+    first = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+    count = tl.sum(tl.where(mine, tiles, 0), 0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < pq
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    part = part_ptr + (first.to(tl.int64) * n_slice + s) * pq + i  # chunk `first`, then one chunk further per step
+    for _ in range(0, count):
+        acc += tl.load(part, mask=ok, other=0.0)
+        part += n_slice * pq
+    tl.store(out_ptr + es.to(tl.int64) * pq + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,27 +308,76 @@ class Launch:
     num_stages: int
 
     def __call__(self):
+        # every kernel indexes its tensors as dense row-major arrays: a strided view would be read out of bounds
+        for name, value in self.args.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                raise ValueError(f"{self.kernel.__name__}: {name} must be contiguous, got strides {value.stride()}")
         if all(g > 0 for g in self.grid):
             self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
 
 
 def _precision(dtype):
-    """tl.dot input_precision: only fp32 operands have a choice (None = Triton's default for the dtype)."""
+    """tl.dot input_precision for operands of ``dtype``, following torch's float32 matmul setting.
+
+    fp16 / bf16: None (Triton's native tensor-core dot). fp32: ``"tf32"`` when torch allows TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision("high")`` or
+    ``"medium"``), else -- torch's default, "highest" -- ``"tf32x3"``: three TF32 tensor-core products per
+    multiply (the 3xTF32 split of each operand into a TF32 head and tail), fp32-level accuracy (the dropped
+    tail x tail term is ~2^-22 relative) at tensor-core speed. Under the interpreter, ``"ieee"`` (numpy fp32).
+    """
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if triton_interpret():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def _blocks(rank, dtype):
-    """Tile sizes: rank padded to a power of two >= 16 (tl.dot's minimum); picked for 0 spills (see _aot)."""
+PRECISIONS = {torch.float32: ("tf32", "tf32x3"), torch.bfloat16: (None,), torch.float16: (None,)}  # reachable on GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch shape of one kernel."""
+
+    BLOCK_M: int
+    BLOCK_N: int = 0  # output columns per step (forward D_out, dh D_out chunk, dx D_in tile); outer: BLOCK_Q
+    BLOCK_K: int = 0  # forward: D_in step; dx: rank step; outer: the rank tile
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _tiles(rank, dtype, precision):
+    """Per-kernel tiles, chosen so every kernel compiles without spills on sm_80 and sm_90a at the benchmark
+    shapes up to DiT-XL (tests/test_triton_aot.py). The rank is padded to a power of two >= 16 (tl.dot's
+    minimum) and kept whole in registers, so large ranks and the wide fp32 operands (2x bf16's registers,
+    4x for tf32x3's head/tail split) get smaller row tiles or more warps."""
     block_r = max(16, triton.next_power_of_2(rank))
-    # Many registers per thread: (64, R >= 128) fp32 accumulators, or fp32 operands (twice bf16's registers; on
-    # 4 warps the fp32 forward spilled on sm_80 at R=16). Spread them over 8 warps, with fewer pipeline stages.
-    heavy = block_r >= 128 or dtype == torch.float32
-    block = 32 if block_r > 128 else 64
-    return dict(BLOCK_M=block, BLOCK_R=block_r, BLOCK_N=block, num_warps=8 if heavy else 4,
-                num_stages=2 if heavy else 3)
+    wide = dtype == torch.float32
+    split = precision == "tf32x3"
+    big_r = block_r >= 128
+    if split:
+        fwd = Tiles(BLOCK_M=32 if big_r else 64, BLOCK_N=16 if big_r else 32, BLOCK_K=32, num_warps=8, num_stages=2)
+        dh = Tiles(BLOCK_M=32 if big_r else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dx = Tiles(BLOCK_M=64, BLOCK_N=32 if big_r else 64, BLOCK_K=min(block_r, 32), num_warps=8, num_stages=2)
+        outer = Tiles(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(block_r, 64), num_warps=8, num_stages=2)
+    else:
+        block = 32 if block_r > 128 else 64
+        heavy = big_r or wide
+        warps, stages = (8, 2) if heavy else (4, 3)
+        fwd = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=64, num_warps=warps, num_stages=stages)
+        dh = Tiles(BLOCK_M=block, BLOCK_N=block, num_warps=warps, num_stages=stages)
+        # the dx accumulator is (BLOCK_M, BLOCK_N) whatever the rank: 4 warps suffice
+        dx = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64) if wide else block_r, num_warps=4,
+                   num_stages=stages)
+        outer = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64), num_warps=warps, num_stages=stages)
+    return dict(BLOCK_R=block_r, fwd=fwd, dh=dh, dx=dx, outer=outer)
+
+
+# Tokens per chunk of a weight gradient's first stage: a fixed size, so the chunking (and the summation order)
+# depends only on the routing; ~N / CHUNK + E chunks, each a separate program per (slice, tile) -- enough to fill
+# a GPU even when every token picks one expert.
+CHUNK = 512
 
 
 def _max_tiles(n_tok, n_exp, block_m):
@@ -269,77 +386,105 @@ def _max_tiles(n_tok, n_exp, block_m):
 
 
 def group_on_device(idx, n_exp):
-    """idx (N,) -> perm (N,) with idx[perm] sorted (stable), offsets (E+1,): all device ops, no sync."""
+    """idx (N,) -> perm (N,) int64 with idx[perm] sorted (stable), offsets (E+1,) int64: device ops, no sync.
+    Skipped tokens (index -1) sort first and precede offsets[0]: no tile covers them."""
     perm = torch.argsort(idx, stable=True)
     bounds = torch.arange(n_exp + 1, device=idx.device, dtype=idx.dtype)
     offsets = torch.searchsorted(idx.index_select(0, perm), bounds)  # (E+1,) first sorted row of each expert
     return perm, offsets
 
 
-def forward_launches(x, perm, offsets, lora_a, lora_b, gate, scale, y, h):
+def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=None, rstd=None, base=None):
+    """The forward kernel: routed LoRA, or with ``mean`` / ``rstd`` (and ``base``) the refinement step's LoRA."""
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
-    d_out = lora_b.shape[2]
-    cfg = _blocks(rank, x.dtype)
-    grid = (_max_tiles(n_tok, n_exp, cfg["BLOCK_M"]), n_slice)
-    return [Launch(
-        _fwd_kernel, grid,
-        dict(x_ptr=x, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, b_ptr=lora_b, gate_ptr=gate, y_ptr=y,
-             h_ptr=h, d_in=d_in, d_out=d_out, rank=rank, n_exp=n_exp, n_slice=n_slice, scale=scale),
-        dict(HAS_GATE=gate is not None, PRECISION=_precision(x.dtype), BLOCK_E=triton.next_power_of_2(n_exp),
-             BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=64, BLOCK_N=cfg["BLOCK_N"]),
-        cfg["num_warps"], cfg["num_stages"],
-    )]
+    prec = _precision(x.dtype)
+    cfg = _tiles(rank, x.dtype, prec)
+    t = cfg["fwd"]
+    return Launch(
+        _fwd_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), n_slice),
+        dict(x_ptr=x, mean_ptr=mean, rstd_ptr=rstd, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, b_ptr=lora_b,
+             gate_ptr=gate, base_ptr=base, y_ptr=y, h_ptr=h, d_in=d_in, d_out=lora_b.shape[2], rank=rank,
+             n_exp=n_exp, n_slice=n_slice, scale=scale),
+        dict(NORMALIZE=mean is not None, HAS_GATE=gate is not None, HAS_BASE=base is not None, PRECISION=prec,
+             BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_M=t.BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=t.BLOCK_K,
+             BLOCK_N=t.BLOCK_N),
+        t.num_warps, t.num_stages,
+    )
 
 
-def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db):
+def _outer_launches(u, v, perm, offsets, gate, scale, out, part, dims, blocks, strides, scale_v, u_has_dtype, t,
+                    prec):
+    """The two stages of out[e, s] (P, Q) = sum over e's tokens of u^T v: chunk partials, then their sum."""
+    n_exp, n_slice = out.shape[0], out.shape[1]
+    (p_dim, q_dim), (block_p, block_q) = dims, blocks
+    block_e = triton.next_power_of_2(n_exp)
+    u_stride, u_slice, v_stride, v_slice = strides
+    stage1 = Launch(
+        _outer_partial_kernel,
+        (part.shape[0], n_slice * triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q)),
+        dict(u_ptr=u, v_ptr=v, perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate, part_ptr=part, u_stride=u_stride,
+             u_slice=u_slice, v_stride=v_stride, v_slice=v_slice, p_dim=p_dim, q_dim=q_dim, n_exp=n_exp,
+             n_slice=n_slice, scale=scale),
+        dict(SCALE_V=scale_v, HAS_GATE=gate is not None, U_HAS_DTYPE=u_has_dtype, PRECISION=prec, BLOCK_E=block_e,
+             CHUNK=CHUNK, BLOCK_M=t.BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q),
+        t.num_warps, t.num_stages,
+    )
+    block = 1024
+    stage2 = Launch(
+        _outer_sum_kernel, (n_exp * n_slice, triton.cdiv(p_dim * q_dim, block)),
+        dict(part_ptr=part, offsets_ptr=offsets, out_ptr=out, pq=p_dim * q_dim, n_exp=n_exp, n_slice=n_slice),
+        dict(BLOCK_E=block_e, CHUNK=CHUNK, BLOCK=block),
+        4, 1,
+    )
+    return [stage1, stage2]
+
+
+def max_chunks(n_tok, n_exp):
+    return _max_tiles(n_tok, n_exp, CHUNK)
+
+
+def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, part_a=None,
+                      part_b=None):
     """Launches for the needed grads: dh (and dgate partials dgp) first, then dx / dA / dB from dh.
 
-    dgp, dx, da, db are None when not needed; dh (N, S*R) fp32 scratch is always computed.
+    dgp, dx, da, db are None when not needed; dh (N, S*R) fp32 scratch is always computed; part_a / part_b
+    (chunks, S, R, D_in) / (chunks, S, D_out, R) fp32 scratch for the weight gradients' first stage.
     """
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
     d_out = lora_b.shape[2]
-    cfg = _blocks(rank, x.dtype)
     prec = _precision(x.dtype)
-    bm, br, bn = cfg["BLOCK_M"], cfg["BLOCK_R"], cfg["BLOCK_N"]
-    tiles = _max_tiles(n_tok, n_exp, bm)
-    warps, stages = cfg["num_warps"], cfg["num_stages"]
+    cfg = _tiles(rank, x.dtype, prec)
+    br = cfg["BLOCK_R"]
     block_e = triton.next_power_of_2(n_exp)
+    t = cfg["dh"]
     launches = [Launch(
-        _bwd_dh_kernel, (tiles, n_slice),
+        _bwd_dh_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), n_slice),
         dict(dy_ptr=grad_y, perm_ptr=perm, offsets_ptr=offsets, b_ptr=lora_b, gate_ptr=gate, h_ptr=h, dh_ptr=dh,
              dgp_ptr=dgp, d_out=d_out, rank=rank, n_exp=n_exp, n_slice=n_slice, scale=scale),
         dict(HAS_GATE=gate is not None, NEED_GATE=dgp is not None, PRECISION=prec, BLOCK_E=block_e,
-             BLOCK_M=bm, BLOCK_R=br, BLOCK_N=bn),
-        warps, stages,
+             BLOCK_M=t.BLOCK_M, BLOCK_R=br, BLOCK_N=t.BLOCK_N),
+        t.num_warps, t.num_stages,
     )]
     if dx is not None:
+        t = cfg["dx"]
         launches.append(Launch(
-            _bwd_dx_kernel, (tiles, triton.cdiv(d_in, bn)),
+            _bwd_dx_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), triton.cdiv(d_in, t.BLOCK_N)),
             dict(dh_ptr=dh, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, dx_ptr=dx, d_in=d_in, rank=rank,
                  n_exp=n_exp, n_slice=n_slice),
-            dict(PRECISION=prec, BLOCK_E=block_e, BLOCK_M=bm, BLOCK_R=br, BLOCK_N=bn),
-            4, stages,  # its accumulator is (BLOCK_M, BLOCK_N) whatever the rank: 4 warps suffice
+            dict(PRECISION=prec, BLOCK_E=block_e, BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_N=t.BLOCK_N),
+            t.num_warps, t.num_stages,
         ))
     if da is not None:
-        common = dict(perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate, n_slice=n_slice, scale=scale)
         # dA_e[s] (R, D_in) = sum_n dh_n,s x_n^T
-        launches.append(Launch(
-            _expert_outer_kernel, (n_exp * n_slice, 1, triton.cdiv(d_in, bn)),
-            dict(u_ptr=dh, v_ptr=x, out_ptr=da, u_stride=n_slice * rank, u_slice=rank, v_stride=d_in, v_slice=0,
-                 p_dim=rank, q_dim=d_in, **common),
-            dict(SCALE_V=False, HAS_GATE=gate is not None, PRECISION=prec, BLOCK_M=bm, BLOCK_P=br, BLOCK_Q=bn),
-            warps, stages,
-        ))
+        t = cfg["outer"]
+        launches += _outer_launches(dh, x, perm, offsets, gate, scale, da, part_a, (rank, d_in),
+                                    (t.BLOCK_K, t.BLOCK_N), (n_slice * rank, rank, d_in, 0), False, False, t, prec)
         # dB_e[s] (D_out, R) = sum_n dy_n,s (m_n h_n,s)^T
-        launches.append(Launch(
-            _expert_outer_kernel, (n_exp * n_slice, triton.cdiv(d_out, bn), 1),
-            dict(u_ptr=grad_y, v_ptr=h, out_ptr=db, u_stride=n_slice * d_out, u_slice=d_out,
-                 v_stride=n_slice * rank, v_slice=rank, p_dim=d_out, q_dim=rank, **common),
-            dict(SCALE_V=True, HAS_GATE=gate is not None, PRECISION=prec, BLOCK_M=bm, BLOCK_P=bn, BLOCK_Q=br),
-            warps, stages,
-        ))
+        launches += _outer_launches(grad_y, h, perm, offsets, gate, scale, db, part_b, (d_out, rank),
+                                    (t.BLOCK_N, t.BLOCK_K), (n_slice * d_out, d_out, n_slice * rank, rank), True,
+                                    True, t, prec)
     return launches
 
 
@@ -356,39 +501,42 @@ def _reference():
 
 def forward(x, idx, lora_a, lora_b, gate, scale):
     """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
-    -> y (N, S*D_out) in x.dtype, h (N, S*R) fp32 (= A_e x, unscaled, token order)."""
+    -> y (N, S*D_out) in x.dtype, h (N, S*R) fp32 (= A_e x, unscaled, token order), perm (N,), offsets (E+1,)."""
+    perm, offsets = group_on_device(idx, lora_a.shape[0])
     if x.dtype == torch.float64:
-        return _reference().forward(x, idx, lora_a, lora_b, gate, scale)
+        return (*_reference().forward(x, idx, lora_a, lora_b, gate, scale)[:2], perm, offsets)
     _check(lora_a)
     n_tok = x.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
-    d_out = lora_b.shape[2]
-    y = x.new_empty(n_tok, n_slice * d_out)
-    h = x.new_empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
-    perm, offsets = group_on_device(idx, n_exp)
-    for launch in forward_launches(x, perm, offsets, lora_a, lora_b, gate, scale, y, h):
-        launch()
-    return y, h
+    # zeros: the rows of skipped tokens (index -1, grouped before expert 0) are written by no program
+    y = x.new_zeros(n_tok, n_slice * lora_b.shape[2])
+    h = x.new_zeros(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
+    forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h)()
+    return y, h, perm, offsets
 
 
-def backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w, need_gate):
-    """Gradients for forward(); unneeded ones come back as empty tensors."""
+def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
+    """Gradients for forward(), with its grouping (perm, offsets); unneeded ones come back as empty tensors."""
     need_gate = need_gate and gate is not None
     if x.dtype == torch.float64:
-        dx, da, db, dg = _reference().backward(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_w,
-                                               need_gate)
+        dx, da, db, dg = _reference().backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale,
+                                               need_x, need_w, need_gate)
         return _outputs(x, dx if need_x else None, da if need_w else None, db if need_w else None,
                         dg if need_gate else None)
     _check(lora_a)
+    grad_y = grad_y.to(x.dtype)
     n_tok = x.shape[0]
-    n_exp, n_slice, rank, _ = lora_a.shape
-    perm, offsets = group_on_device(idx, n_exp)
+    n_exp, n_slice, rank, d_in = lora_a.shape
     dh = x.new_empty(n_tok, n_slice * rank, dtype=torch.float32)  # m * B_e^T dy, token order
-    dgp = x.new_empty(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
-    dx = torch.empty_like(x) if need_x else None
+    dgp = x.new_zeros(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
+    dx = torch.zeros_like(x) if need_x else None  # zeros: skipped tokens' rows are written by no program
     da = torch.empty_like(lora_a) if need_w else None
     db = torch.empty_like(lora_b) if need_w else None
-    for launch in backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db):
+    chunks = max_chunks(n_tok, n_exp)
+    part_a = x.new_empty(chunks, n_slice, rank, d_in, dtype=torch.float32) if need_w else None
+    part_b = x.new_empty(chunks, n_slice, lora_b.shape[2], rank, dtype=torch.float32) if need_w else None
+    for launch in backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db,
+                                    part_a, part_b):
         launch()
     dgate = (dgp.sum(1) * scale).to(gate.dtype) if need_gate else None  # (N,) summed over slices
     return _outputs(x, dx, da, db, dgate)
