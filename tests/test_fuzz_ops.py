@@ -51,13 +51,19 @@ def randn(gen, shape, dtype, *, strided=False, scale=1.0):
     return wide[..., ::2]
 
 
-def poison(gen, t, rows):
-    """Write NaN / +-Inf into one element of each listed (flat) row of t (N, ...) in place."""
-    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+def poison(gen, t, n_tok, enabled):
+    """(t, rows): t (with n_tok leading rows) with NaN / +-Inf in one element of up to two random rows, as a
+    contiguous copy; rows sorted. Unchanged t and no rows when not enabled or empty."""
+    if not enabled or not n_tok:
+        return t, []
+    rows = sorted(set(torch.randint(0, n_tok, (2,), generator=gen).tolist()))
+    t = t.contiguous()
+    flat = t.view(n_tok, -1)
     values = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=t.dtype)
     for r in rows:
         j = int(torch.randint(0, flat.shape[1], (1,), generator=gen))
         flat[r, j] = values[int(torch.randint(0, 3, (1,), generator=gen))]
+    return t, rows
 
 
 def assert_matches(name, got, want, bound, ok_rows=None):
@@ -121,11 +127,7 @@ def test_routed_lora_matches_reference(c):
     note(str({k: v for k, v in c.items()}))
     gen, x, idx, a, b, gate = lora_inputs(c)
     n_tok = math.prod(c["lead"])
-    bad_rows = []
-    if c["poison"] and n_tok:
-        bad_rows = sorted(set(torch.randint(0, n_tok, (2,), generator=gen).tolist()))
-        x = x.contiguous()
-        poison(gen, x.view(n_tok, -1), bad_rows)
+    x, bad_rows = poison(gen, x, n_tok, c["poison"])
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, a, b, gate)]
     with tp_kernels.use_backend(c["backend"]):
         y = tp_kernels.routed_lora(leaves[0], idx, leaves[1], leaves[2], scale=c["scale"], gate=leaves[3])
@@ -180,11 +182,7 @@ def test_gate_top1_matches_reference(c):
         logits = logits.round()
     noise = tp_kernels.gumbel_noise(shape, generator=gen).to(c["dtype"]) if c["noise"] else None
     n_tok = math.prod(c["lead"])
-    bad_rows = []
-    if c["poison"] and n_tok:
-        bad_rows = sorted(set(torch.randint(0, n_tok, (2,), generator=gen).tolist()))
-        logits = logits.contiguous()
-        poison(gen, logits.view(n_tok, -1), bad_rows)
+    logits, bad_rows = poison(gen, logits, n_tok, c["poison"])
     leaf = logits.clone().requires_grad_()
     with tp_kernels.use_backend(c["backend"]):
         idx, gate = tp_kernels.gate_top1(leaf, tau=c["tau"], noise=noise, hard=c["hard"])

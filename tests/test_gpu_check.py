@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import tp_kernels
-from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # benchmarks/ is not installed with the package: import it from the checkout
+from benchmarks import gpu_check  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run")

@@ -297,6 +297,11 @@ def test_opcheck_fwd(backend, with_optional, normalize):
     torch.library.opcheck(refine_step_fwd, tuple(_op_args(with_optional, normalize=normalize)))
 
 
+def test_opcheck_fwd_active_mask(backend):
+    active = torch.arange(18) % 3 != 0
+    torch.library.opcheck(refine_step_fwd, tuple(_op_args(True)) + (active,))
+
+
 @pytest.mark.parametrize("needs,normalize", [((True, True, True, True), True), ((True, False, False, False), True),
                                              ((False, True, False, True), True), ((True, True, True, True), False)])
 def test_opcheck_bwd(backend, needs, normalize):
