@@ -35,7 +35,7 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        TrainConfig(min_snr_gamma=0.0)
+        TrainConfig(min_snr_gamma=-1.0)
 
 
 def test_guidance_interval_guides_only_inside():
@@ -69,3 +69,12 @@ def test_v_prediction_model_returns_eps(tmp_path):
     torch.testing.assert_close(loaded(x, t[:2], y), model(x, t[:2], y))
     with pytest.raises(ValueError, match="prediction"):
         dit_config("DiT-N/4", prediction="x0")
+
+
+def test_runs_saved_before_the_options_resume_only_with_their_old_behaviour(tmp_path):
+    from thinking_pixel.train import _check_resumable
+
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("prediction", "lr_schedule", "min_snr_gamma")}
+    with pytest.raises(ValueError, match="prediction"):
+        _check_resumable(old, TrainConfig(), tmp_path)
+    _check_resumable(old, TrainConfig(prediction="eps", lr_schedule="constant", min_snr_gamma=None), tmp_path)
