@@ -1,0 +1,121 @@
+"""Frames of the lake and the agent, and reading them back: the planner's whole interface is pixels.
+
+A frame is an RGB image of ``cell`` x ``cell`` pixels per tile (default 4, so a 4x4 lake is 16x16 px): the tile's
+colour fills the cell and the agent is a red square in its centre, so the tile under the agent stays visible on
+the cell's border. A frame may be padded to a larger square ``canvas`` (in cells) with the "outside" colour,
+which lets one model see lakes of several sizes. Reading a frame classifies each cell's border and centre mean
+colours to the nearest palette colour, so generated frames that are close to a rendered one read back the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .maps import ACTIONS, check_map
+
+__all__ = ["PALETTE", "decode_action", "frame_array", "parse_frame", "render"]
+
+PALETTE = {  # tile (or "outside" / "agent") -> RGB
+    "outside": (0, 0, 0),
+    "F": (190, 225, 255),
+    "S": (120, 200, 120),
+    "H": (30, 40, 110),
+    "G": (250, 200, 30),
+    "agent": (230, 30, 30),
+}
+_TERRAIN = ("outside", "F", "S", "H", "G")
+_TERRAIN_RGB = np.array([PALETTE[k] for k in _TERRAIN], dtype=np.float32)  # (5, 3)
+_CENTRE_RGB = np.concatenate([_TERRAIN_RGB, np.array([PALETTE["agent"]], dtype=np.float32)])  # (6, 3)
+
+
+def _margin(cell: int) -> int:
+    return max(1, cell // 4)
+
+
+def _check_cell(cell) -> int:
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 3:
+        raise ValueError(f"cell must be an int >= 3 (pixels per tile), got {cell!r}")
+    return cell
+
+
+def render(lake, pos, *, cell: int = 4, canvas: int | None = None) -> Image.Image:
+    """The lake with the agent at ``pos`` = (row, col): an RGB PIL image of (canvas or size) * cell pixels a side."""
+    lake = check_map(lake)
+    size = len(lake)
+    cell = _check_cell(cell)
+    canvas = size if canvas is None else canvas
+    if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < size:
+        raise ValueError(f"canvas must be an int >= the map size ({size}), got {canvas!r}")
+    if len(pos) != 2 or not all(0 <= p < size for p in pos):
+        raise ValueError(f"pos must be (row, col) inside the {size}x{size} map, got {pos!r}")
+    tiles = np.array([[PALETTE[t] for t in row] for row in lake], dtype=np.uint8)  # (size, size, 3)
+    image = np.zeros((canvas * cell, canvas * cell, 3), dtype=np.uint8)
+    image[:] = PALETTE["outside"]
+    image[: size * cell, : size * cell] = tiles.repeat(cell, axis=0).repeat(cell, axis=1)
+    m = _margin(cell)
+    r, c = pos[0] * cell, pos[1] * cell
+    image[r + m : r + cell - m, c + m : c + cell - m] = PALETTE["agent"]
+    return Image.fromarray(image, "RGB")
+
+
+def frame_array(frame) -> np.ndarray:
+    """A frame (PIL image, or (H, W, 3) uint8 array) as an (H, W, 3) float32 array."""
+    array = np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"frame must be an RGB image or an (H, W, 3) array, got shape {array.shape}")
+    return array.astype(np.float32)
+
+
+def _nearest(colours: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(..., 3) mean colours -> (...) index of the nearest palette row."""
+    return ((colours[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+
+
+def parse_frame(frame, *, cell: int = 4):
+    """Read a frame back: -> (map tuple of strings or None, agent positions as a list of (row, col)).
+
+    The map is None when the tiles do not form a lake (outside colour inside it, not a square in the top-left
+    corner, not exactly one S and one G). Every cell whose centre reads as the agent counts as one position.
+    """
+    cell = _check_cell(cell)
+    pixels = frame_array(frame)
+    height, width = pixels.shape[:2]
+    if height != width or height % cell:
+        raise ValueError(f"frame must be square with a side divisible by cell={cell}, got {width}x{height}")
+    n = height // cell
+    cells = pixels.reshape(n, cell, n, cell, 3).transpose(0, 2, 1, 3, 4)  # (n, n, cell, cell, 3)
+    m = _margin(cell)
+    centre_mask = np.zeros((cell, cell), dtype=bool)
+    centre_mask[m : cell - m, m : cell - m] = True
+    border = cells[:, :, ~centre_mask].mean(axis=2)  # (n, n, 3)
+    centre = cells[:, :, centre_mask].mean(axis=2)  # (n, n, 3)
+    terrain = _nearest(border, _TERRAIN_RGB)  # (n, n) index into _TERRAIN
+    agent = _nearest(centre, _CENTRE_RGB) == len(_TERRAIN)  # (n, n)
+    positions = [(int(r), int(c)) for r, c in zip(*np.nonzero(agent))]
+    inside = terrain != 0
+    size = int(inside[0].sum())
+    lake = None
+    if size >= 2 and inside[:size, :size].all() and inside.sum() == size * size:
+        lake = tuple("".join(_TERRAIN[i] for i in row) for row in terrain[:size, :size])
+        flat = "".join(lake)
+        if flat.count("S") != 1 or flat.count("G") != 1:
+            lake = None
+    return lake, positions
+
+
+def decode_action(frame_a, frame_b, *, cell: int = 4) -> int | None:
+    """The gymnasium action id (0 left, 1 down, 2 right, 3 up) that turns ``frame_a`` into ``frame_b``.
+
+    None unless both frames show the same valid lake with exactly one agent each, and the agent moved by exactly
+    one cell in one of the four directions (a diagonal jump, a teleport, no move or a changed map give None).
+    """
+    lake_a, pos_a = parse_frame(frame_a, cell=cell)
+    lake_b, pos_b = parse_frame(frame_b, cell=cell)
+    if lake_a is None or lake_a != lake_b or len(pos_a) != 1 or len(pos_b) != 1:
+        return None
+    (ra, ca), (rb, cb) = pos_a[0], pos_b[0]
+    for action, (dr, dc) in ACTIONS.items():
+        if (rb - ra, cb - ca) == (dr, dc):
+            return action
+    return None
