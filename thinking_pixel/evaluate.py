@@ -38,6 +38,9 @@ SETTINGS = "settings.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--benchmark", choices=("fid", "frozenlake"), default="fid",
+                        help="fid: FID/KID/precision/recall of class samples (default); frozenlake: planner rollouts "
+                             "on held-out maps (thinking_pixel.tasks.frozenlake.cli)")
     parser.add_argument("--checkpoint", required=True,
                         help="training output dir, step dir, or save_pretrained dir (config.json + model.safetensors)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
@@ -55,13 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--samples-dir", default=None,
                         help="where sample chunks are kept (default: <output without .json>_samples)")
-    parser.add_argument("--output", required=True, help="metrics JSON file to write")
+    parser.add_argument("--output", default=None, help="metrics JSON file to write (required for fid)")
     parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
     parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision / recall")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    from .tasks.frozenlake.cli import add_arguments as add_frozenlake_arguments
+
+    add_frozenlake_arguments(parser.add_argument_group("frozenlake benchmark"))
     return parser
 
 
@@ -255,6 +261,12 @@ def set_threads(threads: int | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """The ``thinking-pixel evaluate`` command: prints the headline metrics; the full result goes to --output."""
     set_threads(args.threads)
+    if args.benchmark == "frozenlake":
+        from .tasks.frozenlake.cli import run as run_frozenlake
+
+        return run_frozenlake(args)
+    if args.output is None:
+        raise ValueError("--output is required for --benchmark fid")
     result = evaluate_checkpoint(
         args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
         num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,

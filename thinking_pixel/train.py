@@ -152,7 +152,8 @@ class TrainResult:
 
 
 def _check_matches_data(config, dataset, source: str) -> None:
-    expected = dict(input_size=dataset.image_size, in_channels=dataset.num_channels, num_classes=dataset.num_classes)
+    expected = dict(input_size=dataset.image_size, in_channels=dataset.num_channels, num_classes=dataset.num_classes,
+                    cond_channels=dataset.cond_channels)
     wrong = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
     if wrong:
         details = ", ".join(f"{k}={m} (data needs {d})" for k, (m, d) in wrong.items())
@@ -176,7 +177,8 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     overrides = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
                  if getattr(cfg, k) is not None}
     config = dit_config(cfg.preset, input_size=dataset.image_size, in_channels=dataset.num_channels,
-                        num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob, **overrides)
+                        num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob,
+                        cond_channels=dataset.cond_channels, **overrides)
     return DiT(config) if recursion is None else ThinkingPixelDiT(config, recursion)
 
 
@@ -236,6 +238,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     metrics_path = output_dir / "metrics.jsonl"
 
     dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+    if cfg.hflip and dataset.cond_channels:
+        raise ValueError(f"hflip cannot be used with dataset {cfg.dataset!r}: it flips the target, not its condition")
     diffusion = GaussianDiffusion()
 
     step_dir = ckpt.read_latest(output_dir)
@@ -290,8 +294,11 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     step, loss_value, last_time = start_step, None, time.perf_counter()
     checkpoint = step_dir
     with open(metrics_path, "a") as metrics_file:
-        for x, y in loader:
+        for x, y, *cond in loader:  # cond: [conditioning image] for image-conditioned datasets
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (N, C, H, W), (N,)
+            model_kwargs = {"y": y}
+            if cond:
+                model_kwargs["cond_image"] = cond[0].to(device, non_blocking=True)  # (N, C_cond, H, W)
             if cfg.hflip:
                 flip = torch.rand(x.shape[0], device=device) < 0.5  # (N,)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -300,7 +307,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})
+                terms = diffusion.training_losses(forward, x, t, model_kwargs=model_kwargs)
             loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -341,7 +348,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     bar.close()
 
     samples = None
-    if cfg.sample_grid:
+    if cfg.sample_grid and not dataset.cond_channels:  # the grid shows classes, not image-conditioned outputs
         from .sample import sample_checkpoint
 
         samples = sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,

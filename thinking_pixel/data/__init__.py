@@ -5,6 +5,7 @@
 - ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
 - ``folder``: an image folder with one subdirectory per class
 - ``latents``: precomputed VAE latents with labels
+- ``frozenlake``: FrozenLake planning steps, (next frame, label, current frame) for image-conditioned models
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
 from .latents import LatentDataset, load_latents
+from .frozenlake import FrozenLakeDataset
 from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "DATASETS",
     "DigitsDataset",
     "FashionMNISTDataset",
+    "FrozenLakeDataset",
     "ImageDataset",
     "ImageFolderDataset",
     "LatentDataset",
@@ -43,6 +46,7 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "fashion_mnist": FashionMNISTDataset,
     "folder": ImageFolderDataset,
     "latents": LatentDataset,
+    "frozenlake": FrozenLakeDataset,
 }
 
 

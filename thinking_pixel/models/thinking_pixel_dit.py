@@ -127,7 +127,7 @@ class RoutingRecord:
 class ThinkingPixelDiT(DiT):
     """DiT with recursive sparse reasoning in the blocks listed by ``recursion.layers``.
 
-    forward(x (N, C, H, W), t (N,), y (N,), context=None) -> (N, C_out, H, W), like DiT's.
+    forward(x (N, C, H, W), t (N,), y (N,), context=None, cond_image=None) -> (N, C_out, H, W), like DiT's.
     context: optional (N, L, D) extra tokens that the recursive blocks attend to (see RecursiveAttention).
     The recursive blocks' gate sees the sum of the timestep and/or label embeddings named in gate_inputs.
 
@@ -206,8 +206,8 @@ class ThinkingPixelDiT(DiT):
         parts = [emb for name, emb in (("timestep", t_emb), ("condition", y_emb)) if name in self.recursion.gate_inputs]
         return sum(parts[1:], parts[0]) if parts else None
 
-    def forward(self, x, t, y, context=None):
-        x, t_emb, y_emb = self.embed(x, t, y)
+    def forward(self, x, t, y, context=None, cond_image=None):
+        x, t_emb, y_emb = self.embed(x, t, y, cond_image)
         c = t_emb + y_emb  # (N, D)
         gate_cond = self._gate_condition(t_emb, y_emb)  # (N, D) or None
         if self._routing_record is not None:

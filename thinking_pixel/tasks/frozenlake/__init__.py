@@ -1,8 +1,8 @@
 """FrozenLake as a visual planning task (the paper's case study): maps, frames, action decoding, planners.
 
 Dynamics follow gymnasium's FrozenLake-v1 with ``is_slippery=False`` (tests check them against gymnasium).
-The diffusion planner and its data live in :mod:`.planner` and :mod:`.data` (they import torch; this
-package's top level does not).
+The diffusion planner lives in :mod:`.planner` and its training data in :mod:`thinking_pixel.data.frozenlake`
+(they import torch; this package's top level does not).
 """
 
 from .maps import ACTIONS, DOWN, LEFT, RIGHT, UP, distances_to_goal, make_maps, optimal_actions, \
