@@ -134,7 +134,7 @@ def _manual_recursion(attn, x, cond, context=None):
         context_kv = [z.unflatten(-1, (H, -1)).transpose(1, 2) for z in (k_c, v_c)]
     a = x
     for step in range(1, attn.steps + 1):
-        h = F.layer_norm(a, (D,), eps=1e-6)
+        h = F.layer_norm(a, (D,), eps=1e-6) if attn.norm_first_step or step > 1 else a
         idx = attn.gate.logits(h, cond).argmax(-1)  # eval: no noise
         qkv = _manual_lora(h, idx, attn.lora)
         if step == attn.steps:
@@ -154,9 +154,10 @@ def test_recursive_attention_zero_b_is_the_base_attention(steps, experts):
         torch.testing.assert_close(attn(x, cond), base(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("norm_first_step", [True, False])
 @pytest.mark.parametrize("steps", [1, 2, 3])
-def test_recursive_attention_matches_the_method(steps):
-    _, attn = _recursive(steps, experts=3)
+def test_recursive_attention_matches_the_method(steps, norm_first_step):
+    _, attn = _recursive(steps, experts=3, norm_first_step=norm_first_step)
     _randomize_(attn.lora)
     _randomize_(attn.gate)
     attn.eval()

@@ -140,6 +140,28 @@ def test_matches_reference(backend, name):
     check(make_case(name))
 
 
+def test_normalize_false_uses_the_state_as_is(backend):
+    """normalize=False: h = state, on every backend (forward and gradients vs the float64 reference)."""
+    inputs = make_case("full")
+    leaves = {k: v.detach().double().requires_grad_(k in ("state", "lora_b")) for k, v in inputs.items()}
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in leaves.items()}
+    want, want_idx, _ = refine_step_reference(flat["state"], leaves["lora_a"], leaves["lora_b"], flat["token_weight"],
+                                              leaves["cond_logits"].expand(2, 9, 3).reshape(-1, 3), 2.0,
+                                              flat["noise"], 0.5, flat["base"], normalize=False)
+    got, idx, _ = tp_kernels.refine_step(leaves["state"], leaves["lora_a"], leaves["lora_b"],
+                                         token_weight=leaves["token_weight"], cond_logits=leaves["cond_logits"],
+                                         tau=2.0, noise=leaves["noise"], scale=0.5, base=leaves["base"],
+                                         normalize=False)
+    assert torch.equal(idx.reshape(-1), want_idx)
+    torch.testing.assert_close(got.reshape(want.shape), want)
+    grads = torch.autograd.grad(got.square().sum(), [leaves["state"], leaves["lora_b"]])
+    want_grads = torch.autograd.grad(want.square().sum(), [leaves["state"], leaves["lora_b"]])
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="normalize"):
+        tp_kernels.refine_step(leaves["state"], leaves["lora_a"], leaves["lora_b"], normalize=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("name", ["full", "odd_unstacked"])
 def test_other_dtypes(backend, name, dtype):

@@ -39,6 +39,8 @@ class RecursionConfig:
         and condition embeddings are summed into one conditioning vector (paper's ablation: all three).
     lora_alpha: None -> LoRA scale 1.0; a number -> scale alpha / rank (LoRA's convention).
     gate_noise_at_eval: draw Gumbel noise in eval mode too (default: deterministic argmax at inference).
+    norm_first_step: LayerNorm the state at every step (the paper). False: the first step's gate and experts see
+        the block's modulated input x~ itself, so T = 1 is exactly a LoRA on Q/K/V (as export_peft writes it).
     """
 
     layers: Optional[tuple] = None
@@ -49,6 +51,7 @@ class RecursionConfig:
     gate_inputs: tuple = GATE_INPUTS
     lora_alpha: Optional[float] = None
     gate_noise_at_eval: bool = False
+    norm_first_step: bool = True
 
     def __post_init__(self):
         if self.layers is not None:
@@ -77,8 +80,9 @@ class RecursionConfig:
                              f"repeats, got {self.gate_inputs!r}")
         if self.lora_alpha is not None and (not is_number(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(f"RecursionConfig.lora_alpha must be None or a number > 0, got {self.lora_alpha!r}")
-        if not isinstance(self.gate_noise_at_eval, bool):
-            raise ValueError(f"RecursionConfig.gate_noise_at_eval must be a bool, got {self.gate_noise_at_eval!r}")
+        for name in ("gate_noise_at_eval", "norm_first_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RecursionConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     def resolve_layers(self, depth: int) -> tuple:
         """The block indices for a model of ``depth`` blocks, checked to be in range."""
@@ -88,6 +92,13 @@ class RecursionConfig:
             raise ValueError(f"RecursionConfig.layers {bad} out of range for a model with depth {depth} "
                              f"(valid: 0..{depth - 1})")
         return tuple(sorted(layers))
+
+    def module_kwargs(self) -> dict:
+        """The keyword arguments of LatentRecursion (and RecursiveAttention) for this config."""
+        return dict(experts=self.experts, steps=self.steps, rank=self.rank, tau=self.tau, lora_alpha=self.lora_alpha,
+                    gate_tokens="tokens" in self.gate_inputs,
+                    gate_cond="timestep" in self.gate_inputs or "condition" in self.gate_inputs,
+                    gate_noise_at_eval=self.gate_noise_at_eval, norm_first_step=self.norm_first_step)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -144,14 +155,8 @@ class ThinkingPixelDiT(DiT):
         self.recursive_layers = recursion.resolve_layers(config.depth)
         for i in self.recursive_layers:
             block = self.blocks[i]
-            block.attn = RecursiveAttention.from_attention(
-                block.attn, config.hidden_size,
-                experts=recursion.experts, steps=recursion.steps, rank=recursion.rank, tau=recursion.tau,
-                lora_alpha=recursion.lora_alpha,
-                gate_tokens="tokens" in recursion.gate_inputs,
-                gate_cond="timestep" in recursion.gate_inputs or "condition" in recursion.gate_inputs,
-                gate_noise_at_eval=recursion.gate_noise_at_eval,
-            )
+            block.attn = RecursiveAttention.from_attention(block.attn, config.hidden_size,
+                                                           **recursion.module_kwargs())
         self._routing_record = None
 
     @classmethod
@@ -184,8 +189,7 @@ class ThinkingPixelDiT(DiT):
         """(name, parameter) of the new parameters: every recursive block's LoRA experts and gate."""
         return [(f"blocks.{i}.attn.{name}", p)
                 for i, attn in self.recursive_attentions()
-                for part in ("lora", "gate")
-                for name, p in getattr(attn, part).named_parameters(prefix=part)]
+                for name, p in attn.recursion_parameters()]
 
     def expert_parameters(self):
         return [p for _, p in self.expert_named_parameters()]

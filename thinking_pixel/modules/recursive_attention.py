@@ -1,4 +1,4 @@
-"""RecursiveAttention: T latent steps of routed-LoRA attention inside one transformer block (the method).
+"""The recursion core: T latent steps of routed-LoRA attention inside one transformer block (the method).
 
 Given the block's adaLN-modulated input x~ (N, T, D):
 
@@ -6,14 +6,27 @@ Given the block's adaLN-modulated input x~ (N, T, D):
     for t = 1 .. T-1:   e = gate(a), qkv = LoRA_e(LN(a))             -> attention -> a = attn_out + x~
     final step T:       e = gate(a), qkv = LoRA_e(LN(a)) + W^ x~      -> attention -> out proj
 
-W^ is the block's frozen qkv projection, used only at the last step (the paper: applying it at every
-step compounds artefacts). The gate's straight-through weight multiplies the LoRA output, so the gate
-trains through the experts' outputs. Intermediate states live before the out projection (heads merged).
-With every LoRA B at zero (their init) the output is exactly the base attention's, for any T and M.
+W^ is the block's frozen Q/K/V projection, used only at the last step (the paper: applying it at every step
+compounds artefacts). The gate's straight-through weight multiplies the LoRA output, so the gate trains through
+the experts' outputs. Intermediate states live before the out projection (heads merged). With every LoRA B at
+zero (their init) the output is exactly the base attention's, for any T and M.
 
-Each step's LN + gate + routed LoRA (+ W^ x~) is one call of tp_kernels.refine_step (on GPU, Triton kernels
-that never write LN(a)); the gate's token-independent logits (biases and conditioning) are computed once per
-call, not once per step.
+Two classes:
+- LatentRecursion holds the experts and the gate and runs the loop (``recurse``). It knows nothing about how
+  a model stores its projections or runs its attention: the caller hands it ``base_projection`` (W^ x~, called
+  once, at the last step, so separate q/k/v Linears cost three GEMMs per call, never a weight concatenation)
+  and ``attend`` (the attention of one step). Our DiT's RecursiveAttention and the diffusers processors
+  (thinking_pixel.integrations.diffusers) are thin users of it.
+- RecursiveAttention: LatentRecursion over an Attention's fused qkv Linear (our DiT's blocks).
+
+Each step's LN + gate + routed LoRA (+ W^ x~) is one call of tp_kernels.refine_step (on GPU, Triton kernels that
+never write LN(a)); the gate's token-independent logits (biases and conditioning) are computed once per call,
+not once per step.
+
+``norm_first_step=False`` feeds x~ itself (not LN(x~)) to the first step's gate and experts. x~ already is a
+modulated LayerNorm output; with it, T = 1 is exactly a LoRA on the Q/K/V projections (what a peft adapter
+computes, so thinking_pixel.export_peft reproduces an expert exactly). The paper's definition, and the default,
+normalises every step.
 """
 
 from __future__ import annotations
@@ -28,10 +41,73 @@ from .attention import Attention, attend, split_heads
 from .gate import Gate
 from .routed_lora import RoutedLoRA
 
-__all__ = ["RecursiveAttention"]
+__all__ = ["LatentRecursion", "RecursiveAttention"]
 
 
-class RecursiveAttention(nn.Module):
+class LatentRecursion(nn.Module):
+    """The experts, the gate and the T-step loop of the method, for a block of width ``dim``.
+
+    Parameters (their names are part of the checkpoint format): ``lora`` (RoutedLoRA, 3 slices: Q, K, V, each
+    (dim -> dim)), ``gate`` (Gate over dim-wide tokens and a cond_dim-wide conditioning vector).
+
+    ``recorder``: None, or a callable(step, expert_idx (N, T), state (N, T, D)) called at each step with the
+    routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None).
+    """
+
+    def __init__(self, dim: int, cond_dim=None, *, experts=2, steps=2, rank=128, tau=5.0, lora_alpha=None,
+                 gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True):
+        super().__init__()
+        if not is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        self.dim = dim
+        self.steps = steps
+        self.norm_first_step = bool(norm_first_step)
+        self.eps = 1e-6  # of the LayerNorm (no affine) applied to each step's input
+        self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
+        self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
+                         use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
+        self.recorder = None
+
+    def recurse(self, x, cond, base_projection, attend_step):
+        """Run the T steps on x~ (N, T, D); returns the last step's attention output.
+
+        cond: (N, D_c) the gate's conditioning vector, or None if the gate does not use one.
+        base_projection(): -> (N, T, 3D) the frozen [q | k | v] projection of x~; called once, at the last step.
+        attend_step(qkv (N, T, 3D), last: bool) -> the attention output of the step, heads merged, before the
+            output projection. Its first T rows (dim 1) are the vision tokens' (N, T, D); at the last step a joint
+            attention may append the context tokens' rows, which come back to the caller as they are.
+        """
+        token_weight, cond_logits = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
+        gate_shape = (*x.shape[:-1], self.gate.num_experts)  # (N, T, M)
+        a = x  # a^0 = x~, (N, T, D)
+        for step in range(1, self.steps + 1):
+            last = step == self.steps
+            dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
+            noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
+            base = base_projection().to(dtype) if last else None  # W^ x~, last step only
+            qkv, expert_idx, _ = tp_kernels.refine_step(
+                a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
+                token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
+                tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps,
+                normalize=self.norm_first_step or step > 1,
+            )  # (N, T, 3D): base + weight * LoRA_e(LN(a)), e = expert_idx (N, T)
+            if self.recorder is not None:
+                self.recorder(step, expert_idx, a)
+            out = attend_step(qkv, last)  # (N, T, D); at the last step maybe (N, T + L, D)
+            if not last:
+                a = out + x  # residual back to the block input
+        return out
+
+    def recursion_parameters(self):
+        """(name, parameter) of what the recursion adds: the experts and the gate (names relative to self)."""
+        return [(f"{part}.{name}", p) for part in ("lora", "gate")
+                for name, p in getattr(self, part).named_parameters()]
+
+    def extra_repr(self):
+        return f"steps={self.steps}, norm_first_step={self.norm_first_step}"
+
+
+class RecursiveAttention(LatentRecursion):
     """Drop-in replacement of an Attention: keeps its qkv and proj Linears, adds experts and a gate.
 
     forward(x (N, T, D), cond (N, D_c) or None, context (N, L, D) or None) -> (N, T, D)
@@ -39,32 +115,19 @@ class RecursiveAttention(nn.Module):
       context: optional extra tokens (e.g. text). Their K/V come from the frozen qkv projection, are computed
         once per call and reused at every step; vision queries attend jointly over [vision; context]. The
         context's own attention output is not needed (it would be discarded), so its queries are not computed.
-
-    ``recorder``: None, or a callable(step, expert_idx (N, T), state (N, T, D)) called at each step with the
-    routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None).
     """
 
-    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, cond_dim=None, *, experts=2, steps=2,
-                 rank=128, tau=5.0, lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False):
-        super().__init__()
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, cond_dim=None, **kwargs):
         dim = proj.out_features
         if qkv.in_features != dim or qkv.out_features != 3 * dim:
             raise ValueError(f"qkv must be a Linear({dim}, {3 * dim}) fused projection, "
                              f"got Linear({qkv.in_features}, {qkv.out_features})")
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if not is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        self.dim = dim
+        super().__init__(dim, cond_dim, **kwargs)
         self.num_heads = num_heads
-        self.steps = steps
         self.qkv = qkv
         self.proj = proj
-        self.eps = 1e-6  # of the LayerNorm (no affine) applied to each step's input
-        self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
-        self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
-                         use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
-        self.recorder = None
 
     @classmethod
     def from_attention(cls, attn: Attention, cond_dim=None, **kwargs) -> "RecursiveAttention":
@@ -84,25 +147,9 @@ class RecursiveAttention(nn.Module):
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.dim:
                 raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.dim}), got {tuple(context.shape)}")
             context_kv = self.context_kv(context)
-
-        token_weight, cond_logits = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
-        gate_shape = (*x.shape[:-1], self.gate.num_experts)  # (N, T, M)
-        a = x  # a^0 = x~, (N, T, D)
-        for step in range(1, self.steps + 1):
-            dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
-            noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
-            base = self.qkv(x).to(dtype) if step == self.steps else None  # frozen projection of x~, last step only
-            qkv, expert_idx, _ = tp_kernels.refine_step(
-                a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
-                token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
-                tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps,
-            )  # (N, T, 3D): base + weight * LoRA_e(LN(a)), e = expert_idx (N, T)
-            if self.recorder is not None:
-                self.recorder(step, expert_idx, a)
-            out = attend(qkv, self.num_heads, context_kv)  # (N, T, D)
-            if step < self.steps:
-                a = out + x  # residual back to the block input
+        out = self.recurse(x, cond, lambda: self.qkv(x),
+                           lambda qkv, last: attend(qkv, self.num_heads, context_kv))  # (N, T, D)
         return self.proj(out)  # (N, T, D)
 
     def extra_repr(self):
-        return f"steps={self.steps}, num_heads={self.num_heads}"
+        return f"{super().extra_repr()}, num_heads={self.num_heads}"

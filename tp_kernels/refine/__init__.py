@@ -38,7 +38,7 @@ def _cond_groups(cond_logits, lead, n_exp):
 
 
 def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
-                base=None, eps=1e-6):
+                base=None, eps=1e-6, normalize=True):
     """One refinement step of recursive routed-LoRA attention: returns ``(qkv, expert_idx, gate_weight)``.
 
     With ``h = LayerNorm(state)`` (no affine, ``eps``) over the last dim::
@@ -66,6 +66,8 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         scale: LoRA's multiplier (alpha / rank).
         base: ``(..., S * D_out)`` added to the output (the frozen projection at the last step), state's dtype.
         eps: LayerNorm epsilon, > 0.
+        normalize: False skips the LayerNorm: ``h = state`` (a state that needs no normalising, e.g. an
+            adaLN-modulated block input at a recursion's first step).
 
     Returns:
         qkv ``(..., S * D_out)`` in state's dtype (slice s in columns ``[s * D_out, (s + 1) * D_out)``),
@@ -120,11 +122,13 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
     def flat(t, width):
         return None if t is None else t.reshape(-1, width).contiguous()
 
-    normalize = resolve(state.device) != "cpu"
-    if not normalize:
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+    fused_norm = normalize and resolve(state.device) != "cpu"
+    if normalize and not fused_norm:
         state = F.layer_norm(state, (dim,), eps=float(eps))  # (..., D) h, kept by autograd with its statistics
     qkv, weight, idx, _, _ = refine_step_fwd(
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
-        cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), normalize,
+        cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
     )
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)
