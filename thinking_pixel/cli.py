@@ -62,6 +62,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, default=S, help="gate Gumbel-softmax temperature (default 5.0)")
     g.add_argument("--gate-inputs", type=_names, default=S,
                    help="what the gate sees, comma-separated subset of tokens,timestep,condition (default all)")
+    g.add_argument("--halting", choices=("none", "learned", "delta"), default=S,
+                   help="per-token adaptive recursion depth at inference; 'learned' trains a PonderNet halting head "
+                        "(default none)")
+    g.add_argument("--halt-threshold", type=float, default=S, help="halting threshold (default: the mode's)")
+    g.add_argument("--halt-prior", type=float, default=S,
+                   help="learned halting: geometric prior's per-step halting probability (default 0.5)")
+    g.add_argument("--halt-kl-weight", type=float, default=S, help="learned halting: weight of the prior KL (0.01)")
     g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
     g.add_argument("--finetune-from", default=S, help="a trained DiT checkpoint to wrap (its EMA weights)")
     g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,

@@ -43,7 +43,7 @@ __all__ = ["TrainConfig", "TrainResult", "build_model", "train"]
 
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
-                      "progress", "sample_grid", "device", "num_threads"}
+                      "progress", "sample_grid", "device", "num_threads", "halt_threshold"}
 
 
 @dataclass
@@ -79,6 +79,10 @@ class TrainConfig:
     rank: int = 16
     tau: float = 5.0
     gate_inputs: tuple = GATE_INPUTS  # what the gate sees (the Fig. 4 ablation: ("tokens",))
+    halting: str = "none"  # per-token adaptive depth (RecursionConfig.halting); "learned" trains a halting head
+    halt_threshold: Optional[float] = None
+    halt_prior: float = 0.5
+    halt_kl_weight: float = 0.01
     finetune_from: Optional[str] = None  # a trained DiT (save_pretrained dir or training output dir)
     freeze_base: bool = True  # with finetune_from: train only the experts and gates
     # optimisation
@@ -139,7 +143,9 @@ class TrainConfig:
         if not self.recursion:
             return None
         return RecursionConfig(layers=self.recursion_layers, experts=self.experts, steps=self.recursion_steps,
-                               rank=self.rank, tau=self.tau, gate_inputs=self.gate_inputs)
+                               rank=self.rank, tau=self.tau, gate_inputs=self.gate_inputs, halting=self.halting,
+                               halt_threshold=self.halt_threshold, halt_prior=self.halt_prior,
+                               halt_kl_weight=self.halt_kl_weight)
 
 
 @dataclass
@@ -309,6 +315,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 terms = diffusion.training_losses(forward, x, t, model_kwargs=model_kwargs)
             loss = terms["loss"].mean()
+            if isinstance(model, ThinkingPixelDiT):
+                loss = loss + model.auxiliary_loss()  # e.g. the learned halting head's prior term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
