@@ -81,7 +81,7 @@ def test_render_size_and_parse_round_trip():
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (20, 20)
     assert fl.parse_frame(image) == (lake, [(1, 2)])
     # small noise (as in a generated frame) reads back the same
-    noisy = np.asarray(image).astype(int) + np.random.default_rng(0).integers(-40, 41, (20, 20, 3))
+    noisy = np.asarray(image).astype(int) + np.random.default_rng(0).integers(-60, 61, (20, 20, 3))
     assert fl.parse_frame(np.clip(noisy, 0, 255).astype(np.uint8)) == (lake, [(1, 2)])
     with pytest.raises(ValueError, match="canvas"):
         fl.render(lake, (0, 0), canvas=2)
@@ -89,6 +89,9 @@ def test_render_size_and_parse_round_trip():
         fl.render(lake, (3, 0))
     with pytest.raises(ValueError, match="map must"):
         fl.render(("SF", "FF"), (0, 0))
+    # the agent's colour names the tile under it, on every tile kind
+    for pos, tile in (((0, 0), "S"), ((0, 1), "F"), ((0, 2), "H"), ((2, 2), "G")):
+        assert fl.parse_frame(fl.render(lake, pos)) == (lake, [pos]) and lake[pos[0]][pos[1]] == tile
 
 
 def test_decode_action_rejects_everything_but_one_legal_move():
@@ -101,7 +104,7 @@ def test_decode_action_rejects_everything_but_one_legal_move():
     changed = ("SFFF", "FHFH", "FFFF", "HFFG")
     assert fl.decode_action(here, fl.render(changed, (2, 2))) is None  # the map changed
     two = np.asarray(fl.render(lake, (2, 2))).copy()
-    two[1:3, 1:3] = fl.PALETTE["agent"]  # a second agent in the top-left cell
+    two[:4, :4] = fl.PALETTE["agent on S"]  # a second agent in the top-left cell
     assert fl.decode_action(here, two) is None
     assert fl.decode_action(here, np.zeros((16, 16, 3), np.uint8)) is None  # no lake at all
 

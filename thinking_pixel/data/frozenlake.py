@@ -26,8 +26,9 @@ class FrozenLakeDataset(ImageDataset):
     ``map_size`` lake padded to an ``image_size // 4``-tile canvas, so a model trained here can be run on larger
     lakes up to the canvas size. The training lakes are ``make_maps(num_maps, size=map_size, seed=seed)``;
     sample i (a pure function of (seed, i)) takes one of them, an agent cell from which the goal is reachable
-    (never the goal), and one of the shortest moves from there (chosen at random among equally short ones, so
-    the model need not learn a tie-break). One class: the label is always 0.
+    (never the goal), and the oracle's move from there (the lowest action id among the shortest, as
+    oracle_planner: one target per input, which a small model learns far faster than a choice among equally
+    short moves). One class: the label is always 0.
     """
 
     class_names = ("frozen lake",)
@@ -61,7 +62,7 @@ class FrozenLakeDataset(ImageDataset):
         cells, dist = self._cells[m]
         pos = tuple(int(v) for v in cells[int(rng.integers(len(cells)))])
         actions = optimal_actions(self.maps[m], pos, dist)
-        new_pos, _, _ = step(self.maps[m], pos, actions[int(rng.integers(len(actions)))])
+        new_pos, _, _ = step(self.maps[m], pos, actions[0])
         return self.maps[m], pos, new_pos
 
     def __getitem__(self, index: int):

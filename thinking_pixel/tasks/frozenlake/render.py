@@ -1,10 +1,11 @@
 """Frames of the lake and the agent, and reading them back: the planner's whole interface is pixels.
 
-A frame is an RGB image of ``cell`` x ``cell`` pixels per tile (default 4, so a 4x4 lake is 16x16 px): the tile's
-colour fills the cell and the agent is a red square in its centre, so the tile under the agent stays visible on
-the cell's border. A frame may be padded to a larger square ``canvas`` (in cells) with the "outside" colour,
-which lets one model see lakes of several sizes. Reading a frame classifies each cell's border and centre mean
-colours to the nearest palette colour, so generated frames that are close to a rendered one read back the same.
+A frame is an RGB image of ``cell`` x ``cell`` pixels per tile (default 4, so a 4x4 lake is 16x16 px), each cell
+filled with its tile's colour. The agent fills its whole cell, in a colour that also names the tile under it
+(agent on F, S, G or H), so the agent is a large target for a small model and the map stays readable. A frame may
+be padded to a larger square ``canvas`` (in cells) with the "outside" colour, which lets one model see lakes of
+several sizes. Reading a frame classifies each cell's mean colour to the nearest palette colour, so generated
+frames close to a rendered one read back the same.
 """
 
 from __future__ import annotations
@@ -16,26 +17,24 @@ from .maps import ACTIONS, check_map
 
 __all__ = ["PALETTE", "decode_action", "frame_array", "parse_frame", "render"]
 
-PALETTE = {  # tile (or "outside" / "agent") -> RGB
+PALETTE = {  # what fills a cell -> RGB: a tile, "outside" the lake, or the agent standing on a tile
     "outside": (0, 0, 0),
     "F": (190, 225, 255),
     "S": (120, 200, 120),
     "H": (30, 40, 110),
     "G": (250, 200, 30),
-    "agent": (230, 30, 30),
+    "agent on F": (230, 30, 30),
+    "agent on S": (235, 120, 20),
+    "agent on G": (200, 40, 200),
+    "agent on H": (120, 15, 15),
 }
-_TERRAIN = ("outside", "F", "S", "H", "G")
-_TERRAIN_RGB = np.array([PALETTE[k] for k in _TERRAIN], dtype=np.float32)  # (5, 3)
-_CENTRE_RGB = np.concatenate([_TERRAIN_RGB, np.array([PALETTE["agent"]], dtype=np.float32)])  # (6, 3)
-
-
-def _margin(cell: int) -> int:
-    return max(1, cell // 4)
+_NAMES = tuple(PALETTE)
+_RGB = np.array([PALETTE[k] for k in _NAMES], dtype=np.float32)  # (9, 3)
 
 
 def _check_cell(cell) -> int:
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 3:
-        raise ValueError(f"cell must be an int >= 3 (pixels per tile), got {cell!r}")
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise ValueError(f"cell must be an int >= 1 (pixels per tile), got {cell!r}")
     return cell
 
 
@@ -49,14 +48,10 @@ def render(lake, pos, *, cell: int = 4, canvas: int | None = None) -> Image.Imag
         raise ValueError(f"canvas must be an int >= the map size ({size}), got {canvas!r}")
     if len(pos) != 2 or not all(0 <= p < size for p in pos):
         raise ValueError(f"pos must be (row, col) inside the {size}x{size} map, got {pos!r}")
-    tiles = np.array([[PALETTE[t] for t in row] for row in lake], dtype=np.uint8)  # (size, size, 3)
-    image = np.zeros((canvas * cell, canvas * cell, 3), dtype=np.uint8)
-    image[:] = PALETTE["outside"]
-    image[: size * cell, : size * cell] = tiles.repeat(cell, axis=0).repeat(cell, axis=1)
-    m = _margin(cell)
-    r, c = pos[0] * cell, pos[1] * cell
-    image[r + m : r + cell - m, c + m : c + cell - m] = PALETTE["agent"]
-    return Image.fromarray(image, "RGB")
+    cells = np.zeros((canvas, canvas, 3), dtype=np.uint8)  # "outside" is black
+    cells[:size, :size] = [[PALETTE[t] for t in row] for row in lake]
+    cells[pos[0], pos[1]] = PALETTE[f"agent on {lake[pos[0]][pos[1]]}"]
+    return Image.fromarray(cells.repeat(cell, axis=0).repeat(cell, axis=1), "RGB")
 
 
 def frame_array(frame) -> np.ndarray:
@@ -76,7 +71,7 @@ def parse_frame(frame, *, cell: int = 4):
     """Read a frame back: -> (map tuple of strings or None, agent positions as a list of (row, col)).
 
     The map is None when the tiles do not form a lake (outside colour inside it, not a square in the top-left
-    corner, not exactly one S and one G). Every cell whose centre reads as the agent counts as one position.
+    corner, not exactly one S and one G). Every cell that reads as an agent counts as one position.
     """
     cell = _check_cell(cell)
     pixels = frame_array(frame)
@@ -84,20 +79,15 @@ def parse_frame(frame, *, cell: int = 4):
     if height != width or height % cell:
         raise ValueError(f"frame must be square with a side divisible by cell={cell}, got {width}x{height}")
     n = height // cell
-    cells = pixels.reshape(n, cell, n, cell, 3).transpose(0, 2, 1, 3, 4)  # (n, n, cell, cell, 3)
-    m = _margin(cell)
-    centre_mask = np.zeros((cell, cell), dtype=bool)
-    centre_mask[m : cell - m, m : cell - m] = True
-    border = cells[:, :, ~centre_mask].mean(axis=2)  # (n, n, 3)
-    centre = cells[:, :, centre_mask].mean(axis=2)  # (n, n, 3)
-    terrain = _nearest(border, _TERRAIN_RGB)  # (n, n) index into _TERRAIN
-    agent = _nearest(centre, _CENTRE_RGB) == len(_TERRAIN)  # (n, n)
-    positions = [(int(r), int(c)) for r, c in zip(*np.nonzero(agent))]
-    inside = terrain != 0
+    means = pixels.reshape(n, cell, n, cell, 3).mean(axis=(1, 3))  # (n, n, 3)
+    names = np.array(_NAMES)[((means[:, :, None, :] - _RGB) ** 2).sum(-1).argmin(-1)]  # (n, n)
+    positions = [(int(r), int(c)) for r, c in zip(*np.nonzero(np.char.startswith(names, "agent")))]
+    tiles = np.vectorize(lambda name: name[-1] if name.startswith("agent") else name)(names)  # tile under agents
+    inside = tiles != "outside"
     size = int(inside[0].sum())
     lake = None
     if size >= 2 and inside[:size, :size].all() and inside.sum() == size * size:
-        lake = tuple("".join(_TERRAIN[i] for i in row) for row in terrain[:size, :size])
+        lake = tuple("".join(row) for row in tiles[:size, :size])
         flat = "".join(lake)
         if flat.count("S") != 1 or flat.count("G") != 1:
             lake = None
