@@ -112,6 +112,9 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling of the grid (default auto)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir, for latent models")
     p.add_argument("--threads", dest="num_threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--halting", choices=("none", "learned", "delta"), default=None,
+                   help="per-token halting of a ThinkingPixelDiT's recursion (default: the checkpoint's)")
+    p.add_argument("--halt-threshold", type=float, default=None, help="halting threshold (default: the mode's)")
 
 
 def _plugin(name: str):
@@ -157,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from .sample import sample_checkpoint
 
-            options = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "output")}
-            path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
+            options = {k: v for k, v in vars(args).items()
+                       if k not in ("command", "checkpoint", "output", "halting", "halt_threshold")}
+            halting = {k: v for k, v in (("mode", args.halting), ("threshold", args.halt_threshold)) if v is not None}
+            path = sample_checkpoint(args.checkpoint, args.output, progress=True, halting=halting, **options)
             print(f"wrote {path}")
         else:
             if args._module is None:

@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+    parser.add_argument("--halting", choices=("none", "learned", "delta"), default=None,
+                        help="per-token halting of a ThinkingPixelDiT's recursion (default: the checkpoint's)")
+    parser.add_argument("--halt-threshold", type=float, default=None,
+                        help="halting threshold (learned: cumulative halting probability; delta: relative change)")
     from .tasks.frozenlake.cli import add_arguments as add_frozenlake_arguments
 
     add_frozenlake_arguments(parser.add_argument_group("frozenlake benchmark"))
@@ -188,7 +192,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
                         num_reference: int | None = None, batch_size: int = 64, cfg_scale: float = 1.5,
                         sampler: str = "ddim", num_steps: int = 50, seed: int = 0, samples_dir: str | None = None,
                         use_ema: bool = True, kid: bool = True, prc: bool = True, device: str = "auto",
-                        progress: bool = True) -> dict:
+                        progress: bool = True, halting: dict | None = None) -> dict:
     """Sample from ``checkpoint``, compute FID/KID/precision/recall against real data and write the result JSON to ``output``."""
     output = Path(output)
     num_reference = num_samples if num_reference is None else num_reference
@@ -203,6 +207,11 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ckpt.load_model_dir(weights, device=device).eval()
     cfg = model.config
+    recursive = hasattr(model, "set_halting")
+    if halting:
+        if not recursive:
+            raise ValueError(f"halting settings need a ThinkingPixelDiT, {checkpoint} holds a {type(model).__name__}")
+        model.set_halting(**halting)
 
     # Real data first: a dataset that does not fit the model fails before any sampling time is spent.
     real = reference_images(dataset, num_reference, image_size=cfg.input_size, num_channels=cfg.in_channels,
@@ -211,7 +220,10 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     started = time.time()
     images, labels = generate_samples(
         model, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler, num_steps=num_steps,
-        cfg_scale=cfg_scale, settings={"checkpoint": str(weights.resolve())}, progress=progress)
+        cfg_scale=cfg_scale, settings={"checkpoint": str(weights.resolve()),
+                                       **({"halting": model.recursion.halting,
+                                           "halt_threshold": model.recursion.halt_threshold} if halting else {})},
+        progress=progress)
     sampling_seconds = time.time() - started
 
     cache_name = f"{dataset}-{split}-{cfg.input_size}px-{cfg.in_channels}ch-n{num_reference}"
@@ -241,6 +253,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
         **metrics,
         "isc": None,
         "isc_unavailable": IS_UNAVAILABLE_REASON,
+        # over the chunks sampled by this call (None if every chunk was loaded from an earlier run)
+        "mean_recursion_steps": model.mean_recursion_steps() if recursive else None,
         "samples_dir": str(samples_dir),
         "sampling_seconds": round(sampling_seconds, 1),
         "metric_seconds": round(metric_seconds, 1),
@@ -272,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,
         cfg_scale=args.cfg_scale, sampler=args.sampler, num_steps=args.num_steps, seed=args.seed,
         samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, prc=args.prc, device=args.device,
-        progress=args.progress)
-    summary = {k: result[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall") if k in result}
+        progress=args.progress,
+        halting={k: v for k, v in (("mode", args.halting), ("threshold", args.halt_threshold)) if v is not None})
+    summary = {k: result[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall", "mean_recursion_steps")
+               if k in result}
     print(json.dumps(summary), flush=True)
     return 0

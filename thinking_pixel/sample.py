@@ -93,19 +93,28 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
                       cfg_scale: float = 4.0, seed: int = 0, classes: Sequence[int] | None = None,
                       per_class: int = 8, use_ema: bool = True, device: str = "auto", batch_size: int = 64,
                       scale: int | None = None, vae: str | None = None, num_threads: int | None = None,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, halting: dict | None = None) -> Path:
     """Sample a grid from ``checkpoint`` (training output dir, step dir or save_pretrained dir) into ``output``.
 
-    Rows are ``classes`` (default: all), ``per_class`` samples each.
+    Rows are ``classes`` (default: all), ``per_class`` samples each. ``halting``: set_halting arguments (mode,
+    threshold) for a ThinkingPixelDiT; the mean recursion steps a token took is printed for one.
     """
     with torch_threads(num_threads):
         weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
         model = ckpt.load_model_dir(weights, device=resolve_device(device))
+        recursive = hasattr(model, "set_halting")
+        if halting:
+            if not recursive:
+                raise ValueError(f"halting settings need a ThinkingPixelDiT, {checkpoint} holds a {type(model).__name__}")
+            model.set_halting(**halting)
         step_dir = ckpt.find_step_dir(weights)
         is_latent = step_dir is not None and ckpt.load_train_config(step_dir).get("dataset") == "latents"
         classes = list(range(model.config.num_classes)) if classes is None else list(classes)
         images = generate(model, classes, per_class, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
                           seed=seed, clip_sample=not is_latent, batch_size=batch_size, progress=progress)
+        if recursive:
+            print(f"mean recursion steps per token: {model.mean_recursion_steps():.3f} "
+                  f"(of {model.recursion.steps}, halting {model.recursion.halting})")
         if is_latent:
             images = _decode_latents(images, vae)
         return save_grid(images, output, ncol=per_class, scale=scale)

@@ -16,16 +16,12 @@ def _sizes(text: str) -> tuple:
 
 
 def add_arguments(group) -> None:
-    """The frozenlake options (--sampler, --num-steps, --seed, --checkpoint, --output, --no-ema, --device are the
-    evaluate command's own)."""
+    """The frozenlake options (--sampler, --num-steps, --seed, --checkpoint, --output, --no-ema, --device,
+    --halting, --halt-threshold are the evaluate command's own)."""
     group.add_argument("--num-maps", type=int, default=100, help="held-out maps per size (default 100)")
     group.add_argument("--map-sizes", type=_sizes, default=None,
                        help="map sizes to roll out on (default: the training size up to the model's canvas)")
     group.add_argument("--max-steps", type=int, default=None, help="moves per rollout (default: the map's tiles)")
-    group.add_argument("--halting", choices=("none", "learned", "delta"), default=None,
-                       help="override the checkpoint's per-token halting (ThinkingPixelDiT only)")
-    group.add_argument("--halt-threshold", type=float, default=None,
-                       help="halting threshold (learned: cumulative halting probability; delta: relative change)")
 
 
 def run(args: argparse.Namespace) -> int:
