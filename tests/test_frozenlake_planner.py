@@ -76,3 +76,30 @@ def test_cli_train_then_evaluate(tmp_path, capsys, recursion):
         assert rates["num_maps"] == 2
         assert np.isclose(sum(rates[f"{o}_rate"] for o in fl.OUTCOMES), 1.0)
         assert (rates["mean_recursion_steps"] is None) == bool(recursion)
+
+
+def test_recursion_step_figure(tmp_path):
+    from thinking_pixel.models import RecursionConfig, ThinkingPixelDiT
+    from thinking_pixel.tasks.frozenlake import figures
+
+    lake = ("SFFF", "FHFH", "FFFH", "HFFG")
+    here, right = fl.render(lake, (0, 0), canvas=5), fl.render(lake, (0, 1), canvas=5)
+    assert figures.describe_move(here, right) == "right"
+    assert figures.describe_move(here, here) == "no move"
+    assert figures.describe_move(here, fl.render(lake, (2, 2), canvas=5)) == "jump"
+    evaluation = {"sizes": {"4": {"episodes": [
+        dict(map=lake, outcome="success", actions=[1, 1, 2, 1, 2, 2], moves=6, optimal=6),
+        dict(map=lake, outcome="hole", actions=[2, 1], moves=2, optimal=6),
+        dict(map=lake, outcome="invalid", actions=[1], moves=1, optimal=6)]}}}
+    chosen = figures.failure_frames(evaluation, "4", 3, canvas=5)
+    assert [c.split(" ")[0] for c, _ in chosen] == ["hole", "invalid", "success"]
+    assert fl.parse_frame(chosen[0][1])[1] == [(0, 1)]  # the frame before stepping into the hole
+    assert fl.parse_frame(chosen[1][1])[1] == [(1, 0)]  # the frame before the invalid move
+
+    model = ThinkingPixelDiT(dit_config("DiT-N/4", input_size=20, in_channels=3, num_classes=1, cond_channels=3,
+                                        depth=2, hidden_size=32, num_heads=2), RecursionConfig(steps=3, rank=4)).eval()
+    frames = [f for _, f in chosen]
+    pred = figures.recursion_step_predictions(model, frames, num_steps=3, probe_steps=(0, 2))
+    assert pred["decoded"].shape == (2, 3, 3, 3, 20, 20) and pred["samples"].shape == (3, 3, 20, 20)
+    figures.plot_recursion_steps([c for c, _ in chosen], frames, pred, tmp_path / "f.png", "test")
+    assert (tmp_path / "f.png").stat().st_size > 0

@@ -17,10 +17,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from common import apply_rule, time_rules
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["--dataset", "shapes", "--experts", "2", "--steps", "5", "--hidden-size", "64", "--batch-size", "32",
@@ -34,12 +35,6 @@ def rules(steps: int) -> list[dict]:
     return ([dict(name=f"fixed T'={t}", mode="none", steps=t) for t in range(1, steps + 1)]
             + [dict(name=f"learned {th}", mode="learned", threshold=th) for th in LEARNED]
             + [dict(name=f"delta {th}", mode="delta", threshold=th) for th in DELTA])
-
-
-def apply_rule(model, rule: dict, steps: int) -> None:
-    model.set_halting(rule["mode"], rule.get("threshold"))
-    for _, attn in model.recursive_attentions():
-        attn.steps = rule.get("steps", steps)
 
 
 @torch.no_grad()
@@ -58,20 +53,6 @@ def measure(model, rule: dict, steps: int, held_out, timesteps, noise, timing_ba
         errors.append((eps - noise[i]).square().mean().item())
     return dict(rule=rule, mse=sum(errors) / len(errors), mse_per_timestep=errors,
                 mean_steps=model.mean_recursion_steps())
-
-
-@torch.no_grad()
-def time_rules(model, rule_list, steps, batch, repeats=7) -> dict:
-    """Median forward time (s) of each rule, the rules interleaved so machine load hits them alike."""
-    x, t, y = batch
-    times = {r["name"]: [] for r in rule_list}
-    for _ in range(repeats):
-        for r in rule_list:
-            apply_rule(model, r, steps)
-            start = time.perf_counter()
-            model(x, t, y)
-            times[r["name"]].append(time.perf_counter() - start)
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def main(argv=None) -> int:

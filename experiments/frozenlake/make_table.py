@@ -1,0 +1,177 @@
+"""Summarise a FrozenLake run directory (experiments/frozenlake/run.py) and the shapes halting curve.
+
+    python experiments/frozenlake/make_table.py runs/frozenlake --shapes runs/halting_shapes \
+        --copy-to experiments/results/frozenlake --insert-into RESULTS.md
+
+Writes OUT/results.md (the tables), OUT/halting_curves.png (quality against the mean recursion steps), and with
+--copy-to the evaluation JSONs (without per-episode records), commands and figures; with --insert-into it
+replaces the text between ``<!-- frozenlake:begin -->`` and ``<!-- frozenlake:end -->`` in that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+RATES = ("success_rate", "invalid_rate", "hole_rate", "timeout_rate")
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main_table(out: Path) -> tuple[str, dict]:
+    by_variant = defaultdict(list)
+    for path in sorted((out / "eval").glob("*.json")):
+        variant = re.sub(r"_s\d+$", "", path.stem)
+        by_variant[variant].append(_load(path))
+    order = [v for v in ("base", "tp_M2_T2", "tp_M2_T5", "ponder_M2_T5") if v in by_variant]
+    order += [v for v in sorted(by_variant) if v not in order]
+    lines = ["| variant | map size | seeds | success | invalid move | hole | timeout | path / shortest |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant in order:
+        results = by_variant[variant]
+        for size in sorted(results[0]["sizes"], key=int):
+            rows = [r["sizes"][size] for r in results if size in r["sizes"]]
+            cells = [_mean_std([row[k] for row in rows]) for k in RATES]
+            lines.append(f"| {variant} | {size}x{size}{' (held-out)' if size == '4' else ' (larger)'} | "
+                         f"{len(rows)} | " + " | ".join(cells) + f" | {_mean_std([row['path_ratio'] for row in rows])} |")
+    return "\n".join(lines), by_variant
+
+
+def halting_points(out: Path) -> dict:
+    """{run: [(rule, size, success, mean steps)]}: the un-halted evaluation and every halting one."""
+    points = defaultdict(list)
+    for path in sorted((out / "eval").glob("*_T5_s*.json")):
+        for size, r in _load(path)["sizes"].items():
+            points[path.stem].append(("none", size, r["success_rate"], r["mean_recursion_steps"]))
+    for path in sorted((out / "halting").glob("*.json")):
+        run, mode, threshold = re.match(r"(.+_s\d+)_(delta|learned)_(.+)$", path.stem).groups()
+        for size, r in _load(path)["sizes"].items():
+            points[run].append((f"{mode} {threshold}", size, r["success_rate"], r["mean_recursion_steps"]))
+    return points
+
+
+def halting_table(points: dict) -> str:
+    lines = ["| run | rule | mean steps (4x4) | success 4x4 | mean steps (5x5) | success 5x5 |", "|---|---|---|---|---|---|"]
+    for run, rows in points.items():
+        rules = list(dict.fromkeys(rule for rule, *_ in rows))
+        for rule in rules:
+            cells = {size: (s, m) for r, size, s, m in rows if r == rule}
+            fmt = lambda size: (f"{cells[size][1]:.2f} | {cells[size][0]:.2f}" if size in cells else "– | –")  # noqa: E731
+            lines.append(f"| {run} | {rule} | {fmt('4')} | {fmt('5')} |")
+    return "\n".join(lines)
+
+
+def shapes_table(curve: dict) -> str:
+    lines = ["| rule | mean steps | held-out eps MSE | forward ms (batch 64) |", "|---|---|---|---|"]
+    for p in curve["points"]:
+        lines.append(f"| {p['rule']['name']} | {p['mean_steps']:.2f} | {p['mse']:.5f} | "
+                     f"{p['forward_seconds_b64'] * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(points: dict, curve: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if curve else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    for run, rows in points.items():
+        for family, marker in (("delta", "o"), ("learned", "s"), ("none", "*")):
+            sel = sorted((m, s) for r, size, s, m in rows if r.startswith(family) and size == "4" and m is not None)
+            if sel:
+                ax.plot(*zip(*sel), marker=marker, label=f"{run} {family}", alpha=0.8)
+    ax.set_xlabel("mean recursion steps per token")
+    ax.set_ylabel("success rate, held-out 4x4 maps")
+    ax.set_title("FrozenLake planner: success vs recursion steps", fontsize=9)
+    ax.legend(fontsize=6)
+    if curve:
+        ax = axes[0, 1]
+        for family, marker in (("fixed", "*"), ("learned", "s"), ("delta", "o")):
+            sel = sorted((p["mean_steps"], p["mse"]) for p in curve["points"] if p["rule"]["name"].startswith(family))
+            ax.plot(*zip(*sel), marker=marker, label=family)
+        ax.set_xlabel("mean recursion steps per token")
+        ax.set_ylabel("held-out denoising MSE (lower is better)")
+        ax.set_title("shapes (M=2, T=5, learned head): quality vs steps", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--shapes", type=Path, default=None, help="experiments/halting/shapes.py output dir")
+    p.add_argument("--copy-to", type=Path, default=None)
+    p.add_argument("--insert-into", type=Path, default=None)
+    args = p.parse_args(argv)
+    table, _ = main_table(args.out)
+    points = halting_points(args.out)
+    curve = _load(args.shapes / "curve.json") if args.shapes and (args.shapes / "curve.json").exists() else None
+    plot_curves(points, curve, args.out / "halting_curves.png")
+    timing = args.out / "halting_timing.json"
+    parts = ["### Rollouts on held-out maps (mean ± std over seeds)", "", table, "",
+             "### Per-token halting on the T=5 planners (success and mean recursion steps, seed 0)", "",
+             halting_table(points), ""]
+    if timing.exists():
+        parts += ["### Forward-pass wall-clock per rule (ms, median of 7, batch 64, 1 thread, shared machine)", "",
+                  "| run | " + " | ".join(next(iter(_load(timing).values()))) + " |", ""]
+        t = _load(timing)
+        parts[-2] = "| run | rule | ms |\n|---|---|---|\n" + "\n".join(
+            f"| {run} | {rule} | {s * 1e3:.1f} |" for run, rules in t.items() for rule, s in rules.items())
+    if curve:
+        parts += ["### Shapes: held-out denoising error against mean recursion steps", "", shapes_table(curve), ""]
+    text = "\n".join(parts)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    if args.copy_to:
+        dest = args.copy_to
+        (dest / "eval").mkdir(parents=True, exist_ok=True)
+        (dest / "halting").mkdir(parents=True, exist_ok=True)
+        for sub in ("eval", "halting"):
+            for path in (args.out / sub).glob("*.json"):
+                data = _load(path)
+                for r in data["sizes"].values():
+                    r.pop("episodes", None)
+                (dest / sub / path.name).write_text(json.dumps(data, indent=1) + "\n")
+        for name in ("commands.sh", "halting_curves.png", "results.md", "halting_timing.json"):
+            if (args.out / name).exists():
+                shutil.copy(args.out / name, dest / name)
+        for png in (args.out / "figures").glob("*.png"):
+            shutil.copy(png, dest / png.name)
+        if args.shapes:
+            for name in ("curve.json", "commands.sh"):
+                if (args.shapes / name).exists():
+                    shutil.copy(args.shapes / name, dest / f"shapes_{name}")
+    if args.insert_into:
+        doc = args.insert_into.read_text()
+        begin, end = "<!-- frozenlake:begin -->", "<!-- frozenlake:end -->"
+        if begin not in doc:
+            raise SystemExit(f"{args.insert_into} has no {begin} marker")
+        doc = doc[: doc.index(begin) + len(begin)] + "\n" + text + "\n" + doc[doc.index(end):]
+        args.insert_into.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
