@@ -40,7 +40,7 @@ def main_table(out: Path) -> tuple[str, dict]:
     for path in sorted((out / "eval").glob("*.json")):
         variant = re.sub(r"_s\d+$", "", path.stem)
         by_variant[variant].append(_load(path))
-    order = [v for v in ("base", "tp_M2_T2", "tp_M2_T5", "ponder_M2_T5") if v in by_variant]
+    order = [v for v in ("base", "dit_continued", "tp_M2_T2", "tp_M2_T5", "ponder_M2_T5") if v in by_variant]
     order += [v for v in sorted(by_variant) if v not in order]
     lines = ["| variant | map size | seeds | success | invalid move | hole | timeout | path / shortest |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,19 +1,20 @@
 """The FrozenLake case study and the adaptive-depth (halting) measurements, end to end, resumably.
 
-    python experiments/frozenlake/run.py --out runs/frozenlake --jobs 2        # everything
+    python experiments/frozenlake/run.py --out runs/frozenlake --jobs 4        # everything
     python experiments/frozenlake/run.py --out runs/frozenlake --stages train,eval
 
-Stages (each skips what is already done; training resumes from its latest checkpoint):
-  train    every variant x seed (ponder_*: --ponder-seeds): an image-conditioned DiT (4 blocks, width 64, patch 4)
-           trained from scratch on 4x4 lakes in a 5x5-tile canvas (20 px), ``--steps`` steps of batch 32.
-             base        plain DiT (no recursion)
-             tp_M2_T2    ThinkingPixel, M=2 experts, T=2 latent steps in the middle block
-             tp_M2_T5    M=2, T=5
-             ponder_M2_T5  M=2, T=5 with a learned halting head (PonderNet, geometric prior 0.5)
+The paper's fine-tuning protocol (as experiments/run.py), sized for a busy 2-core CPU:
+  train    base: an image-conditioned DiT (4 blocks, width 64, patch 4: one token per tile) trained from scratch
+           (seed 0, ``--base-steps`` steps of batch 32) on 4x4 lakes in a 5x5-tile canvas (20 px).
+           Then, from its EMA weights, for every seed in ``--seeds`` (ponder: ``--ponder-seeds``), ``--ft-steps``:
+             dit_continued  the plain DiT trained further (all weights)
+             tp_M2_T2       ThinkingPixel (base frozen): M=2 experts, T=2 latent steps in the middle block
+             tp_M2_T5       M=2, T=5
+             ponder_M2_T5   M=2, T=5 with a learned halting head (PonderNet, geometric prior 0.5)
   eval     rollouts on ``--num-maps`` held-out 4x4 maps and 5x5 maps (larger than in training), DDIM 20 steps
-  halting  tp_M2_T5 and ponder_M2_T5 re-evaluated with per-token halting: the delta rule at several thresholds,
-           the learned rule at several thresholds (ponder only), and the fixed depths T' < T as the baseline
-  figures  per-recursion-step decoded predictions for a few maps, failures included (seed 0)
+  halting  the T=5 runs of the first seed re-evaluated with per-token halting: the delta rule at several thresholds, and the
+           learned rule at several thresholds (ponder only)
+  figures  per-recursion-step decoded predictions for a few maps, failures included (first seed)
 Every command is appended to OUT/commands.sh; experiments/frozenlake/make_table.py summarises OUT.
 """
 
@@ -31,14 +32,15 @@ REPO = Path(__file__).resolve().parents[2]
 # average in the first few hundred steps at the end).
 MODEL = ["--dataset", "frozenlake", "--image-size", "20", "--hidden-size", "64", "--batch-size", "32",
          "--ema-decay", "0.995", "--checkpoint-every", "200", "--threads", "1", "--no-progress"]
+BASE = "base_s0"
 VARIANTS = {
-    "base": ["--no-recursion"],
+    "dit_continued": ["--no-recursion"],
     "tp_M2_T2": ["--experts", "2", "--steps", "2"],
     "tp_M2_T5": ["--experts", "2", "--steps", "5"],
     "ponder_M2_T5": ["--experts", "2", "--steps", "5", "--halting", "learned"],
 }
-DELTA_THRESHOLDS = ("0.02", "0.05", "0.1", "0.2", "0.4")
-LEARNED_THRESHOLDS = ("0.3", "0.5", "0.7", "0.9", "0.99")
+DELTA_THRESHOLDS = ("0.05", "0.1", "0.2", "0.4")
+LEARNED_THRESHOLDS = ("0.3", "0.5", "0.7", "0.9")
 
 
 class Runner:
@@ -65,7 +67,8 @@ def _evaluate(run: Path, output: Path, num_maps: int, *extra) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/frozenlake"))
-    p.add_argument("--steps", type=int, default=1200, help="training steps per run")
+    p.add_argument("--base-steps", type=int, default=1200, help="training steps of the base DiT")
+    p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps per variant")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--ponder-seeds", default="0", help="seeds of the ponder_* variants (the halting curve)")
@@ -87,16 +90,21 @@ def main(argv=None) -> int:
             list(pool.map(run, cmds))
 
     if "train" in stages:
-        parallel([_python("-m", "thinking_pixel", "train", *MODEL, *VARIANTS[v], "--seed", str(s), "--max-steps",
-                          str(args.steps), "--output-dir", str(out / "runs" / name))
+        base_cmd = _python("-m", "thinking_pixel", "train", *MODEL, "--no-recursion", "--seed", "0", "--max-steps",
+                           str(args.base_steps), "--output-dir", str(out / "runs" / BASE))
+        run(base_cmd)
+        parallel([_python("-m", "thinking_pixel", "train", *MODEL, *VARIANTS[v], "--finetune-from",
+                          str(out / "runs" / BASE), "--seed", str(s), "--max-steps", str(args.ft_steps),
+                          "--output-dir", str(out / "runs" / name))
                   for name, (v, s) in runs.items()])
+    runs = {BASE: ("base", 0), **runs}
     if "eval" in stages:
         parallel([_evaluate(out / "runs" / name, out / "eval" / f"{name}.json", args.num_maps)
                   for name in runs if not (out / "eval" / f"{name}.json").exists()])
     if "halting" in stages:
         cmds = []
         for name, (v, s) in runs.items():
-            if not v.endswith("_T5"):
+            if not v.endswith("_T5") or s != seeds[0]:
                 continue
             rules = [("delta", th) for th in DELTA_THRESHOLDS]
             if v.startswith("ponder"):
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
         cmds = []
         for name, (v, s) in runs.items():
             path = out / "figures" / f"recursion_steps_{name}.png"
-            if v != "base" and s == seeds[0] and not path.exists():
+            if v.startswith(("tp", "ponder")) and s == seeds[0] and not path.exists():
                 cmds.append(_python("-m", "thinking_pixel.tasks.frozenlake.figures", "--checkpoint",
                                     str(out / "runs" / name), "--eval", str(out / "eval" / f"{name}.json"),
                                     "--output", str(path)))
