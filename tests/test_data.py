@@ -192,7 +192,7 @@ def test_latents_layouts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_make_dataset_errors():
-    assert set(DATASETS) == {"shapes", "digits", "fashion_mnist", "folder", "latents"}
+    assert set(DATASETS) == {"shapes", "digits", "fashion_mnist", "folder", "latents", "frozenlake"}
     with pytest.raises(ValueError, match="unknown dataset"):
         make_dataset("imagenet")
     with pytest.raises(ValueError, match="does not take"):
