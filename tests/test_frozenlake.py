@@ -115,8 +115,10 @@ def test_evaluate_planner_outcomes():
     assert oracle["success_rate"] == 1.0 and oracle["path_ratio"] == 1.0 and oracle["num_maps"] == 8
     assert [e["moves"] for e in oracle["episodes"]] == [fl.shortest_path_length(m) for m in maps]
 
+    assert oracle["cell_accuracy"] == oracle["first_cell_accuracy"] == 1.0
     stay = fl.evaluate_planner(lambda frame: frame, maps)
     assert stay["invalid_rate"] == 1.0 and stay["path_ratio"] is None
+    assert stay["cell_accuracy"] == 14 / 16  # all but the agent's old and new cells
 
     def into_hole(frame):  # step onto a neighbouring hole when there is one, else back and forth
         lake, (pos,) = fl.parse_frame(frame)

@@ -22,13 +22,13 @@ import numpy as np
 RATES = ("success_rate", "invalid_rate", "hole_rate", "timeout_rate")
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def _load(path: Path) -> dict:
@@ -42,38 +42,50 @@ def main_table(out: Path) -> tuple[str, dict]:
         by_variant[variant].append(_load(path))
     order = [v for v in ("base", "dit_continued", "tp_M2_T2", "tp_M2_T5", "ponder_M2_T5") if v in by_variant]
     order += [v for v in sorted(by_variant) if v not in order]
-    lines = ["| variant | map size | seeds | success | invalid move | hole | timeout | path / shortest |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | map size | seeds | success | invalid move | hole | timeout | path / shortest | cell accuracy "
+             "(all moves) | cell accuracy (first move) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for variant in order:
         results = by_variant[variant]
         for size in sorted(results[0]["sizes"], key=int):
             rows = [r["sizes"][size] for r in results if size in r["sizes"]]
             cells = [_mean_std([row[k] for row in rows]) for k in RATES]
             lines.append(f"| {variant} | {size}x{size}{' (held-out)' if size == '4' else ' (larger)'} | "
-                         f"{len(rows)} | " + " | ".join(cells) + f" | {_mean_std([row['path_ratio'] for row in rows])} |")
+                         f"{len(rows)} | " + " | ".join(cells) + f" | {_mean_std([row['path_ratio'] for row in rows])} | "
+                         f"{_mean_std([row.get('cell_accuracy') for row in rows], 3)} | "
+                         f"{_mean_std([row.get('first_cell_accuracy') for row in rows], 3)} |")
     return "\n".join(lines), by_variant
 
 
 def halting_points(out: Path) -> dict:
-    """{run: [(rule, size, success, mean steps)]}: the un-halted evaluation and every halting one."""
+    """{run: [(rule, size, success, mean steps, first-move cell accuracy)]}: the un-halted evaluation and every
+    halting one."""
     points = defaultdict(list)
     for path in sorted((out / "eval").glob("*_T5_s*.json")):
         for size, r in _load(path)["sizes"].items():
-            points[path.stem].append(("none", size, r["success_rate"], r["mean_recursion_steps"]))
+            points[path.stem].append(("none", size, r["success_rate"], r["mean_recursion_steps"],
+                                      r.get("first_cell_accuracy")))
     for path in sorted((out / "halting").glob("*.json")):
         run, mode, threshold = re.match(r"(.+_s\d+)_(delta|learned)_(.+)$", path.stem).groups()
         for size, r in _load(path)["sizes"].items():
-            points[run].append((f"{mode} {threshold}", size, r["success_rate"], r["mean_recursion_steps"]))
+            points[run].append((f"{mode} {threshold}", size, r["success_rate"], r["mean_recursion_steps"],
+                                r.get("first_cell_accuracy")))
     return points
 
 
 def halting_table(points: dict) -> str:
-    lines = ["| run | rule | mean steps (4x4) | success 4x4 | mean steps (5x5) | success 5x5 |", "|---|---|---|---|---|---|"]
+    lines = ["| run | rule | mean steps (4x4) | success 4x4 | first-move cell acc. 4x4 | mean steps (5x5) | "
+             "success 5x5 | first-move cell acc. 5x5 |", "|---|---|---|---|---|---|---|---|"]
     for run, rows in points.items():
         rules = list(dict.fromkeys(rule for rule, *_ in rows))
         for rule in rules:
-            cells = {size: (s, m) for r, size, s, m in rows if r == rule}
-            fmt = lambda size: (f"{cells[size][1]:.2f} | {cells[size][0]:.2f}" if size in cells else "– | –")  # noqa: E731
+            cells = {size: (s, m, a) for r, size, s, m, a in rows if r == rule}
+
+            def fmt(size):
+                if size not in cells:
+                    return "– | – | –"
+                s, m, a = cells[size]
+                return f"{m:.2f} | {s:.2f} | {'–' if a is None else f'{a:.3f}'}"
             lines.append(f"| {run} | {rule} | {fmt('4')} | {fmt('5')} |")
     return "\n".join(lines)
 
@@ -97,12 +109,13 @@ def plot_curves(points: dict, curve: dict | None, path: Path) -> None:
     ax = axes[0, 0]
     for run, rows in points.items():
         for family, marker in (("delta", "o"), ("learned", "s"), ("none", "*")):
-            sel = sorted((m, s) for r, size, s, m in rows if r.startswith(family) and size == "4" and m is not None)
+            sel = sorted((m, a) for r, size, s, m, a in rows
+                         if r.startswith(family) and size == "4" and m is not None and a is not None)
             if sel:
                 ax.plot(*zip(*sel), marker=marker, label=f"{run} {family}", alpha=0.8)
     ax.set_xlabel("mean recursion steps per token")
-    ax.set_ylabel("success rate, held-out 4x4 maps")
-    ax.set_title("FrozenLake planner: success vs recursion steps", fontsize=9)
+    ax.set_ylabel("first-move cell accuracy, held-out 4x4")
+    ax.set_title("FrozenLake planner: quality vs recursion steps", fontsize=9)
     ax.legend(fontsize=6)
     if curve:
         ax = axes[0, 1]

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, num_steps=args.num_steps, seed=args.seed, use_ema=args.use_ema, device=args.device,
         halting=halting or None)
     summary = {size: {k: r[k] for k in ("success_rate", "invalid_rate", "hole_rate", "timeout_rate", "path_ratio",
-                                        "mean_recursion_steps")}
+                                        "cell_accuracy", "mean_recursion_steps")}
                for size, r in result["sizes"].items()}
     print(json.dumps(summary), flush=True)
     return 0

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .maps import ACTIONS, check_map
 
-__all__ = ["PALETTE", "decode_action", "frame_array", "parse_frame", "render"]
+__all__ = ["PALETTE", "cell_contents", "decode_action", "frame_array", "parse_frame", "render"]
 
 PALETTE = {  # what fills a cell -> RGB: a tile, "outside" the lake, or the agent standing on a tile
     "outside": (0, 0, 0),
@@ -67,12 +67,8 @@ def _nearest(colours: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return ((colours[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
 
 
-def parse_frame(frame, *, cell: int = 4):
-    """Read a frame back: -> (map tuple of strings or None, agent positions as a list of (row, col)).
-
-    The map is None when the tiles do not form a lake (outside colour inside it, not a square in the top-left
-    corner, not exactly one S and one G). Every cell that reads as an agent counts as one position.
-    """
+def cell_contents(frame, *, cell: int = 4) -> np.ndarray:
+    """(n, n) array of palette names: what each cell of the frame reads as (nearest palette colour of its mean)."""
     cell = _check_cell(cell)
     pixels = frame_array(frame)
     height, width = pixels.shape[:2]
@@ -80,7 +76,16 @@ def parse_frame(frame, *, cell: int = 4):
         raise ValueError(f"frame must be square with a side divisible by cell={cell}, got {width}x{height}")
     n = height // cell
     means = pixels.reshape(n, cell, n, cell, 3).mean(axis=(1, 3))  # (n, n, 3)
-    names = np.array(_NAMES)[((means[:, :, None, :] - _RGB) ** 2).sum(-1).argmin(-1)]  # (n, n)
+    return np.array(_NAMES)[((means[:, :, None, :] - _RGB) ** 2).sum(-1).argmin(-1)]
+
+
+def parse_frame(frame, *, cell: int = 4):
+    """Read a frame back: -> (map tuple of strings or None, agent positions as a list of (row, col)).
+
+    The map is None when the tiles do not form a lake (outside colour inside it, not a square in the top-left
+    corner, not exactly one S and one G). Every cell that reads as an agent counts as one position.
+    """
+    names = cell_contents(frame, cell=cell)  # (n, n)
     positions = [(int(r), int(c)) for r, c in zip(*np.nonzero(np.char.startswith(names, "agent")))]
     tiles = np.vectorize(lambda name: name[-1] if name.startswith("agent") else name)(names)  # tile under agents
     inside = tiles != "outside"

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from .maps import check_map, distances_to_goal, find, optimal_actions, step
-from .render import decode_action, parse_frame, render
+from .render import cell_contents, decode_action, parse_frame, render
 
 __all__ = ["OUTCOMES", "evaluate_planner", "oracle_planner"]
 
@@ -54,8 +54,10 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
     missing or extra agent) or after ``max_steps`` moves (timeout; default: the number of tiles of the map).
 
     Returns success_rate, invalid_rate, hole_rate, timeout_rate, path_ratio (mean over successes of moves / the
-    shortest path's length; 1.0 is optimal, None without successes), num_maps, and ``episodes``: one dict per map
-    with outcome, moves, optimal (shortest length) and actions.
+    shortest path's length; 1.0 is optimal, None without successes), num_maps, cell_accuracy (a graded score of
+    the proposals: the fraction of canvas cells that read as in the closest shortest-path next frame, averaged over
+    every proposal; first_cell_accuracy: over the first proposals only, from the start frames) and ``episodes``:
+    one dict per map with outcome, moves, optimal (shortest length) and actions.
     """
     maps = [check_map(m) for m in maps]
     if not maps:
@@ -66,7 +68,7 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
     for lake in maps:
         start = find(lake, "S")
         episodes.append(dict(map=lake, outcome=None, moves=0, optimal=int(distances_to_goal(lake)[start]),
-                             actions=[], pos=start, limit=max_steps or len(lake) ** 2))
+                             actions=[], pos=start, limit=max_steps or len(lake) ** 2, cell_accuracy=[]))
     frame_canvas = canvas or max(len(m) for m in maps)
     frames = {i: render(e["map"], e["pos"], cell=cell, canvas=frame_canvas) for i, e in enumerate(episodes)}
     while frames:
@@ -74,6 +76,11 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
         proposals = _call(planner, [frames[i] for i in order])
         for i, proposal in zip(order, proposals):
             episode = episodes[i]
+            got = cell_contents(proposal, cell=cell)
+            best = [cell_contents(render(episode["map"], step(episode["map"], episode["pos"], a)[0], cell=cell,
+                                         canvas=frame_canvas), cell=cell)
+                    for a in optimal_actions(episode["map"], episode["pos"])]
+            episode["cell_accuracy"].append(max((got == b).mean() for b in best) if best else None)
             action = decode_action(frames[i], proposal, cell=cell)
             if action is None:
                 episode["outcome"] = "invalid"
@@ -92,6 +99,9 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
     counts = Counter(e["outcome"] for e in episodes)
     ratios = [e["moves"] / e["optimal"] for e in episodes if e["outcome"] == "success"]
     result = {f"{o}_rate": counts[o] / len(episodes) for o in OUTCOMES}
+    accuracy = [a for e in episodes for a in e["cell_accuracy"] if a is not None]
     result.update(path_ratio=float(np.mean(ratios)) if ratios else None, num_maps=len(episodes),
+                  cell_accuracy=float(np.mean(accuracy)) if accuracy else None,
+                  first_cell_accuracy=float(np.mean([e["cell_accuracy"][0] for e in episodes])),
                   episodes=[{k: e[k] for k in ("map", "outcome", "moves", "optimal", "actions")} for e in episodes])
     return result
