@@ -107,7 +107,8 @@ class Halting(nn.Module):
     @torch.no_grad()
     def count(self, steps):
         """Add the steps (N, T) the tokens of a forward pass took to the running total."""
-        total = torch.stack([steps.sum(dtype=torch.float64), steps.new_tensor(steps.numel(), dtype=torch.float64)])
+        tokens = torch.full((), float(steps.numel()), dtype=torch.float64, device=steps.device)  # a fill, no copy
+        total = torch.stack([steps.sum(dtype=torch.float64), tokens])
         self.steps_taken = total if self.steps_taken is None else self.steps_taken + total
 
     def extra_repr(self):
