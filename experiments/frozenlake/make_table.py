@@ -91,10 +91,11 @@ def halting_table(points: dict) -> str:
 
 
 def shapes_table(curve: dict) -> str:
-    lines = ["| rule | mean steps | held-out eps MSE | forward ms (batch 64) |", "|---|---|---|---|"]
-    for p in curve["points"]:
-        lines.append(f"| {p['rule']['name']} | {p['mean_steps']:.2f} | {p['mse']:.5f} | "
-                     f"{p['forward_seconds_b64'] * 1e3:.1f} |")
+    lines = ["| model | rule | mean steps | held-out eps MSE | forward ms (batch 64) |", "|---|---|---|---|---|"]
+    for run, r in curve["runs"].items():
+        for p in r["points"]:
+            lines.append(f"| {run} | {p['rule']['name']} | {p['mean_steps']:.2f} | {p['mse']:.5f} | "
+                         f"{p['forward_seconds_b64'] * 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -119,12 +120,14 @@ def plot_curves(points: dict, curve: dict | None, path: Path) -> None:
     ax.legend(fontsize=6)
     if curve:
         ax = axes[0, 1]
-        for family, marker in (("fixed", "*"), ("learned", "s"), ("delta", "o")):
-            sel = sorted((p["mean_steps"], p["mse"]) for p in curve["points"] if p["rule"]["name"].startswith(family))
-            ax.plot(*zip(*sel), marker=marker, label=family)
+        for run, r in curve["runs"].items():
+            for family, marker in (("fixed", "*"), ("learned", "s"), ("delta", "o")):
+                sel = sorted((p["mean_steps"], p["mse"]) for p in r["points"] if p["rule"]["name"].startswith(family))
+                if sel:
+                    ax.plot(*zip(*sel), marker=marker, label=f"{run} {family}")
         ax.set_xlabel("mean recursion steps per token")
         ax.set_ylabel("held-out denoising MSE (lower is better)")
-        ax.set_title("shapes (M=2, T=5, learned head): quality vs steps", fontsize=9)
+        ax.set_title("shapes (M=2, T=5): quality vs steps", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
