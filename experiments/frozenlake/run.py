@@ -67,7 +67,7 @@ def _evaluate(run: Path, output: Path, num_maps: int, *extra) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/frozenlake"))
-    p.add_argument("--base-steps", type=int, default=2400, help="training steps of the base DiT")
+    p.add_argument("--base-steps", type=int, default=4000, help="training steps of the base DiT")
     p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps per variant")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))
