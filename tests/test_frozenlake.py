@@ -107,6 +107,10 @@ def test_decode_action_rejects_everything_but_one_legal_move():
     two[:4, :4] = fl.PALETTE["agent on S"]  # a second agent in the top-left cell
     assert fl.decode_action(here, two) is None
     assert fl.decode_action(here, np.zeros((16, 16, 3), np.uint8)) is None  # no lake at all
+    assert [fl.invalid_reason(here, b) for b in (fl.render(lake, (3, 2)), fl.render(lake, (0, 3)), here,
+                                                 fl.render(changed, (2, 2)), two)] == \
+        ["diagonal", "jump", "no move", "map changed", "2 agents"]
+    assert fl.invalid_reason(here, fl.render(lake, (2, 0))) is None
 
 
 def test_evaluate_planner_outcomes():
@@ -119,6 +123,7 @@ def test_evaluate_planner_outcomes():
     stay = fl.evaluate_planner(lambda frame: frame, maps)
     assert stay["invalid_rate"] == 1.0 and stay["path_ratio"] is None
     assert stay["cell_accuracy"] == 14 / 16  # all but the agent's old and new cells
+    assert stay["invalid_reasons"] == {"no move": 8}
 
     def into_hole(frame):  # step onto a neighbouring hole when there is one, else back and forth
         lake, (pos,) = fl.parse_frame(frame)

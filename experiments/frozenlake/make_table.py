@@ -31,6 +31,14 @@ def _mean_std(values, digits: int = 2) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+def _reasons(rows) -> str:
+    total = defaultdict(int)
+    for row in rows:
+        for reason, n in row.get("invalid_reasons", {}).items():
+            total[reason] += n
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(total.items(), key=lambda kv: -kv[1])) or "–"
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -43,8 +51,8 @@ def main_table(out: Path) -> tuple[str, dict]:
     order = [v for v in ("base", "dit_continued", "tp_M2_T2", "tp_M2_T5", "ponder_M2_T5") if v in by_variant]
     order += [v for v in sorted(by_variant) if v not in order]
     lines = ["| variant | map size | seeds | success | invalid move | hole | timeout | path / shortest | cell accuracy "
-             "(all moves) | cell accuracy (first move) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(all moves) | cell accuracy (first move) | invalid moves by kind (all seeds) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in order:
         results = by_variant[variant]
         for size in sorted(results[0]["sizes"], key=int):
@@ -53,7 +61,8 @@ def main_table(out: Path) -> tuple[str, dict]:
             lines.append(f"| {variant} | {size}x{size}{' (held-out)' if size == '4' else ' (larger)'} | "
                          f"{len(rows)} | " + " | ".join(cells) + f" | {_mean_std([row['path_ratio'] for row in rows])} | "
                          f"{_mean_std([row.get('cell_accuracy') for row in rows], 3)} | "
-                         f"{_mean_std([row.get('first_cell_accuracy') for row in rows], 3)} |")
+                         f"{_mean_std([row.get('first_cell_accuracy') for row in rows], 3)} | "
+                         f"{_reasons(rows)} |")
     return "\n".join(lines), by_variant
 
 

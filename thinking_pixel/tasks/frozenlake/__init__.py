@@ -7,9 +7,9 @@ The diffusion planner lives in :mod:`.planner` and its training data in :mod:`th
 
 from .maps import ACTIONS, DOWN, LEFT, RIGHT, UP, distances_to_goal, make_maps, optimal_actions, \
     shortest_path_length, step
-from .render import PALETTE, decode_action, parse_frame, render
+from .render import PALETTE, decode_action, invalid_reason, parse_frame, render
 from .rollout import OUTCOMES, evaluate_planner, oracle_planner
 
 __all__ = ["ACTIONS", "DOWN", "LEFT", "OUTCOMES", "PALETTE", "RIGHT", "UP", "decode_action", "distances_to_goal",
-           "evaluate_planner", "make_maps", "optimal_actions", "oracle_planner", "parse_frame", "render",
+           "evaluate_planner", "invalid_reason", "make_maps", "optimal_actions", "oracle_planner", "parse_frame", "render",
            "shortest_path_length", "step"]

@@ -22,7 +22,7 @@ import torch
 from ...data.frozenlake import CELL, frame_tensor
 from .maps import ACTIONS, find, step
 from .planner import frames_to_images
-from .render import decode_action, parse_frame, render
+from .render import decode_action, invalid_reason, render
 
 __all__ = ["describe_move", "failure_frames", "plot_recursion_steps", "recursion_step_predictions"]
 
@@ -32,17 +32,7 @@ ACTION_NAMES = {0: "left", 1: "down", 2: "right", 3: "up"}
 def describe_move(frame_a, frame_b) -> str:
     """A short caption: the action, or why frame_b is not one legal move from frame_a."""
     action = decode_action(frame_a, frame_b, cell=CELL)
-    if action is not None:
-        return ACTION_NAMES[action]
-    lake_a, (pos_a, *_) = parse_frame(frame_a, cell=CELL)
-    lake_b, pos_b = parse_frame(frame_b, cell=CELL)
-    if lake_b != lake_a:
-        return "map changed"
-    if len(pos_b) != 1:
-        return f"{len(pos_b)} agents"
-    if pos_b[0] == pos_a:
-        return "no move"
-    return "jump"
+    return ACTION_NAMES[action] if action is not None else invalid_reason(frame_a, frame_b, cell=CELL)
 
 
 def failure_frames(evaluation: dict, size: str, count: int, canvas: int) -> list[tuple]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .maps import ACTIONS, check_map
 
-__all__ = ["PALETTE", "cell_contents", "decode_action", "frame_array", "parse_frame", "render"]
+__all__ = ["PALETTE", "cell_contents", "decode_action", "frame_array", "invalid_reason", "parse_frame", "render"]
 
 PALETTE = {  # what fills a cell -> RGB: a tile, "outside" the lake, or the agent standing on a tile
     "outside": (0, 0, 0),
@@ -114,3 +114,20 @@ def decode_action(frame_a, frame_b, *, cell: int = 4) -> int | None:
         if (rb - ra, cb - ca) == (dr, dc):
             return action
     return None
+
+
+def invalid_reason(frame_a, frame_b, *, cell: int = 4) -> str | None:
+    """Why ``frame_b`` is not one legal move from ``frame_a`` (None if it is): "map changed", "no agent",
+    "2 agents" (or more), "no move", "diagonal" (one cell diagonally) or "jump" (farther)."""
+    if decode_action(frame_a, frame_b, cell=cell) is not None:
+        return None
+    lake_a, pos_a = parse_frame(frame_a, cell=cell)
+    lake_b, pos_b = parse_frame(frame_b, cell=cell)
+    if lake_a is None or len(pos_a) != 1:
+        raise ValueError("frame_a must show a valid lake with one agent")
+    if lake_b != lake_a:
+        return "map changed"
+    if len(pos_b) != 1:
+        return "no agent" if not pos_b else f"{len(pos_b)} agents"
+    dr, dc = abs(pos_b[0][0] - pos_a[0][0]), abs(pos_b[0][1] - pos_a[0][1])
+    return "no move" if dr + dc == 0 else "diagonal" if dr == dc == 1 else "jump"

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from .maps import check_map, distances_to_goal, find, optimal_actions, step
-from .render import cell_contents, decode_action, parse_frame, render
+from .render import cell_contents, decode_action, invalid_reason, parse_frame, render
 
 __all__ = ["OUTCOMES", "evaluate_planner", "oracle_planner"]
 
@@ -53,7 +53,8 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
     ends on G (success), a hole, an invalid move (decode_action gives None: no move, a jump, a changed map, a
     missing or extra agent) or after ``max_steps`` moves (timeout; default: the number of tiles of the map).
 
-    Returns success_rate, invalid_rate, hole_rate, timeout_rate, path_ratio (mean over successes of moves / the
+    Returns success_rate, invalid_rate, hole_rate, timeout_rate, invalid_reasons (counts of invalid_reason's
+    answers), path_ratio (mean over successes of moves / the
     shortest path's length; 1.0 is optimal, None without successes), num_maps, cell_accuracy (a graded score of
     the proposals: the fraction of canvas cells that read as in the closest shortest-path next frame, averaged over
     every proposal; first_cell_accuracy: over the first proposals only, from the start frames) and ``episodes``:
@@ -84,6 +85,7 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
             action = decode_action(frames[i], proposal, cell=cell)
             if action is None:
                 episode["outcome"] = "invalid"
+                episode["invalid_reason"] = invalid_reason(frames[i], proposal, cell=cell)
             else:
                 episode["pos"], done, reward = step(episode["map"], episode["pos"], action)
                 episode["moves"] += 1
@@ -99,9 +101,11 @@ def evaluate_planner(planner, maps, *, max_steps: int | None = None, cell: int =
     counts = Counter(e["outcome"] for e in episodes)
     ratios = [e["moves"] / e["optimal"] for e in episodes if e["outcome"] == "success"]
     result = {f"{o}_rate": counts[o] / len(episodes) for o in OUTCOMES}
+    result["invalid_reasons"] = dict(Counter(e["invalid_reason"] for e in episodes if e["outcome"] == "invalid"))
     accuracy = [a for e in episodes for a in e["cell_accuracy"] if a is not None]
     result.update(path_ratio=float(np.mean(ratios)) if ratios else None, num_maps=len(episodes),
                   cell_accuracy=float(np.mean(accuracy)) if accuracy else None,
                   first_cell_accuracy=float(np.mean([e["cell_accuracy"][0] for e in episodes])),
-                  episodes=[{k: e[k] for k in ("map", "outcome", "moves", "optimal", "actions")} for e in episodes])
+                  episodes=[{k: e.get(k) for k in ("map", "outcome", "invalid_reason", "moves", "optimal", "actions")}
+                            for e in episodes])
     return result
