@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from thinking_pixel.modules.halting import DEFAULT_THRESHOLDS
+
 RATES = ("success_rate", "invalid_rate", "hole_rate", "timeout_rate")
 
 
@@ -70,10 +72,15 @@ def halting_points(out: Path) -> dict:
     """{run: [(rule, size, success, mean steps, first-move cell accuracy)]}: the un-halted evaluation and every
     halting one."""
     points = defaultdict(list)
-    for path in sorted((out / "eval").glob("*_T5_s*.json")):
-        for size, r in _load(path)["sizes"].items():
-            points[path.stem].append(("none", size, r["success_rate"], r["mean_recursion_steps"],
-                                      r.get("first_cell_accuracy")))
+    halted_runs = {re.match(r"(.+_s\d+)_(delta|learned)_", path.stem).group(1) for path in (out / "halting").glob("*.json")}
+    for run in sorted(halted_runs):
+        data = _load(out / "eval" / f"{run}.json")
+        rec = data["recursion"]
+        rule = "as trained: none" if rec["halting"] == "none" else \
+            f"as trained: {rec['halting']} {rec['halt_threshold'] or DEFAULT_THRESHOLDS[rec['halting']]}"
+        for size, r in data["sizes"].items():
+            points[run].append((rule, size, r["success_rate"], r["mean_recursion_steps"],
+                                r.get("first_cell_accuracy")))
     for path in sorted((out / "halting").glob("*.json")):
         run, mode, threshold = re.match(r"(.+_s\d+)_(delta|learned)_(.+)$", path.stem).groups()
         for size, r in _load(path)["sizes"].items():
@@ -118,7 +125,7 @@ def plot_curves(points: dict, curve: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     ax = axes[0, 0]
     for run, rows in points.items():
-        for family, marker in (("delta", "o"), ("learned", "s"), ("none", "*")):
+        for family, marker in (("delta", "o"), ("learned", "s"), ("as trained", "*")):
             sel = sorted((m, a) for r, size, s, m, a in rows
                          if r.startswith(family) and size == "4" and m is not None and a is not None)
             if sel:
@@ -160,10 +167,12 @@ def main(argv=None) -> int:
              halting_table(points), ""]
     if timing.exists():
         parts += ["### Forward-pass wall-clock per rule (ms, median of 7, batch 64, 1 thread, shared machine)", "",
-                  "| run | " + " | ".join(next(iter(_load(timing).values()))) + " |", ""]
+                  "", ""]
         t = _load(timing)
-        parts[-2] = "| run | rule | ms |\n|---|---|---|\n" + "\n".join(
-            f"| {run} | {rule} | {s * 1e3:.1f} |" for run, rules in t.items() for rule, s in rules.items())
+        rules = list(dict.fromkeys(rule for per_run in t.values() for rule in per_run))
+        parts[-2] = ("| rule | " + " | ".join(t) + " |\n|---|" + "---|" * len(t) + "\n" + "\n".join(
+            f"| {rule} | " + " | ".join(f"{t[run][rule] * 1e3:.0f}" if rule in t[run] else "–" for run in t) + " |"
+            for rule in rules))
     if curve:
         parts += ["### Shapes: held-out denoising error against mean recursion steps", "", shapes_table(curve), ""]
     text = "\n".join(parts)
