@@ -98,10 +98,12 @@ def layer_norm(tokens: int, dim: int, elem: int) -> Cost:
     return elementwise(tokens * dim, elem, flops_per=7)
 
 
-def sdpa(batch: int, seq: int, dim: int, heads: int, elem: int) -> Cost:
-    """softmax(Q K^T / sqrt(d)) V over the heads: two (seq x seq) GEMMs per head, softmax, head split/merge copies."""
-    flops = 4 * batch * seq * seq * dim + 5 * batch * heads * seq * seq
-    return Cost(flops, elem * batch * seq * dim * (3 + 1 + 2))  # read q, k, v; write out; merge heads (copy)
+def sdpa(batch: int, seq: int, dim: int, heads: int, elem: int, kv_seq: int = None) -> Cost:
+    """softmax(Q K^T / sqrt(d)) V over the heads: two (seq x kv_seq) GEMMs per head, softmax, head split/merge
+    copies. kv_seq: the keys' length when it is not seq (a joint attention's vision queries over [vision; text])."""
+    kv = seq if kv_seq is None else kv_seq
+    flops = 4 * batch * seq * kv * dim + 5 * batch * heads * seq * kv
+    return Cost(flops, elem * batch * dim * (seq + 2 * kv + seq + 2 * seq))  # read q, k, v; write out; merge heads
 
 
 def attention_costs(batch: int, seq: int, dim: int, heads: int, elem: int, recursion=None) -> list:
@@ -158,6 +160,73 @@ def dit_costs(config, batch: int, elem: int, recursion=None) -> list:
         attn = attention_costs(batch, seq, d, config.num_heads, elem, recursion if i in recursive else None)
         parts += block + attn
     return parts
+
+
+def mmdit_costs(batch: int, seq: int, ctx: int, dim: int, heads: int, depth: int, elem: int, *, patch_in: int,
+                patch_out: int, joint_dim: int, pooled_dim: int, mlp_ratio: float = 4.0) -> list:
+    """(name, Cost) components of one forward of diffusers' SD3Transformer2DModel (MMDiT).
+
+    Per JointTransformerBlock: each stream's adaLN (Linear D -> 6D; the last block's text stream: D -> 2D),
+    LayerNorm + modulate twice and gated residuals, Q/K/V (Linear D -> 3D), the output projection and the MLP
+    (D -> rD -> D, tanh-GELU); one joint attention over the seq + ctx tokens. The last block is context_pre_only:
+    no text output projection or MLP (diffusers still computes the text queries and rows of the attention).
+    Plus patch embedding, the timestep / pooled-text / caption embedders, the final adaLN and projection.
+    """
+    n, nc, hidden = batch * seq, batch * ctx, int(dim * mlp_ratio)
+
+    def stream(tokens, pre_only=False):
+        mod = linear(batch, dim, (2 if pre_only else 6) * dim, elem)
+        norm = layer_norm(tokens, dim, elem) + elementwise(tokens * dim, elem, flops_per=2, reads=2)
+        out = linear(tokens, dim, 3 * dim, elem) + mod + norm
+        if not pre_only:
+            out = out + linear(tokens, dim, dim, elem) + norm + 2 * elementwise(tokens * dim, elem, flops_per=2,
+                                                                                reads=2)
+            out = out + linear(tokens, dim, hidden, elem) + elementwise(tokens * hidden, elem, flops_per=10) \
+                + linear(tokens, hidden, dim, elem)
+        return out
+
+    parts = [
+        ("embed", linear(n, patch_in, dim, elem) + linear(batch, 256, dim, elem) + linear(batch, dim, dim, elem)
+         + linear(batch, pooled_dim, dim, elem) + linear(batch, dim, dim, elem) + linear(nc, joint_dim, dim, elem)),
+        ("final layer", linear(batch, dim, 2 * dim, elem) + layer_norm(n, dim, elem)
+         + elementwise(n * dim, elem, flops_per=2, reads=2) + linear(n, dim, patch_out, elem)),
+    ]
+    for i in range(depth):
+        last = i == depth - 1
+        parts += [("vision stream", stream(n)), ("text stream", stream(nc, pre_only=last)),
+                  ("joint attention", sdpa(batch, seq + ctx, dim, heads, elem))]
+    return parts
+
+
+def recursion_costs(batch: int, seq: int, dim: int, heads: int, elem: int, recursion, *, ctx: int = 0,
+                    experts_impl: str = "ours") -> list:
+    """(name, Cost) of what the recursion adds to one recursive block's forward (LatentRecursion.recurse), on top of
+    the base attention (whose Q/K/V projection, last-step attention and output projection the base already pays).
+
+    Per step t = 1..T: LayerNorm of the state, the gate's token logits (D -> M) and top-1, the experts' Q/K/V LoRA;
+    steps < T: an attention of the vision queries over the [vision; text] keys (ctx text tokens) and the residual;
+    step T: the base added to the LoRA output. experts_impl: "ours" and "masked" run each token's expert only;
+    "dense" runs all M experts on every token and mixes them with the one-hot gate (M weighted adds).
+    """
+    n, steps, m = batch * seq, recursion.steps, recursion.experts
+    lora = routed_lora(n, dim, dim, recursion.rank, m, elem, slices=3)
+    parts = [
+        ("layer norm", steps * layer_norm(n, dim, elem)),
+        ("gate", steps * (linear(n, dim, m, elem) + gate_top1(n, m, elem))),
+        ("experts", steps * (m if experts_impl == "dense" else 1) * lora),
+        ("base add", elementwise(3 * n * dim, elem, reads=2)),
+        ("attention", (steps - 1) * sdpa(batch, seq, dim, heads, elem, kv_seq=seq + ctx)),
+        ("residual", (steps - 1) * elementwise(n * dim, elem, reads=2)),
+    ]
+    if experts_impl == "dense":
+        parts.append(("one-hot mix", steps * m * elementwise(3 * n * dim, elem, flops_per=2, reads=2)))
+    return parts
+
+
+def recursion_parameters(dim: int, recursion, cond_dim: int = None) -> int:
+    """Trainable parameters of one recursive layer: the experts' A and B (Q, K, V) and the gate's two Linears."""
+    cond_dim = dim if cond_dim is None else cond_dim
+    return 2 * recursion.experts * 3 * recursion.rank * dim + recursion.experts * (dim + cond_dim + 2)
 
 
 def train_step_costs(forward_parts: list, num_params: int) -> list:

@@ -268,6 +268,144 @@ def section_groups(res):
     return "\n\n".join(out)
 
 
+FINETUNE_BEGIN, FINETUNE_END = "<!-- finetune-diffusers: begin -->", "<!-- finetune-diffusers: end -->"
+
+
+def _median(xs):
+    xs = sorted(xs)
+    k = len(xs)
+    return None if not k else (xs[k // 2] if k % 2 else (xs[k // 2 - 1] + xs[k // 2]) / 2)
+
+
+def _quartiles(xs):
+    xs = sorted(xs)
+    return _median(xs[: len(xs) // 2]) if len(xs) > 1 else xs[0], _median(xs[(len(xs) + 1) // 2:]) if len(xs) > 1 \
+        else xs[0]
+
+
+def _finetune_roles(name):
+    """Variant name -> (its base variant, recursion tag, experts impl), or None for a base."""
+    if name.endswith("base"):
+        return None
+    base = "DiT base" if name.startswith("DiT ") else "base"
+    tag = name[name.index("M="):]
+    impl = "dense" if " dense " in name else "masked" if " masked " in name else "ours"
+    return base, tag, impl
+
+
+class FinetuneCase:
+    """One finetune_step benchmark: per-variant step times measured interleaved, and the FLOP model's counts."""
+
+    def __init__(self, entry):
+        self.info = info = entry["extra_info"]
+        self.times = info["times"]
+        self.rounds = len(next(iter(self.times.values())))
+        self.rate = self.median("base") / info["flops_base_step"]  # seconds per FLOP of the base step
+
+    def median(self, name):
+        return _median(self.times[name])
+
+    def added(self, name):
+        """Median over rounds of (variant - its base) in the same round."""
+        base = _finetune_roles(name)[0]
+        return _median([a - b for a, b in zip(self.times[name], self.times[base])])
+
+    def predicted_added(self, name):
+        _, tag, impl = _finetune_roles(name)
+        return self.info["flops_added"][f"{tag} {impl}"] * self.rate
+
+    def ratio_to_ours(self, name, fn):
+        _, tag, _ = _finetune_roles(name)
+        ours = fn(f"apply_recursion {tag}")
+        return None if ours is None or not ours else fn(name) / ours
+
+    def targets(self):
+        out = []
+        for name in self.times:
+            roles = _finetune_roles(name)
+            if roles is None or roles[1] != "M=5 T=5" or name.startswith("DiT "):
+                continue
+            base, tag, impl = roles
+            if impl == "ours":
+                measured = self.added(name) / self.predicted_added(name)
+                out.append(Target(f"added time vs FLOP model, apply_recursion {tag}: abs(measured / predicted - 1)",
+                                  abs(measured - 1), 0.15, "<=", f"measured / predicted = {measured:.2f}"))
+            else:
+                limit = 3.0 if impl == "dense" else 1.0
+                pred = self.ratio_to_ours(name, self.predicted_added)
+                out.append(Target(f"added time, peft {impl} / apply_recursion, {tag}",
+                                  self.ratio_to_ours(name, self.added), limit, ">=", f"FLOP model: {pred:.2f}x"))
+        if "DiT base" in self.times:
+            out.append(Target("no regression of the base step: DiT.from_diffusers base / diffusers base",
+                              self.median("DiT base") / self.median("base"), 1.05, "<="))
+        return out
+
+    def table(self):
+        header = ["variant", "step (median)", "min", "IQR / median", "step / base", "added time", "added / ours",
+                  "FLOP model: added", "added / FLOP model", "FLOP model: added / ours"]
+        rows = []
+        for name, ts in self.times.items():
+            q1, q3 = _quartiles(ts)
+            med = self.median(name)
+            roles = _finetune_roles(name)
+            row = [name, fmt_time(med), fmt_time(min(ts)), f"{(q3 - q1) / med:.0%}",
+                   fmt_ratio(med / self.median("base"))]
+            if roles is None:
+                row += ["-"] * 5
+            else:
+                added, pred = self.added(name), self.predicted_added(name)
+                row += [fmt_time(added), fmt_ratio(self.ratio_to_ours(name, self.added)), fmt_time(pred),
+                        fmt_ratio(added / pred), fmt_ratio(self.ratio_to_ours(name, self.predicted_added))]
+            rows.append(row)
+        return table(header, rows)
+
+
+def section_finetune(res, title_note=""):
+    groups = res.groups_of("finetune_step")
+    if not groups:
+        return None
+    out = ["## Fine-tuning step on diffusers models: apply_recursion vs diffusers + peft",
+           "benchmarks/test_finetune_diffusers.py. One step = forward, MSE loss, backward, AdamW over what trains "
+           "(fp32, base frozen). *base*: the frozen diffusers model, its recursive blocks' Q/K/V outputs marked as "
+           "needing a gradient (the wrapped models' backward path, nothing to update). *apply_recursion*: "
+           "thinking_pixel's processor (tp_kernels.refine_step). *peft dense*: M peft LoRA adapters on "
+           "to_q/to_k/to_v, every expert on every token, mixed by the one-hot gate; *peft masked*: a boolean mask "
+           "per expert (thinking_pixel.integrations.peft.add_peft_experts, the same loop and gate, checked to give "
+           "the same outputs). *DiT ...*: DiT.from_diffusers of the same model (our fused-qkv DiT). Variants are "
+           "timed interleaved (every round runs each once, order rotated); *added time* is the median over rounds "
+           "of (variant - its base) in the same round; *FLOP model: added* is the added FLOPs "
+           "(benchmarks/flop_model.py recursion_costs: forward, backward 2x, AdamW) at the base step's measured "
+           "FLOP rate." + title_note]
+    targets = []
+    for group in groups:
+        entry = res.groups[group][0]
+        case = FinetuneCase(entry)
+        info = case.info
+        agreement = ", ".join(f"{k} {v:.1e}" for k, v in info["output_agreement"].items())
+        out.append(f"### {group}\n\n" + case.table()
+                   + f"\n\n{case.rounds} rounds, {info['torch_threads']} torch thread(s); load average (1/5/15 min) "
+                   f"{'/'.join(f'{x:.1f}' for x in info['load_avg_before'])} before, "
+                   f"{'/'.join(f'{x:.1f}' for x in info['load_avg_after'])} after. Max |output - apply_recursion's| "
+                   f"(train mode, same seed): {agreement}.")
+        targets += [(group, t) for t in case.targets()]
+    rows = [t.row()[:5] + ("; ".join(x for x in (t.detail, group.split(" | ")[1]) if x),) for group, t in targets]
+    out.insert(2, "### Targets\n\n" + table(("target", "measured", "limit", "status", "margin", "detail"), rows))
+    return FINETUNE_BEGIN + "\n" + "\n\n".join(out) + "\n" + FINETUNE_END
+
+
+def splice(path, section):
+    """Put ``section`` in place of the file's finetune section (between its markers), or append it."""
+    with open(path) as fh:
+        text = fh.read()
+    if FINETUNE_BEGIN in text and FINETUNE_END in text:
+        head, rest = text.split(FINETUNE_BEGIN, 1)
+        text = head + section + rest.split(FINETUNE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 def section_gpu(res):
     entry = next((b for b in res.data["benchmarks"] if b["extra_info"].get("op") == "aot"), None)
     if entry is None:
@@ -309,6 +447,16 @@ def merge(data, partial):
     return merged
 
 
+def add(data, other):
+    """``data`` with the benchmarks of ``other`` (another run) appended; names already present are refused."""
+    names = {b["fullname"] for b in data["benchmarks"]}
+    twice = sorted(names & {b["fullname"] for b in other["benchmarks"]})
+    if twice:
+        raise SystemExit(f"--add: benchmarks already in the main results: {twice}")
+    return dict(data, benchmarks=data["benchmarks"] + other["benchmarks"],
+                added_commandlines=data.get("added_commandlines", []) + [other.get("commandline", "(not recorded)")])
+
+
 def render(data, report_argv):
     res = Results(data)
     command = data.get("commandline", "(not recorded)")
@@ -325,7 +473,8 @@ def render(data, report_argv):
         head.append(f"Timings on a {tp.get('logical_cpus')}-core machine; other jobs sharing the CPU during the "
                     "run add noise (see the IQR / median column).")
     sections = [section_machine(data), section_ceilings(data), section_targets(res), section_groups(res),
-                section_gpu(res)]
+                section_gpu(res), section_finetune(res)]
+    sections = [s for s in sections if s is not None]
     return "\n\n".join(head + sections) + "\n"
 
 
@@ -336,10 +485,26 @@ def main(argv=None):
     parser.add_argument("--output", "-o", help="write here instead of stdout (e.g. BENCHMARKS.md)")
     parser.add_argument("--replace", metavar="JSON",
                         help="results of a later run of some benchmarks (e.g. one file) that replace their namesakes")
+    parser.add_argument("--add", metavar="JSON", action="append", default=[],
+                        help="results of another run whose benchmarks join these (repeatable; new names only)")
+    parser.add_argument("--splice", metavar="MD",
+                        help="write only the diffusers fine-tuning section, in place of its namesake in this file "
+                             "(e.g. BENCHMARKS.md), leaving the rest of the file as it is")
     args = parser.parse_args(argv)
     data = load(args.results)
     if args.replace:
         data = merge(data, load(args.replace))
+    for extra in args.add:
+        data = add(data, load(extra))
+    if args.splice:
+        note = (" Generated, not typed: `" + shlex.join(["python", "-m", "benchmarks.report", *argv])
+                + "` from the JSON written by `" + data.get("commandline", "(not recorded)") + "`"
+                + "".join(f" and `{c}`" for c in data.get("added_commandlines", [])) + ".")
+        section = section_finetune(Results(data), note)
+        if section is None:
+            raise SystemExit("--splice: the results hold no finetune_step benchmark")
+        splice(args.splice, section)
+        return
     text = render(data, argv)
     if args.output:
         with open(args.output, "w") as fh:

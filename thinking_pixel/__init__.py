@@ -14,6 +14,7 @@ from .models import (
     dit_config,
     load_model,
 )
+from .integrations import apply_recursion, export_peft, load_recursion, recursion_config, save_recursion
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,11 @@ __all__ = [
     "RecursionConfig",
     "RoutingRecord",
     "ThinkingPixelDiT",
+    "apply_recursion",
     "dit_config",
+    "export_peft",
     "load_model",
+    "load_recursion",
+    "recursion_config",
+    "save_recursion",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "LATEST",
     "find_step_dir",
+    "load_base_model",
     "load_model_dir",
     "load_train_config",
     "read_latest",
@@ -172,6 +173,57 @@ def load_model_dir(path: str | Path, device="cpu"):
         return load_model(path, device=device)
     except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load a model from {path}: {e}") from None
+
+
+def _diffusers_model_dir(path: Path) -> Path | None:
+    """The diffusers model directory at ``path`` (itself, or its ``transformer/`` subfolder), if it is one."""
+    for candidate in (path / "transformer", path):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                if "_class_name" in json.loads(config.read_text()):
+                    return candidate
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                return None  # not diffusers' config: our own loaders report what is wrong with it
+    return None
+
+
+def _load_diffusers_dit(path: Path):
+    """A diffusers DiT transformer directory (save_pretrained layout) as our DiT (DiT.from_diffusers)."""
+    from .models import DiT
+
+    config = json.loads((path / "config.json").read_text())
+    name = config["_class_name"]
+    # "Transformer2DModel" with ada-norm-zero is the name older DiT checkpoints (facebook/DiT-XL-2-256) carry.
+    if name != "DiTTransformer2DModel" and not (name == "Transformer2DModel"
+                                                and config.get("norm_type") == "ada_norm_zero"):
+        raise CheckpointError(f"{path} holds a diffusers {name}; fine-tuning here takes a class-conditional DiT "
+                              "(DiTTransformer2DModel). An SD3Transformer2DModel needs text conditioning: use "
+                              "thinking_pixel.apply_recursion on it in your own loop")
+    from diffusers import DiTTransformer2DModel
+
+    try:
+        return DiT.from_diffusers(DiTTransformer2DModel.from_pretrained(path))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load a DiT from the diffusers directory {path}: {e}") from None
+
+
+def load_base_model(path: str | Path, ema: bool = True):
+    """The model to fine-tune from ``path``: one of our checkpoints (see resolve_weights_dir; its EMA weights by
+    default), a diffusers DiT model directory (save_pretrained layout, with or without a ``transformer/``
+    subfolder), or a facebookresearch/DiT ``.pt`` state dict."""
+    from .models import DiT
+
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        try:
+            return DiT.from_original_checkpoint(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
+    diffusers_dir = _diffusers_model_dir(path) if path.is_dir() else None
+    if diffusers_dir is not None:
+        return _load_diffusers_dit(diffusers_dir)
+    return load_model_dir(resolve_weights_dir(path, ema=ema))
 
 
 def rng_state() -> dict:

@@ -70,7 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="learned halting: geometric prior's per-step halting probability (default 0.5)")
     g.add_argument("--halt-kl-weight", type=float, default=S, help="learned halting: weight of the prior KL (0.01)")
     g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
-    g.add_argument("--finetune-from", default=S, help="a trained DiT checkpoint to wrap (its EMA weights)")
+    g.add_argument("--finetune-from", default=S, help="a trained DiT to wrap: a checkpoint of ours (its EMA weights), "
+                   "a diffusers DiT model directory (with or without transformer/), or a facebookresearch/DiT .pt")
     g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,
                    help="with --finetune-from: also train the base DiT")
     g = p.add_argument_group("optimisation")

@@ -83,7 +83,7 @@ class TrainConfig:
     halt_threshold: Optional[float] = None
     halt_prior: float = 0.5
     halt_kl_weight: float = 0.01
-    finetune_from: Optional[str] = None  # a trained DiT (save_pretrained dir or training output dir)
+    finetune_from: Optional[str] = None  # a trained DiT: ours, a diffusers DiT model dir, or a reference .pt
     freeze_base: bool = True  # with finetune_from: train only the experts and gates
     # optimisation
     max_steps: int = 6000
@@ -172,7 +172,7 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     """A fresh model for ``cfg`` (from a preset, or wrapping ``cfg.finetune_from``), shaped for ``dataset``."""
     recursion = cfg.recursion_config()
     if cfg.finetune_from is not None:
-        base = ckpt.load_model_dir(ckpt.resolve_weights_dir(cfg.finetune_from, ema=True))
+        base = ckpt.load_base_model(cfg.finetune_from)  # ours, a diffusers DiT directory, or a reference .pt
         if type(base) is not DiT:
             raise ValueError(f"finetune_from must hold a plain DiT, got a {type(base).__name__} "
                              f"({cfg.finetune_from}); to continue a run, rerun it on its output dir")

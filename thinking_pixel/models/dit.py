@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ..modules.attention import Attention
 from ..modules._checks import is_int, is_number
@@ -50,6 +51,9 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    # Two details where diffusers' DiTTransformer2DModel differs from the reference (DiT.from_diffusers sets them):
+    timestep_freq_shift: float = 0.0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP; diffusers: its config's norm_eps (1e-5)
     # Channels of an image the model is conditioned on (e.g. the current frame of a planner), concatenated to the
     # noisy input before the patch embedding; 0 for none. Outputs keep in_channels (x 2 with learned sigma).
     cond_channels: int = 0
@@ -76,6 +80,11 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.class_dropout_prob must be a number in [0, 1), got {self.class_dropout_prob!r}")
         if not isinstance(self.learn_sigma, bool):
             raise ValueError(f"DiTConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
+        if not is_number(self.timestep_freq_shift) or not 0 <= self.timestep_freq_shift < 128:
+            raise ValueError(f"DiTConfig.timestep_freq_shift must be a number in [0, 128), "
+                             f"got {self.timestep_freq_shift!r}")
+        if not is_number(self.mlp_norm_eps) or not self.mlp_norm_eps > 0:
+            raise ValueError(f"DiTConfig.mlp_norm_eps must be a number > 0, got {self.mlp_norm_eps!r}")
 
     @property
     def out_channels(self) -> int:
@@ -130,7 +139,7 @@ def modulate(x, shift, scale):
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps into vector representations."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0.0):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
@@ -138,13 +147,16 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoidal embeddings (N, dim) of N (possibly fractional) timesteps t (N,)."""
+    def timestep_embedding(t, dim, max_period=10000, freq_shift=0.0):
+        """Sinusoidal embeddings (N, dim) of N (possibly fractional) timesteps t (N,).
+        freq_shift: frequencies exp(-ln(max_period) i / (dim / 2 - freq_shift)) (diffusers' downscale_freq_shift)."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device)
+            / (half - freq_shift)
         )
         args = t[:, None].float() * freqs[None]  # (N, half)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
@@ -153,7 +165,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 
@@ -190,7 +202,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return rearrange(self.proj(x), "n d h w -> n (h w) d")  # (N, T, D)
 
 
 #################################################################################
@@ -213,11 +225,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, mlp_norm_eps=1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -263,13 +275,14 @@ class DiT(PretrainedMixin, nn.Module):
         self.num_heads = config.num_heads
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels + config.cond_channels, config.hidden_size)
-        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         # Will use fixed sin-cos embedding:
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size), requires_grad=False)
 
         self.blocks = nn.ModuleList([
-            DiTBlock(config.hidden_size, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)
+            DiTBlock(config.hidden_size, config.num_heads, mlp_ratio=config.mlp_ratio, mlp_norm_eps=config.mlp_norm_eps)
+            for _ in range(config.depth)
         ])
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
         self.initialize_weights()
@@ -313,12 +326,8 @@ class DiT(PretrainedMixin, nn.Module):
 
     def unpatchify(self, x):
         """x (N, T, p * p * C) -> imgs (N, C, H, W)."""
-        c = self.out_channels
-        p = self.patch_size
-        h = w = self.config.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        h = self.config.input_size // self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def embed(self, x, t, y, cond_image=None):
         """Patch tokens with positions (N, T, D), timestep embedding (N, D) and label embedding (N, D).
@@ -375,6 +384,30 @@ class DiT(PretrainedMixin, nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+    @classmethod
+    def from_diffusers(cls, transformer) -> "DiT":
+        """A DiT computing what diffusers DiTTransformer2DModel ``transformer`` computes (its weights copied);
+        e.g. pretrained DiT-XL/2 from ``DiTTransformer2DModel.from_pretrained(path, subfolder="transformer")``."""
+        from .dit_convert import dit_from_diffusers
+
+        cls._only_plain("from_diffusers")
+        return dit_from_diffusers(transformer)
+
+    @classmethod
+    def from_original_checkpoint(cls, path, num_heads=None, **overrides) -> "DiT":
+        """Load a facebookresearch/DiT ``.pt`` state dict (e.g. DiT-XL-2-256x256.pt) with weights_only=True, the
+        config read off its shapes (num_heads from the DiT presets unless given; overrides: other DiTConfig fields)."""
+        from .dit_convert import load_original_dit
+
+        cls._only_plain("from_original_checkpoint")
+        return load_original_dit(path, num_heads, **overrides)
+
+    @classmethod
+    def _only_plain(cls, name):
+        if cls is not DiT:
+            raise TypeError(f"{cls.__name__}.{name}: load the base with DiT.{name}, then add the recursion "
+                            "(thinking_pixel.apply_recursion)")
 
     def _config_dict(self) -> dict:
         return {"dit": self.config.to_dict()}

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "load_model", "read_config"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "load_model", "read_config",
+           "read_json", "state_mismatches"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -52,18 +53,23 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def read_json(path: Path, missing: str):
+    """The parsed JSON file ``path``; FileNotFoundError(missing) if absent, ValueError if not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_config(path) -> dict:
     """The parsed ``config.json`` of checkpoint directory ``path``, with its class name checked."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {path}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json(config_path, f"no {CONFIG_NAME} in checkpoint directory {path}")
     if not isinstance(config, dict) or not isinstance(config.get("class"), str):
         raise ValueError(f"{config_path} must be a JSON object with a string 'class' field")
     if config.get("format") != FORMAT_VERSION:
@@ -92,16 +98,22 @@ def _load_weights(model, path: Path, device) -> None:
         state = load_file(weights_path, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    expected = model.state_dict()
+    problems = state_mismatches(model.state_dict(), state)
+    if problems:
+        raise ValueError(f"{weights_path} does not match {path / CONFIG_NAME}: " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+
+
+def state_mismatches(expected: dict, state: dict) -> list[str]:
+    """Why ``state`` (name -> tensor) cannot load where ``expected`` is: missing and unexpected names, and names
+    whose shapes differ (with both shapes); empty when it fits."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        problems = [f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                    if keys]
-        raise ValueError(f"{weights_path} does not match {path / CONFIG_NAME}: " + "; ".join(problems))
-    model.load_state_dict(state, assign=True)
+    problems = [f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    return problems + [f"wrong shape {k}: {tuple(state[k].shape)} where the model has {tuple(expected[k].shape)}"
+                       for k in wrong[:3]]
 
 
 class PretrainedMixin:

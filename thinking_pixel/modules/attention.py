@@ -5,14 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-__all__ = ["Attention", "attend", "split_heads"]
+__all__ = ["Attention", "attend", "merge_heads", "split_heads", "split_qkv"]
 
 
 def split_heads(x, num_heads):
     """(N, T, D) -> (N, H, T, D / H)."""
-    n, t, d = x.shape
-    return x.view(n, t, num_heads, d // num_heads).transpose(1, 2)
+    return rearrange(x, "n t (h d) -> n h t d", h=num_heads)
+
+
+def split_qkv(qkv, num_heads):
+    """Fused projections (N, T, 3D), columns [q | k | v] each head-major -> q, k, v, each (N, H, T, D / H)."""
+    return rearrange(qkv, "n t (s h d) -> s n h t d", s=3, h=num_heads)
+
+
+def merge_heads(x):
+    """(N, H, T, D / H) -> (N, T, D)."""
+    return rearrange(x, "n h t d -> n t (h d)")
 
 
 def attend(qkv, num_heads, context_kv=None):
@@ -21,12 +31,12 @@ def attend(qkv, num_heads, context_kv=None):
     context_kv: optional (k, v), each (N, H, L, D / H): extra keys/values (e.g. text tokens) that the
     T queries attend to jointly with their own.
     """
-    q, k, v = (split_heads(z, num_heads) for z in qkv.chunk(3, dim=-1))  # (N, H, T, D / H) each
+    q, k, v = split_qkv(qkv, num_heads)  # (N, H, T, D / H) each
     if context_kv is not None:
         k = torch.cat([k, context_kv[0]], dim=2)  # (N, H, T + L, D / H)
         v = torch.cat([v, context_kv[1]], dim=2)
     x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D / H)
-    return x.transpose(1, 2).flatten(2)  # (N, T, D)
+    return merge_heads(x)  # (N, T, D)
 
 
 class Attention(nn.Module):

@@ -69,10 +69,12 @@ class LatentRecursion(nn.Module):
     halted token's expert_idx is -1.
     """
 
-    def __init__(self, dim: int, cond_dim=None, *, experts=2, steps=2, rank=128, tau=5.0, lora_alpha=None,
-                 gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True,
+    def __init__(self, dim: int, cond_dim=None, *, base_modules=None, experts=2, steps=2, rank=128, tau=5.0,
+                 lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True,
                  halting="none", halt_threshold=None, halt_head=None, halt_prior=0.5, halt_kl_weight=0.01):
         super().__init__()
+        for name, module in (base_modules or {}).items():  # a wrapper's own modules come first in parameters()
+            self.add_module(name, module)
         if not is_int(steps) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.dim = dim
@@ -87,25 +89,6 @@ class LatentRecursion(nn.Module):
                                kl_weight=halt_kl_weight, eps=self.eps)
         self.recorder = None
 
-    def _refine(self, a, step, gate_terms, base=None, active=None):
-        """One step's LN + gate + routed LoRA (+ base) on the states a (N, T, D) -> (qkv (N, T, 3D), expert_idx)."""
-        token_weight, cond_logits = gate_terms
-        dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
-        gate_shape = (*a.shape[:-1], self.gate.num_experts)  # (N, T, M)
-        noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
-        skip = {"active": active} if active is not None and _REFINE_SKIPS_INACTIVE else {}
-        qkv, expert_idx, _ = tp_kernels.refine_step(
-            a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
-            token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
-            tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=None if base is None else base.to(dtype),
-            eps=self.eps, normalize=self.norm_first_step or step > 1, **skip,
-        )  # (N, T, 3D): base + weight * LoRA_e(LN(a)), e = expert_idx (N, T)
-        if active is not None:
-            expert_idx = torch.where(active, expert_idx, -1)
-        if self.recorder is not None:
-            self.recorder(step, expert_idx, a)
-        return qkv, expert_idx
-
     def recurse(self, x, cond, base_projection, attend_step):
         """Run the T steps on x~ (N, T, D); returns the last step's attention output.
 
@@ -115,7 +98,7 @@ class LatentRecursion(nn.Module):
             output projection. Its first T rows (dim 1) are the vision tokens' (N, T, D); at the last step a joint
             attention may append the context tokens' rows, which come back to the caller as they are.
         """
-        gate_terms = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
+        gate_terms = self.gate.fused_terms(cond)  # token_weight (M, D) or None, cond_logits (N, 1, M) or (M,)
         halting = self.halting
         halting.loss = None
         if halting.pondering() and self.steps > 1:
@@ -173,9 +156,37 @@ class LatentRecursion(nn.Module):
         halting.loss = halting.kl_weight * halting.kl_to_prior(torch.stack(probs, dim=-1))
         return mixed
 
+    def _refine(self, a, step, gate_terms, base=None, active=None):
+        """Step ``step`` on the states a (N, T, D): its Gumbel noise, refine, the halted tokens' expert -1 (active
+        (N, T) bool: the tokens still recursing), the recorder. -> (qkv (N, T, 3D), expert_idx (N, T))."""
+        gate_shape = (*a.shape[:-1], self.gate.num_experts)  # (N, T, M)
+        noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
+        skip = {"active": active} if active is not None and _REFINE_SKIPS_INACTIVE else {}
+        qkv, expert_idx = self.refine(a, gate_terms, noise, None if base is None else base.to(a.dtype),
+                                      normalize=self.norm_first_step or step > 1, **skip)
+        if active is not None:
+            expert_idx = torch.where(active, expert_idx, -1)
+        if self.recorder is not None:
+            self.recorder(step, expert_idx, a)
+        return qkv, expert_idx
+
+    def refine(self, a, gate_terms, noise, base, normalize, **skip):
+        """One step's LN + gate + routed LoRA (+ base): -> qkv (N, T, 3D) = base + weight * LoRA_e(LN(a)), and
+        expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines).
+        ``skip``: {"active": (N, T) bool} once refine_step takes it (halting), else empty."""
+        dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
+        token_weight, cond_logits = gate_terms
+        qkv, expert_idx, _ = tp_kernels.refine_step(
+            a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
+            token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
+            tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps, normalize=normalize,
+            **skip,
+        )
+        return qkv, expert_idx
+
     def recursion_parameters(self):
         """(name, parameter) of what the recursion adds: the experts and the gate (names relative to self)."""
-        return [(f"{part}.{name}", p) for part in ("lora", "gate", "halting")
+        return [(f"{part}.{name}", p) for part in ("lora", "gate", "halting") if getattr(self, part) is not None
                 for name, p in getattr(self, part).named_parameters()]
 
     def extra_repr(self):
@@ -199,10 +210,8 @@ class RecursiveAttention(LatentRecursion):
                              f"got Linear({qkv.in_features}, {qkv.out_features})")
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        super().__init__(dim, cond_dim, **kwargs)
+        super().__init__(dim, cond_dim, base_modules={"qkv": qkv, "proj": proj}, **kwargs)
         self.num_heads = num_heads
-        self.qkv = qkv
-        self.proj = proj
 
     @classmethod
     def from_attention(cls, attn: Attention, cond_dim=None, **kwargs) -> "RecursiveAttention":
