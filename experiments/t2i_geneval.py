@@ -51,9 +51,9 @@ def variants(s: dict) -> dict:
     return {
         "sd3_continued": ["--no-recursion"],
         "lora_peft": ["--peft-lora", "--recursion-layers", "2"],
-        "tp_M2_T2_one": ["--experts", "2", "--steps", "2", "--recursion-layers", "2"],
-        "tp_M2_T2_multi": ["--experts", "2", "--steps", "2", "--recursion-layers", s["multi_layers"]],
-        "tp_M5_T5": ["--experts", "5", "--steps", "5", "--recursion-layers", "2"],
+        "tp_M2_T2_one": ["--experts", "2", "--recursion-steps", "2", "--recursion-layers", "2"],
+        "tp_M2_T2_multi": ["--experts", "2", "--recursion-steps", "2", "--recursion-layers", s["multi_layers"]],
+        "tp_M5_T5": ["--experts", "5", "--recursion-steps", "5", "--recursion-layers", "2"],
     }
 
 

@@ -192,7 +192,8 @@ def test_latents_layouts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_make_dataset_errors():
-    assert set(DATASETS) == {"shapes", "compositional", "digits", "fashion_mnist", "folder", "latents", "captions"}
+    assert set(DATASETS) == {"shapes", "compositional", "digits", "fashion_mnist", "folder", "latents", "captions",
+                             "frozenlake"}
     with pytest.raises(ValueError, match="unknown dataset"):
         make_dataset("imagenet")
     with pytest.raises(ValueError, match="does not take"):

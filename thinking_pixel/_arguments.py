@@ -12,14 +12,17 @@ from pathlib import Path
 
 __all__ = ["DATASET_NAMES", "IMAGE_EXTENSIONS", "SAMPLER_NAMES", "add_analyze_arguments",
            "add_compositional_arguments", "add_evaluate_arguments",
+           "add_frozenlake_arguments", "add_halting_arguments",
            "check_image_output", "timestep_interval"]
 
-DATASET_NAMES = ("captions", "compositional", "digits", "fashion_mnist", "folder", "latents", "shapes")
+DATASET_NAMES = ("captions", "compositional", "digits", "fashion_mnist", "folder", "frozenlake", "latents", "shapes")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm")
 METRIC_NAMES = ("fid", "accuracy")
-BENCHMARK_NAMES = ("fid", "compositional")
+BENCHMARK_NAMES = ("fid", "compositional", "frozenlake")
 # the compositional benchmark's sampling when none is given (flow-matching Euler)
 COMPOSITIONAL_SAMPLING = {"cfg_scale": 4.0, "num_steps": 28}
+FROZENLAKE_SAMPLING = {"sampler": "ddim", "num_steps": 20}
+HALTING_MODES = ("none", "learned", "delta")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -81,7 +84,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--samples-dir", default=None,
                         help="where sample chunks are kept (default: <output without .json>_samples)")
-    parser.add_argument("--output", required=True, help="metrics JSON file to write")
+    parser.add_argument("--output", default=None,
+                        help="metrics JSON file to write (required, except for --benchmark frozenlake)")
     parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
     parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision / recall")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
@@ -90,9 +94,36 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
     parser.add_argument("--benchmark", choices=BENCHMARK_NAMES, default="fid",
                         help="fid: the --metric above on a class-conditional model; compositional: GenEval's "
-                             "protocol on the shapes world (text-to-image models)")
+                             "protocol on the shapes world (text-to-image models); frozenlake: planner rollouts on "
+                             "held-out maps")
+    add_halting_arguments(parser)
     add_compositional_arguments(parser)
+    add_frozenlake_arguments(parser)
     return parser
+
+
+def add_halting_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--halting", choices=HALTING_MODES, default=None,
+                        help="per-token halting of a ThinkingPixelDiT's recursion (default: the checkpoint's)")
+    parser.add_argument("--halt-threshold", type=float, default=None,
+                        help="halting threshold (learned: cumulative halting probability; delta: relative change; "
+                             "default: the mode's)")
+
+
+def _map_sizes(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated map sizes like 4,5,6, got {text!r}") from None
+
+
+def add_frozenlake_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("--benchmark frozenlake", "image-conditioned planners; --sampler defaults to "
+                                  f"{FROZENLAKE_SAMPLING['sampler']}, --num-steps to {FROZENLAKE_SAMPLING['num_steps']}")
+    g.add_argument("--num-maps", type=int, default=100, help="held-out maps per size (default 100)")
+    g.add_argument("--map-sizes", type=_map_sizes, default=None,
+                   help="map sizes to roll out on (default: the training size up to the model's canvas)")
+    g.add_argument("--max-steps", type=int, default=None, help="moves per rollout (default: the map's tiles)")
 
 
 def add_compositional_arguments(parser: argparse.ArgumentParser) -> None:

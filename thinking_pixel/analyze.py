@@ -123,14 +123,15 @@ def collect_routing(model, images, labels, timesteps, *, diffusion=None, batch_s
 
 
 @torch.no_grad()
-def recursion_states(model, x_t, t, y, layer: int) -> torch.Tensor:
-    """The states a^0 .. a^T of recursive block ``layer`` -> (T + 1, B, N, D); a^T = out_T + x~."""
+def recursion_states(model, x_t, t, y, layer: int, **model_kwargs) -> torch.Tensor:
+    """The states a^0 .. a^T of recursive block ``layer`` -> (T + 1, B, N, D); a^T = out_T + x~.
+    model_kwargs go to the model (e.g. cond_image)."""
     attn = dict(model.recursive_attentions())[layer]
     final = {}
     hook = attn.proj.register_forward_pre_hook(lambda m, inputs: final.update(out=inputs[0]))
     try:
         with model.record_routing(states=True) as record:
-            model(x_t, t, y)
+            model(x_t, t, y, **model_kwargs)
     finally:
         hook.remove()
     states = [e["state"] for e in record.entries if e["layer"] == layer]  # a^0 .. a^{T-1}, each (B, N, D)
@@ -138,17 +139,17 @@ def recursion_states(model, x_t, t, y, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_steps(model, x_t, t, y, layer: int, diffusion=None) -> torch.Tensor:
+def decode_steps(model, x_t, t, y, layer: int, diffusion=None, **model_kwargs) -> torch.Tensor:
     """x^_0 predicted when block ``layer``'s recursion stops after each step -> (T, B, C, H, W); see module doc."""
     diffusion = diffusion or GaussianDiffusion()
-    states = recursion_states(model, x_t, t, y, layer)  # (T + 1, B, N, D)
+    states = recursion_states(model, x_t, t, y, layer, **model_kwargs)  # (T + 1, B, N, D)
     attn = dict(model.recursive_attentions())[layer]
     decoded = []
     for s in range(1, len(states)):
         out_s = states[s] - states[0]  # step s's attention output (B, N, D)
         hook = attn.proj.register_forward_pre_hook(lambda m, inputs, out_s=out_s: (out_s,))
         try:
-            eps = model(x_t, t, y)[:, : x_t.shape[1]]  # (B, C, H, W)
+            eps = model(x_t, t, y, **model_kwargs)[:, : x_t.shape[1]]  # (B, C, H, W)
         finally:
             hook.remove()
         decoded.append(diffusion.predict_xstart_from_eps(x_t, t, eps).clamp(-1, 1))

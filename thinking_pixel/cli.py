@@ -13,7 +13,7 @@ import os
 import sys
 
 from ._arguments import (DATASET_NAMES, SAMPLER_NAMES, add_analyze_arguments, add_evaluate_arguments,
-                         check_image_output, timestep_interval)
+                         add_halting_arguments, check_image_output, timestep_interval)
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +84,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, default=S, help="gate Gumbel-softmax temperature (default 5.0)")
     g.add_argument("--gate-inputs", type=_names, default=S,
                    help="what the gate sees, comma-separated subset of tokens,timestep,condition (default all)")
+    g.add_argument("--halting", choices=("none", "learned", "delta"), default=S,
+                   help="per-token adaptive recursion depth at inference; 'learned' trains a PonderNet halting head "
+                        "(default none)")
+    g.add_argument("--halt-threshold", type=float, default=S, help="halting threshold (default: the mode's)")
+    g.add_argument("--halt-prior", type=float, default=S,
+                   help="learned halting: geometric prior's per-step halting probability (default 0.5)")
+    g.add_argument("--halt-kl-weight", type=float, default=S, help="learned halting: weight of the prior KL (0.01)")
     g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
     g.add_argument("--finetune-from", default=S, help="a trained DiT to wrap: a checkpoint of ours (its EMA weights), "
                    "a diffusers DiT model directory (with or without transformer/), or a facebookresearch/DiT .pt")
@@ -144,6 +151,7 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline", default=None, help="the diffusers SD3 pipeline dir of a --pipeline checkpoint "
                    "(default: the path stored in the checkpoint)")
     p.add_argument("--threads", dest="num_threads", type=_positive_int, default=None, help="torch CPU threads")
+    add_halting_arguments(p)
 
 
 def _plugin(name: str):
@@ -196,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 text_options = ("prompt", "prompts_file", "per_prompt", "pipeline")
                 options = {k: v for k, v in vars(args).items()
-                           if k not in ("command", "checkpoint", "output", *text_options)}
-                path = sample_checkpoint(args.checkpoint, args.output, progress=True, **options)
+                           if k not in ("command", "checkpoint", "output", "halting", "halt_threshold", *text_options)}
+                halting = {k: v for k, v in (("mode", args.halting), ("threshold", args.halt_threshold))
+                           if v is not None}
+                path = sample_checkpoint(args.checkpoint, args.output, progress=True, halting=halting, **options)
             print(f"wrote {path}")
         else:
             module = _plugin(args.command)

@@ -34,6 +34,7 @@ from . import _checkpoint as ckpt
 from ._arguments import add_evaluate_arguments as add_arguments
 from ._runtime import resolve_device
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
+from .sample import apply_halting
 
 __all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_subset", "reference_images", "run"]
 
@@ -126,10 +127,14 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
 
 
 def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **options):
-    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken)."""
+    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken). The halting rule
+    is part of the samples' settings, so chunks made under another rule are never reused."""
+    recursion = getattr(model, "recursion", None)
+    halting = {} if getattr(recursion, "halting", "none") == "none" else {
+        "halting": recursion.halting, "halt_threshold": recursion.halt_threshold}
     started = time.time()
-    images, labels = generate_samples(model, samples_dir, num_samples, settings={"checkpoint": str(weights.resolve())},
-                                      **options)
+    images, labels = generate_samples(model, samples_dir, num_samples,
+                                      settings={"checkpoint": str(weights.resolve()), **halting}, **options)
     return images, labels, time.time() - started
 
 
@@ -179,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
                         num_reference: int | None = None, batch_size: int = 64, cfg_scale: float = 1.5,
                         sampler: str = "ddim", num_steps: int = 50, seed: int = 0, samples_dir: str | None = None,
                         use_ema: bool = True, kid: bool = True, prc: bool = True, device: str = "auto",
-                        progress: bool = True) -> dict:
+                        progress: bool = True, halting: dict | None = None) -> dict:
     """Sample from ``checkpoint``, compute FID/KID/precision/recall against real data and write the result JSON to ``output``."""
     output = Path(output)
     num_reference = num_samples if num_reference is None else num_reference
@@ -194,6 +199,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ckpt.load_model_dir(weights, device=device).eval()
     cfg = model.config
+    recursive = apply_halting(model, halting, checkpoint)
 
     # Real data first: a dataset that does not fit the model fails before any sampling time is spent.
     real = reference_images(dataset, num_reference, image_size=cfg.input_size, num_channels=cfg.in_channels,
@@ -230,6 +236,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
         **metrics,
         "isc": None,
         "isc_unavailable": IS_UNAVAILABLE_REASON,
+        # over the chunks sampled by this call (None if every chunk was loaded from an earlier run)
+        "mean_recursion_steps": model.mean_recursion_steps() if recursive else None,
         "samples_dir": str(samples_dir),
         "sampling_seconds": round(sampling_seconds, 1),
         "metric_seconds": round(metric_seconds, 1),
@@ -242,7 +250,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
 def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples: int = 1000, batch_size: int = 64,
                       cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, sampler: str = "ddpm",
                       num_steps: int = 100, seed: int = 0, samples_dir: str | None = None, use_ema: bool = True, device: str = "auto",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, halting: dict | None = None) -> dict:
     """Class accuracy of a class-conditional ``shapes`` checkpoint and its spread of positions and sizes.
 
     Samples are class-balanced (as for FID, resumable in ``samples_dir``); the data's spread is measured the same
@@ -260,6 +268,7 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         raise ValueError(f"--metric accuracy needs a model trained on the shapes dataset; {checkpoint} was trained "
                          f"on {train_config['dataset']!r}")
     model = ckpt.load_model_dir(weights, device=resolve_device(device)).eval()
+    recursive = apply_halting(model, halting, checkpoint)
     cfg = model.config
     data = make_dataset("shapes", image_size=cfg.input_size, seed=train_config.get("seed", 0))
     if cfg.num_classes != data.num_classes or cfg.in_channels != 3:
@@ -286,6 +295,8 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         **class_accuracy(found, labels.tolist(), parts, list(data.class_names)),
         "placement": {"samples": placement(found, cfg.input_size), "data": placement(real_found, cfg.input_size)},
         "data_accuracy": real_accuracy["accuracy"],  # the detector on training images: its own error rate
+        # over the chunks sampled by this call (None if every chunk was loaded from an earlier run)
+        "mean_recursion_steps": model.mean_recursion_steps() if recursive else None,
         "samples_dir": str(samples_dir),
         "sampling_seconds": round(sampling_seconds, 1),
     }
@@ -309,22 +320,29 @@ def run(args: argparse.Namespace) -> int:
 
         return run_compositional(args)
     set_threads(args.threads)
+    if args.benchmark == "frozenlake":
+        from .tasks.frozenlake.cli import run as run_frozenlake
+
+        return run_frozenlake(args)
+    if args.output is None:
+        raise ValueError(f"--output is required for --benchmark {args.benchmark}")
     sampling = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULT_SAMPLING[args.metric].items()}
     if args.metric == "fid" and args.cfg_interval is not None:
         raise ValueError("--cfg-interval is only available with --metric accuracy")
+    halting = {k: v for k, v in (("mode", args.halting), ("threshold", args.halt_threshold)) if v is not None}
     if args.metric == "accuracy":
         result = evaluate_accuracy(
             args.checkpoint, args.output, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
             samples_dir=args.samples_dir, use_ema=args.use_ema, device=args.device, progress=args.progress,
-            **sampling)
-        keys = ("accuracy", "shape_accuracy", "color_accuracy")
+            halting=halting, **sampling)
+        keys = ("accuracy", "shape_accuracy", "color_accuracy", "mean_recursion_steps")
     else:
         result = evaluate_checkpoint(
             args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
             num_samples=args.num_samples, num_reference=args.num_reference, batch_size=args.batch_size,
             seed=args.seed, samples_dir=args.samples_dir, use_ema=args.use_ema, kid=args.kid, prc=args.prc,
-            device=args.device, progress=args.progress, **sampling)
-        keys = ("fid", "kid_mean", "kid_std", "precision", "recall")
-    summary = {k: result[k] for k in keys if k in result}
+            device=args.device, progress=args.progress, halting=halting, **sampling)
+        keys = ("fid", "kid_mean", "kid_std", "precision", "recall", "mean_recursion_steps")
+    summary = {k: result[k] for k in keys if result.get(k) is not None}
     print(json.dumps(summary), flush=True)
     return 0

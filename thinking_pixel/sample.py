@@ -14,7 +14,7 @@ from ._arguments import check_image_output
 from ._runtime import resolve_device, torch_threads
 from .diffusion import GaussianDiffusion, sample
 
-__all__ = ["generate", "make_grid", "sample_checkpoint", "save_grid"]
+__all__ = ["apply_halting", "generate", "make_grid", "sample_checkpoint", "save_grid"]
 
 
 @torch.no_grad()
@@ -96,15 +96,28 @@ def _decode_latents(latents: torch.Tensor, vae_dir: str | None) -> torch.Tensor:
         return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
+def apply_halting(model, halting: dict | None, checkpoint) -> bool:
+    """Set a ThinkingPixelDiT's inference halting rule (``halting``: set_halting's mode / threshold, or None to keep
+    the checkpoint's); returns whether ``model`` recurses (and so counts the recursion steps it takes)."""
+    recursive = hasattr(model, "set_halting")
+    if halting:
+        if not recursive:
+            raise ValueError(f"halting settings need a ThinkingPixelDiT, {checkpoint} holds a {type(model).__name__}")
+        model.set_halting(**halting)
+    return recursive
+
+
 def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: str = "ddpm", num_steps: int = 100,
                       cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, seed: int = 0,
                       classes: Sequence[int] | None = None,
                       per_class: int = 8, use_ema: bool = True, device: str = "auto", batch_size: int = 64,
                       scale: int | None = None, vae: str | None = None, num_threads: int | None = None,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, halting: dict | None = None) -> Path:
     """Sample a grid from ``checkpoint`` (training output dir, step dir or save_pretrained dir) into ``output``.
 
     Rows are ``classes`` (default: all), ``per_class`` samples each. ``output`` is checked before any work.
+    ``halting``: set_halting arguments (mode, threshold) for a ThinkingPixelDiT; the mean recursion steps a token
+    took is printed for one.
     """
     check_image_output(output, "output")
     with torch_threads(num_threads):
@@ -112,12 +125,16 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
         model = ckpt.load_model_dir(weights, device=resolve_device(device))
         if not hasattr(getattr(model, "config", None), "num_classes"):
             raise ValueError(f"{checkpoint} holds a text-to-image model ({type(model).__name__}): pass --prompt \"...\"")
+        recursive = apply_halting(model, halting, checkpoint)
         step_dir = ckpt.find_step_dir(weights)
         is_latent = step_dir is not None and ckpt.load_train_config(step_dir).get("dataset") == "latents"
         classes = list(range(model.config.num_classes)) if classes is None else list(classes)
         images = generate(model, classes, per_class, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
                           cfg_interval=cfg_interval, seed=seed, clip_sample=not is_latent, batch_size=batch_size,
                           progress=progress)
+        if recursive:
+            print(f"mean recursion steps per token: {model.mean_recursion_steps():.3f} "
+                  f"(of {model.recursion.steps}, halting {model.recursion.halting})")
         if is_latent:
             images = _decode_latents(images, vae)
         return save_grid(images, output, ncol=per_class, scale=scale)

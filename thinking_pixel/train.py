@@ -58,7 +58,7 @@ _BEHAVIOUR_BEFORE_OPTION = {"prediction": "eps", "lr_schedule": "constant", "min
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "compile",
                       "progress", "sample_grid", "device", "num_threads", "distributed", "log_every",
-                      "checkpoint_minutes"}
+                      "checkpoint_minutes", "halt_threshold"}
 
 
 @dataclass
@@ -100,6 +100,10 @@ class TrainConfig:
     rank: int = 16
     tau: float = 5.0
     gate_inputs: tuple = GATE_INPUTS  # what the gate sees (the Fig. 4 ablation: ("tokens",))
+    halting: str = "none"  # per-token adaptive depth (RecursionConfig.halting); "learned" trains a halting head
+    halt_threshold: Optional[float] = None
+    halt_prior: float = 0.5
+    halt_kl_weight: float = 0.01
     finetune_from: Optional[str] = None  # a trained DiT: ours, a diffusers DiT model dir, or a reference .pt
     freeze_base: bool = True  # with finetune_from: train only the experts and gates
     # optimisation
@@ -182,7 +186,9 @@ class TrainConfig:
         if not self.recursion:
             return None
         return RecursionConfig(layers=self.recursion_layers, experts=self.experts, steps=self.recursion_steps,
-                               rank=self.rank, tau=self.tau, gate_inputs=self.gate_inputs)
+                               rank=self.rank, tau=self.tau, gate_inputs=self.gate_inputs, halting=self.halting,
+                               halt_threshold=self.halt_threshold, halt_prior=self.halt_prior,
+                               halt_kl_weight=self.halt_kl_weight)
 
 
 @dataclass
@@ -196,7 +202,8 @@ class TrainResult:
 
 
 def _check_matches_data(config, dataset, source: str) -> None:
-    expected = dict(input_size=dataset.image_size, in_channels=dataset.num_channels, num_classes=dataset.num_classes)
+    expected = dict(input_size=dataset.image_size, in_channels=dataset.num_channels, num_classes=dataset.num_classes,
+                    cond_channels=dataset.cond_channels)
     wrong = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
     if wrong:
         details = ", ".join(f"{k}={m} (data needs {d})" for k, (m, d) in wrong.items())
@@ -224,7 +231,8 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
                  if getattr(cfg, k) is not None}
     overrides["prediction"] = cfg.prediction
     config = dit_config(cfg.preset, input_size=dataset.image_size, in_channels=dataset.num_channels,
-                        num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob, **overrides)
+                        num_classes=dataset.num_classes, class_dropout_prob=cfg.class_dropout_prob,
+                        cond_channels=dataset.cond_channels, **overrides)
     return DiT(config) if recursion is None else ThinkingPixelDiT(config, recursion)
 
 
@@ -240,16 +248,24 @@ class DiTTask:
     def __init__(self, cfg: TrainConfig, dataset, model, device: torch.device, output_dir: Path):
         self.diffusion, self.device, self.min_snr_gamma = GaussianDiffusion(), device, cfg.min_snr_gamma
 
-    def losses(self, model, x, y) -> dict:
-        """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss."""
+    def losses(self, model, x, y, cond_image=None) -> dict:
+        """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss.
+        ``cond_image`` (N, C_cond, H, W): the conditioning image of an image-conditioned dataset (e.g. frozenlake)."""
         t = self.diffusion.sample_timesteps(x.shape[0], device=self.device)  # (N,)
-        terms = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y.to(self.device, non_blocking=True)},
+        model_kwargs = {"y": y.to(self.device, non_blocking=True)}
+        if cond_image is not None:
+            model_kwargs["cond_image"] = cond_image.to(self.device, non_blocking=True)
+        terms = self.diffusion.training_losses(model, x, t, model_kwargs=model_kwargs,
                                                min_snr_gamma=self.min_snr_gamma)
         return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
 
     @staticmethod
-    def sample_grid(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Path:
+    def sample_grid(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Path | None:
+        from .data import DATASETS
         from .sample import sample_checkpoint
+
+        if DATASETS[cfg.dataset].cond_channels:  # the grid shows classes, not image-conditioned outputs
+            return None
 
         return sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
                                  cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
@@ -371,6 +387,8 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
 
     task_type = task_for(cfg)
     dataset = task_type.make_dataset(cfg)
+    if cfg.hflip and dataset.cond_channels:
+        raise ValueError(f"hflip cannot be used with dataset {cfg.dataset!r}: it flips the target, not its condition")
 
     step_dir = ckpt.read_latest(output_dir)
     if step_dir is None:
@@ -439,7 +457,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     log = StepLog(metrics_path, runtime, routing, every=cfg.log_every or (1 if device.type == "cpu" else 25))
     step, loss_value, checkpoint, saved_at, stopped_by = start_step, None, step_dir, time.monotonic(), None
     with routing.recording(), log, bar:
-        for x, y in loader:
+        for x, y, *cond in loader:  # cond: [conditioning image] for image-conditioned datasets
             torch.manual_seed(_step_seed(cfg.seed, step, runtime.rank))
             x = x.to(device, non_blocking=True)  # (N, C, H, W); y: labels (N,), moved by the task
             if cfg.hflip:
@@ -449,8 +467,10 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = task.losses(forward, x, y)
+                terms = task.losses(forward, x, y, *cond)
             loss = terms["loss"].mean()
+            if isinstance(model, ThinkingPixelDiT):
+                loss = loss + model.auxiliary_loss()  # e.g. the learned halting head's prior term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

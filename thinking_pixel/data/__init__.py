@@ -7,6 +7,7 @@
 - ``folder``: an image folder with one subdirectory per class
 - ``latents``: precomputed VAE latents with labels
 - ``captions``: captioned images (metadata.jsonl with file_name, text); labels index the distinct captions
+- ``frozenlake``: FrozenLake planning steps, (next frame, label, current frame) for image-conditioned models
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .folder import ImageFolderDataset
 from .latents import LatentDataset, load_latents
+from .frozenlake import FrozenLakeDataset
 from .shapes import COLOURS, SHAPES, ShapesDataset, render_shape
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DATASETS",
     "DigitsDataset",
     "FashionMNISTDataset",
+    "FrozenLakeDataset",
     "ImageDataset",
     "ImageFolderDataset",
     "LatentDataset",
@@ -51,6 +54,7 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "folder": ImageFolderDataset,
     "latents": LatentDataset,
     "captions": CaptionFolderDataset,
+    "frozenlake": FrozenLakeDataset,
 }
 
 

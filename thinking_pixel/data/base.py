@@ -21,6 +21,7 @@ class ImageDataset(Dataset):
     num_channels: int = 3
     image_size: int = 32
     is_latent: bool = False
+    cond_channels: int = 0  # > 0: items are (image, label, conditioning image (cond_channels, H, W))
 
     @property
     def num_classes(self) -> int:

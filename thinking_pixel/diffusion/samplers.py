@@ -106,12 +106,14 @@ def sample(
     clip_sample: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Draw ``len(labels)`` samples of ``shape`` = (C, H, W) for class ``labels`` (N,) -> (N, C, H, W).
 
     ``null_class`` (the model's ``num_classes``) is required when ``cfg_scale != 1``; ``cfg_interval`` = (lo, hi)
     limits guidance to timesteps lo <= t <= hi (see :func:`guided_model_fn`).
     ``generator`` (on ``labels.device``) makes the result reproducible.
+    ``callback(t, x_t)``: called before each step with the timestep and the current noisy sample (for figures).
     """
     if cfg_scale != 1.0 and null_class is None:
         raise ValueError("null_class (the model's num_classes) is required for classifier-free guidance "
@@ -137,6 +139,8 @@ def sample(
         timesteps = tqdm(timesteps, desc=f"sampling ({sampler})", leave=False)
     for t in timesteps:
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
+        if callback is not None:
+            callback(int(t), x)
         out = model_fn(x, t_batch, labels).float()  # (N, 2C, H, W)
         if out.shape[1] != 2 * C:
             raise ValueError(f"the model must predict eps and variance (2*C = {2 * C} channels), got {out.shape[1]}")

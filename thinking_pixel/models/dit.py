@@ -69,6 +69,9 @@ class DiTConfig:
     # What the network's first C output channels are: "eps" (DiT) or "v" = sqrt(a)·eps - sqrt(1-a)·x_0, a the
     # alpha_bar of DiT's schedule. forward() always returns eps: a v-network's output is converted in the model.
     prediction: str = "eps"
+    # Channels of an image the model is conditioned on (e.g. the current frame of a planner), concatenated to the
+    # noisy input before the patch embedding; 0 for none. Outputs keep in_channels (x 2 with learned sigma).
+    cond_channels: int = 0
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -84,6 +87,8 @@ class DiTConfig:
         if self.hidden_size % 4:
             raise ValueError(f"DiTConfig.hidden_size must be divisible by 4 for the 2D sin-cos position "
                              f"embedding, got {self.hidden_size}")
+        if not is_int(self.cond_channels) or self.cond_channels < 0:
+            raise ValueError(f"DiTConfig.cond_channels must be an int >= 0, got {self.cond_channels!r}")
         if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
             raise ValueError(f"DiTConfig.mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
         if not is_number(self.class_dropout_prob) or not 0 <= self.class_dropout_prob < 1:
@@ -286,7 +291,7 @@ class DiT(PretrainedMixin, nn.Module):
         self.patch_size = config.patch_size
         self.num_heads = config.num_heads
 
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels + config.cond_channels, config.hidden_size)
         self.t_embedder = TimestepEmbedder(config.hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         # Will use fixed sin-cos embedding:
@@ -341,14 +346,25 @@ class DiT(PretrainedMixin, nn.Module):
         h = self.config.input_size // self.patch_size
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
-    def embed(self, x, t, y):
-        """Patch tokens with positions (N, T, D), timestep embedding (N, D) and label embedding (N, D)."""
+    def embed(self, x, t, y, cond_image=None):
+        """Patch tokens with positions (N, T, D), timestep embedding (N, D) and label embedding (N, D).
+
+        cond_image: (N, cond_channels, H, W) when the model is image-conditioned (config.cond_channels > 0).
+        """
         cfg = self.config
         if x.dim() != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(f"x must have shape (N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
                              f"got {tuple(x.shape)}")
         if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
             raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if cfg.cond_channels:
+            expected = (x.shape[0], cfg.cond_channels, cfg.input_size, cfg.input_size)
+            if cond_image is None or tuple(cond_image.shape) != expected:
+                got = None if cond_image is None else tuple(cond_image.shape)
+                raise ValueError(f"this model is image-conditioned: cond_image must have shape {expected}, got {got}")
+            x = torch.cat([x, cond_image.to(x.dtype)], dim=1)  # (N, C + C_cond, H, W)
+        elif cond_image is not None:
+            raise ValueError("cond_image given to a model built without cond_channels")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         return x, self.t_embedder(t), self.y_embedder(y, self.training)
 
@@ -368,15 +384,16 @@ class DiT(PretrainedMixin, nn.Module):
         a, s = _v_to_eps_coefficients(out.device)[:, t].to(out.dtype).view(2, -1, 1, 1, 1)  # (N, 1, 1, 1) each
         return torch.cat([a * out[:, :C] + s * x_t, out[:, C:]], dim=1)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cond_image=None):
         """
         Forward pass of DiT.
         x: (N, C, H, W) tensor of spatial inputs (images or latent representations of images)
         t: (N,) tensor of diffusion timesteps
         y: (N,) tensor of class labels
+        cond_image: (N, C_cond, H, W) conditioning image, for models with config.cond_channels > 0
         """
         x_t = x
-        x, t_emb, y_emb = self.embed(x, t, y)
+        x, t_emb, y_emb = self.embed(x, t, y, cond_image)
         c = t_emb + y_emb  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..modules._checks import is_int, is_number
+from ..modules.halting import check_halting
 from ..modules.recursive_attention import RecursiveAttention
 from .dit import DiT, DiTConfig
 from .pretrained import config_from_dict
@@ -41,6 +42,12 @@ class RecursionConfig:
     gate_noise_at_eval: draw Gumbel noise in eval mode too (default: deterministic argmax at inference).
     norm_first_step: LayerNorm the state at every step (the paper). False: the first step's gate and experts see
         the block's modulated input x~ itself, so T = 1 is exactly a LoRA on Q/K/V (as export_peft writes it).
+    halting: per-token adaptive depth at inference (thinking_pixel.modules.halting): "none" (every token takes
+        T steps, the paper), "learned" (a PonderNet halting head; needs halt_head) or "delta" (training-free: stop
+        when ||a^t - a^(t-1)|| / ||a^t|| < halt_threshold).
+    halt_threshold: None for the mode's default (learned: 0.5 cumulative halting probability; delta: 0.05).
+    halt_head: build the learned halting head (default: when halting == "learned"); trained with the pondering
+        expectation and a KL to a geometric(halt_prior) prior on the number of steps, weighted halt_kl_weight.
     """
 
     layers: Optional[tuple] = None
@@ -52,6 +59,11 @@ class RecursionConfig:
     lora_alpha: Optional[float] = None
     gate_noise_at_eval: bool = False
     norm_first_step: bool = True
+    halting: str = "none"
+    halt_threshold: Optional[float] = None
+    halt_head: Optional[bool] = None
+    halt_prior: float = 0.5
+    halt_kl_weight: float = 0.01
 
     def __post_init__(self):
         if self.layers is not None:
@@ -83,6 +95,12 @@ class RecursionConfig:
         for name in ("gate_noise_at_eval", "norm_first_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RecursionConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.halt_head is None:
+            self.halt_head = self.halting == "learned"
+        if not isinstance(self.halt_head, bool):
+            raise ValueError(f"RecursionConfig.halt_head must be None or a bool, got {self.halt_head!r}")
+        check_halting(self.halting, self.halt_threshold, self.halt_head, self.halt_prior, self.halt_kl_weight,
+                      owner="RecursionConfig")
 
     def resolve_layers(self, depth: int) -> tuple:
         """The block indices for a model of ``depth`` blocks, checked to be in range."""
@@ -98,7 +116,9 @@ class RecursionConfig:
         return dict(experts=self.experts, steps=self.steps, rank=self.rank, tau=self.tau, lora_alpha=self.lora_alpha,
                     gate_tokens="tokens" in self.gate_inputs,
                     gate_cond="timestep" in self.gate_inputs or "condition" in self.gate_inputs,
-                    gate_noise_at_eval=self.gate_noise_at_eval, norm_first_step=self.norm_first_step)
+                    gate_noise_at_eval=self.gate_noise_at_eval, norm_first_step=self.norm_first_step,
+                    halting=self.halting, halt_threshold=self.halt_threshold, halt_head=self.halt_head,
+                    halt_prior=self.halt_prior, halt_kl_weight=self.halt_kl_weight)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,7 +158,7 @@ class RoutingRecord:
 class ThinkingPixelDiT(DiT):
     """DiT with recursive sparse reasoning in the blocks listed by ``recursion.layers``.
 
-    forward(x (N, C, H, W), t (N,), y (N,), context=None) -> (N, C_out, H, W), like DiT's.
+    forward(x (N, C, H, W), t (N,), y (N,), context=None, cond_image=None) -> (N, C_out, H, W), like DiT's.
     context: optional (N, L, D) extra tokens that the recursive blocks attend to (see RecursiveAttention).
     The recursive blocks' gate sees the sum of the timestep and/or label embeddings named in gate_inputs.
 
@@ -210,9 +230,9 @@ class ThinkingPixelDiT(DiT):
         parts = [emb for name, emb in (("timestep", t_emb), ("condition", y_emb)) if name in self.recursion.gate_inputs]
         return sum(parts[1:], parts[0]) if parts else None
 
-    def forward(self, x, t, y, context=None):
+    def forward(self, x, t, y, context=None, cond_image=None):
         x_t = x
-        x, t_emb, y_emb = self.embed(x, t, y)
+        x, t_emb, y_emb = self.embed(x, t, y, cond_image)
         c = t_emb + y_emb  # (N, D)
         gate_cond = self._gate_condition(t_emb, y_emb)  # (N, D) or None
         if self._routing_record is not None:
@@ -224,6 +244,36 @@ class ThinkingPixelDiT(DiT):
             else:
                 x = block(x, c)
         return self.as_eps(self.head(x, c), x_t, t)  # (N, C_out, H, W)
+
+    def set_halting(self, mode: str | None = None, threshold: float | None = None) -> "ThinkingPixelDiT":
+        """Switch every recursive block's inference halting rule (and self.recursion, so checkpoints keep it).
+        mode None keeps the current one; threshold None takes the mode's default."""
+        mode = self.recursion.halting if mode is None else mode
+        self.recursion = dataclasses.replace(self.recursion, halting=mode, halt_threshold=threshold)
+        for _, attn in self.recursive_attentions():
+            attn.halting.set_rule(mode, threshold)
+        return self
+
+    def reset_recursion_stats(self) -> None:
+        """Start counting the recursion steps taken anew (see mean_recursion_steps)."""
+        for _, attn in self.recursive_attentions():
+            attn.halting.steps_taken = None
+
+    def mean_recursion_steps(self) -> float | None:
+        """Mean number of recursion steps a token took per recursive block call, over the eval-mode forward passes
+        since reset_recursion_stats (None if there were none). Reads the device counters: one host sync."""
+        totals = [attn.halting.steps_taken for _, attn in self.recursive_attentions()
+                  if attn.halting.steps_taken is not None]
+        if not totals:
+            return None
+        steps, tokens = torch.stack(totals).sum(0).tolist()
+        return steps / tokens
+
+    def auxiliary_loss(self):
+        """The loss terms the last training forward added besides the diffusion loss (the learned halting
+        head's KL to its prior), summed; 0.0 when there are none."""
+        terms = [attn.halting.loss for _, attn in self.recursive_attentions() if attn.halting.loss is not None]
+        return sum(terms[1:], terms[0]) if terms else 0.0
 
     @contextlib.contextmanager
     def record_routing(self, states: bool = False):

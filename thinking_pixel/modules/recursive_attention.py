@@ -27,10 +27,16 @@ not once per step.
 modulated LayerNorm output; with it, T = 1 is exactly a LoRA on the Q/K/V projections (what a peft adapter
 computes, so thinking_pixel.export_peft reproduces an expert exactly). The paper's definition, and the default,
 normalises every step.
+
+Per-token halting (adaptive depth, ``halting=`` "learned" or "delta") is described in
+:mod:`thinking_pixel.modules.halting`; with the default "none" the loop is the method's.
 """
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,7 +45,12 @@ import tp_kernels
 from ._checks import is_int
 from .attention import Attention, attend, split_heads
 from .gate import Gate
+from .halting import Halting
 from .routed_lora import RoutedLoRA
+
+# refine_step skips inactive tokens (no expert, no LoRA compute, a zero row) once the op takes an ``active`` mask;
+# until then a halted token's row is computed and discarded.
+_REFINE_SKIPS_INACTIVE = "active" in inspect.signature(tp_kernels.refine_step).parameters
 
 __all__ = ["LatentRecursion", "RecursiveAttention"]
 
@@ -50,12 +61,17 @@ class LatentRecursion(nn.Module):
     Parameters (their names are part of the checkpoint format): ``lora`` (RoutedLoRA, 3 slices: Q, K, V, each
     (dim -> dim)), ``gate`` (Gate over dim-wide tokens and a cond_dim-wide conditioning vector).
 
+    ``halting`` (Halting): the per-token halting rule, its optional learned head (``halting.head``, a parameter
+    of the recursion) and the count of steps taken.
+
     ``recorder``: None, or a callable(step, expert_idx (N, T), state (N, T, D)) called at each step with the
-    routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None).
+    routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None). A
+    halted token's expert_idx is -1.
     """
 
     def __init__(self, dim: int, cond_dim=None, *, base_modules=None, experts=2, steps=2, rank=128, tau=5.0,
-                 lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True):
+                 lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True,
+                 halting="none", halt_threshold=None, halt_head=None, halt_prior=0.5, halt_kl_weight=0.01):
         super().__init__()
         for name, module in (base_modules or {}).items():  # a wrapper's own modules come first in parameters()
             self.add_module(name, module)
@@ -68,6 +84,9 @@ class LatentRecursion(nn.Module):
         self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
         self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
                          use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
+        self.halting = Halting(dim, mode=halting, threshold=halt_threshold,
+                               head=halting == "learned" if halt_head is None else halt_head, prior=halt_prior,
+                               kl_weight=halt_kl_weight, eps=self.eps)
         self.recorder = None
 
     def recurse(self, x, cond, base_projection, attend_step):
@@ -80,35 +99,94 @@ class LatentRecursion(nn.Module):
             attention may append the context tokens' rows, which come back to the caller as they are.
         """
         gate_terms = self.gate.fused_terms(cond)  # token_weight (M, D) or None, cond_logits (N, 1, M) or (M,)
-        gate_shape = (*x.shape[:-1], self.gate.num_experts)  # (N, T, M)
+        halting = self.halting
+        halting.loss = None
+        if halting.pondering() and self.steps > 1:
+            return self._ponder(x, gate_terms, base_projection, attend_step)
+        rule = halting.mode if halting.active_at_inference() else "none"
         a = x  # a^0 = x~, (N, T, D)
-        for step in range(1, self.steps + 1):
-            last = step == self.steps
-            noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
-            base = base_projection().to(a.dtype) if last else None  # W^ x~, last step only
-            qkv, expert_idx = self.refine(a, gate_terms, noise, base, normalize=self.norm_first_step or step > 1)
-            if self.recorder is not None:
-                self.recorder(step, expert_idx, a)
-            out = attend_step(qkv, last)  # (N, T, D); at the last step maybe (N, T + L, D)
-            if not last:
-                a = out + x  # residual back to the block input
-        return out
+        halted = None  # (N, T) bool once a token may have halted
+        kept_qkv = 0.0  # what a halted token shows the others: its last keys / values (none before step 1)
+        cum_halt = torch.zeros(x.shape[:-1], device=x.device)  # (N, T) P(halted so far), learned rule
+        ran = torch.ones(x.shape[:-1], device=x.device)  # (N, T) steps taken; the final step counts for all
+        for step in range(1, self.steps):  # intermediate steps
+            if rule == "learned":
+                lam = halting.halt_probability(a)  # (N, T)
+                cum_halt = cum_halt + (1 - cum_halt) * lam
+                halted = cum_halt >= halting.threshold
+            active = None if halted is None else ~halted  # (N, T)
+            qkv, _ = self._refine(a, step, gate_terms, active=active)
+            if active is not None:
+                qkv = torch.where(active[..., None], qkv, kept_qkv)
+            ran = ran + (1 if active is None else active)
+            new_a = attend_step(qkv, False) + x  # residual back to the block input, (N, T, D)
+            if active is not None:
+                new_a = torch.where(active[..., None], new_a, a)  # a halted token keeps its state
+            if rule == "delta":
+                change = (new_a - a).float().norm(dim=-1) / new_a.float().norm(dim=-1).clamp_min(1e-12)
+                halted = change < halting.threshold  # a halted token did not move: it stays halted
+            a, kept_qkv = new_a, qkv
+        if not self.training:
+            halting.count(ran)
+        qkv, _ = self._refine(a, self.steps, gate_terms, base=base_projection())  # final step: W^ x~ + LoRA
+        return attend_step(qkv, True)  # (N, T, D); maybe (N, T + L, D)
 
-    def refine(self, a, gate_terms, noise, base, normalize):
+    def _ponder(self, x, gate_terms, base_projection, attend_step):
+        """Training with the learned halting head: the expectation of the output over the stopping step
+        (see thinking_pixel.modules.halting); sets halting.loss, the KL term to the geometric prior."""
+        halting = self.halting
+        n_tok = x.shape[1]
+        base = base_projection()  # W^ x~, shared by every readout
+        a = x
+        remaining = torch.ones(x.shape[:-1], device=x.device)  # (N, T) P(not halted before step t)
+        probs, mixed = [], 0.0
+        for step in range(1, self.steps + 1):
+            lam = halting.halt_probability(a) if step < self.steps else torch.ones_like(remaining)  # (N, T)
+            p = remaining * lam  # P(stop before step t) = P(readout from a^(t-1))
+            readout_qkv, _ = self._refine(a, step, gate_terms, base=base)
+            readout = attend_step(readout_qkv, True)  # (N, T, D); maybe (N, T + L, D)
+            vision = readout[:, :n_tok] * p[..., None].to(readout.dtype)
+            # context rows (joint attention) come from the full-depth readout
+            mixed = mixed + vision if step < self.steps else torch.cat([mixed + vision, readout[:, n_tok:]], dim=1)
+            probs.append(p)
+            remaining = remaining * (1 - lam)
+            if step < self.steps:
+                qkv, _ = self._refine(a, step, gate_terms)
+                a = attend_step(qkv, False) + x
+        halting.loss = halting.kl_weight * halting.kl_to_prior(torch.stack(probs, dim=-1))
+        return mixed
+
+    def _refine(self, a, step, gate_terms, base=None, active=None):
+        """Step ``step`` on the states a (N, T, D): its Gumbel noise, refine, the halted tokens' expert -1 (active
+        (N, T) bool: the tokens still recursing), the recorder. -> (qkv (N, T, 3D), expert_idx (N, T))."""
+        gate_shape = (*a.shape[:-1], self.gate.num_experts)  # (N, T, M)
+        noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
+        skip = {"active": active} if active is not None and _REFINE_SKIPS_INACTIVE else {}
+        qkv, expert_idx = self.refine(a, gate_terms, noise, None if base is None else base.to(a.dtype),
+                                      normalize=self.norm_first_step or step > 1, **skip)
+        if active is not None:
+            expert_idx = torch.where(active, expert_idx, -1)
+        if self.recorder is not None:
+            self.recorder(step, expert_idx, a)
+        return qkv, expert_idx
+
+    def refine(self, a, gate_terms, noise, base, normalize, **skip):
         """One step's LN + gate + routed LoRA (+ base): -> qkv (N, T, 3D) = base + weight * LoRA_e(LN(a)), and
-        expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines)."""
+        expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines).
+        ``skip``: {"active": (N, T) bool} once refine_step takes it (halting), else empty."""
         dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
         token_weight, cond_logits = gate_terms
         qkv, expert_idx, _ = tp_kernels.refine_step(
             a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
             token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
             tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps, normalize=normalize,
+            **skip,
         )
         return qkv, expert_idx
 
     def recursion_parameters(self):
         """(name, parameter) of what the recursion adds: the experts and the gate (names relative to self)."""
-        return [(f"{part}.{name}", p) for part in ("lora", "gate") if getattr(self, part) is not None
+        return [(f"{part}.{name}", p) for part in ("lora", "gate", "halting") if getattr(self, part) is not None
                 for name, p in getattr(self, part).named_parameters()]
 
     def extra_repr(self):

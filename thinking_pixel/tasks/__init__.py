@@ -1,1 +1,2 @@
-"""Tasks: synthetic worlds with programmatic evaluators (``compositional``: GenEval-style shape scenes)."""
+"""Tasks: synthetic worlds with programmatic evaluators, one folder each (data, renderer, scorer, planners):
+``compositional`` (GenEval-style shape scenes), ``frozenlake`` (visual planning)."""
