@@ -3,6 +3,8 @@
     python -m benchmarks.profile block        # RecursiveAttention (DiT-S/2, M=5, T=5, R=32) fwd vs plain attention
     python -m benchmarks.profile train-step   # ThinkingPixelDiT-S/2 train step, eager: what torch.compile could fuse
     python -m benchmarks.profile routed-lora  # routed_lora fwd and fwd+bwd at T=2048 D=1152 R=16 E=8, fp32 and bf16
+    python -m benchmarks.profile finetune     # diffusers DiT-S/2-width fine-tuning step: base, apply_recursion,
+                                              # peft masked (M=5, T=5, R=128; test_finetune_diffusers.FULL[0])
 
 The shapes are the suite's full-run shapes (test_model.FULL, shapes.py). Categories: GEMM (mm, addmm, bmm),
 attention (scaled_dot_product_*), tp_kernels ops (with their autograd nodes), and everything else (elementwise,
@@ -85,14 +87,24 @@ def routed_lora() -> None:
                    lambda: torch.autograd.grad(tp_kernels.routed_lora(x, idx, a, b), [x, a, b], grad_y), reps=50)
 
 
+def finetune() -> None:
+    from .test_finetune_diffusers import FULL, build_variants, make_inputs, make_step
+
+    case, cpu = FULL[0], torch.device("cpu")
+    variants, _ = build_variants(case, cpu)
+    inputs, target = make_inputs(case, cpu)
+    for name in ("base", "apply_recursion M=5 T=5", "peft masked M=5 T=5"):
+        profile_fn(f"fine-tuning step, {name} ({case.label})", make_step(variants[name], inputs, target), reps=3)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("block", "train-step", "routed-lora"))
+    parser.add_argument("what", choices=("block", "train-step", "routed-lora", "finetune"))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    {"block": block, "train-step": train_step, "routed-lora": routed_lora}[args.what]()
+    {"block": block, "train-step": train_step, "routed-lora": routed_lora, "finetune": finetune}[args.what]()
     return 0
 
 

@@ -328,7 +328,7 @@ class FinetuneCase:
             base, tag, impl = roles
             if impl == "ours":
                 measured = self.added(name) / self.predicted_added(name)
-                out.append(Target(f"added time / FLOP model, apply_recursion {tag}: |measured / predicted - 1|",
+                out.append(Target(f"added time vs FLOP model, apply_recursion {tag}: abs(measured / predicted - 1)",
                                   abs(measured - 1), 0.15, "<=", f"measured / predicted = {measured:.2f}"))
             else:
                 limit = 3.0 if impl == "dense" else 1.0

@@ -79,7 +79,7 @@ def _recursions(rank):
 
 
 FULL = [
-    FinetuneCase("dit", "DiT-S/2", 6, 64, 2, 32, 4, _recursions(128), rounds=5),
+    FinetuneCase("dit", "DiT-S/2", 6, 64, 2, 32, 4, _recursions(128), rounds=7),
     FinetuneCase("dit", "DiT-XL/2", 16, 72, 2, 32, 2, _recursions(128), rounds=4),
     FinetuneCase("sd3", "small", 6, 64, 2, 32, 2, _recursions(128), rounds=5, ctx=77),
 ]

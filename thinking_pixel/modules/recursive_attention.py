@@ -54,9 +54,11 @@ class LatentRecursion(nn.Module):
     routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None).
     """
 
-    def __init__(self, dim: int, cond_dim=None, *, experts=2, steps=2, rank=128, tau=5.0, lora_alpha=None,
-                 gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True):
+    def __init__(self, dim: int, cond_dim=None, *, base_modules=None, experts=2, steps=2, rank=128, tau=5.0,
+                 lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True):
         super().__init__()
+        for name, module in (base_modules or {}).items():  # a wrapper's own modules come first in parameters()
+            self.add_module(name, module)
         if not is_int(steps) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.dim = dim
@@ -130,10 +132,8 @@ class RecursiveAttention(LatentRecursion):
                              f"got Linear({qkv.in_features}, {qkv.out_features})")
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        super().__init__(dim, cond_dim, **kwargs)
+        super().__init__(dim, cond_dim, base_modules={"qkv": qkv, "proj": proj}, **kwargs)
         self.num_heads = num_heads
-        self.qkv = qkv
-        self.proj = proj
 
     @classmethod
     def from_attention(cls, attn: Attention, cond_dim=None, **kwargs) -> "RecursiveAttention":
