@@ -35,7 +35,7 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        TrainConfig(min_snr_gamma=0.0)
+        TrainConfig(min_snr_gamma=-1.0)
 
 
 def test_guidance_interval_guides_only_inside():
@@ -50,7 +50,7 @@ def test_guidance_interval_guides_only_inside():
         sample(_toy_model, y, (2, 4, 4), cfg_scale=2.0, null_class=5, cfg_interval=(600, 100), num_steps=2)
 
 
-def test_v_prediction_model_returns_eps():
+def test_v_prediction_model_returns_eps(tmp_path):
     from thinking_pixel.models import DiT, dit_config
 
     torch.manual_seed(0)
@@ -63,6 +63,18 @@ def test_v_prediction_model_returns_eps():
     v = a.view(-1, 1, 1, 1) * eps - s.view(-1, 1, 1, 1) * x0  # the exact v of (x_0, eps)
     out = model.as_eps(torch.cat([v, torch.zeros_like(v)], 1), x_t, t)
     torch.testing.assert_close(out[:, :3], eps, atol=1e-4, rtol=1e-4)
-    assert "sqrt_alphas_cumprod" not in model.state_dict()  # derived from the schedule, not saved
+    assert set(model.state_dict()) == set(DiT(dit_config("DiT-N/4", depth=1, hidden_size=32, num_heads=2)).state_dict())
+    loaded = DiT.from_pretrained(model.save_pretrained(tmp_path / "v"))  # built on the meta device
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    torch.testing.assert_close(loaded(x, t[:2], y), model(x, t[:2], y))
     with pytest.raises(ValueError, match="prediction"):
         dit_config("DiT-N/4", prediction="x0")
+
+
+def test_runs_saved_before_the_options_resume_only_with_their_old_behaviour(tmp_path):
+    from thinking_pixel.train import _check_resumable
+
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("prediction", "lr_schedule", "min_snr_gamma")}
+    with pytest.raises(ValueError, match="prediction"):
+        _check_resumable(old, TrainConfig(), tmp_path)
+    _check_resumable(old, TrainConfig(prediction="eps", lr_schedule="constant", min_snr_gamma=None), tmp_path)

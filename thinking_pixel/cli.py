@@ -48,7 +48,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset options keep TrainConfig's defaults
     p.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     p.add_argument("--max-steps", type=_positive_int, default=S,
-                   help="total optimisation steps (default 6000: ~10 min on 2 idle cores)")
+                   help="total optimisation steps (default 3000: ~5 min on 2 idle cores)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=S, help="default: shapes (embedded)")
     g.add_argument("--data-dir", default=S, help="data location for folder / latents / fashion_mnist")
@@ -67,7 +67,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
     g.add_argument("--prediction", choices=("eps", "v"), default=S,
-                   help="network output: eps (DiT) or v, converted to eps inside the model (default eps)")
+                   help="network output: eps (DiT) or v, converted to eps inside the model (default v)")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
@@ -88,8 +88,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--warmup-steps", type=int, default=S, help="linear lr warm-up (default 100)")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=S,
-                   help="after warm-up: constant, or cosine decay to 0 at --max-steps")
-    g.add_argument("--min-snr-gamma", type=float, default=S, help="Min-SNR-gamma weighting of the eps loss")
+                   help="after warm-up: constant, or cosine decay to 0 at --max-steps (default cosine)")
+    g.add_argument("--min-snr-gamma", type=float, default=S,
+                   help="Min-SNR-gamma weighting of the eps loss, 0 = off (default 5)")
     g.add_argument("--grad-clip", type=float, default=S, help="max grad norm, 0 disables (default 1.0)")
     g.add_argument("--ema-decay", type=float, default=S, help="default 0.999 (DiT: 0.9999 for long runs)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")

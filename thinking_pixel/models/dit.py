@@ -10,6 +10,7 @@ Attention (thinking_pixel.modules.attention) uses ``F.scaled_dot_product_attenti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,10 +41,12 @@ __all__ = [
 PREDICTIONS = ("eps", "v")
 
 
-def _sqrt_alphas_cumprod(num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of DiT's linear schedule (the one GaussianDiffusion uses)."""
-    alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64), dim=0)
-    return alphas_cumprod.sqrt().float(), (1.0 - alphas_cumprod).sqrt().float()
+@functools.cache
+def _v_to_eps_coefficients(device: torch.device) -> torch.Tensor:
+    """(2, 1000): sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of DiT's linear schedule (GaussianDiffusion's), on
+    ``device``. Not model buffers: models are built on the meta device when loaded, and these are not saved."""
+    alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
+    return torch.stack([alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt()]).float().to(device)
 
 
 @dataclass
@@ -294,10 +297,6 @@ class DiT(PretrainedMixin, nn.Module):
             for _ in range(config.depth)
         ])
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
-        if config.prediction == "v":  # not saved: a function of the schedule
-            sqrt_a, sqrt_1ma = _sqrt_alphas_cumprod()
-            self.register_buffer("sqrt_alphas_cumprod", sqrt_a, persistent=False)
-            self.register_buffer("sqrt_one_minus_alphas_cumprod", sqrt_1ma, persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -366,8 +365,7 @@ class DiT(PretrainedMixin, nn.Module):
         if self.config.prediction == "eps":
             return out
         C = self.in_channels
-        a = self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1).to(out.dtype)  # (N, 1, 1, 1)
-        s = self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1).to(out.dtype)
+        a, s = _v_to_eps_coefficients(out.device)[:, t].to(out.dtype).view(2, -1, 1, 1, 1)  # (N, 1, 1, 1) each
         return torch.cat([a * out[:, :C] + s * x_t, out[:, C:]], dim=1)
 
     def forward(self, x, t, y):
