@@ -2,7 +2,6 @@
 
     thinking-pixel sample --checkpoint RUN --prompt "a photo of a red circle" --prompt ... --output grid.png
 
-
 Pixel-space models integrate the rectified flow with diffusers' FlowMatchEulerDiscreteScheduler, guided by the
 empty caption. Models built on a diffusers SD3 pipeline sample through ``StableDiffusion3Pipeline`` itself with
 the trained (recursive) transformer in place. Each image has its own noise, seeded by (seed, its key), so an
