@@ -109,7 +109,9 @@ def train_cmd(s: dict, out_dir: Path, steps: int, batch: int, lr: float, seed: i
             "--depth", str(s["depth"]), "--hidden-size", str(s["hidden_size"]), "--num-heads", str(s["num_heads"]),
             "--rank", str(s["rank"]), "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
             "--seed", str(seed), "--checkpoint-every", str(min(steps, 500)), "--threads", str(s["threads"]),
-            "--no-sample-grid", "--no-progress", *extra]
+            "--no-sample-grid", "--no-progress",
+            # the recipe these experiments were run with (the CPU default changed since: RESULTS.md, issue #11)
+            "--prediction", "eps", "--min-snr-gamma", "0", "--lr-schedule", "constant", *extra]
 
 
 def finished(run_dir: Path, steps: int) -> bool:

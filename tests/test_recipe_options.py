@@ -77,4 +77,4 @@ def test_runs_saved_before_the_options_resume_only_with_their_old_behaviour(tmp_
     old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("prediction", "lr_schedule", "min_snr_gamma")}
     with pytest.raises(ValueError, match="prediction"):
         _check_resumable(old, TrainConfig(), tmp_path)
-    _check_resumable(old, TrainConfig(prediction="eps", lr_schedule="constant", min_snr_gamma=None), tmp_path)
+    _check_resumable(old, TrainConfig(prediction="eps", lr_schedule="constant", min_snr_gamma=0), tmp_path)

@@ -111,6 +111,8 @@ def test_finetune_freezes_the_base(tmp_path):
         train(tiny(tmp_path, "ft2", finetune_from=str(tmp_path / "ft")))
     with pytest.raises(ValueError, match="does not fit the dataset"):
         train(tiny(tmp_path, "ft3", finetune_from=str(tmp_path / "base"), image_size=16))
+    with pytest.raises(ValueError, match="--prediction v"):
+        train(tiny(tmp_path, "ft4", finetune_from=str(tmp_path / "base"), prediction="eps"))
 
 
 def test_bf16_no_recursion_and_grid(tmp_path):

@@ -145,6 +145,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma >= 0:
             raise ValueError(f"TrainConfig.min_snr_gamma must be None or >= 0 (0: off), got {self.min_snr_gamma!r}")
+        if self.min_snr_gamma == 0:
+            self.min_snr_gamma = None  # one spelling of "off", so saved and resumed configs compare equal
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
@@ -194,6 +196,9 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
             raise ValueError(f"finetune_from must hold a plain DiT, got a {type(base).__name__} "
                              f"({cfg.finetune_from}); to continue a run, rerun it on its output dir")
         _check_matches_data(base.config, dataset, f"the DiT in {cfg.finetune_from}")
+        if base.config.prediction != cfg.prediction:
+            raise ValueError(f"the DiT in {cfg.finetune_from} predicts {base.config.prediction!r}; fine-tune it with "
+                             f"--prediction {base.config.prediction} (got {cfg.prediction!r})")
         if recursion is None:
             return base.train()  # plain continued training of the whole DiT
         return ThinkingPixelDiT.from_dit(base, recursion, freeze_base=cfg.freeze_base).train()
@@ -217,7 +222,7 @@ class DiTTask:
     build_model = staticmethod(build_model)
 
     def __init__(self, cfg: TrainConfig, dataset, model, device: torch.device, output_dir: Path):
-        self.diffusion, self.device, self.min_snr_gamma = GaussianDiffusion(), device, cfg.min_snr_gamma or None
+        self.diffusion, self.device, self.min_snr_gamma = GaussianDiffusion(), device, cfg.min_snr_gamma
 
     def losses(self, model, x, y) -> dict:
         """{"loss": (N,), other per-sample terms logged as metrics}: DiT's hybrid MSE + VLB loss."""
