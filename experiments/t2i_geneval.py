@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO, Runner, finished, settings  # noqa: E402  (experiments/run.py: the command runner of the DiT study)
+from run import REPO, Runner, finished, settings  # noqa: E402  (experiments/run.py: the DiT study's runner)
 
 SCALES = {
     # ~1.5 h on a busy 2-core CPU: 32 px scenes, SD3-T/4 (4 blocks of width 128, 64 tokens), short fine-tuning,

@@ -93,7 +93,9 @@ def test_train_finetunes_from_a_diffusers_directory(tmp_path, capsys):
     source.save_pretrained(tmp_path / "model")  # the transformer alone
     for path in (tmp_path / "pipeline", tmp_path / "model"):
         out = tmp_path / f"ft_{path.name}"
-        assert cli.main(["train", "--output-dir", str(out), "--finetune-from", str(path), *TINY]) == 0
+        # diffusers' DiT predicts eps; the train default became v (i11), and fine-tuning keeps the base's target
+        assert cli.main(["train", "--output-dir", str(out), "--finetune-from", str(path), "--prediction", "eps",
+                         *TINY]) == 0
         tuned = ThinkingPixelDiT.from_pretrained(out / "checkpoints" / "step_0000001" / "model")
         base = DiT.from_diffusers(source)
         assert all(torch.equal(tuned.state_dict()[k], v) for k, v in base.state_dict().items())  # frozen base
@@ -102,7 +104,7 @@ def test_train_finetunes_from_a_diffusers_directory(tmp_path, capsys):
     config = json.loads((legacy / "config.json").read_text())
     (legacy / "config.json").write_text(json.dumps({**config, "_class_name": "Transformer2DModel"}))
     assert cli.main(["train", "--output-dir", str(tmp_path / "ft_legacy"), "--finetune-from", str(legacy),
-                     *TINY]) == 0
+                     "--prediction", "eps", *TINY]) == 0
     make_base("sd3").save_pretrained(tmp_path / "sd3" / "transformer")
     assert cli.main(["train", "--output-dir", str(tmp_path / "ft_sd3"), "--finetune-from", str(tmp_path / "sd3"),
                      *TINY]) == 1

@@ -239,6 +239,8 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
 class DiTTask:
     """What the loop needs from a model family, for the class-conditional DiT: its data, model, loss and grid."""
 
+    unused_settings = frozenset({"pipeline", "peft_lora"})  # text-to-image options
+
     @staticmethod
     def make_dataset(cfg: TrainConfig):
         return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
@@ -323,8 +325,9 @@ def _check_resumable(saved: dict, cfg: TrainConfig, output_dir: Path) -> None:
     current = cfg.to_dict()
     # Settings added after the run was saved had their defaults then: today's, or the old behaviour where it changed.
     saved = {**TrainConfig().to_dict(), **_BEHAVIOUR_BEFORE_OPTION, **saved}
+    unused = task_for(cfg).unused_settings  # options the run's model family does not read
     diffs = [f"{k}: {saved[k]!r} (saved) vs {current[k]!r} (now)"
-             for k in current if k not in _RESUMABLE_CHANGES and saved[k] != current[k]]
+             for k in current if k not in _RESUMABLE_CHANGES | unused and saved[k] != current[k]]
     if diffs:
         raise ValueError(f"{output_dir} holds a run with different settings ({'; '.join(diffs)}); "
                          "rerun with the same settings to resume, or use a new output dir")

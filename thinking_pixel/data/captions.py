@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .base import ImageDataset
-from .folder import IMAGE_EXTENSIONS, load_image
+from .folder import IMAGE_EXTENSIONS, ImageFilesDataset
 
 __all__ = ["CaptionFolderDataset"]
 
 
-class CaptionFolderDataset(ImageDataset):
+class CaptionFolderDataset(ImageFilesDataset):
     """Images listed in ``root/metadata.jsonl`` with their captions (column ``caption_column``, default "text")."""
 
     def __init__(self, root: str | Path, image_size: int = 32, num_channels: int = 3, caption_column: str = "text"):
@@ -56,10 +53,3 @@ class CaptionFolderDataset(ImageDataset):
         label = {text: i for i, text in enumerate(self.class_names)}
         self.samples = [(path, label[text]) for path, text in rows]
         self.image_size, self.num_channels = image_size, num_channels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return load_image(path, self.image_size, self.num_channels), label

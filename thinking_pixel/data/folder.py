@@ -10,7 +10,7 @@ from PIL import Image
 
 from .base import ImageDataset, to_unit_range
 
-__all__ = ["ImageFolderDataset", "center_crop_resize", "IMAGE_EXTENSIONS", "load_image"]
+__all__ = ["ImageFilesDataset", "ImageFolderDataset", "center_crop_resize", "IMAGE_EXTENSIONS", "load_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -35,7 +35,20 @@ def load_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
     return to_unit_range(array)
 
 
-class ImageFolderDataset(ImageDataset):
+class ImageFilesDataset(ImageDataset):
+    """Images read from files on access: subclasses fill ``samples`` with (path, label) pairs."""
+
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return load_image(path, self.image_size, self.num_channels), label
+
+
+class ImageFolderDataset(ImageFilesDataset):
     """Images under ``root/<class>/``; classes are the sorted subdirectory names, labels their indices."""
 
     def __init__(self, root: str | Path, image_size: int = 32, num_channels: int = 3):
@@ -53,10 +66,3 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class subdirectories of {root}")
         self.class_names = tuple(d.name for d in class_dirs)
         self.image_size, self.num_channels = image_size, num_channels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return load_image(path, self.image_size, self.num_channels), label

@@ -38,7 +38,8 @@ _SIZES = {
     "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
     "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
 }
-SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch) for size, arch in _SIZES.items() for patch in (1, 2, 4)}
+SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch)
+               for size, arch in _SIZES.items() for patch in (1, 2, 4)}
 
 
 def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: int = 384, pooled_dim: int = 384,
@@ -52,7 +53,8 @@ def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: in
     arch = {**SD3_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(arch) - set(SD3_CONFIGS[name])
     if unknown:
-        raise ValueError(f"sd3_config: unknown overrides {sorted(unknown)}; expected a subset of {sorted(SD3_CONFIGS[name])}")
+        raise ValueError(f"sd3_config: unknown overrides {sorted(unknown)}; "
+                         f"expected a subset of {sorted(SD3_CONFIGS[name])}")
     if image_size % arch["patch_size"]:
         raise ValueError(f"image_size ({image_size}) must be divisible by the patch size ({arch['patch_size']})")
     width = arch["num_attention_heads"] * arch["attention_head_dim"]

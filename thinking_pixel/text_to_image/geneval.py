@@ -101,7 +101,8 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
     step_dir = ckpt.find_step_dir(weights)
     result = {
         "checkpoint": str(weights),
-        "step": int(step_dir.name.split("_")[1]) if step_dir is not None and step_dir.name.startswith("step_") else None,
+        "step": (int(step_dir.name.split("_")[1])
+                 if step_dir is not None and step_dir.name.startswith("step_") else None),
         "recursion": None if model.recursion is None else model.recursion.to_dict(),
         "peft_lora": model.peft_lora,
         "benchmark": "compositional",

@@ -1,4 +1,6 @@
-"""Sampling a text-to-image checkpoint from prompts: ``thinking-pixel sample --checkpoint RUN --prompt ... --output grid.png``.
+"""Sampling a text-to-image checkpoint from prompts.
+
+    thinking-pixel sample --checkpoint RUN --prompt "a photo of a red circle" --prompt ... --output grid.png
 
 Pixel-space models integrate the rectified flow with diffusers' FlowMatchEulerDiscreteScheduler, guided by the
 empty caption. Models built on a diffusers SD3 pipeline sample through ``StableDiffusion3Pipeline`` itself with

@@ -92,6 +92,9 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
 class TextToImageTask:
     """The text-to-image counterpart of train.DiTTask (same interface)."""
 
+    # The DiT's eps-objective options: the flow has its own target and timestep density (see the module doc).
+    unused_settings = frozenset({"prediction", "min_snr_gamma"})
+
     @staticmethod
     def make_dataset(cfg):
         return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
