@@ -16,9 +16,9 @@ before step t takes t steps in all (T without halting). Two rules:
   It needs one intermediate step to measure a change, so it takes at least 2 steps (for T >= 2).
 
 Halting applies in eval mode (training runs all T steps, or the pondering expectation for ``learned``). The
-decisions are tensors: no host synchronisation, so the loop always runs T iterations and a halted token's work
-is masked out; the compute is skipped only where tp_kernels.refine_step takes an ``active`` mask (inactive
-tokens: no expert, no LoRA compute); until then halting saves steps, not time.
+decisions are tensors: no host synchronisation, so the loop always runs T iterations; a halted token keeps its
+state and its last keys/values, and tp_kernels.refine_step(active=...) does no LoRA work for it (no expert). Its
+LayerNorm and gate logits are still computed, and attention still runs over every token.
 """
 
 from __future__ import annotations

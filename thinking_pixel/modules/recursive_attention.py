@@ -34,7 +34,6 @@ Per-token halting (adaptive depth, ``halting=`` "learned" or "delta") is describ
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 import torch.nn as nn
@@ -47,10 +46,6 @@ from .attention import Attention, attend, split_heads
 from .gate import Gate
 from .halting import Halting
 from .routed_lora import RoutedLoRA
-
-# refine_step skips inactive tokens (no expert, no LoRA compute, a zero row) once the op takes an ``active`` mask;
-# until then a halted token's row is computed and discarded.
-_REFINE_SKIPS_INACTIVE = "active" in inspect.signature(tp_kernels.refine_step).parameters
 
 __all__ = ["LatentRecursion", "RecursiveAttention"]
 
@@ -161,7 +156,7 @@ class LatentRecursion(nn.Module):
         (N, T) bool: the tokens still recursing), the recorder. -> (qkv (N, T, 3D), expert_idx (N, T))."""
         gate_shape = (*a.shape[:-1], self.gate.num_experts)  # (N, T, M)
         noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
-        skip = {"active": active} if active is not None and _REFINE_SKIPS_INACTIVE else {}
+        skip = {} if active is None else {"active": active}  # halted tokens: no expert, no LoRA work
         qkv, expert_idx = self.refine(a, gate_terms, noise, None if base is None else base.to(a.dtype),
                                       normalize=self.norm_first_step or step > 1, **skip)
         if active is not None:
@@ -173,7 +168,8 @@ class LatentRecursion(nn.Module):
     def refine(self, a, gate_terms, noise, base, normalize, **skip):
         """One step's LN + gate + routed LoRA (+ base): -> qkv (N, T, 3D) = base + weight * LoRA_e(LN(a)), and
         expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines).
-        ``skip``: {"active": (N, T) bool} once refine_step takes it (halting), else empty."""
+        ``skip``: {"active": (N, T) bool} under halting (refine_step does no LoRA work for inactive tokens), else
+        empty."""
         dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
         token_weight, cond_logits = gate_terms
         qkv, expert_idx, _ = tp_kernels.refine_step(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ...data.frozenlake import CELL, frame_tensor
-from .maps import ACTIONS, find, step
+from .maps import find, step
 from .planner import frames_to_images
 from .render import decode_action, invalid_reason, render
 
