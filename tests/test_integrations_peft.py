@@ -107,3 +107,18 @@ def test_add_peft_lora_is_the_plain_lora_baseline():
                                for proj in ("to_q", "to_k", "to_v") for ab in "AB")
     with torch.no_grad():  # B starts at zero: the base's function
         torch.testing.assert_close(run(model, make_inputs("sd3")), run(base, make_inputs("sd3")))
+
+
+def test_peft_expert_baselines_follow_the_halting_of_the_recursion():
+    """With per-token halting at inference (refine(active=...)), the peft baselines still compute the recursion."""
+    base = make_base("sd3")
+    inputs = make_inputs("sd3")
+    cfg = RecursionConfig(layers=(0, 2), experts=3, steps=3, rank=4, lora_alpha=2, halting="delta", halt_threshold=0.5)
+    model = apply_recursion(copy.deepcopy(base), cfg).eval()
+    for mod in recursion_modules(model):
+        perturb(mod.lora, std=0.3), perturb(mod.gate, std=0.3)
+    with torch.no_grad():
+        want = run(model, inputs)
+        for mode in ("dense", "masked"):
+            baseline = copy_experts_to_peft(model, add_peft_experts(copy.deepcopy(base), cfg, mode=mode)).eval()
+            torch.testing.assert_close(run(baseline, inputs), want, rtol=1e-5, atol=1e-5)

@@ -156,7 +156,7 @@ class PeftExpertsProcessor(RecursionAttnProcessor):
         return torch.cat([layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](h))) * layer.scaling[name]
                           for layer in self.projections], dim=-1)
 
-    def refine(self, a, gate_terms, noise, base, normalize):
+    def refine(self, a, gate_terms, noise, base, normalize, active=None):
         h = F.layer_norm(a, (self.dim,), eps=self.eps) if normalize else a  # (N, T, D)
         token_weight, cond_logits = gate_terms
         logits = cond_logits if token_weight is None else F.linear(h, token_weight) + cond_logits  # (N, T, M)
@@ -164,9 +164,12 @@ class PeftExpertsProcessor(RecursionAttnProcessor):
         expert_idx = z.expand(*h.shape[:-1], -1).argmax(-1)  # (N, T)
         p = torch.softmax(z / self.gate.tau, dim=-1).expand(*h.shape[:-1], -1).gather(-1, expert_idx[..., None])
         weight = (1 + p - p.detach()).to(h.dtype)  # (N, T, 1): 1.0 forward, gradient into the gate
+        if active is not None:  # halted tokens (adaptive halting): no expert, as refine_step(active=) does
+            expert_idx = torch.where(active, expert_idx, -1)  # (N, T)
+            weight = weight * active[..., None]
         num_experts = self.gate.num_experts
         if self.mode == "dense":
-            mix = F.one_hot(expert_idx, num_experts).to(h.dtype) * weight  # (N, T, M)
+            mix = F.one_hot(expert_idx.clamp_min(0), num_experts).to(h.dtype) * weight  # (N, T, M)
             lora = sum(mix[..., e:e + 1] * self.expert(e, h) for e in range(num_experts))  # (N, T, 3D)
         else:
             lora = h.new_zeros(*h.shape[:-1], 3 * self.dim)  # (N, T, 3D)
