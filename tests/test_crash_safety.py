@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from subprocess_env import subprocess_env
 from test_train import losses, tiny
 from thinking_pixel import ThinkingPixelDiT
 from thinking_pixel._checkpoint import CheckpointError
 from thinking_pixel.sample import sample_checkpoint
 from thinking_pixel.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("train_driver.py")
 TINY = ["--image-size", "8", "--patch-size", "2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
         "--rank", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress",
@@ -34,11 +34,11 @@ def test_kill_9_at_several_points_then_the_same_command_gives_the_same_losses(tm
     train(tiny(tmp_path, "reference", max_steps=steps, checkpoint_every=every, lr=1e-3, warmup_steps=0))
     out = tmp_path / "crashed"
     command = ["train", "--output-dir", str(out), "--max-steps", str(steps), "--checkpoint-every", str(every), *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
 
     def run(*hooks):
-        return subprocess.run([sys.executable, str(DRIVER), *hooks, "--", *command], env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run([sys.executable, str(DRIVER), *hooks, "--", *command], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
 
     # 1. killed with the first checkpoint's files written but not yet renamed into place
     result = run("--kill-at", "files:3")
@@ -49,8 +49,8 @@ def test_kill_9_at_several_points_then_the_same_command_gives_the_same_losses(tm
     assert result.returncode == -signal.SIGKILL and "starting a new run" in result.stdout
     assert (out / "latest").read_text().strip() == "checkpoints/step_0000003"
     # 3. killed from outside at a moment of its choosing, after step 7's metrics line
-    process = subprocess.Popen([sys.executable, "-m", "thinking_pixel", *command], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "thinking_pixel", *command], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 7:

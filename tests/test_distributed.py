@@ -5,7 +5,6 @@ scratch on 2 processes and resumes on 1; a 1-process run resumes on 2 processes 
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from subprocess_env import subprocess_env
 from test_train import losses, tiny
 from thinking_pixel.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("train_driver.py")
 TINY = ["--image-size", "8", "--patch-size", "2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
         "--rank", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress",
@@ -29,7 +28,7 @@ def torchrun(tmp_path, output_dir, max_steps, *extra, nproc=2, hooks=(), exit_co
     """``thinking-pixel train`` on ``nproc`` gloo processes; returns (stdout, weights held by each rank)."""
     dump = tmp_path / f"weights_{output_dir.name}_{max_steps}"
     dump.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(DRIVER.parent)])}
+    env = subprocess_env(DRIVER.parent)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(DRIVER),
            *hooks, "--dump-weights", str(dump), "--", "train", "--output-dir", str(output_dir), "--max-steps",
            str(max_steps), "--checkpoint-every", "2", *TINY, *extra]

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+import thinking_pixel
+
 from test_train import tiny
 from thinking_pixel.train import train
 
-PACKAGE = Path(__file__).resolve().parents[1] / "thinking_pixel"
+PACKAGE = Path(thinking_pixel.__file__).resolve().parent  # the package under test (installed in CI)
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 ALLOWED = {("_train_log.py", "flush"), ("train.py", "_save"), ("base.py", "__iter__")}
 
