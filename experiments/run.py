@@ -114,6 +114,16 @@ def train_cmd(s: dict, out_dir: Path, steps: int, batch: int, lr: float, seed: i
             "--prediction", "eps", "--min-snr-gamma", "0", "--lr-schedule", "constant", *extra]
 
 
+def prepare(scale: str, scales: dict, out: str | None, prefix: str, dry_run: bool) -> tuple[dict, Path, "Runner"]:
+    """A study's settings at ``scale``, its output root (default runs/<prefix>_<scale>, with settings.txt written)
+    and its command runner."""
+    s = settings(scale, scales)
+    out = Path(out or REPO / "runs" / f"{prefix}_{scale}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.txt").write_text("".join(f"{k}={v}\n" for k, v in sorted(s.items())) + f"scale={scale}\n")
+    return s, out, Runner(out, dry_run, s["threads"])
+
+
 def finished(run_dir: Path, steps: int) -> bool:
     """Whether the training run in ``run_dir`` has a checkpoint at ``steps``."""
     latest = run_dir / "latest"
@@ -137,11 +147,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}")
 
-    s = settings(args.scale)
-    out = Path(args.out or REPO / "runs" / f"exp_{args.scale}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.txt").write_text("".join(f"{k}={v}\n" for k, v in sorted(s.items())) + f"scale={args.scale}\n")
-    run = Runner(out, args.dry_run, s["threads"])
+    s, out, run = prepare(args.scale, SCALES, args.out, "exp", args.dry_run)
     base = out / "base"
     seeds = [int(v) for v in s["seeds"].split(",")]
     ablation_seeds = [int(v) for v in s["ablation_seeds"].split(",")]

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO, Runner, finished, settings  # noqa: E402  (experiments/run.py: the DiT study's runner)
+from run import finished, prepare  # noqa: E402  (experiments/run.py: the DiT study's runner)
 
 SCALES = {
     # ~1.5 h on a busy 2-core CPU: 32 px scenes, SD3-T/4 (4 blocks of width 128, 64 tokens), short fine-tuning,
@@ -128,11 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     stages = set(args.stages.split(","))
-    s = settings(args.scale, SCALES)
-    out = Path(args.out or REPO / "runs" / f"t2i_{args.scale}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.txt").write_text("".join(f"{k}={v}\n" for k, v in sorted(s.items())) + f"scale={args.scale}\n")
-    run = Runner(out, args.dry_run, s["threads"])
+    s, out, run = prepare(args.scale, SCALES, args.out, "t2i", args.dry_run)
     base = out / "base"
     seeds = [int(v) for v in s["seeds"].split(",")]
     runs = {f"{name}_s{seed}": extra for seed in seeds for name, extra in variants(s).items()}

@@ -57,14 +57,19 @@ def timestep_interval(text: str) -> tuple:
     return values
 
 
+def _add_weights_and_data_arguments(parser: argparse.ArgumentParser, data_use: str, split_use: str) -> None:
+    """--no-ema, --dataset, --data-dir, --split: which weights of a checkpoint, and which real data, ``data_use``."""
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--dataset", default=None,
+                        help=f"{data_use} (default: the checkpoint's training dataset, else fashion_mnist)")
+    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
+    parser.add_argument("--split", default="test", help=f"dataset split{' ' + split_use if split_use else ''} (default: test)")
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="training output dir, step dir, or save_pretrained dir (config.json + model.safetensors)")
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
-    parser.add_argument("--dataset", default=None,
-                        help="real data to compare with (default: the checkpoint's training dataset, else fashion_mnist)")
-    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
-    parser.add_argument("--split", default="test", help="dataset split for the reference images (default: test)")
+    _add_weights_and_data_arguments(parser, "real data to compare with", "for the reference images")
     parser.add_argument("--num-samples", type=int, default=1000, help="generated samples (default: 1000)")
     parser.add_argument("--num-reference", type=int, default=None,
                         help="real reference images (default: same as --num-samples)")
@@ -141,11 +146,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--label", action="append", default=None,
                         help="a name per --checkpoint for the figures (default: the directory names)")
     parser.add_argument("--output-dir", required=True, help="directory for the PNGs and routing_stats.json")
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
-    parser.add_argument("--dataset", default=None,
-                        help="real images to noise (default: the checkpoint's training dataset, else fashion_mnist)")
-    parser.add_argument("--data-dir", default=None, help="dataset location (default: the dataset's own default)")
-    parser.add_argument("--split", default="test", help="dataset split (default: test)")
+    _add_weights_and_data_arguments(parser, "real images to noise", "")
     parser.add_argument("--num-images", type=int, default=100, help="real images per timestep (default: 100)")
     parser.add_argument("--num-timesteps", type=int, default=10,
                         help="evenly spaced diffusion timesteps in [0, 999] (default: 10)")
