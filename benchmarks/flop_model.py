@@ -229,11 +229,23 @@ def recursion_parameters(dim: int, recursion, cond_dim: int = None) -> int:
     return 2 * recursion.experts * 3 * recursion.rank * dim + recursion.experts * (dim + cond_dim + 2)
 
 
-def train_step_costs(forward_parts: list, num_params: int) -> list:
-    """A training step: the forward, a backward at twice each component's forward cost (dX and dW GEMMs;
-    for attention dQ, dK, dV, dP), and AdamW over ``num_params`` fp32 parameters (~12 FLOPs; reads param,
-    grad, two moments and writes param and moments: 28 bytes)."""
-    return ([(f"fwd {name}", c) for name, c in forward_parts] + [(f"bwd {name}", 2 * c) for name, c in forward_parts]
+# Backward cost over forward cost of a frozen model's components, when the gradient must still flow through
+# them to trainable parts inside: a Linear computes dX only (1x, no dW); attention computes dQ, dK, dV and dP
+# (2x); the embedders and the adaLN modulation read no input that needs a gradient (0x).
+FROZEN_BACKWARD = {"embed": 0, "adaLN": 0, "attention": 2, "joint attention": 2}
+
+
+def frozen_backward(name: str) -> float:
+    return FROZEN_BACKWARD.get(name, 1)
+
+
+def train_step_costs(forward_parts: list, num_params: int, backward=lambda name: 2) -> list:
+    """A training step: the forward, a backward at ``backward(name)`` times each component's forward cost (default
+    2: dX and dW GEMMs; for attention dQ, dK, dV, dP; :func:`frozen_backward` for a frozen base), and AdamW over
+    ``num_params`` fp32 parameters (~12 FLOPs; reads param, grad, two moments and writes param and moments:
+    28 bytes)."""
+    return ([(f"fwd {name}", c) for name, c in forward_parts]
+            + [(f"bwd {name}", backward(name) * c) for name, c in forward_parts if backward(name)]
             + [("adamw", Cost(12 * num_params, 28 * num_params))])
 
 

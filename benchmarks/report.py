@@ -375,7 +375,8 @@ def section_finetune(res, title_note=""):
            "timed interleaved (every round runs each once, order rotated); *added time* is the median over rounds "
            "of (variant - its base) in the same round; *FLOP model: added* is the added FLOPs "
            "(benchmarks/flop_model.py recursion_costs: forward, backward 2x, AdamW) at the base step's measured "
-           "FLOP rate." + title_note]
+           "FLOP rate (the base's FLOPs: its forward plus a dX-only backward, flop_model.frozen_backward, since "
+           "its weights do not train)." + title_note]
     targets = []
     for group in groups:
         entry = res.groups[group][0]

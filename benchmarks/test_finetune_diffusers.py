@@ -19,7 +19,7 @@ rotated every round, and the recursion's *added time* is the median over rounds 
 same round. pytest-benchmark's own row is the round (all variants); the per-variant times are in extra_info, which
 ``python -m benchmarks.report`` turns into BENCHMARKS.md's fine-tuning section. The FLOP model (flop_model.py)
 predicts each added time as the added FLOPs (recursion_costs, backward 2x, AdamW) run at the base step's measured
-FLOP rate.
+FLOP rate; the base's FLOPs count a dX-only backward (flop_model.frozen_backward): its weights get no gradient.
 
 Full run: diffusers DiT at DiT-S/2 and DiT-XL/2 widths (2 blocks, both recursive, 256 tokens) and a small SD3
 (2 joint blocks, 256 image + 77 text tokens), with M=5 T=5 and M=2 T=2 at rank 128. --quick: small widths, rank 16.
@@ -220,7 +220,7 @@ def flop_parts(case: FinetuneCase):
         forward = flop_model.mmdit_costs(case.batch, case.seq, case.ctx, case.dim, case.heads, case.depth, ELEM,
                                          patch_in=16 * 4, patch_out=16 * 4, joint_dim=SD3_TEXT_DIM,
                                          pooled_dim=SD3_POOLED_DIM)
-    base = flop_model.train_step_costs(forward, 0)
+    base = flop_model.train_step_costs(forward, 0, backward=flop_model.frozen_backward)  # frozen: dX only
     added = {}
     for recursion in case.recursions:
         tag = f"M={recursion.experts} T={recursion.steps}"

@@ -11,6 +11,8 @@
 //
 // Layouts (row-major): x (N, D_in), idx (N,), a (E, S, R, D_in), b (E, S, D_out, R), gate (N,) fp32 or
 // null, y (N, S * D_out), h (N, S * R) fp32 = A_e x unscaled. x, a, b, y, grad_y, dx, da, db share dt.
+// A token with idx -1 (halted) is skipped like an expert's empty group: it is in no tile, costs no
+// multiply and no gather; its rows of y, h, dx and dgate are zero-filled, and it adds nothing to dA, dB.
 #include <string.h>
 
 #include <vector>
@@ -35,8 +37,9 @@ Panels panels_for(const Kernels& kn, int64_t cols) {
 }
 
 struct Grouping {
-    std::vector<int64_t> perm;     // token ids, grouped by expert, in token order within an expert
+    std::vector<int64_t> perm;     // routed token ids, grouped by expert, in token order within an expert
     std::vector<int64_t> offsets;  // (E + 1,) expert e owns perm[offsets[e]:offsets[e + 1]]
+    std::vector<int64_t> skipped;  // token ids with idx -1, in no group
     std::vector<int64_t> active;   // experts with at least one token
     std::vector<int64_t> slot;     // (E,) position of an expert in `active`, or -1
 };
@@ -44,6 +47,10 @@ struct Grouping {
 bool group_by_expert(const int64_t* idx, int64_t n, int64_t n_exp, Grouping& g) {
     g.offsets.assign(n_exp + 1, 0);
     for (int64_t i = 0; i < n; ++i) {
+        if (idx[i] == -1) {
+            g.skipped.push_back(i);
+            continue;
+        }
         if (idx[i] < 0 || idx[i] >= n_exp) return false;
         ++g.offsets[idx[i] + 1];
     }
@@ -56,9 +63,16 @@ bool group_by_expert(const int64_t* idx, int64_t n, int64_t n_exp, Grouping& g) 
         g.offsets[e + 1] += g.offsets[e];
     }
     std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
-    g.perm.resize(n);
-    for (int64_t i = 0; i < n; ++i) g.perm[next[idx[i]]++] = i;
+    g.perm.resize(n - int64_t(g.skipped.size()));
+    for (int64_t i = 0; i < n; ++i)
+        if (idx[i] >= 0) g.perm[next[idx[i]]++] = i;
     return true;
+}
+
+// Zero-fills row `tok` of each skipped token in a (N, cols) matrix of element size `elem` (null: nothing).
+void zero_rows(void* m, const std::vector<int64_t>& tok, int64_t cols, int64_t elem) {
+    if (m == nullptr) return;
+    for (int64_t t : tok) memset(static_cast<char*>(m) + t * cols * elem, 0, cols * elem);
 }
 
 struct Tile {
@@ -177,6 +191,8 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
     try {
         Grouping g;
         if (!group_by_expert(idx, n, n_exp, g)) return kBadIndex;
+        zero_rows(y, g.skipped, sd, dtype_size(dt));
+        zero_rows(h, g.skipped, sr, sizeof(float));
         const int64_t na = int64_t(g.active.size());
         const std::vector<Tile> tiles = make_tiles(g);
         const int64_t per_thread = piece(mul.converts() ? kTileTokens * d_in : 0, 4) + piece(kTileTokens * pa.width, 4) +
@@ -253,6 +269,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
     try {
         Grouping g;
         if (!group_by_expert(idx, n, n_exp, g)) return kBadIndex;
+        zero_rows(dx, g.skipped, d_in, dtype_size(dt));
+        zero_rows(dgate, g.skipped, 1, sizeof(float));
         const int64_t na = int64_t(g.active.size());
         const std::vector<Tile> tiles = make_tiles(g);
         // weight-gradient tasks: per expert, column blocks of dA (D_in) then of each dB slice (D_out)

@@ -117,6 +117,20 @@ def test_empty_experts_get_zero_weight_grads(cpu_backend, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_skipped_tokens_inside_the_extension(cpu_backend, dtype):
+    """expert_idx -1 (a halted token) is skipped in the kernel itself: several tiles and weight-gradient chunks
+    with holes, against the reference (which gives skipped rows zero output and gradient); odd counts for bf16."""
+    idx = torch.randint(0, 3, (611,))
+    idx[torch.randperm(611)[:250]] = -1
+    _, (dx, _, _, dg) = check_against_reference(*make_inputs(611, 150, 140, 20, 3, 2, dtype, idx=idx))
+    assert not dx[idx < 0].any() and not dg[idx < 0].any()
+    x, _, a, b, g = make_inputs(50, 24, 20, 8, 3, 1, dtype)
+    y, (dx, da, db, _) = run_public(x, torch.full((50,), -1), a, b, g, 1.0, torch.randn(50, 20).to(dtype))
+    assert not y.any() and not dx.any() and not da.any() and not db.any()
+
+
+@needs_ext
 @pytest.mark.parametrize("n_slice", [1, 3])
 def test_all_tokens_on_one_expert(cpu_backend, n_slice):
     idx = torch.full((200,), 2, dtype=torch.int64)
@@ -190,7 +204,10 @@ def test_bf16_weight_gradient_chunks_with_odd_token_counts(cpu_backend, n_slice)
 def test_out_of_range_index_raises_in_the_backend():
     x, idx, a, b, _ = make_inputs(8, 4, 4, 2, 3, 1, torch.float32)
     idx[5] = 3
-    with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\)"):
+    with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\) or be -1"):
+        lora_ext.forward(x, idx, a, b, None, 1.0)
+    idx[5] = -2
+    with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\) or be -1"):
         lora_ext.forward(x, idx, a, b, None, 1.0)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
-ABI_VERSION = 1  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
+ABI_VERSION = 2  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -103,7 +103,7 @@ def ptr(t: torch.Tensor | None):
 def check(status: int, op: str, num_experts: int = 0) -> None:
     """Turn the library's status code (csrc/common.h: Status) into an exception."""
     if status == 1:
-        raise IndexError(f"{op}: expert_idx must lie in [0, {num_experts})")
+        raise IndexError(f"{op}: expert_idx must lie in [0, {num_experts}) or be -1 (skipped)")
     if status == 2:
         raise MemoryError(f"{op}: out of memory for the CPU extension's buffers")
     if status != 0:

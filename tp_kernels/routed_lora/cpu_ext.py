@@ -5,7 +5,8 @@ use the composed-torch path of cpu.py. On CPUs with AVX512_BF16 the extension mu
 bf16 dot-product instructions (the intermediates gate * scale * h and dh rounded to bf16, as cpu.py rounds
 them); elsewhere it converts bfloat16 to fp32 and multiplies in fp32, and then bfloat16 with a rank above
 BF16_EXT_MAX_RANK (where the GEMMs, not the memory passes, dominate) goes to cpu.py instead. Results of the
-extension are bit-identical for any thread count.
+extension are bit-identical for any thread count. Tokens with expert_idx -1 (halted) are skipped inside the
+extension: no multiply, no gather or scatter of the other tokens; their outputs and gradients are zero.
 """
 
 from __future__ import annotations
@@ -39,21 +40,6 @@ def _gate_f32(gate):
     return None if gate is None else gate.to(torch.float32).contiguous()
 
 
-def _live_rows(idx):
-    """Token ids that are not skipped (index -1), or None when none is; a CPU tensor, so no device sync."""
-    skipped = idx < 0
-    return (~skipped).nonzero()[:, 0] if bool(skipped.any()) else None
-
-
-def _rows(t, rows):
-    return None if t is None else t.index_select(0, rows)
-
-
-def _scatter(rows, part, n):
-    """An (n, ...) tensor of zeros holding ``part`` at ``rows``."""
-    return part.new_zeros(n, *part.shape[1:]).index_copy_(0, rows, part)
-
-
 def forward(x, idx, lora_a, lora_b, gate, scale):
     """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
     -> y (N, S*D_out) in x.dtype, h (N, S*R) float32 (= A_e x, unscaled, token order), perm, offsets.
@@ -63,10 +49,6 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
     if not _in_extension(x, rank):
         return _torch_path.forward(x, idx, lora_a, lora_b, gate, scale)
-    live = _live_rows(idx)
-    if live is not None:  # skipped tokens: the extension runs on the others (results are batch invariant)
-        y, h, _, _ = forward(_rows(x, live), _rows(idx, live), lora_a, lora_b, _rows(gate, live), scale)
-        return (_scatter(live, y, n), _scatter(live, h, n), *group_by_expert(idx, n_exp))
     y = torch.empty(n, n_slice * d_out, dtype=x.dtype)
     h = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n == 0:
@@ -88,11 +70,6 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         return _torch_path.backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w,
                                     need_gate)
     need_gate = need_gate and gate is not None
-    live = _live_rows(idx)
-    if live is not None:  # skipped tokens get and give no gradient
-        dx, da, db, dg = backward(_rows(grad_y, live), _rows(x, live), _rows(idx, live), lora_a, lora_b,
-                                  _rows(gate, live), _rows(h, live), perm, offsets, scale, need_x, need_w, need_gate)
-        return (_scatter(live, dx, n) if need_x else dx, da, db, _scatter(live, dg, n) if need_gate else dg)
     dx = torch.empty(n, d_in, dtype=x.dtype) if need_x else None
     da = torch.empty(lora_a.shape, dtype=lora_a.dtype) if need_w else None
     db = torch.empty(lora_b.shape, dtype=lora_b.dtype) if need_w else None
