@@ -72,8 +72,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
-    g.add_argument("--prediction", choices=("eps", "v"), default=S,
-                   help="network output: eps (DiT) or v, converted to eps inside the model (default v)")
+    g.add_argument("--prediction", choices=("eps", "v", "x0"), default=S,
+                   help="network output: eps (DiT), v or x0 (the clean image), converted to eps inside the model "
+                        "(default v)")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")

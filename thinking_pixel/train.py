@@ -92,7 +92,7 @@ class TrainConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     class_dropout_prob: float = 0.1
-    prediction: str = "v"  # what the network outputs: "eps" (DiT) or "v" (converted to eps inside the model)
+    prediction: str = "v"  # what the network outputs: "eps" (DiT), "v" or "x0" (converted to eps in the model)
     recursion: bool = True
     recursion_layers: Optional[tuple] = None  # None: the middle block
     experts: int = 2

@@ -38,15 +38,21 @@ __all__ = [
 ]
 
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 
 
 @functools.cache
-def _v_to_eps_coefficients(device: torch.device) -> torch.Tensor:
-    """(2, 1000): sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of DiT's linear schedule (GaussianDiffusion's), on
-    ``device``. Not model buffers: models are built on the meta device when loaded, and these are not saved."""
+def _eps_coefficients(prediction: str, device: torch.device) -> torch.Tensor:
+    """(2, 1000): (c_out, c_x) with eps = c_out·out + c_x·x_t for a network predicting ``prediction`` ("v" or
+    "x0"), from alpha_bar of DiT's linear schedule (GaussianDiffusion's), on ``device``. Not model buffers: models
+    are built on the meta device when loaded, and these are not saved.
+
+    v = sqrt(a)·eps - sqrt(1-a)·x_0  ->  eps = sqrt(a)·v + sqrt(1-a)·x_t;
+    x_0                              ->  eps = (x_t - sqrt(a)·x_0) / sqrt(1-a)."""
     alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
-    return torch.stack([alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt()]).float().to(device)
+    a, s = alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt()
+    coefficients = torch.stack([a, s]) if prediction == "v" else torch.stack([-a / s, 1.0 / s])
+    return coefficients.float().to(device)
 
 
 @dataclass
@@ -66,8 +72,9 @@ class DiTConfig:
     # Two details where diffusers' DiTTransformer2DModel differs from the reference (DiT.from_diffusers sets them):
     timestep_freq_shift: float = 0.0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP; diffusers: its config's norm_eps (1e-5)
-    # What the network's first C output channels are: "eps" (DiT) or "v" = sqrt(a)·eps - sqrt(1-a)·x_0, a the
-    # alpha_bar of DiT's schedule. forward() always returns eps: a v-network's output is converted in the model.
+    # What the network's first C output channels are: "eps" (DiT), "v" = sqrt(a)·eps - sqrt(1-a)·x_0 (a the
+    # alpha_bar of DiT's schedule) or "x0" (the clean sample). forward() always returns eps: a v- or x0-network's
+    # output is converted in the model.
     prediction: str = "eps"
     # Channels of an image the model is conditioned on (e.g. the current frame of a planner), concatenated to the
     # noisy input before the patch embedding; 0 for none. Outputs keep in_channels (x 2 with learned sigma).
@@ -373,16 +380,17 @@ class DiT(PretrainedMixin, nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
     def as_eps(self, out, x_t, t):
-        """The network output (N, C_out, H, W) with its first C channels as eps (converted from v if need be).
+        """The network output (N, C_out, H, W) with its first C channels as eps (converted from v or x0).
 
-        eps = sqrt(a_t)·v + sqrt(1 - a_t)·x_t. A v-network predicts x_0 = sqrt(a_t)·x_t - sqrt(1 - a_t)·v with an
-        error no larger than its own, where an eps-network's error is amplified by 1 / sqrt(a_t) at high noise.
+        A v-network predicts x_0 = sqrt(a_t)·x_t - sqrt(1 - a_t)·v with an error no larger than its own, where an
+        eps-network's error is amplified by 1 / sqrt(a_t) at high noise. An x0-network outputs a clean image at
+        every noise level (at low noise it need not reproduce the noise, only what lies under it).
         """
         if self.config.prediction == "eps":
             return out
         C = self.in_channels
-        a, s = _v_to_eps_coefficients(out.device)[:, t].to(out.dtype).view(2, -1, 1, 1, 1)  # (N, 1, 1, 1) each
-        return torch.cat([a * out[:, :C] + s * x_t, out[:, C:]], dim=1)
+        c_out, c_x = _eps_coefficients(self.config.prediction, out.device)[:, t].to(out.dtype).view(2, -1, 1, 1, 1)
+        return torch.cat([c_out * out[:, :C] + c_x * x_t, out[:, C:]], dim=1)  # (N, C_out, H, W)
 
     def forward(self, x, t, y, cond_image=None):
         """
