@@ -17,8 +17,11 @@ before step t takes t steps in all (T without halting). Two rules:
 
 Halting applies in eval mode (training runs all T steps, or the pondering expectation for ``learned``). The
 decisions are tensors: no host synchronisation, so the loop always runs T iterations; a halted token keeps its
-state and its last keys/values, and tp_kernels.refine_step(active=...) does no LoRA work for it (no expert). Its
-LayerNorm and gate logits are still computed, and attention still runs over every token.
+state and its last keys/values, and tp_kernels.refine_step(active=...) gives it expert -1, which the routed-LoRA
+kernels skip inside (no multiply, no gather or scatter of the other tokens; its LoRA rows come back zero and the
+kept keys/values are selected back in with one elementwise where). Its LayerNorm and gate logits are still
+computed, and attention still runs over every token: the others attend to its kept keys/values, and its own query
+row is computed and discarded (an attention kernel that skips query rows would save that share).
 """
 
 from __future__ import annotations
