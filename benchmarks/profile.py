@@ -5,6 +5,9 @@
     python -m benchmarks.profile routed-lora  # routed_lora fwd and fwd+bwd at T=2048 D=1152 R=16 E=8, fp32 and bf16
     python -m benchmarks.profile finetune     # diffusers DiT-S/2-width fine-tuning step: base, apply_recursion,
                                               # peft masked (M=5, T=5, R=128; test_finetune_diffusers.FULL[0])
+    python -m benchmarks.profile grouped-gemm # the fine-tuning step's routed LoRA (R=128, E=5, S=3) in GFLOP/s:
+                                              # the CPU extension, the composed-torch path, MKL on pre-grouped
+                                              # per-expert GEMMs (the grouped ceiling) and one large GEMM
 
 The shapes are the suite's full-run shapes (test_model.FULL, shapes.py). Categories: GEMM (mm, addmm, bmm),
 attention (scaled_dot_product_*), tp_kernels ops (with their autograd nodes), and everything else (elementwise,
@@ -98,15 +101,51 @@ def finetune() -> None:
         profile_fn(f"fine-tuning step, {name} ({case.label})", make_step(variants[name], inputs, target), reps=3)
 
 
+def grouped_gemm() -> None:
+    """FLOP rates of the fine-tuning benchmark's routed LoRA: how fast small per-expert GEMMs can run here."""
+    from tp_kernels.routed_lora import cpu as composed
+    from tp_kernels.routed_lora import cpu_ext
+
+    n_exp, n_slice, rank, cpu = 5, 3, 128, torch.device("cpu")
+    for n_tok, dim in ((1024, 384), (512, 1152)):  # DiT-S/2 width batch 4, DiT-XL/2 width batch 2 (x 256 tokens)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n_tok, dim, generator=g)
+        idx = torch.arange(n_tok) % n_exp
+        a = torch.randn(n_exp, n_slice, rank, dim, generator=g) / dim**0.5
+        b = torch.randn(n_exp, n_slice, dim, rank, generator=g) / rank**0.5
+        flops = 2 * n_tok * n_slice * rank * 2 * dim  # shrink + expand, forward
+        rate = lambda fn, f=flops: f / median_seconds(fn, cpu, rounds=20, warmup=2)[0] / 1e9  # noqa: E731
+        line = [f"T={n_tok} D={dim} R={rank} E={n_exp} S={n_slice} fp32, GFLOP/s:"]
+        for label, path in (("extension", cpu_ext), ("composed torch", composed)):
+            y, h, perm, offsets = path.forward(x, idx, a, b, None, 1.0)
+            grad_y = torch.randn_like(y)
+            line.append(f"{label} fwd {rate(lambda: path.forward(x, idx, a, b, None, 1.0)):.0f}")
+            line.append(f"bwd {rate(lambda: path.backward(grad_y, x, idx, a, b, None, h, perm, offsets, 1.0, True, True, False), 2 * flops):.0f}")
+        xs = [x[idx == e].contiguous() for e in range(n_exp)]  # pre-grouped: no gather, no scatter
+        a2 = [a[e].reshape(n_slice * rank, dim) for e in range(n_exp)]
+
+        def grouped():
+            for e in range(n_exp):
+                h = (xs[e] @ a2[e].t()).view(-1, n_slice, rank)
+                for s in range(n_slice):
+                    h[:, s] @ b[e, s].t()
+
+        big = a.reshape(n_exp * n_slice * rank, dim)[: n_slice * rank]
+        line.append(f"MKL pre-grouped fwd {rate(grouped):.0f}")
+        line.append(f"one (T x D) @ (D x S*R) GEMM {rate(lambda: x @ big.t(), 2 * n_tok * dim * n_slice * rank):.0f}")
+        print(" | ".join(line))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("block", "train-step", "routed-lora", "finetune"))
+    parser.add_argument("what", choices=("block", "train-step", "routed-lora", "finetune", "grouped-gemm"))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(describe("cpu"), flush=True)
-    {"block": block, "train-step": train_step, "routed-lora": routed_lora, "finetune": finetune}[args.what]()
+    {"block": block, "train-step": train_step, "routed-lora": routed_lora, "finetune": finetune,
+     "grouped-gemm": grouped_gemm}[args.what]()
     return 0
 
 
