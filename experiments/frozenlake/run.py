@@ -5,7 +5,8 @@
 
 The paper's fine-tuning protocol (as experiments/run.py), sized for a busy 2-core CPU:
   train    base: an image-conditioned DiT (4 blocks, width 64, patch 4: one token per tile) trained from scratch
-           (seed 0, ``--base-steps`` steps of batch 32) on 4x4 lakes in a 5x5-tile canvas (20 px).
+           (seed 0, ``--base-steps`` steps of batch 32 at lr 4e-3, the shapes recipe of RESULTS.md: v prediction,
+           Min-SNR-5, cosine lr) on 4x4 lakes in a 5x5-tile canvas (20 px).
            Then, from its EMA weights, for every seed in ``--seeds`` (ponder: ``--ponder-seeds``), ``--ft-steps``:
              dit_continued  the plain DiT trained further (all weights)
              tp_M2_T2       ThinkingPixel (base frozen): M=2 experts, T=2 latent steps in the middle block
@@ -32,6 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 # average in the first few hundred steps at the end).
 MODEL = ["--dataset", "frozenlake", "--image-size", "20", "--hidden-size", "64", "--batch-size", "32",
          "--ema-decay", "0.995", "--checkpoint-every", "200", "--threads", "1", "--no-progress"]
+# Learning rates pinned here, not taken from `thinking-pixel train`'s defaults, so that the protocol stays fixed:
+# the base at 4e-3 (at 1e-3, runs of 4000-12000 steps never made a valid move: RESULTS.md), the fine-tuning at 1e-3.
+BASE_LR = ["--lr", "4e-3"]
+FINETUNE_LR = ["--lr", "1e-3"]
 BASE = "base_s0"
 VARIANTS = {
     "dit_continued": ["--no-recursion"],
@@ -67,7 +72,7 @@ def _evaluate(run: Path, output: Path, num_maps: int, *extra) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/frozenlake"))
-    p.add_argument("--base-steps", type=int, default=4000, help="training steps of the base DiT")
+    p.add_argument("--base-steps", type=int, default=8000, help="training steps of the base DiT")
     p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps per variant")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -90,10 +95,10 @@ def main(argv=None) -> int:
             list(pool.map(run, cmds))
 
     if "train" in stages:
-        base_cmd = _python("-m", "thinking_pixel", "train", *MODEL, "--no-recursion", "--seed", "0", "--max-steps",
-                           str(args.base_steps), "--output-dir", str(out / "runs" / BASE))
+        base_cmd = _python("-m", "thinking_pixel", "train", *MODEL, *BASE_LR, "--no-recursion", "--seed", "0",
+                           "--max-steps", str(args.base_steps), "--output-dir", str(out / "runs" / BASE))
         run(base_cmd)
-        parallel([_python("-m", "thinking_pixel", "train", *MODEL, *VARIANTS[v], "--finetune-from",
+        parallel([_python("-m", "thinking_pixel", "train", *MODEL, *FINETUNE_LR, *VARIANTS[v], "--finetune-from",
                           str(out / "runs" / BASE), "--seed", str(s), "--max-steps", str(args.ft_steps),
                           "--output-dir", str(out / "runs" / name))
                   for name, (v, s) in runs.items()])
