@@ -15,7 +15,7 @@ The paper's fine-tuning protocol (as experiments/run.py), sized for a busy 2-cor
   eval     rollouts on ``--num-maps`` held-out 4x4 maps and 5x5 maps (larger than in training), DDIM 20 steps
   halting  the T=5 runs of the first seed re-evaluated with per-token halting: the delta rule at several thresholds, and the
            learned rule at several thresholds (ponder only)
-  figures  per-recursion-step decoded predictions for a few maps, failures included (first seed)
+  figures  per-recursion-step decoded predictions for a few maps, failures included (first seed; 5x5 and 4x4 lakes)
 Every command is appended to OUT/commands.sh; experiments/frozenlake/make_table.py summarises OUT.
 """
 
@@ -123,11 +123,13 @@ def main(argv=None) -> int:
     if "figures" in stages:
         cmds = []
         for name, (v, s) in runs.items():
-            path = out / "figures" / f"recursion_steps_{name}.png"
-            if v.startswith(("tp", "ponder")) and s == seeds[0] and not path.exists():
-                cmds.append(_python("-m", "thinking_pixel.tasks.frozenlake.figures", "--checkpoint",
-                                    str(out / "runs" / name), "--eval", str(out / "eval" / f"{name}.json"),
-                                    "--output", str(path)))
+            # the larger lakes (failures only so far) and the training size (successes and failures)
+            for size, suffix in ((None, ""), ("4", "_4x4")):
+                path = out / "figures" / f"recursion_steps_{name}{suffix}.png"
+                if v.startswith(("tp", "ponder")) and s == seeds[0] and not path.exists():
+                    cmds.append(_python("-m", "thinking_pixel.tasks.frozenlake.figures", "--checkpoint",
+                                        str(out / "runs" / name), "--eval", str(out / "eval" / f"{name}.json"),
+                                        "--output", str(path), *(["--size", size] if size else [])))
         parallel(cmds)
     return 0
 
