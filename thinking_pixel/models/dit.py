@@ -372,7 +372,10 @@ class DiT(PretrainedMixin, nn.Module):
             x = torch.cat([x, cond_image.to(x.dtype)], dim=1)  # (N, C + C_cond, H, W)
         elif cond_image is not None:
             raise ValueError("cond_image given to a model built without cond_channels")
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        # (N, T, D), T = H * W / patch_size ** 2. The patch embedding's output is a transposed view of the conv's
+        # (N, D, T); made contiguous once here, or every residual add keeps that layout and each LayerNorm (forward
+        # and backward) copies its input.
+        x = (self.x_embedder(x) + self.pos_embed).contiguous()
         return x, self.t_embedder(t), self.y_embedder(y, self.training)
 
     def head(self, x, c):
