@@ -159,8 +159,6 @@ class LatentRecursion(nn.Module):
         skip = {} if active is None else {"active": active}  # halted tokens: no expert, no LoRA work
         qkv, expert_idx = self.refine(a, gate_terms, noise, None if base is None else base.to(a.dtype),
                                       normalize=self.norm_first_step or step > 1, **skip)
-        if active is not None:
-            expert_idx = torch.where(active, expert_idx, -1)
         if self.recorder is not None:
             self.recorder(step, expert_idx, a)
         return qkv, expert_idx
@@ -168,8 +166,8 @@ class LatentRecursion(nn.Module):
     def refine(self, a, gate_terms, noise, base, normalize, **skip):
         """One step's LN + gate + routed LoRA (+ base): -> qkv (N, T, 3D) = base + weight * LoRA_e(LN(a)), and
         expert_idx e (N, T). One tp_kernels.refine_step call; subclasses may compute it another way (baselines).
-        ``skip``: {"active": (N, T) bool} under halting (refine_step does no LoRA work for inactive tokens), else
-        empty."""
+        ``skip``: {"active": (N, T) bool} under halting, else empty: an inactive token gets no LoRA work and
+        expert_idx -1 (refine_step's contract; overrides of refine keep it)."""
         dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
         token_weight, cond_logits = gate_terms
         qkv, expert_idx, _ = tp_kernels.refine_step(
