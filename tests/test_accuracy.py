@@ -3,11 +3,11 @@
 import json
 
 import numpy as np
-import pytest
 
 from thinking_pixel import cli
 from thinking_pixel.data import ShapesDataset
-from thinking_pixel.metrics.accuracy import class_accuracy, main_objects, placement
+from thinking_pixel.evaluate import PLACEMENT_DATA_IMAGES
+from thinking_pixel.metrics.accuracy import class_accuracy, main_objects, placement, placement_match
 
 TINY = ["--image-size", "16", "--patch-size", "4", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
         "--rank", "4", "--batch-size", "4", "--no-progress", "--no-sample-grid", "--threads", "1"]
@@ -29,6 +29,18 @@ def test_training_images_are_read_correctly_and_wrong_labels_are_not():
     assert class_accuracy([None], [0], parts, list(ds.class_names))["detected"] == 0.0
 
 
+def test_placement_match_tells_the_data_from_centred_objects():
+    ds = ShapesDataset(image_size=16, num_samples=256)
+    data = main_objects([ds.render(i)[0] for i in range(len(ds))])
+    same = placement_match(data[:128], data[128:], 16)
+    assert all(same[k]["p"] > 0.01 and 0.7 < same[k]["std_ratio"] < 1.4 for k in ("x", "y", "size"))
+    # the largest shapes sit in the middle: a model that draws only them has the data's positions squeezed
+    big = sorted((o for o in data if o is not None), key=lambda o: o.area)[-64:]
+    squeezed = placement_match(big, data, 16)
+    assert squeezed["x"]["std_ratio"] < 0.8 and squeezed["size"]["ks"] > 0.5 and squeezed["size"]["p"] < 1e-6
+    assert placement_match([None, None], data, 16) == {}
+
+
 def test_evaluate_accuracy_command(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--output-dir", str(run), "--max-steps", "1", *TINY]) == 0
@@ -41,5 +53,9 @@ def test_evaluate_accuracy_command(tmp_path, capsys):
         "accuracy", "shape_accuracy", "color_accuracy", "mean_recursion_steps"}  # the default model recurses
     assert result["num_samples"] == 16 and result["sampler"] == "ddpm" and result["cfg_scale"] == 4.0
     assert 0 <= result["accuracy"] <= result["shape_accuracy"] <= 1 and len(result["per_class"]) <= 16
-    assert result["data_accuracy"] == 1.0 and result["placement"]["data"]["n"] == 16
+    assert result["cfg_interval"] == [0, 300]  # the sample command's default
+    assert result["data_accuracy"] == 1.0 and result["placement"]["data"]["n"] == PLACEMENT_DATA_IMAGES
+    match = result["placement"]["match"]  # a 1-step model draws noise: few detections, maybe too few to compare
+    assert set(match) == ({"x", "y", "size"} if result["placement"]["samples"]["n"] >= 2 else set())
+    assert all(0 <= m["ks"] <= 1 and 0 <= m["p"] <= 1 for m in match.values())
     assert np.isclose(result["placement"]["data"]["x_mean"], 0.5, atol=0.1)

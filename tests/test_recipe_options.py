@@ -50,6 +50,25 @@ def test_guidance_interval_guides_only_inside():
         sample(_toy_model, y, (2, 4, 4), cfg_scale=2.0, null_class=5, cfg_interval=(600, 100), num_steps=2)
 
 
+def test_sampling_outside_the_guidance_interval_runs_the_conditional_pass_only():
+    y = torch.tensor([0, 1])
+    batches = []
+
+    def counting(x, t, labels):
+        batches.append(len(x))
+        return _toy_model(x, t, labels)
+
+    common = dict(cfg_scale=3.0, null_class=5, num_steps=10, sampler="ddim")
+    skipped = sample(counting, y, (2, 4, 4), cfg_interval=(0, 300), generator=torch.Generator().manual_seed(0),
+                     **common)
+    guided_steps = sum(n == 4 for n in batches)
+    assert 0 < guided_steps < len(batches) and set(batches) == {2, 4}
+    # the same samples as guiding through guided_model_fn's own interval (two passes at every step)
+    reference = sample(guided_model_fn(_toy_model, 3.0, 5, interval=(0, 300)), y, (2, 4, 4), cfg_scale=1.0,
+                       num_steps=10, sampler="ddim", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(skipped, reference)
+
+
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_v_and_x0_prediction_models_return_eps(tmp_path, prediction):
     from thinking_pixel.models import DiT, dit_config

@@ -12,8 +12,8 @@ import importlib
 import os
 import sys
 
-from ._arguments import (DATASET_NAMES, SAMPLER_NAMES, add_analyze_arguments, add_evaluate_arguments,
-                         add_halting_arguments, check_image_output, timestep_interval)
+from ._arguments import (DATASET_NAMES, GUIDANCE_INTERVAL, SAMPLER_NAMES, add_analyze_arguments,
+                         add_evaluate_arguments, add_halting_arguments, check_image_output, timestep_interval)
 
 __all__ = ["build_parser", "main"]
 
@@ -132,8 +132,9 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
     p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    p.add_argument("--cfg-interval", type=timestep_interval, default=None,
-                   help="guide only at timesteps LO..HI, e.g. 0,500 (default: every step)")
+    p.add_argument("--cfg-interval", type=timestep_interval, default=GUIDANCE_INTERVAL,
+                   help="class-conditional models: guide only at timesteps LO..HI; 0,999 guides every step (default "
+                        "0,300: guiding the noisiest steps makes objects larger and more central than the data's)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
                    help="ddpm (learned variance, DiT's), ddim, or dpm (DPM-Solver++, 10-25 steps); default ddpm")
     p.add_argument("--num-steps", type=_positive_int, default=100, help="sampling steps (default 100)")

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import _checkpoint as ckpt
+from ._arguments import GUIDANCE_INTERVAL
 from ._arguments import add_evaluate_arguments as add_arguments
 from ._runtime import resolve_device
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
@@ -42,7 +43,10 @@ SETTINGS = "settings.json"
 # Sampling settings when none are given: FID's usual ones, and for accuracy those of `thinking-pixel sample`
 # (the grid a user looks at).
 DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5},
-                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0, "cfg_interval": None}}
+                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0, "cfg_interval": GUIDANCE_INTERVAL}}
+# Training images the samples' positions and sizes are compared with: more than a typical sample count, so the
+# data's side of the comparison is not the noisy one (their std at 256 images is off by up to 10%).
+PLACEMENT_DATA_IMAGES = 2048
 
 
 
@@ -248,16 +252,18 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
 
 
 def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples: int = 1000, batch_size: int = 64,
-                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, sampler: str = "ddpm",
-                      num_steps: int = 100, seed: int = 0, samples_dir: str | None = None, use_ema: bool = True, device: str = "auto",
+                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = GUIDANCE_INTERVAL,
+                      sampler: str = "ddpm", num_steps: int = 100, seed: int = 0, samples_dir: str | None = None,
+                      use_ema: bool = True, device: str = "auto",
                       progress: bool = True, halting: dict | None = None) -> dict:
     """Class accuracy of a class-conditional ``shapes`` checkpoint and its spread of positions and sizes.
 
     Samples are class-balanced (as for FID, resumable in ``samples_dir``); the data's spread is measured the same
-    way on ``num_samples`` training images. Writes and returns the result JSON.
+    way on max(num_samples, PLACEMENT_DATA_IMAGES) training images, and ``placement["match"]`` compares the two
+    (metrics.accuracy.placement_match). Writes and returns the result JSON.
     """
     from .data import make_dataset
-    from .metrics.accuracy import class_accuracy, main_objects, placement
+    from .metrics.accuracy import class_accuracy, main_objects, placement, placement_match
 
     output = Path(output)
     _check_positive(num_samples=num_samples, batch_size=batch_size)
@@ -281,7 +287,7 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
     parts = [data.label_parts(y) for y in range(data.num_classes)]
     found = main_objects(images)
-    real = [data.render(i) for i in range(min(num_samples, len(data)))]  # class-balanced, as the samples
+    real = [data.render(i) for i in range(min(max(num_samples, PLACEMENT_DATA_IMAGES), len(data)))]  # class-balanced
     real_found = main_objects([image for image, _ in real])
     real_accuracy = class_accuracy(real_found, [y for _, y in real], parts, list(data.class_names))
     result = {
@@ -293,7 +299,8 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         "cfg_scale": cfg_scale, "cfg_interval": None if cfg_interval is None else list(cfg_interval), "seed": seed,
         "use_ema": use_ema,
         **class_accuracy(found, labels.tolist(), parts, list(data.class_names)),
-        "placement": {"samples": placement(found, cfg.input_size), "data": placement(real_found, cfg.input_size)},
+        "placement": {"samples": placement(found, cfg.input_size), "data": placement(real_found, cfg.input_size),
+                      "match": placement_match(found, real_found, cfg.input_size)},
         "data_accuracy": real_accuracy["accuracy"],  # the detector on training images: its own error rate
         # over the chunks sampled by this call (None if every chunk was loaded from an earlier run)
         "mean_recursion_steps": model.mean_recursion_steps() if recursive else None,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from . import _checkpoint as ckpt
-from ._arguments import check_image_output
+from ._arguments import GUIDANCE_INTERVAL, check_image_output
 from ._runtime import resolve_device, torch_threads
 from .diffusion import GaussianDiffusion, sample
 
@@ -108,7 +108,7 @@ def apply_halting(model, halting: dict | None, checkpoint) -> bool:
 
 
 def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: str = "ddpm", num_steps: int = 100,
-                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = None, seed: int = 0,
+                      cfg_scale: float = 4.0, cfg_interval: tuple[int, int] | None = GUIDANCE_INTERVAL, seed: int = 0,
                       classes: Sequence[int] | None = None,
                       per_class: int = 8, use_ema: bool = True, device: str = "auto", batch_size: int = 64,
                       scale: int | None = None, vae: str | None = None, num_threads: int | None = None,
@@ -116,6 +116,8 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
     """Sample a grid from ``checkpoint`` (training output dir, step dir or save_pretrained dir) into ``output``.
 
     Rows are ``classes`` (default: all), ``per_class`` samples each. ``output`` is checked before any work.
+    Guidance acts at timesteps ``cfg_interval`` (lo, hi) only, by default the low-noise ones (GUIDANCE_INTERVAL);
+    None guides every step.
     ``halting``: set_halting arguments (mode, threshold) for a ThinkingPixelDiT; the mean recursion steps a token
     took is printed for one.
     """

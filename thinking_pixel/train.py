@@ -271,7 +271,7 @@ class DiTTask:
             return None
 
         return sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
-                                 cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))
+                                 cfg_scale=4.0, per_class=4, seed=cfg.seed, device=str(device))  # sample's defaults
 
 
 def task_for(cfg: TrainConfig):

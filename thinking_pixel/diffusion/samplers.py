@@ -124,7 +124,7 @@ def sample(
     scheduler = make_scheduler(sampler, diffusion, num_steps, clip_sample)
     if cfg_interval is not None and not (len(cfg_interval) == 2 and 0 <= cfg_interval[0] <= cfg_interval[1]):
         raise ValueError(f"cfg_interval must be (lo, hi) timesteps with 0 <= lo <= hi, got {cfg_interval!r}")
-    model_fn = guided_model_fn(model, cfg_scale, null_class, cfg_interval)
+    guided = guided_model_fn(model, cfg_scale, null_class)
     device = labels.device
     C = shape[0]
 
@@ -141,7 +141,9 @@ def sample(
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
         if callback is not None:
             callback(int(t), x)
-        out = model_fn(x, t_batch, labels).float()  # (N, 2C, H, W)
+        # outside the guidance interval the step needs only the conditional prediction: one pass, not two
+        unguided = cfg_interval is not None and not cfg_interval[0] <= int(t) <= cfg_interval[1]
+        out = (model if unguided else guided)(x, t_batch, labels).float()  # (N, 2C, H, W)
         if out.shape[1] != 2 * C:
             raise ValueError(f"the model must predict eps and variance (2*C = {2 * C} channels), got {out.shape[1]}")
         x = scheduler.step(out if sampler == "ddpm" else out[:, :C], t, x, **step_kwargs).prev_sample

@@ -1,8 +1,8 @@
 """Class accuracy of samples from a class-conditional shapes model, read by the classical-vision detector.
 
 Each image's object is its largest detection (by coverage); it is right when its shape and colour are the
-class's. ``placement`` summarises where objects sit and how large they are, to compare a model's spread of
-positions and sizes with the data's.
+class's. ``placement`` summarises where objects sit and how large they are, and ``placement_match`` compares a
+model's distributions of position and size with the data's (two-sample Kolmogorov-Smirnov).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..tasks.compositional.detect import detect_objects
 
-__all__ = ["class_accuracy", "main_objects", "placement"]
+__all__ = ["class_accuracy", "main_objects", "placement", "placement_match"]
 
 
 def main_objects(images) -> list:
@@ -55,13 +55,35 @@ def class_accuracy(objects: list, labels, class_parts: list[tuple[str, str]], cl
     return {**summary(rows), "per_class": per_class}
 
 
+def _coordinates(objects: list, image_size: int) -> dict:
+    """{"x", "y", "size"}: arrays over the detected objects, as fractions of the side (size: sqrt(area))."""
+    found = [o for o in objects if o is not None]
+    return {"x": np.array([o.center[0] for o in found]) / image_size,
+            "y": np.array([o.center[1] for o in found]) / image_size,
+            "size": np.sqrt(np.array([o.area for o in found], dtype=float)) / image_size}
+
+
 def placement(objects: list, image_size: int) -> dict:
     """Mean and standard deviation of the object centres (x, y) and sizes (sqrt(area)), as fractions of the side."""
-    found = [o for o in objects if o is not None]
-    if not found:
+    coords = _coordinates(objects, image_size)
+    if not len(coords["x"]):
         return {"n": 0}
-    x = np.array([o.center[0] for o in found]) / image_size
-    y = np.array([o.center[1] for o in found]) / image_size
-    size = np.sqrt([o.area for o in found]) / image_size
-    return {"n": len(found), **{f"{name}_{stat}": float(fn(v)) for name, v in (("x", x), ("y", y), ("size", size))
-                                for stat, fn in (("mean", np.mean), ("std", np.std))}}
+    return {"n": len(coords["x"]), **{f"{name}_{stat}": float(fn(v)) for name, v in coords.items()
+                                      for stat, fn in (("mean", np.mean), ("std", np.std))}}
+
+
+def placement_match(samples: list, data: list, image_size: int) -> dict:
+    """How the samples' object positions and sizes compare with the data's: per coordinate (x, y, size), the
+    two-sample Kolmogorov-Smirnov statistic ``ks`` (the largest gap between the two CDFs) and its ``p`` value, and
+    ``std_ratio`` = samples' std / data's std. Empty when either side has fewer than two detections."""
+    from scipy.stats import ks_2samp
+
+    ours, theirs = _coordinates(samples, image_size), _coordinates(data, image_size)
+    if len(ours["x"]) < 2 or len(theirs["x"]) < 2:
+        return {}
+    result = {}
+    for name in ("x", "y", "size"):
+        test = ks_2samp(ours[name], theirs[name])
+        result[name] = {"ks": float(test.statistic), "p": float(test.pvalue),
+                        "std_ratio": float(np.std(ours[name]) / max(np.std(theirs[name]), 1e-12))}
+    return result

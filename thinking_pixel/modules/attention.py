@@ -16,8 +16,11 @@ def split_heads(x, num_heads):
 
 
 def split_qkv(qkv, num_heads):
-    """Fused projections (N, T, 3D), columns [q | k | v] each head-major -> q, k, v, each (N, H, T, D / H)."""
-    return rearrange(qkv, "n t (s h d) -> s n h t d", s=3, h=num_heads)
+    """Fused projections (N, T, 3D), columns [q | k | v] each head-major -> q, k, v, each (N, H, T, D / H).
+
+    Split along the columns, not unbound from one (3, N, H, T, D / H) view: the backward then writes the three
+    gradients into (N, T, 3D) with one cat, where unbind's stack plus the permute back cost two copies."""
+    return tuple(split_heads(z, num_heads) for z in qkv.split(qkv.shape[-1] // 3, dim=-1))
 
 
 def merge_heads(x):
