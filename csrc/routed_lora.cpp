@@ -177,14 +177,89 @@ void gemm_to_rows(const Mul& mul, int64_t m, int64_t n, int64_t k, const void* c
     mul.gemm(m, n, k, a, bp, pb.nv, crow, mul.dt, 0);
 }
 
+// The packed weights a call multiplies with, in float counts. Forward: A_e^T (D_in x S*R, panels of pa) then
+// B_es^T (R x D_out, panels of pb); backward: B_es (D_out x R, panels of pr) then, for dx, A_e (S*R x D_in, panels
+// of pd). Experts are counted by `experts` (the ones in use when packing per call, all E for a pre-packed buffer).
+struct PackLayout {
+    int64_t first, second;  // floats of each part; the second starts at a 16-float boundary after the first
+    int64_t total() const { return round_up(first, 16) + second; }
+};
+
+PackLayout fwd_layout(const Kernels& kn, int64_t experts, int64_t n_slice, int64_t rank, int64_t d_in, int64_t d_out) {
+    return {experts * d_in * panels_for(kn, n_slice * rank).width, experts * n_slice * rank * panels_for(kn, d_out).width};
+}
+
+PackLayout bwd_layout(const Kernels& kn, int64_t experts, int64_t n_slice, int64_t rank, int64_t d_in, int64_t d_out,
+                      bool with_a) {
+    return {experts * n_slice * d_out * panels_for(kn, rank).width,
+            with_a ? experts * n_slice * rank * panels_for(kn, d_in).width : 0};
+}
+
+// Forward packing job `job` of expert e into slot j: job % (1 + S) == 0 packs A_e, else slice s = job % (1 + S) - 1 of B_e.
+void pack_fwd_job(const Mul& mul, const void* a, const void* b, int64_t e, int64_t j, int64_t part, int64_t n_slice,
+                  int64_t rank, int64_t d_in, int64_t d_out, float* apack, float* bpack) {
+    const int dt = mul.dt;
+    const int64_t sr = n_slice * rank;
+    const Panels pa = panels_for(mul.kn, sr), pb = panels_for(mul.kn, d_out);
+    if (part == 0)
+        mul.pack(at(a, e * sr * d_in, dt), nullptr, 1, d_in, d_in, sr, pa.nv, apack + j * d_in * pa.width);
+    else
+        mul.pack(at(b, (e * n_slice + part - 1) * d_out * rank, dt), nullptr, 1, rank, rank, d_out, pb.nv,
+                 bpack + (j * n_slice + part - 1) * rank * pb.width);
+}
+
+// Backward packing: part s < S packs slice s of B_e, part S packs A_e (for dx).
+void pack_bwd_job(const Mul& mul, const void* a, const void* b, int64_t e, int64_t j, int64_t part, int64_t n_slice,
+                  int64_t rank, int64_t d_in, int64_t d_out, float* bpack, float* apack) {
+    const int dt = mul.dt;
+    const int64_t sr = n_slice * rank;
+    const Panels pr = panels_for(mul.kn, rank), pd = panels_for(mul.kn, d_in);
+    if (part < n_slice)
+        mul.pack(at(b, (e * n_slice + part) * d_out * rank, dt), nullptr, rank, 1, d_out, rank, pr.nv,
+                 bpack + (j * n_slice + part) * d_out * pr.width);
+    else
+        mul.pack(at(a, e * sr * d_in, dt), nullptr, d_in, 1, sr, d_in, pd.nv, apack + j * sr * pd.width);
+}
+
 }  // namespace
 }  // namespace tp
 
 using namespace tp;
 
+// Floats of the buffer tp_routed_lora_pack fills (for_backward: the backward's layout, with A for dx).
+TP_EXPORT int64_t tp_routed_lora_packed_floats(int dt, int64_t n_exp, int64_t n_slice, int64_t rank, int64_t d_in,
+                                               int64_t d_out, int for_backward) {
+    const Kernels& kn = *kernels();
+    return for_backward ? bwd_layout(kn, n_exp, n_slice, rank, d_in, d_out, true).total()
+                        : fwd_layout(kn, n_exp, n_slice, rank, d_in, d_out).total();
+}
+
+// Packs every expert's weights as the forward (for_backward = 0) or backward multiplies them, so calls that
+// share weights (the T steps of a recursion, and their backward) pack once: pass `out` as their `packed`.
+TP_EXPORT int tp_routed_lora_pack(const void* a, const void* b, int dt, int64_t n_exp, int64_t n_slice, int64_t rank,
+                                  int64_t d_in, int64_t d_out, int for_backward, float* out, int threads) {
+    const Mul mul(*kernels(), dt);
+    const int64_t parts = n_slice + 1;
+    if (for_backward) {
+        const PackLayout lay = bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true);
+        float* const apack = out + round_up(lay.first, 16);
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+        for (int64_t job = 0; job < n_exp * parts; ++job)
+            pack_bwd_job(mul, a, b, job / parts, job / parts, job % parts, n_slice, rank, d_in, d_out, out, apack);
+    } else {
+        const PackLayout lay = fwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out);
+        float* const bpack = out + round_up(lay.first, 16);
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+        for (int64_t job = 0; job < n_exp * parts; ++job)
+            pack_fwd_job(mul, a, b, job / parts, job / parts, job % parts, n_slice, rank, d_in, d_out, out, bpack);
+    }
+    return kOk;
+}
+
+// packed: null, or tp_routed_lora_pack's forward buffer for a and b (then a and b are not read).
 TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* a, const void* b, const float* gate,
                                  int dt, int64_t n, int64_t d_in, int64_t n_exp, int64_t n_slice, int64_t rank,
-                                 int64_t d_out, double scale, void* y, float* h, int threads) {
+                                 int64_t d_out, double scale, void* y, float* h, const float* packed, int threads) {
     const Mul mul(*kernels(), dt);
     const int64_t sr = n_slice * rank, sd = n_slice * d_out, ot = mul.op_dt();
     const Panels pa = panels_for(mul.kn, sr), pb = panels_for(mul.kn, d_out);
@@ -198,23 +273,21 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
         const int64_t per_thread = piece(mul.converts() ? kTileTokens * d_in : 0, 4) + piece(kTileTokens * pa.width, 4) +
                                    piece(kTileTokens * sr, dtype_size(ot)) + 2 * piece(kTileTokens, sizeof(void*));
         Workspace ws;
-        // packed weights of the experts in use: A_e^T (D_in x S*R) and B_es^T (R x D_out)
-        const int64_t o_apack = ws.reserve(piece(na * d_in * pa.width, 4));
-        const int64_t o_bpack = ws.reserve(piece(na * n_slice * rank * pb.width, 4));
+        // packed weights of the experts in use (slot j = g.slot[e]), or all of them pre-packed (slot e)
+        const PackLayout lay = fwd_layout(mul.kn, packed ? 0 : na, n_slice, rank, d_in, d_out);
+        const int64_t o_pack = ws.reserve(piece(lay.total(), 4));
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
-        float* const apack = reinterpret_cast<float*>(base + o_apack);
-        float* const bpack = reinterpret_cast<float*>(base + o_bpack);
+        const float* const apack = packed ? packed : reinterpret_cast<float*>(base + o_pack);
+        const float* const bpack = apack + round_up(packed ? fwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out).first
+                                                           : lay.first, 16);
 #pragma omp parallel num_threads(threads)
         {
+            if (!packed) {
 #pragma omp for schedule(dynamic)
-            for (int64_t job = 0; job < na * (1 + n_slice); ++job) {
-                const int64_t j = job / (1 + n_slice), s = job % (1 + n_slice) - 1, e = g.active[j];
-                if (s < 0)
-                    mul.pack(at(a, e * sr * d_in, dt), nullptr, 1, d_in, d_in, sr, pa.nv, apack + j * d_in * pa.width);
-                else
-                    mul.pack(at(b, (e * n_slice + s) * d_out * rank, dt), nullptr, 1, rank, rank, d_out, pb.nv,
-                             bpack + (j * n_slice + s) * rank * pb.width);
+                for (int64_t job = 0; job < na * (1 + n_slice); ++job)
+                    pack_fwd_job(mul, a, b, g.active[job / (1 + n_slice)], job / (1 + n_slice), job % (1 + n_slice),
+                                 n_slice, rank, d_in, d_out, const_cast<float*>(apack), const_cast<float*>(bpack));
             }
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const xt = carve.take<float>(mul.converts() ? kTileTokens * d_in : 0);  // (tile, D_in) converted x
@@ -226,7 +299,7 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
             for (size_t t = 0; t < tiles.size(); ++t) {
                 const Tile& tile = tiles[t];
                 const int64_t* tok = g.perm.data() + tile.lo;
-                const int64_t m = tile.hi - tile.lo, j = g.slot[tile.expert];
+                const int64_t m = tile.hi - tile.lo, j = packed ? tile.expert : g.slot[tile.expert];
                 prefetch_rows(x, dt, d_in, 0, d_in, tok, m, false);
                 prefetch_rows(y, dt, sd, 0, sd, tok, m, true);
                 input_rows(mul, x, d_in, 0, d_in, tok, m, xt, arow);
@@ -257,7 +330,7 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
 TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_t* idx, const void* a,
                                  const void* b, const float* gate, const float* h, int dt, int64_t n, int64_t d_in,
                                  int64_t n_exp, int64_t n_slice, int64_t rank, int64_t d_out, double scale, void* dx,
-                                 void* da, void* db, float* dgate, int threads) {
+                                 void* da, void* db, float* dgate, const float* packed, int threads) {
     const Mul mul(*kernels(), dt);
     const int64_t sr = n_slice * rank, sd = n_slice * d_out, wrows = sr > rank ? sr : rank, ot = mul.op_dt();
     const bool need_w = da != nullptr;
@@ -282,28 +355,28 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
             piece(kTileTokens * sr, dtype_size(ot)) + 3 * piece(kTileTokens, sizeof(void*)) + piece(wrows * wb.width, 4) +
             piece(wb.chunk * wb.width, 4) + piece(rank, 4) + 2 * piece(wrows, sizeof(void*));
         Workspace ws;
-        // packed weights: B_es (D_out x R) and, for dx, A_e (S*R x D_in)
-        const int64_t o_bpack = ws.reserve(piece(na * n_slice * d_out * pr.width, 4));
-        const int64_t o_apack = ws.reserve(piece(dx ? na * sr * pd.width : 0, 4));
+        // packed weights: B_es (D_out x R) and, for dx, A_e (S*R x D_in), of the experts in use (slot j =
+        // g.slot[e]), or all of them pre-packed (slot e)
+        const PackLayout lay = bwd_layout(mul.kn, packed ? 0 : na, n_slice, rank, d_in, d_out, dx != nullptr);
+        const int64_t o_pack = ws.reserve(piece(lay.total(), 4));
         // for the weight gradients, as operands (S*R, N) with tokens in grouped order: dh^T and (m h)^T,
         // dh = m * dL/d(m h), m = gate * scale
         const int64_t o_dh = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
         const int64_t o_hm = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
-        float *const bpack = reinterpret_cast<float*>(base + o_bpack), *const apack = reinterpret_cast<float*>(base + o_apack);
+        const float* const bpack = packed ? packed : reinterpret_cast<float*>(base + o_pack);
+        const float* const apack =
+            bpack + round_up(packed ? bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true).first : lay.first, 16);
         char *const dh_t = base + o_dh, *const hm_t = base + o_hm;
 #pragma omp parallel num_threads(threads)
         {
-            const int64_t pack_jobs = na * (n_slice + (dx ? 1 : 0));
+            if (!packed) {
+                const int64_t pack_jobs = na * (n_slice + (dx ? 1 : 0));
 #pragma omp for schedule(dynamic)
-            for (int64_t job = 0; job < pack_jobs; ++job) {
-                const int64_t j = job % na, s = job / na, e = g.active[j];
-                if (s < n_slice)
-                    mul.pack(at(b, (e * n_slice + s) * d_out * rank, dt), nullptr, rank, 1, d_out, rank, pr.nv,
-                             bpack + (j * n_slice + s) * d_out * pr.width);
-                else
-                    mul.pack(at(a, e * sr * d_in, dt), nullptr, d_in, 1, sr, d_in, pd.nv, apack + j * sr * pd.width);
+                for (int64_t job = 0; job < pack_jobs; ++job)
+                    pack_bwd_job(mul, a, b, g.active[job % na], job % na, job / na, n_slice, rank, d_in, d_out,
+                                 const_cast<float*>(bpack), const_cast<float*>(apack));
             }
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const gb = carve.take<float>(mul.converts() ? kTileTokens * sd : 0);  // (tile, S*D_out) converted grad_y
@@ -323,7 +396,7 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
             for (size_t t = 0; t < tiles.size(); ++t) {
                 const Tile& tile = tiles[t];
                 const int64_t* tok = g.perm.data() + tile.lo;
-                const int64_t m = tile.hi - tile.lo, j = g.slot[tile.expert];
+                const int64_t m = tile.hi - tile.lo, j = packed ? tile.expert : g.slot[tile.expert];
                 prefetch_rows(grad_y, dt, sd, 0, sd, tok, m, false);
                 if (dx) prefetch_rows(dx, dt, d_in, 0, d_in, tok, m, true);
                 input_rows(mul, grad_y, sd, 0, sd, tok, m, gb, grow);

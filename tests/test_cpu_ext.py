@@ -173,6 +173,49 @@ def test_bit_identical_repeats_and_thread_counts(cpu_backend, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_weights_are_reused_and_match_packing_per_call(cpu_backend, monkeypatch, dtype):
+    idx = torch.randint(0, 3, (300,))
+    idx[::7] = -1  # skipped tokens, and expert 3 gets none: packed anyway, never used
+    inputs = make_inputs(300, 96, 80, 24, 4, 3, dtype, idx=idx)
+    gy = torch.randn(300, 240).to(dtype)
+    x, a, b, g = (t.detach().clone().requires_grad_(True) for t in (inputs[0], *inputs[2:]))
+
+    def step():  # the same weight tensors every call, as the T steps of a recursion use them
+        y = tp_kernels.routed_lora(x, idx, a, b, scale=0.5, gate=g)
+        return [y.detach(), *torch.autograd.grad(y, (x, a, b, g), gy)]
+
+    lora_ext.PACKED.clear()
+    cached = [step() for _ in range(3)]
+    assert len(lora_ext.PACKED) == 2  # one forward and one backward packing for the three calls
+    assert lora_ext.PACKED.get(a, b, backward=False) is lora_ext.PACKED.get(a, b, backward=False)
+    monkeypatch.setattr(lora_ext.PACKED, "capacity", 0)  # every call packs its experts in use itself
+    per_call = step()
+    for outputs in cached:
+        for got, want in zip(outputs, per_call):
+            assert torch.equal(got, want)
+
+
+@needs_ext
+def test_packed_weights_follow_in_place_updates_and_inference_mode(cpu_backend):
+    x, idx, a, b, _ = make_inputs(64, 32, 32, 8, 3, 3, torch.float32)
+    lora_ext.PACKED.clear()
+    before = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    with torch.no_grad():
+        a.mul_(2.0)  # an optimizer step: same tensor, new version
+        b.add_(0.5)
+    after = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    torch.testing.assert_close(after, routed_lora_reference(x.double(), idx, a.double(), b.double(), None, 1.0).float(),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after, before)
+    with torch.inference_mode():  # no version counters there: packed per call, not cached
+        xi, ai, bi = x.clone(), a.clone(), b.clone()
+        n = len(lora_ext.PACKED)
+        assert torch.equal(lora_ext.forward(xi, idx, ai, bi, None, 1.0)[0], after)
+        assert len(lora_ext.PACKED) == n
+
+
+@needs_ext
 def test_bf16_rank_cutover_applies_only_without_bf16_dot_products(monkeypatch):
     x, idx, a, b, g = make_inputs(40, 24, 20, lora_ext.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16)
     h = torch.randn(40, a.shape[2])

@@ -23,17 +23,22 @@ from pathlib import Path
 import torch
 
 LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
-ABI_VERSION = 2  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
+ABI_VERSION = 3  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "tp_isa": (ctypes.c_char_p, []),
     "tp_has_bf16_dot": (_INT, []),
-    # x, idx, a, b, gate, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, y, h, threads
-    "tp_routed_lora_fwd": (_INT, [_P, _P, _P, _P, _P, _INT] + [_I64] * 6 + [_F64, _P, _P, _INT]),
-    # grad_y, x, idx, a, b, gate, h, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, dx, da, db, dgate, threads
-    "tp_routed_lora_bwd": (_INT, [_P] * 7 + [_INT] + [_I64] * 6 + [_F64] + [_P] * 4 + [_INT]),
+    # x, idx, a, b, gate, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, y, h, packed, threads
+    "tp_routed_lora_fwd": (_INT, [_P, _P, _P, _P, _P, _INT] + [_I64] * 6 + [_F64, _P, _P, _P, _INT]),
+    # grad_y, x, idx, a, b, gate, h, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, dx, da, db, dgate, packed,
+    # threads
+    "tp_routed_lora_bwd": (_INT, [_P] * 7 + [_INT] + [_I64] * 6 + [_F64] + [_P] * 5 + [_INT]),
+    # dtype, n_exp, n_slice, rank, d_in, d_out, for_backward
+    "tp_routed_lora_packed_floats": (_I64, [_INT] + [_I64] * 5 + [_INT]),
+    # a, b, dtype, n_exp, n_slice, rank, d_in, d_out, for_backward, out, threads
+    "tp_routed_lora_pack": (_INT, [_P, _P, _INT] + [_I64] * 5 + [_INT, _P, _INT]),
     # logits, logits dtype, noise, noise dtype, n, e, tau, idx, probs, threads
     "tp_gate_top1_fwd": (_INT, [_P, _INT, _P, _INT, _I64, _I64, _F64, _P, _P, _INT]),
 }

@@ -7,9 +7,16 @@ them); elsewhere it converts bfloat16 to fp32 and multiplies in fp32, and then b
 BF16_EXT_MAX_RANK (where the GEMMs, not the memory passes, dominate) goes to cpu.py instead. Results of the
 extension are bit-identical for any thread count. Tokens with expert_idx -1 (halted) are skipped inside the
 extension: no multiply, no gather or scatter of the other tokens; their outputs and gradients are zero.
+
+The extension multiplies with the weights rearranged into panels. Packing them costs a pass over every expert's
+A and B per call, a fixed cost that the T steps of a recursion (and their backward) would each pay for the same
+weights: :data:`PACKED` keeps the packed copies while the weights are unchanged, so one training step packs each
+layer's experts once for the forward and once for the backward.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -40,6 +47,54 @@ def _gate_f32(gate):
     return None if gate is None else gate.to(torch.float32).contiguous()
 
 
+class PackedWeights:
+    """Packed copies of (lora_a, lora_b) for the extension's forward and backward, reused while unchanged.
+
+    An entry is found by the weights' addresses, version counters (bumped by every in-place update: an optimizer
+    step, ``load_state_dict``, ``copy_``), shapes and dtype, and it holds the weight tensors themselves, so their
+    memory cannot be reused by other tensors while the entry lives. The least recently used of ``capacity``
+    entries is dropped first. Tensors without a version counter (inference mode) are packed per call instead.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries = OrderedDict()
+
+    def clear(self):
+        self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, lora_a, lora_b, backward: bool):
+        """The packed buffer (float32) for contiguous lora_a (E, S, R, D_in) and lora_b (E, S, D_out, R), or None."""
+        if self.capacity < 1:
+            return None
+        try:
+            key = (lora_a.data_ptr(), lora_a._version, lora_b.data_ptr(), lora_b._version, tuple(lora_a.shape),
+                   tuple(lora_b.shape), lora_a.dtype, backward)
+        except RuntimeError:  # inference tensors track no version
+            return None
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[2]
+        lib = _ext.library()
+        n_exp, n_slice, rank, d_in = lora_a.shape
+        dims = (_ext.DTYPE_CODES[lora_a.dtype], n_exp, n_slice, rank, d_in, lora_b.shape[2], int(backward))
+        packed = torch.empty(lib.tp_routed_lora_packed_floats(*dims), dtype=torch.float32)
+        status = lib.tp_routed_lora_pack(lora_a.data_ptr(), lora_b.data_ptr(), *dims, packed.data_ptr(),
+                                         torch.get_num_threads())
+        _ext.check(status, "routed_lora pack", n_exp)
+        self._entries[key] = (lora_a, lora_b, packed)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return packed
+
+
+PACKED = PackedWeights()
+
+
 def forward(x, idx, lora_a, lora_b, gate, scale):
     """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
     -> y (N, S*D_out) in x.dtype, h (N, S*R) float32 (= A_e x, unscaled, token order), perm, offsets.
@@ -55,9 +110,11 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
         return (y, h, *group_by_expert(idx, n_exp))
     x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
     gate = _gate_f32(gate)
+    packed = PACKED.get(lora_a, lora_b, backward=False)
     status = _ext.library().tp_routed_lora_fwd(
         x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate), _ext.DTYPE_CODES[x.dtype],
-        n, d_in, n_exp, n_slice, rank, d_out, float(scale), y.data_ptr(), h.data_ptr(), torch.get_num_threads(),
+        n, d_in, n_exp, n_slice, rank, d_out, float(scale), y.data_ptr(), h.data_ptr(), _ext.ptr(packed),
+        torch.get_num_threads(),
     )
     _ext.check(status, "routed_lora", n_exp)
     return (y, h, *group_by_expert(idx, n_exp))  # after the call: the extension checks the indices first
@@ -81,10 +138,12 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         grad_y = grad_y.to(x.dtype).contiguous()
         x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
         h, gate32 = h.to(torch.float32).contiguous(), _gate_f32(gate)  # kept alive across the call
+        packed = PACKED.get(lora_a, lora_b, backward=True) if need_x else None  # the packed layout includes A
         status = _ext.library().tp_routed_lora_bwd(
             grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
             _ext.ptr(gate32), h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out,
-            float(scale), _ext.ptr(dx), _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), torch.get_num_threads(),
+            float(scale), _ext.ptr(dx), _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), _ext.ptr(packed),
+            torch.get_num_threads(),
         )
         _ext.check(status, "routed_lora backward", n_exp)
     # distinct empties: custom-op outputs may not alias each other
