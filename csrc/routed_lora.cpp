@@ -448,7 +448,11 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 // dA_e[:, c0:] = dh_e^T x_e[:, c0:]   dB_es^T[:, c0:] = (m h)_es^T grad_y_es[:, c0:]
                 const char* lhs = is_a ? dh_t : at(hm_t, s * rank * n, ot);
                 const void* src = is_a ? at(x, c0, dt) : at(grad_y, s * d_out + c0, dt);
-                for (int64_t i = 0; i < rows; ++i) wc[i] = cb + i * wb.width;
+                // fp32 dA accumulates in place in its rows; dB (stored transposed) and bf16 go through cb
+                const bool in_place = is_a && dt == kF32;
+                for (int64_t i = 0; i < rows; ++i)
+                    wc[i] = in_place ? static_cast<void*>(at(da, (e * sr + i) * d_in + c0, dt))
+                                     : static_cast<void*>(cb + i * wb.width);
                 for (int64_t k0 = 0; k0 < cnt; k0 += chunk) {
                     const int64_t kc = cnt - k0 < chunk ? cnt - k0 : chunk;
                     mul.pack(src, g.perm.data() + lo + k0, is_a ? d_in : sd, 1, kc, cols, pw.nv, rp);
@@ -457,12 +461,14 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 }
                 if (cnt == 0)
                     for (int64_t i = 0; i < rows; ++i) memset(wc[i], 0, cols * sizeof(float));
-                if (is_a) {
+                if (is_a && !in_place) {
                     for (int64_t q = 0; q < sr; ++q) mul.kn.from_f32(cb + q * wb.width, at(da, (e * sr + q) * d_in + c0, dt), dt, cols);
-                } else {
+                } else if (!is_a) {
                     for (int64_t o = 0; o < cols; ++o) {  // dB is stored (D_out, R): transpose the block
-                        for (int64_t q = 0; q < rank; ++q) col[q] = cb[q * wb.width + o];
-                        mul.kn.from_f32(col, at(db, ((e * n_slice + s) * d_out + c0 + o) * rank, dt), dt, rank);
+                        char* row = at(db, ((e * n_slice + s) * d_out + c0 + o) * rank, dt);
+                        float* dst = dt == kF32 ? reinterpret_cast<float*>(row) : col;  // fp32 rows in place
+                        for (int64_t q = 0; q < rank; ++q) dst[q] = cb[q * wb.width + o];
+                        if (dt != kF32) mul.kn.from_f32(col, row, dt, rank);
                     }
                 }
             }
