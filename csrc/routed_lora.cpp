@@ -129,13 +129,14 @@ struct Mul {
             kn.pack(src, dt, rows, rs, cs, k, n, nv, dst);
     }
     // c (rows in c_dt) = (accumulate ? c : 0) + a @ packed b, a given by operand rows contiguous along k.
+    // fp32 operands may also be strided along k (cs_a floats apart); pair operands are always contiguous.
     void gemm(int64_t m, int64_t n, int64_t k, const void* const* a, const float* bp, int nv, void* const* c, int c_dt,
-              int accumulate) const {
+              int accumulate, int64_t cs_a = 1) const {
         if (pairs)
             kn.gemm_pairs(m, n, k, reinterpret_cast<const uint16_t* const*>(a), reinterpret_cast<const uint32_t*>(bp),
                           nv, c, c_dt, accumulate);
         else
-            kn.gemm(m, n, k, reinterpret_cast<const float* const*>(a), 1, bp, nv, c, c_dt, accumulate);
+            kn.gemm(m, n, k, reinterpret_cast<const float* const*>(a), cs_a, bp, nv, c, c_dt, accumulate);
     }
     void store(const float* src, void* dst, int64_t count) const { kn.from_f32(src, dst, op_dt(), count); }
 };
@@ -359,8 +360,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
         // g.slot[e]), or all of them pre-packed (slot e)
         const PackLayout lay = bwd_layout(mul.kn, packed ? 0 : na, n_slice, rank, d_in, d_out, dx != nullptr);
         const int64_t o_pack = ws.reserve(piece(lay.total(), 4));
-        // for the weight gradients, as operands (S*R, N) with tokens in grouped order: dh^T and (m h)^T,
-        // dh = m * dL/d(m h), m = gate * scale
+        // for the weight gradients, dh and m h with tokens in grouped order (dh = m * dL/d(m h), m = gate * scale):
+        // fp32 as (N, S*R) rows, read as strided operands; pair operands transposed to (S*R, N)
         const int64_t o_dh = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
         const int64_t o_hm = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
         const int64_t o_thread = ws.reserve(threads * per_thread);
@@ -420,7 +421,15 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                     if (dgate) dgate[tok[r]] = dot * float(scale);
                     mul.store(dhf + r * sr, at(dho, r * sr, ot), sr);
                 }
-                if (need_w) {  // transpose the tile's dh and m h into columns [lo, hi) of dh_t and hm_t
+                if (need_w && !mul.pairs) {  // fp32: the tile's dh and m h as rows [lo, hi) of dh_t and hm_t
+                    memcpy(reinterpret_cast<float*>(dh_t) + tile.lo * sr, dhf, m * sr * sizeof(float));
+                    for (int64_t r = 0; r < m; ++r) {
+                        const float* hr = h + tok[r] * sr;
+                        const float mult = float(scale) * (gate ? gate[tok[r]] : 1.0f);
+                        float* out = reinterpret_cast<float*>(hm_t) + (tile.lo + r) * sr;
+                        for (int64_t c = 0; c < sr; ++c) out[c] = hr[c] * mult;
+                    }
+                } else if (need_w) {  // pair operands: transpose into columns [lo, hi) of dh_t and hm_t
                     for (int64_t c = 0; c < sr; ++c)
                         for (int64_t r = 0; r < m; ++r) tt[c * m + r] = dhf[r * sr + c];
                     for (int64_t c = 0; c < sr; ++c) mul.store(tt + c * m, at(dh_t, c * n + tile.lo, ot), m);
@@ -446,7 +455,11 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 const int64_t rows = is_a ? sr : rank;
                 const int64_t lo = g.offsets[e], cnt = g.offsets[e + 1] - lo;
                 // dA_e[:, c0:] = dh_e^T x_e[:, c0:]   dB_es^T[:, c0:] = (m h)_es^T grad_y_es[:, c0:]
-                const char* lhs = is_a ? dh_t : at(hm_t, s * rank * n, ot);
+                // the left operand's row i (a column of dh or m h over the expert's tokens): strided in the fp32
+                // (N, S*R) layout, contiguous in the pair operands' transposed (S*R, N) one
+                const bool strided = !mul.pairs;
+                const char* lhs = strided ? at(is_a ? dh_t : hm_t, is_a ? 0 : s * rank, ot)
+                                          : (is_a ? dh_t : at(hm_t, s * rank * n, ot));
                 const void* src = is_a ? at(x, c0, dt) : at(grad_y, s * d_out + c0, dt);
                 // fp32 dA accumulates in place in its rows; dB (stored transposed) and bf16 go through cb
                 const bool in_place = is_a && dt == kF32;
@@ -456,8 +469,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 for (int64_t k0 = 0; k0 < cnt; k0 += chunk) {
                     const int64_t kc = cnt - k0 < chunk ? cnt - k0 : chunk;
                     mul.pack(src, g.perm.data() + lo + k0, is_a ? d_in : sd, 1, kc, cols, pw.nv, rp);
-                    for (int64_t i = 0; i < rows; ++i) wa[i] = at(lhs, i * n + lo + k0, ot);
-                    mul.gemm(rows, cols, kc, wa, rp, pw.nv, wc, kF32, k0 > 0);
+                    for (int64_t i = 0; i < rows; ++i) wa[i] = at(lhs, strided ? (lo + k0) * sr + i : i * n + lo + k0, ot);
+                    mul.gemm(rows, cols, kc, wa, rp, pw.nv, wc, kF32, k0 > 0, strided ? sr : 1);
                 }
                 if (cnt == 0)
                     for (int64_t i = 0; i < rows; ++i) memset(wc[i], 0, cols * sizeof(float));
