@@ -54,6 +54,7 @@ class PackedWeights:
     step, ``load_state_dict``, ``copy_``), shapes and dtype, and it holds the weight tensors themselves, so their
     memory cannot be reused by other tensors while the entry lives. The least recently used of ``capacity``
     entries is dropped first. Tensors without a version counter (inference mode) are packed per call instead.
+    Writes that bypass torch (through a NumPy view of a weight) bump no version counter: call ``clear()`` after them.
     """
 
     def __init__(self, capacity: int = 8):
