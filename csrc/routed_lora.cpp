@@ -196,7 +196,7 @@ PackLayout bwd_layout(const Kernels& kn, int64_t experts, int64_t n_slice, int64
             with_a ? experts * n_slice * rank * panels_for(kn, d_in).width : 0};
 }
 
-// Forward packing job `job` of expert e into slot j: job % (1 + S) == 0 packs A_e, else slice s = job % (1 + S) - 1 of B_e.
+// Forward packing of expert e into slot j: part 0 packs A_e, part s + 1 packs slice s of B_e.
 void pack_fwd_job(const Mul& mul, const void* a, const void* b, int64_t e, int64_t j, int64_t part, int64_t n_slice,
                   int64_t rank, int64_t d_in, int64_t d_out, float* apack, float* bpack) {
     const int dt = mul.dt;
@@ -279,7 +279,8 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
         const int64_t o_pack = ws.reserve(piece(lay.total(), 4));
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
-        const float* const apack = packed ? packed : reinterpret_cast<float*>(base + o_pack);
+        float* const own = reinterpret_cast<float*>(base + o_pack);  // packed here when no buffer is given
+        const float* const apack = packed ? packed : own;
         const float* const bpack = apack + round_up(packed ? fwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out).first
                                                            : lay.first, 16);
 #pragma omp parallel num_threads(threads)
@@ -288,7 +289,7 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
 #pragma omp for schedule(dynamic)
                 for (int64_t job = 0; job < na * (1 + n_slice); ++job)
                     pack_fwd_job(mul, a, b, g.active[job / (1 + n_slice)], job / (1 + n_slice), job % (1 + n_slice),
-                                 n_slice, rank, d_in, d_out, const_cast<float*>(apack), const_cast<float*>(bpack));
+                                 n_slice, rank, d_in, d_out, own, own + round_up(lay.first, 16));
             }
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const xt = carve.take<float>(mul.converts() ? kTileTokens * d_in : 0);  // (tile, D_in) converted x
@@ -366,7 +367,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
         const int64_t o_hm = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
-        const float* const bpack = packed ? packed : reinterpret_cast<float*>(base + o_pack);
+        float* const own = reinterpret_cast<float*>(base + o_pack);  // packed here when no buffer is given
+        const float* const bpack = packed ? packed : own;
         const float* const apack =
             bpack + round_up(packed ? bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true).first : lay.first, 16);
         char *const dh_t = base + o_dh, *const hm_t = base + o_hm;
@@ -376,8 +378,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 const int64_t pack_jobs = na * (n_slice + (dx ? 1 : 0));
 #pragma omp for schedule(dynamic)
                 for (int64_t job = 0; job < pack_jobs; ++job)
-                    pack_bwd_job(mul, a, b, g.active[job % na], job % na, job / na, n_slice, rank, d_in, d_out,
-                                 const_cast<float*>(bpack), const_cast<float*>(apack));
+                    pack_bwd_job(mul, a, b, g.active[job % na], job % na, job / na, n_slice, rank, d_in, d_out, own,
+                                 own + round_up(lay.first, 16));
             }
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const gb = carve.take<float>(mul.converts() ? kTileTokens * sd : 0);  // (tile, S*D_out) converted grad_y
