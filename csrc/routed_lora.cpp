@@ -187,7 +187,8 @@ struct PackLayout {
 };
 
 PackLayout fwd_layout(const Kernels& kn, int64_t experts, int64_t n_slice, int64_t rank, int64_t d_in, int64_t d_out) {
-    return {experts * d_in * panels_for(kn, n_slice * rank).width, experts * n_slice * rank * panels_for(kn, d_out).width};
+    return {experts * d_in * panels_for(kn, n_slice * rank).width,
+            experts * n_slice * rank * panels_for(kn, d_out).width};
 }
 
 PackLayout bwd_layout(const Kernels& kn, int64_t experts, int64_t n_slice, int64_t rank, int64_t d_in, int64_t d_out,
@@ -369,8 +370,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
         char* const base = ws.commit();
         float* const own = reinterpret_cast<float*>(base + o_pack);  // packed here when no buffer is given
         const float* const bpack = packed ? packed : own;
-        const float* const apack =
-            bpack + round_up(packed ? bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true).first : lay.first, 16);
+        const int64_t b_floats = packed ? bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true).first : lay.first;
+        const float* const apack = bpack + round_up(b_floats, 16);
         char *const dh_t = base + o_dh, *const hm_t = base + o_hm;
 #pragma omp parallel num_threads(threads)
         {
@@ -471,7 +472,8 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 for (int64_t k0 = 0; k0 < cnt; k0 += chunk) {
                     const int64_t kc = cnt - k0 < chunk ? cnt - k0 : chunk;
                     mul.pack(src, g.perm.data() + lo + k0, is_a ? d_in : sd, 1, kc, cols, pw.nv, rp);
-                    for (int64_t i = 0; i < rows; ++i) wa[i] = at(lhs, strided ? (lo + k0) * sr + i : i * n + lo + k0, ot);
+                    for (int64_t i = 0; i < rows; ++i)
+                        wa[i] = at(lhs, strided ? (lo + k0) * sr + i : i * n + lo + k0, ot);
                     mul.gemm(rows, cols, kc, wa, rp, pw.nv, wc, kF32, k0 > 0, strided ? sr : 1);
                 }
                 if (cnt == 0)

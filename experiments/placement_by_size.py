@@ -5,7 +5,8 @@
 Each ACC.json is a `thinking-pixel evaluate --metric accuracy` result; its samples are read back from its
 ``samples_dir`` (chunk files), detected again, and binned by size (sqrt(area) / side). The data's centres are
 uniform in [r, 1 - r] for radius r, so a smaller object has more room: the spread of x to compare is the one
-within a size bin. The data side is 2048 training images of the checkpoint's dataset seed.
+within a size bin. The data side is the evaluator's: PLACEMENT_DATA_IMAGES training images, dataset seed 0 (the
+default run's).
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from thinking_pixel.data import make_dataset
-from thinking_pixel.metrics.accuracy import main_objects
+from thinking_pixel.evaluate import PLACEMENT_DATA_IMAGES
+from thinking_pixel.metrics.accuracy import main_objects, object_coordinates
 
 BINS = ((0.40, 0.50), (0.50, 0.55), (0.55, 0.60), (0.60, 0.70))
 
 
 def coordinates(objects, side):
-    found = [o for o in objects if o is not None]
-    return np.array([o.center[0] for o in found]) / side, np.sqrt([o.area for o in found]) / side
+    """(x, size) arrays of the detected objects, as fractions of the side."""
+    coords = object_coordinates(objects, side)
+    return coords["x"], coords["size"]
 
 
 def row(name, x, size, data_x, data_size):
@@ -50,8 +52,8 @@ def main(argv=None) -> int:
         if side != result["image_size"]:
             side = result["image_size"]
             data = make_dataset("shapes", image_size=side, seed=0)
-            data_x, data_size = coordinates(main_objects([data.render(i)[0] for i in range(2048)]), side)
-            print(f"| data (2048 images) | {data_x.std():.3f} | {data_size.mean():.3f} |" + " |" * len(BINS))
+            data_x, data_size = coordinates(main_objects([data.render(i)[0] for i in range(PLACEMENT_DATA_IMAGES)]), side)
+            print(f"| data ({PLACEMENT_DATA_IMAGES} images) | {data_x.std():.3f} | {data_size.mean():.3f} |" + " |" * len(BINS))
         chunks = sorted(Path(result["samples_dir"]).glob("chunk_*.pt"))
         if not chunks:
             raise FileNotFoundError(f"{path}: no sample chunks in {result['samples_dir']}")

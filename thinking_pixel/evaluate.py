@@ -43,7 +43,8 @@ SETTINGS = "settings.json"
 # Sampling settings when none are given: FID's usual ones, and for accuracy those of `thinking-pixel sample`
 # (the grid a user looks at).
 DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5},
-                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0, "cfg_interval": GUIDANCE_INTERVAL}}
+                    "accuracy": {"sampler": "ddpm", "num_steps": 100, "cfg_scale": 4.0,
+                                 "cfg_interval": GUIDANCE_INTERVAL}}
 # Training images the samples' positions and sizes are compared with: more than a typical sample count, so the
 # data's side of the comparison is not the noisy one (their std at 256 images is off by up to 10%).
 PLACEMENT_DATA_IMAGES = 2048

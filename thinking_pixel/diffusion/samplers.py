@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from .gaussian import GaussianDiffusion
 
-__all__ = ["SAMPLERS", "make_scheduler", "guided_model_fn", "sample"]
+__all__ = ["SAMPLERS", "make_scheduler", "guided_model_fn", "in_guidance_interval", "sample"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -66,6 +66,12 @@ def make_scheduler(name: str, diffusion: GaussianDiffusion, num_steps: int, clip
     return scheduler
 
 
+def in_guidance_interval(t, interval: tuple[int, int] | None):
+    """Whether timestep(s) ``t`` (an int, or a tensor elementwise) lie in the guidance interval lo <= t <= hi; every
+    timestep does when ``interval`` is None."""
+    return True if interval is None else (t >= interval[0]) & (t <= interval[1])
+
+
 def guided_model_fn(model: torch.nn.Module, cfg_scale: float, null_class: int,
                     interval: tuple[int, int] | None = None) -> ModelFn:
     """Wrap ``model(x, t, y) -> (N, 2C, H, W)`` with classifier-free guidance on the eps half.
@@ -84,7 +90,7 @@ def guided_model_fn(model: torch.nn.Module, cfg_scale: float, null_class: int,
         cond, uncond = out.chunk(2)  # (N, 2C, H, W) each
         eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
         if interval is not None:
-            inside = ((t >= interval[0]) & (t <= interval[1])).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+            inside = in_guidance_interval(t, interval).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
             eps = torch.where(inside, eps, cond[:, :C])
         return torch.cat([eps, cond[:, C:]], dim=1)
 
@@ -142,8 +148,9 @@ def sample(
         if callback is not None:
             callback(int(t), x)
         # outside the guidance interval the step needs only the conditional prediction: one pass, not two
-        unguided = cfg_interval is not None and not cfg_interval[0] <= int(t) <= cfg_interval[1]
-        out = (model if unguided else guided)(x, t_batch, labels).float()  # (N, 2C, H, W)
+        # outside the guidance interval the step needs only the conditional prediction: one pass, not two
+        model_fn = guided if in_guidance_interval(int(t), cfg_interval) else model
+        out = model_fn(x, t_batch, labels).float()  # (N, 2C, H, W)
         if out.shape[1] != 2 * C:
             raise ValueError(f"the model must predict eps and variance (2*C = {2 * C} channels), got {out.shape[1]}")
         x = scheduler.step(out if sampler == "ddpm" else out[:, :C], t, x, **step_kwargs).prev_sample

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..tasks.compositional.detect import detect_objects
 
-__all__ = ["class_accuracy", "main_objects", "placement", "placement_match"]
+__all__ = ["class_accuracy", "main_objects", "object_coordinates", "placement", "placement_match"]
 
 
 def main_objects(images) -> list:
@@ -55,7 +55,7 @@ def class_accuracy(objects: list, labels, class_parts: list[tuple[str, str]], cl
     return {**summary(rows), "per_class": per_class}
 
 
-def _coordinates(objects: list, image_size: int) -> dict:
+def object_coordinates(objects: list, image_size: int) -> dict:
     """{"x", "y", "size"}: arrays over the detected objects, as fractions of the side (size: sqrt(area))."""
     found = [o for o in objects if o is not None]
     return {"x": np.array([o.center[0] for o in found]) / image_size,
@@ -65,7 +65,7 @@ def _coordinates(objects: list, image_size: int) -> dict:
 
 def placement(objects: list, image_size: int) -> dict:
     """Mean and standard deviation of the object centres (x, y) and sizes (sqrt(area)), as fractions of the side."""
-    coords = _coordinates(objects, image_size)
+    coords = object_coordinates(objects, image_size)
     if not len(coords["x"]):
         return {"n": 0}
     return {"n": len(coords["x"]), **{f"{name}_{stat}": float(fn(v)) for name, v in coords.items()
@@ -78,7 +78,7 @@ def placement_match(samples: list, data: list, image_size: int) -> dict:
     ``std_ratio`` = samples' std / data's std. Empty when either side has fewer than two detections."""
     from scipy.stats import ks_2samp
 
-    ours, theirs = _coordinates(samples, image_size), _coordinates(data, image_size)
+    ours, theirs = object_coordinates(samples, image_size), object_coordinates(data, image_size)
     if len(ours["x"]) < 2 or len(theirs["x"]) < 2:
         return {}
     result = {}
