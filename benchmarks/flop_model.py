@@ -168,16 +168,17 @@ def mmdit_costs(batch: int, seq: int, ctx: int, dim: int, heads: int, depth: int
 
     Per JointTransformerBlock: each stream's adaLN (Linear D -> 6D; the last block's text stream: D -> 2D),
     LayerNorm + modulate twice and gated residuals, Q/K/V (Linear D -> 3D), the output projection and the MLP
-    (D -> rD -> D, tanh-GELU); one joint attention over the seq + ctx tokens. The last block is context_pre_only:
+    (D -> rD -> D, tanh-GELU); one joint attention over the seq + ctx tokens. Each stream's Q/K/V projection is
+    a part of its own ("vision qkv", "text qkv"), the rest of the stream another ("vision stream", "text stream"). The last block is context_pre_only:
     no text output projection or MLP (diffusers still computes the text queries and rows of the attention).
     Plus patch embedding, the timestep / pooled-text / caption embedders, the final adaLN and projection.
     """
     n, nc, hidden = batch * seq, batch * ctx, int(dim * mlp_ratio)
 
-    def stream(tokens, pre_only=False):
+    def stream(tokens, pre_only=False):  # everything but the Q/K/V projection (its own part)
         mod = linear(batch, dim, (2 if pre_only else 6) * dim, elem)
         norm = layer_norm(tokens, dim, elem) + elementwise(tokens * dim, elem, flops_per=2, reads=2)
-        out = linear(tokens, dim, 3 * dim, elem) + mod + norm
+        out = mod + norm
         if not pre_only:
             out = out + linear(tokens, dim, dim, elem) + norm + 2 * elementwise(tokens * dim, elem, flops_per=2,
                                                                                 reads=2)
@@ -193,7 +194,8 @@ def mmdit_costs(batch: int, seq: int, ctx: int, dim: int, heads: int, depth: int
     ]
     for i in range(depth):
         last = i == depth - 1
-        parts += [("vision stream", stream(n)), ("text stream", stream(nc, pre_only=last)),
+        parts += [("vision qkv", linear(n, dim, 3 * dim, elem)), ("vision stream", stream(n)),
+                  ("text qkv", linear(nc, dim, 3 * dim, elem)), ("text stream", stream(nc, pre_only=last)),
                   ("joint attention", sdpa(batch, seq + ctx, dim, heads, elem))]
     return parts
 
@@ -237,6 +239,27 @@ FROZEN_BACKWARD = {"embed": 0, "adaLN": 0, "attention": 2, "joint attention": 2}
 
 def frozen_backward(name: str) -> float:
     return FROZEN_BACKWARD.get(name, 1)
+
+
+def qkv_leaf_backward(forward_parts: list) -> list:
+    """("bwd <name>", Cost) of the backward autograd runs through a frozen model whose blocks' (vision) Q/K/V
+    outputs are the only tensors needing a gradient (the fine-tuning benchmark's base; dit_costs or mmdit_costs
+    parts): :func:`frozen_backward` of each part, except the Q/K/V projections. Those outputs are leaves, so no
+    vision Q/K/V projection runs a backward; nor does the first block's text Q/K/V (its input, the caption
+    embedder's output, needs no gradient); later blocks' text Q/K/V do (the last block's too: it discards its text
+    rows of the attention output, but the attention's backward still gives its text queries a gradient, of
+    zeros). The LayerNorms before the Q/K/V
+    projections are counted in full (< 0.1% of the FLOPs)."""
+    out, first_text = [], True
+    for name, cost in forward_parts:
+        factor = frozen_backward(name)
+        if name in ("qkv", "vision qkv"):
+            factor = 0
+        elif name == "text qkv":
+            factor, first_text = (0 if first_text else factor), False
+        if factor:
+            out.append((f"bwd {name}", factor * cost))
+    return out
 
 
 def train_step_costs(forward_parts: list, num_params: int, backward=lambda name: 2) -> list:

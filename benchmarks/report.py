@@ -374,9 +374,10 @@ def section_finetune(res, title_note=""):
            "the same outputs). *DiT ...*: DiT.from_diffusers of the same model (our fused-qkv DiT). Variants are "
            "timed interleaved (every round runs each once, order rotated); *added time* is the median over rounds "
            "of (variant - its base) in the same round; *FLOP model: added* is the added FLOPs "
-           "(benchmarks/flop_model.py recursion_costs: forward, backward 2x, AdamW) at the base step's measured "
-           "FLOP rate (the base's FLOPs: its forward plus a dX-only backward, flop_model.frozen_backward, since "
-           "its weights do not train)." + title_note]
+           "(benchmarks/flop_model.py recursion_costs: forward, backward 2x, AdamW; plus the dX of the frozen "
+           "Q/K/V projections in the blocks after the first, whose input now needs a gradient) at the base step's "
+           "measured FLOP rate (the base's FLOPs: what it runs, its forward plus a dX-only backward that stops "
+           "at its Q/K/V outputs, flop_model.qkv_leaf_backward)." + title_note]
     targets = []
     for group in groups:
         entry = res.groups[group][0]

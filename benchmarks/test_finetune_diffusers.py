@@ -18,8 +18,10 @@ The machine is shared, so the variants are timed interleaved: each round runs ev
 rotated every round, and the recursion's *added time* is the median over rounds of (variant - base) measured in the
 same round. pytest-benchmark's own row is the round (all variants); the per-variant times are in extra_info, which
 ``python -m benchmarks.report`` turns into BENCHMARKS.md's fine-tuning section. The FLOP model (flop_model.py)
-predicts each added time as the added FLOPs (recursion_costs, backward 2x, AdamW) run at the base step's measured
-FLOP rate; the base's FLOPs count a dX-only backward (flop_model.frozen_backward): its weights get no gradient.
+predicts each added time as the added FLOPs (recursion_costs, backward 2x, AdamW, and the dX of the frozen Q/K/V
+projections in the blocks after the first) run at the base step's measured FLOP rate. The base's FLOPs count what
+it runs: its forward and a dX-only backward (its weights get no gradient) that stops at its Q/K/V outputs
+(flop_model.qkv_leaf_backward).
 
 Full run: diffusers DiT at DiT-S/2 and DiT-XL/2 widths (2 blocks, both recursive, 256 tokens) and a small SD3
 (2 joint blocks, 256 image + 77 text tokens), with M=5 T=5 and M=2 T=2 at rank 128. --quick: small widths, rank 16.
@@ -220,15 +222,32 @@ def flop_parts(case: FinetuneCase):
         forward = flop_model.mmdit_costs(case.batch, case.seq, case.ctx, case.dim, case.heads, case.depth, ELEM,
                                          patch_in=16 * 4, patch_out=16 * 4, joint_dim=SD3_TEXT_DIM,
                                          pooled_dim=SD3_POOLED_DIM)
-    base = flop_model.train_step_costs(forward, 0, backward=flop_model.frozen_backward)  # frozen: dX only
+    # what the base runs: a dX-only backward, none through its Q/K/V projections (their outputs are leaves)
+    base = [(f"fwd {name}", cost) for name, cost in forward] + flop_model.qkv_leaf_backward(forward)
+    # The input x~ of a recursive block needs a gradient wherever it depends on an earlier block's experts: in the
+    # blocks after the first, the frozen Q/K/V projection of x~ (the last step's base) runs its dX; in the first,
+    # the first step (whose state is x~) computes no dX through its experts and gate.
+    n_tok = case.batch * case.seq
+    base_qkv_dx = (case.depth - 1) * flop_model.linear(n_tok, case.dim, 3 * case.dim, ELEM, bias=False)
+    # SD3's last block discards its text output, so a wrapped one computes no text queries (diffusers' does): their
+    # projection and their rows of the attention, forward and backward
+    text_queries = flop_model.Cost(0, 0) if not case.ctx else (
+        2 * flop_model.linear(case.batch * case.ctx, case.dim, case.dim, ELEM)  # forward, dX
+        + 3 * flop_model.sdpa(case.batch, case.ctx, case.dim, case.heads, ELEM, kv_seq=case.seq + case.ctx))
     added = {}
     for recursion in case.recursions:
         tag = f"M={recursion.experts} T={recursion.steps}"
         params = case.depth * flop_model.recursion_parameters(case.dim, recursion)
+        first_step_dx = flop_model.Cost(2 * n_tok * 3 * recursion.rank * case.dim
+                                        + 2 * n_tok * case.dim * recursion.experts, 0)
         for impl in ("ours", "dense", "masked"):
             layer = flop_model.recursion_costs(case.batch, case.seq, case.dim, case.heads, ELEM, recursion,
                                                ctx=case.ctx, experts_impl=impl)
-            added[(tag, impl)] = flop_model.train_step_costs([(n, case.depth * c) for n, c in layer], params)
+            experts_dx = first_step_dx * (recursion.experts if impl == "dense" else 1)
+            added[(tag, impl)] = (flop_model.train_step_costs([(n, case.depth * c) for n, c in layer], params)
+                                  + [("bwd base qkv dX (blocks after the first)", base_qkv_dx),
+                                     ("bwd no experts' and gate dX at the first block's first step", -1 * experts_dx),
+                                     ("no text queries in the last block (fwd + bwd)", -1 * text_queries)])
     return base, added
 
 
