@@ -413,8 +413,47 @@ void gate_rows(const void* logits, int ldt, const void* noise, int ndt, int64_t 
     }
 }
 
+void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale) {
+    const int64_t full = cols / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        float* x = s + r * ld;
+        float top = x[0];
+        for (int64_t j = 1; j < cols; ++j) top = x[j] > top ? x[j] : top;
+        const vf shift = splat(top * scale), sc = splat(scale);
+        vf acc = vf{};
+        for (int64_t j = 0; j < full; j += VW) {
+            const vf e = exp_nonpos(loadf(x + j) * sc - shift);
+            storef(x + j, e);
+            acc += e;
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < VW; ++i) sum += acc[i];
+        if (full < cols) {
+            float tail[VW];
+            for (int i = 0; i < VW; ++i) tail[i] = full + i < cols ? x[full + i] * scale - top * scale : -100.0f;
+            const vf e = exp_nonpos(loadf(tail));
+            for (int64_t j = full; j < cols; ++j) x[j] = e[j - full], sum += e[j - full];
+        }
+        const vf inv = splat(1.0f / sum);
+        for (int64_t j = 0; j < full; j += VW) storef(x + j, loadf(x + j) * inv);
+        for (int64_t j = full; j < cols; ++j) x[j] *= inv[0];
+    }
+}
+
+void softmax_grad_rows(const float* p, int64_t ld_p, float* ds, int64_t ld_ds, int64_t rows, int64_t cols,
+                       const float* rowdot, float scale) {
+    const int64_t full = cols / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* pr = p + r * ld_p;
+        float* d = ds + r * ld_ds;
+        const vf dot = splat(rowdot[r]), sc = splat(scale);
+        for (int64_t j = 0; j < full; j += VW) storef(d + j, sc * loadf(pr + j) * (loadf(d + j) - dot));
+        for (int64_t j = full; j < cols; ++j) d[j] = scale * pr[j] * (d[j] - rowdot[r]);
+    }
+}
+
 const tp::Kernels kTable = {
-    TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows,
+    TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_grad_rows,
 #ifdef TP_BF16_DOT
     pack_pairs, gemm_pairs,
 #else

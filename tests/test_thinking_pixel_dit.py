@@ -211,7 +211,9 @@ def test_gate_inputs_ablation():
     x, t, y = inputs(dit.config)
     dit.eval()
     for m in (model.eval(), cond_only.eval()):
-        torch.testing.assert_close(m(x, t, y), dit(x, t, y), rtol=1e-6, atol=1e-7)
+        # fp32 rounding only: the wrapped model's parameters need a gradient, so its attention runs the CPU kernel
+        # (tp_kernels.joint_attention), the frozen DiT's runs torch's
+        torch.testing.assert_close(m(x, t, y), dit(x, t, y), rtol=1e-5, atol=1e-6)
 
 
 # --- context tokens ---------------------------------------------------------------------------------------------

@@ -40,14 +40,14 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+import tp_kernels
 
 from .._fileio import atomic_write
 from ..models import DiT, RecursionConfig, ThinkingPixelDiT
 from ..models.pretrained import read_json, state_mismatches
-from ..modules.attention import merge_heads, split_heads, split_qkv
 from ..modules.recursive_attention import LatentRecursion
 
 __all__ = [
@@ -110,18 +110,18 @@ class RecursionAttnProcessor(LatentRecursion):
         return sum(parts[1:], parts[0]).to(self.gate.cond_proj.weight.dtype)  # fp32 gate under a bf16 model
 
     def context_qkv(self, attn, context):
-        """Text tokens (N, L, D) -> their frozen (q or None, k, v), each (N, H, L, D / H), computed once per call.
+        """Text tokens (N, L, D) -> their frozen (q or None, k, v), each (N, L, D), computed once per call.
         q is None where the block drops the text output (context_pre_only)."""
-        k = split_heads(attn.add_k_proj(context), self.heads)
-        v = split_heads(attn.add_v_proj(context), self.heads)
-        if attn.norm_added_k is not None:
-            k = attn.norm_added_k(k)
+        k = self._per_head(attn.norm_added_k, attn.add_k_proj(context))
+        v = attn.add_v_proj(context)
         q = None
         if not attn.context_pre_only:
-            q = split_heads(attn.add_q_proj(context), self.heads)
-            if attn.norm_added_q is not None:
-                q = attn.norm_added_q(q)
+            q = self._per_head(attn.norm_added_q, attn.add_q_proj(context))
         return q, k, v
+
+    def _per_head(self, norm, x):
+        """A per-head norm (diffusers' qk-norm, over the head dim) of x (N, T, D), or x itself without one."""
+        return x if norm is None else norm(x.unflatten(-1, (self.heads, -1))).flatten(-2)
 
     def base_projection(self, attn, x):
         """The frozen [q | k | v] of x~ (N, T, 3D): three GEMMs, once per call (the recursion's last step)."""
@@ -129,19 +129,13 @@ class RecursionAttnProcessor(LatentRecursion):
 
     def attend_step(self, attn, qkv, context, last):
         """One step's attention: vision queries (and the text's at the last step) over [vision; text] keys."""
-        q, k, v = split_qkv(qkv, self.heads)  # (N, H, T, D / H) each
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if context is not None:
-            q_c, k_c, v_c = context
-            k = torch.cat([k, k_c], dim=2)  # (N, H, T + L, D / H)
-            v = torch.cat([v, v_c], dim=2)
-            if last and q_c is not None:
-                q = torch.cat([q, q_c], dim=2)  # the text stream's output is needed from the last step only
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T or T + L, D / H)
-        return merge_heads(out).to(q.dtype)
+        if attn.norm_q is not None or attn.norm_k is not None:
+            q, k, v = qkv.split(self.dim, dim=-1)  # (N, T, D) each
+            qkv = torch.cat([self._per_head(attn.norm_q, q), self._per_head(attn.norm_k, k), v], dim=-1)
+        q_c, k_c, v_c = (None, None, None) if context is None else context
+        # the text stream's output is needed from the last step only
+        out = tp_kernels.joint_attention(qkv, self.heads, q_c if last else None, k_c, v_c)  # (N, T [+ L], D)
+        return out.to(qkv.dtype)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if attention_mask is not None:

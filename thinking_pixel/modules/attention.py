@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
+
+import tp_kernels
 
 __all__ = ["Attention", "attend", "merge_heads", "split_heads", "split_qkv"]
 
@@ -31,15 +31,12 @@ def merge_heads(x):
 def attend(qkv, num_heads, context_kv=None):
     """Scaled dot-product attention of fused projections qkv (N, T, 3D) -> (N, T, D), heads merged.
 
-    context_kv: optional (k, v), each (N, H, L, D / H): extra keys/values (e.g. text tokens) that the
-    T queries attend to jointly with their own.
+    context_kv: optional (k, v), each (N, L, D): extra keys/values (e.g. text tokens) that the T queries attend
+    to jointly with their own. tp_kernels.joint_attention: on CPU in training, a kernel that reads the heads in
+    place and keeps the softmax for its backward; elsewhere torch's scaled_dot_product_attention.
     """
-    q, k, v = split_qkv(qkv, num_heads)  # (N, H, T, D / H) each
-    if context_kv is not None:
-        k = torch.cat([k, context_kv[0]], dim=2)  # (N, H, T + L, D / H)
-        v = torch.cat([v, context_kv[1]], dim=2)
-    x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D / H)
-    return merge_heads(x)  # (N, T, D)
+    context_k, context_v = (None, None) if context_kv is None else context_kv
+    return tp_kernels.joint_attention(qkv, num_heads, context_k=context_k, context_v=context_v)  # (N, T, D)
 
 
 class Attention(nn.Module):

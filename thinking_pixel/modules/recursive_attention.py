@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import tp_kernels
 
 from ._checks import is_int
-from .attention import Attention, attend, split_heads
+from .attention import Attention, attend
 from .gate import Gate
 from .halting import Halting
 from .routed_lora import RoutedLoRA
@@ -213,11 +213,11 @@ class RecursiveAttention(LatentRecursion):
         return cls(attn.qkv, attn.proj, attn.num_heads, cond_dim, **kwargs)
 
     def context_kv(self, context):
-        """Context tokens (N, L, D) -> their frozen keys and values, each (N, H, L, D / H)."""
+        """Context tokens (N, L, D) -> their frozen keys and values, each (N, L, D)."""
         d = self.dim
         bias = None if self.qkv.bias is None else self.qkv.bias[d:]
         kv = F.linear(context, self.qkv.weight[d:], bias)  # (N, L, 2D): the k and v columns only
-        return tuple(split_heads(z, self.num_heads) for z in kv.chunk(2, dim=-1))
+        return tuple(kv.chunk(2, dim=-1))
 
     def forward(self, x, cond=None, context=None):
         context_kv = None

@@ -1,0 +1,198 @@
+// Multi-head attention on CPU for training: softmax(scale Q K^T) V with the probabilities kept for the backward.
+//
+// Queries, keys and values are rows of up to two sources each (the recursion's vision rows of a fused
+// (N, T, 3D) projection, then a joint attention's text rows), head h reading columns [h * dh, (h + 1) * dh) of
+// every row, so no split, concatenation or merge of heads is ever copied. One task per (batch, head): its K, V
+// (and Q) rows are packed (gathered first when they come from two sources), the scores computed into the stored
+// probabilities P (batch, heads, Tq, Tk), the softmax taken in place and P V written into the output rows
+// (batch, Tq, heads * dh). The backward then runs four GEMMs per task on the stored P, where a flash attention
+// recomputes the scores (a fifth GEMM and every exp):
+//     dV = P^T dO,  dP = dO V^T,  dS = scale P (dP - rowsum(dO * O)),  dQ = dS K,  dK = dS^T Q.
+// Every output element is computed by one task in a fixed order: results do not depend on the thread count.
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace tp {
+namespace {
+
+// One source of rows: element (b, r, c) at p[b * sb + r * sr + c], in floats.
+struct Rows {
+    float* p;
+    int64_t sb, sr, n;
+};
+
+// The sources of q, k, v (two each: rows [0, a.n) from a, then [a.n, a.n + b.n) from b), read from the
+// (address, batch stride, row stride, rows) quadruples of the exported functions' `src` arrays.
+struct Sources {
+    Rows q[2], k[2], v[2];
+    int64_t nq() const { return q[0].n + q[1].n; }
+    int64_t nk() const { return k[0].n + k[1].n; }
+};
+
+Sources read_sources(const int64_t* s) {
+    Sources out;
+    Rows* all[6] = {&out.q[0], &out.q[1], &out.k[0], &out.k[1], &out.v[0], &out.v[1]};
+    for (int i = 0; i < 6; ++i)
+        *all[i] = {reinterpret_cast<float*>(s[4 * i]), s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]};
+    return out;
+}
+
+// Pointers to head h's columns of batch b's rows of the two sources: rows[0 .. a.n + b.n).
+void row_ptrs(const Rows* two, int64_t b, int64_t col, float** rows) {
+    int64_t i = 0;
+    for (int s = 0; s < 2; ++s)
+        for (int64_t r = 0; r < two[s].n; ++r) rows[i++] = two[s].p + b * two[s].sb + r * two[s].sr + col;
+}
+
+// Copies n rows of dh floats (given by pointers) into a contiguous (n, dh) buffer.
+void gather(float* const* rows, int64_t n, int64_t dh, float* dst) {
+    for (int64_t r = 0; r < n; ++r) memcpy(dst + r * dh, rows[r], dh * sizeof(float));
+}
+
+// The (n, dh) operand of head column `col`, batch b, of two row sources as (pointer, row stride): one source's
+// rows read in place, or both gathered into buf (n, dh).
+const float* operand(const Rows* two, int64_t b, int64_t col, int64_t dh, float** rows, float* buf, int64_t* rs) {
+    if (two[1].n == 0) {
+        *rs = two[0].sr;
+        return two[0].p + b * two[0].sb + col;
+    }
+    row_ptrs(two, b, col, rows);
+    gather(rows, two[0].n + two[1].n, dh, buf);
+    *rs = dh;
+    return buf;
+}
+
+// 1- or 2-vector panels for an n-column operand: the narrower when it wastes less of a partial last panel.
+int panel_vectors(const Kernels& kn, int64_t n) {
+    return round_up(n, 2 * kn.vw) <= round_up(n, kn.vw) ? 2 : 1;
+}
+
+}  // namespace
+}  // namespace tp
+
+using namespace tp;
+
+// Forward. src: 6 x (address, batch stride, row stride, rows) for q (two sources), k (two), v (two; rows as
+// k's), fp32. out (batch, Tq, heads * dh) contiguous. probs (batch, heads, Tq, Tk): the softmax, kept for the
+// backward. threads: OpenMP threads over the batch x heads tasks.
+TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads, int64_t dh, double scale,
+                               float* out, float* probs, int threads) {
+    const Kernels& kn = *kernels();
+    const Sources s = read_sources(src);
+    const int64_t nq = s.nq(), nk = s.nk(), d = heads * dh;
+    const int nv_t = panel_vectors(kn, nk), nv_v = panel_vectors(kn, dh);
+    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
+    try {
+        const int64_t per_thread = piece(nk * dh, 4) + piece(dh * wt, 4) + piece(nk * wv, 4) +
+                                   2 * piece(nq > nk ? nq : nk, sizeof(void*));
+        Workspace ws;
+        const int64_t o_thread = ws.reserve(threads * per_thread);
+        char* const base = ws.commit();
+#pragma omp parallel num_threads(threads)
+        {
+            Carver carve(base + o_thread + per_thread * thread_id());
+            float* const kc = carve.take<float>(nk * dh);     // (Tk, dh) this head's keys, then values
+            float* const kt = carve.take<float>(dh * wt);     // K^T packed (dh x Tk)
+            float* const vp = carve.take<float>(nk * wv);     // V packed (Tk x dh)
+            float** const rows = carve.take<float*>(nq > nk ? nq : nk);
+            void** const crow = carve.take<void*>(nq > nk ? nq : nk);
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < batch * heads; ++task) {
+                const int64_t b = task / heads, col = (task % heads) * dh;
+                float* const p = probs + task * nq * nk;  // (Tq, Tk)
+                int64_t rs;
+                const float* op = operand(s.k, b, col, dh, rows, kc, &rs);
+                kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, kt);
+                op = operand(s.v, b, col, dh, rows, kc, &rs);
+                kn.pack(op, kF32, nullptr, rs, 1, nk, dh, nv_v, vp);
+                row_ptrs(s.q, b, col, rows);
+                for (int64_t i = 0; i < nq; ++i) crow[i] = p + i * nk;
+                kn.gemm(nq, nk, dh, const_cast<const float* const*>(rows), 1, kt, nv_t, crow, kF32, 0);
+                kn.softmax_rows(p, nq, nk, nk, float(scale));
+                for (int64_t i = 0; i < nq; ++i) {
+                    rows[i] = p + i * nk;
+                    crow[i] = out + (b * nq + i) * d + col;
+                }
+                kn.gemm(nq, dh, nk, const_cast<const float* const*>(rows), 1, vp, nv_v, crow, kF32, 0);
+            }
+        }
+    } catch (...) {
+        return kNoMemory;
+    }
+    return kOk;
+}
+
+// Backward of tp_attention_fwd. grad: 6 x (address, batch stride, row stride, rows) of dq, dk, dv laid out
+// like src (rows as src's), every row's head columns written. grad_out, out (batch, Tq, heads * dh), probs as
+// the forward left them.
+TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t batch, int64_t heads, int64_t dh,
+                               double scale, const float* grad_out, const float* out, const float* probs,
+                               int threads) {
+    const Kernels& kn = *kernels();
+    const Sources s = read_sources(src), g = read_sources(grad);
+    const int64_t nq = s.nq(), nk = s.nk(), d = heads * dh, nmax = nq > nk ? nq : nk;
+    const int nv_t = panel_vectors(kn, nk), nv_v = panel_vectors(kn, dh);
+    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
+    try {
+        const int64_t per_thread = piece(nmax * dh, 4) + piece(dh * wt, 4) + piece(nmax * wv, 4) +
+                                   piece(nq * nk, 4) + piece(nq, 4) + 2 * piece(nmax, sizeof(void*));
+        Workspace ws;
+        const int64_t o_thread = ws.reserve(threads * per_thread);
+        char* const base = ws.commit();
+#pragma omp parallel num_threads(threads)
+        {
+            Carver carve(base + o_thread + per_thread * thread_id());
+            float* const buf = carve.take<float>(nmax * dh);  // (rows, dh) gathered operand rows
+            float* const vt = carve.take<float>(dh * wt);    // V^T packed (dh x Tk)
+            float* const pk = carve.take<float>(nmax * wv);   // dO, then K, then Q packed ((rows) x dh)
+            float* const ds = carve.take<float>(nq * nk);     // dP, then dS (Tq, Tk)
+            float* const rowdot = carve.take<float>(nq);
+            float** const rows = carve.take<float*>(nmax);
+            void** const crow = carve.take<void*>(nmax);
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < batch * heads; ++task) {
+                const int64_t b = task / heads, col = (task % heads) * dh;
+                const float* const p = probs + task * nq * nk;
+                const float* const go = grad_out + b * nq * d + col;  // row i at go + i * d
+                for (int64_t i = 0; i < nq; ++i) {
+                    const float* o = out + (b * nq + i) * d + col;
+                    float dot = 0.0f;
+                    for (int64_t c = 0; c < dh; ++c) dot += go[i * d + c] * o[c];
+                    rowdot[i] = dot;
+                }
+                // dV = P^T dO: the left operand's row j is column j of P
+                kn.pack(go, kF32, nullptr, d, 1, nq, dh, nv_v, pk);
+                for (int64_t j = 0; j < nk; ++j) rows[j] = const_cast<float*>(p) + j;
+                row_ptrs(g.v, b, col, reinterpret_cast<float**>(crow));
+                kn.gemm(nk, dh, nq, const_cast<const float* const*>(rows), nk, pk, nv_v, crow, kF32, 0);
+                // dP = dO V^T, then dS in place
+                int64_t rs;
+                const float* op = operand(s.v, b, col, dh, rows, buf, &rs);
+                kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, vt);
+                for (int64_t i = 0; i < nq; ++i) {
+                    rows[i] = const_cast<float*>(go) + i * d;
+                    crow[i] = ds + i * nk;
+                }
+                kn.gemm(nq, nk, dh, const_cast<const float* const*>(rows), 1, vt, nv_t, crow, kF32, 0);
+                kn.softmax_grad_rows(p, nk, ds, nk, nq, nk, rowdot, float(scale));
+                // dQ = dS K
+                op = operand(s.k, b, col, dh, rows, buf, &rs);
+                kn.pack(op, kF32, nullptr, rs, 1, nk, dh, nv_v, pk);
+                for (int64_t i = 0; i < nq; ++i) rows[i] = ds + i * nk;
+                row_ptrs(g.q, b, col, reinterpret_cast<float**>(crow));
+                kn.gemm(nq, dh, nk, const_cast<const float* const*>(rows), 1, pk, nv_v, crow, kF32, 0);
+                // dK = dS^T Q: the left operand's row j is column j of dS
+                op = operand(s.q, b, col, dh, rows, buf, &rs);
+                kn.pack(op, kF32, nullptr, rs, 1, nq, dh, nv_v, pk);
+                for (int64_t j = 0; j < nk; ++j) rows[j] = ds + j;
+                row_ptrs(g.k, b, col, reinterpret_cast<float**>(crow));
+                kn.gemm(nk, dh, nq, const_cast<const float* const*>(rows), nk, pk, nv_v, crow, kF32, 0);
+            }
+        }
+    } catch (...) {
+        return kNoMemory;
+    }
+    return kOk;
+}

@@ -1,0 +1,52 @@
+"""Joint multi-head attention for the recursion's steps: vision queries over [vision; context] keys.
+
+On CPU, when a gradient is needed (eager mode), the compiled extension's kernel (csrc/attention.cpp) reads the heads straight
+out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied) and keeps the
+softmax for a four-GEMM backward; elsewhere (GPU, inference, bf16, no extension, a softmax too large to keep)
+torch's scaled_dot_product_attention runs on the split heads. Both compute the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._dispatch import resolve
+from .op import check_inputs, joint_attention_bwd, joint_attention_fwd
+from .reference import joint_attention_composed, joint_attention_reference
+
+__all__ = ["joint_attention", "joint_attention_reference", "joint_attention_fwd", "joint_attention_bwd",
+           "PROBS_BUDGET_BYTES"]
+
+# Largest softmax (N x H x rows x keys x 4 bytes) the kernel keeps per call for the backward; above it the flash
+# attention, which keeps none, runs instead. A DiT-XL/2 step at 256 tokens, batch 2, keeps 8 MiB.
+PROBS_BUDGET_BYTES = 256 << 20
+
+
+def _kernel_applies(qkv, context, num_heads):
+    if torch.compiler.is_compiling():
+        return False  # compiled graphs keep torch's attention (inductor knows it; the extension's loader is not traceable)
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or resolve(qkv.device) != "cpu":
+        return False
+    if _ext.library() is None or not torch.is_grad_enabled():
+        return False  # inference: the flash attention's forward is as fast and keeps nothing
+    if not any(t is not None and t.requires_grad for t in (qkv, *context)):
+        return False
+    n, t, _ = qkv.shape
+    nq = t + (0 if context[0] is None else context[0].shape[1])
+    nk = t + (0 if context[1] is None else context[1].shape[1])
+    return 4 * n * num_heads * nq * nk <= PROBS_BUDGET_BYTES
+
+
+def joint_attention(qkv, num_heads, context_q=None, context_k=None, context_v=None):
+    """Attention of fused projections qkv (N, T, 3D) (columns [q | k | v], each head-major) -> (N, T [+ L], D).
+
+    context_k, context_v: optional (N, L, D) extra keys and values (e.g. text tokens) the T queries attend to
+    jointly with their own. context_q: optional (N, L, D) queries of those tokens (a joint attention whose
+    context also needs its output): their rows follow the T vision rows in the output. Scale 1 / sqrt(D / H).
+    """
+    check_inputs("tp_kernels.joint_attention", qkv, context_q, context_k, context_v, num_heads)
+    context = (context_q, context_k, context_v)
+    if _kernel_applies(qkv, context, num_heads):
+        return joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads)[0]
+    return joint_attention_composed(qkv, num_heads, context_q, context_k, context_v)
