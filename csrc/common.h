@@ -14,11 +14,11 @@
 
 // The exported functions' interface: bump on any change of a signature or of an argument's meaning, together
 // with ABI_VERSION in tp_kernels/_ext.py (which refuses a library reporting another number).
-#define TP_ABI_VERSION 4
+#define TP_ABI_VERSION 5
 
 namespace tp {
 
-enum Status : int { kOk = 0, kBadIndex = 1, kNoMemory = 2 };
+enum Status : int { kOk = 0, kBadIndex = 1, kNoMemory = 2, kBadArgument = 3 };
 
 inline int thread_id() {
 #ifdef _OPENMP

@@ -223,6 +223,78 @@ void pack_bwd_job(const Mul& mul, const void* a, const void* b, int64_t e, int64
         mul.pack(at(a, e * sr * d_in, dt), nullptr, d_in, 1, sr, d_in, pd.nv, apack + j * sr * pd.width);
 }
 
+// The rows one weight-gradient reduction reads for a call (one step of a recursion): x and grad_y in token order,
+// the tokens' grouping, and dh and m h with tokens in grouped order (fp32 (N, S*R) rows, or pair operands
+// transposed to (S*R, N)).
+struct WgradRows {
+    const void* x;
+    const void* grad_y;
+    const Grouping* g;
+    const char* dh;
+    const char* hm;
+    int64_t n;
+};
+
+// Per-thread buffers of a weight-gradient task.
+struct WgradScratch {
+    float* cb;   // (rows, width) fp32 accumulator
+    float* rp;   // packed chunk of x or grad_y rows
+    float* col;  // one dB row before conversion
+    const void** wa;
+    void** wc;
+};
+
+// Weight-gradient task `task` (expert e, a column block of dA or of one dB slice), reduced over the expert's tokens
+// of every source in order: dA_e[:, c0:] = sum dh_e^T x_e[:, c0:], dB_es^T[:, c0:] = sum (m h)_es^T grad_y_es[:, c0:].
+void wgrad_task(const Mul& mul, int64_t task, const WgradRows* src, int64_t n_src, int64_t d_in, int64_t n_slice,
+                int64_t rank, int64_t d_out, WgradBlocks wb, Panels pw, int64_t chunk, const WgradScratch& w,
+                void* da, void* db) {
+    const int dt = mul.dt, ot = mul.op_dt();
+    const int64_t sr = n_slice * rank, sd = n_slice * d_out;
+    const int64_t a_blocks = (d_in + wb.width - 1) / wb.width, b_blocks = (d_out + wb.width - 1) / wb.width;
+    const int64_t e = task / (a_blocks + n_slice * b_blocks), sub = task % (a_blocks + n_slice * b_blocks);
+    const bool is_a = sub < a_blocks;
+    const int64_t s = is_a ? 0 : (sub - a_blocks) / b_blocks;
+    const int64_t c0 = (is_a ? sub : (sub - a_blocks) % b_blocks) * wb.width;
+    const int64_t width = is_a ? d_in : d_out, cols = width - c0 < wb.width ? width - c0 : wb.width;
+    const int64_t rows = is_a ? sr : rank;
+    // the left operand's row i (a column of dh or m h over the expert's tokens): strided in the fp32 (N, S*R)
+    // layout, contiguous in the pair operands' transposed (S*R, N) one
+    const bool strided = !mul.pairs;
+    // fp32 dA accumulates in place in its rows; dB (stored transposed) and bf16 go through cb
+    const bool in_place = is_a && dt == kF32;
+    for (int64_t i = 0; i < rows; ++i)
+        w.wc[i] = in_place ? static_cast<void*>(at(da, (e * sr + i) * d_in + c0, dt)) : static_cast<void*>(w.cb + i * wb.width);
+    bool any = false;
+    for (int64_t q = 0; q < n_src; ++q) {
+        const WgradRows& r = src[q];
+        const int64_t lo = r.g->offsets[e], cnt = r.g->offsets[e + 1] - lo;
+        const char* lhs = strided ? at(is_a ? r.dh : r.hm, is_a ? 0 : s * rank, ot)
+                                  : (is_a ? r.dh : at(r.hm, s * rank * r.n, ot));
+        const void* xs = is_a ? at(r.x, c0, dt) : at(r.grad_y, s * d_out + c0, dt);
+        for (int64_t k0 = 0; k0 < cnt; k0 += chunk) {
+            const int64_t kc = cnt - k0 < chunk ? cnt - k0 : chunk;
+            mul.pack(xs, r.g->perm.data() + lo + k0, is_a ? d_in : sd, 1, kc, cols, pw.nv, w.rp);
+            for (int64_t i = 0; i < rows; ++i)
+                w.wa[i] = at(lhs, strided ? (lo + k0) * sr + i : i * r.n + lo + k0, ot);
+            mul.gemm(rows, cols, kc, w.wa, w.rp, pw.nv, w.wc, kF32, any, strided ? sr : 1);
+            any = true;
+        }
+    }
+    if (!any)
+        for (int64_t i = 0; i < rows; ++i) memset(w.wc[i], 0, cols * sizeof(float));
+    if (is_a && !in_place) {
+        for (int64_t q = 0; q < sr; ++q) mul.kn.from_f32(w.cb + q * wb.width, at(da, (e * sr + q) * d_in + c0, dt), dt, cols);
+    } else if (!is_a) {
+        for (int64_t o = 0; o < cols; ++o) {  // dB is stored (D_out, R): transpose the block
+            char* row = at(db, ((e * n_slice + s) * d_out + c0 + o) * rank, dt);
+            float* dst = dt == kF32 ? reinterpret_cast<float*>(row) : w.col;  // fp32 rows in place
+            for (int64_t q = 0; q < rank; ++q) dst[q] = w.cb[q * wb.width + o];
+            if (dt != kF32) mul.kn.from_f32(w.col, row, dt, rank);
+        }
+    }
+}
+
 }  // namespace
 }  // namespace tp
 
@@ -329,14 +401,19 @@ TP_EXPORT int tp_routed_lora_fwd(const void* x, const int64_t* idx, const void* 
 }
 
 // Gradients of tp_routed_lora_fwd. dx, da, db, dgate may each be null (not needed); da and db are both
-// given or both null. dgate is fp32.
+// given or both null. dgate is fp32. dh_rows, hm_rows: null, or (N, S*R) fp32 buffers that receive dh and m h
+// with tokens in grouped order, the rows a later tp_routed_lora_wgrad reduces (the weight gradients of several
+// calls in one reduction); fp32 operands only (not the bf16 dot-product path).
 TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_t* idx, const void* a,
                                  const void* b, const float* gate, const float* h, int dt, int64_t n, int64_t d_in,
                                  int64_t n_exp, int64_t n_slice, int64_t rank, int64_t d_out, double scale, void* dx,
-                                 void* da, void* db, float* dgate, const float* packed, int threads) {
+                                 void* da, void* db, float* dgate, const float* packed, float* dh_rows,
+                                 float* hm_rows, int threads) {
     const Mul mul(*kernels(), dt);
     const int64_t sr = n_slice * rank, sd = n_slice * d_out, wrows = sr > rank ? sr : rank, ot = mul.op_dt();
-    const bool need_w = da != nullptr;
+    const bool keep_rows = dh_rows != nullptr;
+    if (keep_rows && (mul.pairs || hm_rows == nullptr)) return kBadArgument;
+    const bool need_w = da != nullptr, need_rows = need_w || keep_rows;
     const Panels pr = panels_for(mul.kn, rank), pd = panels_for(mul.kn, d_in);
     const WgradBlocks wb = wgrad_blocks(wrows, d_in, d_out, n_slice, n_exp, threads);
     const Panels pw = panels_for(mul.kn, wb.width);
@@ -364,15 +441,17 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
         const int64_t o_pack = ws.reserve(piece(lay.total(), 4));
         // for the weight gradients, dh and m h with tokens in grouped order (dh = m * dL/d(m h), m = gate * scale):
         // fp32 as (N, S*R) rows, read as strided operands; pair operands transposed to (S*R, N)
-        const int64_t o_dh = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
-        const int64_t o_hm = ws.reserve(piece(need_w ? n * sr : 0, dtype_size(ot)));
+        const int64_t o_dh = ws.reserve(piece(need_w && !keep_rows ? n * sr : 0, dtype_size(ot)));
+        const int64_t o_hm = ws.reserve(piece(need_w && !keep_rows ? n * sr : 0, dtype_size(ot)));
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
         float* const own = reinterpret_cast<float*>(base + o_pack);  // packed here when no buffer is given
         const float* const bpack = packed ? packed : own;
         const int64_t b_floats = packed ? bwd_layout(mul.kn, n_exp, n_slice, rank, d_in, d_out, true).first : lay.first;
         const float* const apack = bpack + round_up(b_floats, 16);
-        char *const dh_t = base + o_dh, *const hm_t = base + o_hm;
+        char* const dh_t = keep_rows ? reinterpret_cast<char*>(dh_rows) : base + o_dh;
+        char* const hm_t = keep_rows ? reinterpret_cast<char*>(hm_rows) : base + o_hm;
+        const WgradRows rows_src = {x, grad_y, &g, dh_t, hm_t, n};
 #pragma omp parallel num_threads(threads)
         {
             if (!packed) {
@@ -424,7 +503,7 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                     if (dgate) dgate[tok[r]] = dot * float(scale);
                     mul.store(dhf + r * sr, at(dho, r * sr, ot), sr);
                 }
-                if (need_w && !mul.pairs) {  // fp32: the tile's dh and m h as rows [lo, hi) of dh_t and hm_t
+                if (need_rows && !mul.pairs) {  // fp32: the tile's dh and m h as rows [lo, hi) of dh_t and hm_t
                     memcpy(reinterpret_cast<float*>(dh_t) + tile.lo * sr, dhf, m * sr * sizeof(float));
                     for (int64_t r = 0; r < m; ++r) {
                         const float* hr = h + tok[r] * sr;
@@ -432,7 +511,7 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                         float* out = reinterpret_cast<float*>(hm_t) + (tile.lo + r) * sr;
                         for (int64_t c = 0; c < sr; ++c) out[c] = hr[c] * mult;
                     }
-                } else if (need_w) {  // pair operands: transpose into columns [lo, hi) of dh_t and hm_t
+                } else if (need_rows) {  // pair operands: transpose into columns [lo, hi) of dh_t and hm_t
                     for (int64_t c = 0; c < sr; ++c)
                         for (int64_t r = 0; r < m; ++r) tt[c * m + r] = dhf[r * sr + c];
                     for (int64_t c = 0; c < sr; ++c) mul.store(tt + c * m, at(dh_t, c * n + tile.lo, ot), m);
@@ -449,46 +528,53 @@ TP_EXPORT int tp_routed_lora_bwd(const void* grad_y, const void* x, const int64_
                 }
             }
 #pragma omp for schedule(dynamic)
-            for (int64_t task = 0; task < w_tasks; ++task) {
-                const int64_t e = task / (a_blocks + n_slice * b_blocks), sub = task % (a_blocks + n_slice * b_blocks);
-                const bool is_a = sub < a_blocks;
-                const int64_t s = is_a ? 0 : (sub - a_blocks) / b_blocks;
-                const int64_t c0 = (is_a ? sub : (sub - a_blocks) % b_blocks) * wb.width;
-                const int64_t width = is_a ? d_in : d_out, cols = width - c0 < wb.width ? width - c0 : wb.width;
-                const int64_t rows = is_a ? sr : rank;
-                const int64_t lo = g.offsets[e], cnt = g.offsets[e + 1] - lo;
-                // dA_e[:, c0:] = dh_e^T x_e[:, c0:]   dB_es^T[:, c0:] = (m h)_es^T grad_y_es[:, c0:]
-                // the left operand's row i (a column of dh or m h over the expert's tokens): strided in the fp32
-                // (N, S*R) layout, contiguous in the pair operands' transposed (S*R, N) one
-                const bool strided = !mul.pairs;
-                const char* lhs = strided ? at(is_a ? dh_t : hm_t, is_a ? 0 : s * rank, ot)
-                                          : (is_a ? dh_t : at(hm_t, s * rank * n, ot));
-                const void* src = is_a ? at(x, c0, dt) : at(grad_y, s * d_out + c0, dt);
-                // fp32 dA accumulates in place in its rows; dB (stored transposed) and bf16 go through cb
-                const bool in_place = is_a && dt == kF32;
-                for (int64_t i = 0; i < rows; ++i)
-                    wc[i] = in_place ? static_cast<void*>(at(da, (e * sr + i) * d_in + c0, dt))
-                                     : static_cast<void*>(cb + i * wb.width);
-                for (int64_t k0 = 0; k0 < cnt; k0 += chunk) {
-                    const int64_t kc = cnt - k0 < chunk ? cnt - k0 : chunk;
-                    mul.pack(src, g.perm.data() + lo + k0, is_a ? d_in : sd, 1, kc, cols, pw.nv, rp);
-                    for (int64_t i = 0; i < rows; ++i)
-                        wa[i] = at(lhs, strided ? (lo + k0) * sr + i : i * n + lo + k0, ot);
-                    mul.gemm(rows, cols, kc, wa, rp, pw.nv, wc, kF32, k0 > 0, strided ? sr : 1);
-                }
-                if (cnt == 0)
-                    for (int64_t i = 0; i < rows; ++i) memset(wc[i], 0, cols * sizeof(float));
-                if (is_a && !in_place) {
-                    for (int64_t q = 0; q < sr; ++q) mul.kn.from_f32(cb + q * wb.width, at(da, (e * sr + q) * d_in + c0, dt), dt, cols);
-                } else if (!is_a) {
-                    for (int64_t o = 0; o < cols; ++o) {  // dB is stored (D_out, R): transpose the block
-                        char* row = at(db, ((e * n_slice + s) * d_out + c0 + o) * rank, dt);
-                        float* dst = dt == kF32 ? reinterpret_cast<float*>(row) : col;  // fp32 rows in place
-                        for (int64_t q = 0; q < rank; ++q) dst[q] = cb[q * wb.width + o];
-                        if (dt != kF32) mul.kn.from_f32(col, row, dt, rank);
-                    }
-                }
-            }
+            for (int64_t task = 0; task < w_tasks; ++task)
+                wgrad_task(mul, task, &rows_src, 1, d_in, n_slice, rank, d_out, wb, pw, chunk, {cb, rp, col, wa, wc}, da, db);
+        }
+    } catch (...) {
+        return kNoMemory;
+    }
+    return kOk;
+}
+
+// dA and dB of several tp_routed_lora_bwd calls with the same weights (the T steps of a recursion), reduced in one
+// pass per expert over all their tokens: table holds, per call, (x, grad_y, idx, dh_rows, hm_rows, n) as that
+// call's arguments and kept rows. Sums in call order; fp32 operands only (not the bf16 dot-product path).
+TP_EXPORT int tp_routed_lora_wgrad(int64_t calls, const int64_t* table, int dt, int64_t d_in, int64_t n_exp,
+                                   int64_t n_slice, int64_t rank, int64_t d_out, void* da, void* db, int threads) {
+    const Mul mul(*kernels(), dt);
+    if (mul.pairs) return kBadArgument;
+    const int64_t sr = n_slice * rank, wrows = sr > rank ? sr : rank;
+    const WgradBlocks wb = wgrad_blocks(wrows, d_in, d_out, n_slice, n_exp, threads);
+    const Panels pw = panels_for(mul.kn, wb.width);
+    try {
+        std::vector<Grouping> groups(calls);
+        std::vector<WgradRows> src(calls);
+        for (int64_t c = 0; c < calls; ++c) {
+            const int64_t* row = table + 6 * c;
+            if (!group_by_expert(reinterpret_cast<const int64_t*>(row[2]), row[5], n_exp, groups[c])) return kBadIndex;
+            src[c] = {reinterpret_cast<const void*>(row[0]), reinterpret_cast<const void*>(row[1]), &groups[c],
+                      reinterpret_cast<const char*>(row[3]), reinterpret_cast<const char*>(row[4]), row[5]};
+        }
+        const int64_t a_blocks = (d_in + wb.width - 1) / wb.width, b_blocks = (d_out + wb.width - 1) / wb.width;
+        const int64_t w_tasks = n_exp * (a_blocks + n_slice * b_blocks);
+        const int64_t per_thread = piece(wrows * wb.width, 4) + piece(wb.chunk * wb.width, 4) + piece(rank, 4) +
+                                   2 * piece(wrows, sizeof(void*));
+        Workspace ws;
+        const int64_t o_thread = ws.reserve(threads * per_thread);
+        char* const base = ws.commit();
+#pragma omp parallel num_threads(threads)
+        {
+            Carver carve(base + o_thread + per_thread * thread_id());
+            float* const cb = carve.take<float>(wrows * wb.width);
+            float* const rp = carve.take<float>(wb.chunk * wb.width);
+            float* const col = carve.take<float>(rank);
+            const void** const wa = carve.take<const void*>(wrows);
+            void** const wc = carve.take<void*>(wrows);
+#pragma omp for schedule(dynamic)
+            for (int64_t task = 0; task < w_tasks; ++task)
+                wgrad_task(mul, task, src.data(), calls, d_in, n_slice, rank, d_out, wb, pw, wb.chunk,
+                           {cb, rp, col, wa, wc}, da, db);
         }
     } catch (...) {
         return kNoMemory;

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
-ABI_VERSION = 4  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
+ABI_VERSION = 5  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -33,8 +33,10 @@ _SIGNATURES = {
     # x, idx, a, b, gate, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, y, h, packed, threads
     "tp_routed_lora_fwd": (_INT, [_P, _P, _P, _P, _P, _INT] + [_I64] * 6 + [_F64, _P, _P, _P, _INT]),
     # grad_y, x, idx, a, b, gate, h, dtype, n, d_in, n_exp, n_slice, rank, d_out, scale, dx, da, db, dgate, packed,
-    # threads
-    "tp_routed_lora_bwd": (_INT, [_P] * 7 + [_INT] + [_I64] * 6 + [_F64] + [_P] * 5 + [_INT]),
+    # dh_rows, hm_rows, threads
+    "tp_routed_lora_bwd": (_INT, [_P] * 7 + [_INT] + [_I64] * 6 + [_F64] + [_P] * 7 + [_INT]),
+    # calls, table (calls x 6 int64), dtype, d_in, n_exp, n_slice, rank, d_out, da, db, threads
+    "tp_routed_lora_wgrad": (_INT, [_I64, _P, _INT] + [_I64] * 5 + [_P, _P, _INT]),
     # dtype, n_exp, n_slice, rank, d_in, d_out, for_backward
     "tp_routed_lora_packed_floats": (_I64, [_INT] + [_I64] * 5 + [_INT]),
     # a, b, dtype, n_exp, n_slice, rank, d_in, d_out, for_backward, out, threads
@@ -115,6 +117,8 @@ def check(status: int, op: str, num_experts: int = 0) -> None:
         raise IndexError(f"{op}: expert_idx must lie in [0, {num_experts}) or be -1 (skipped)")
     if status == 2:
         raise MemoryError(f"{op}: out of memory for the CPU extension's buffers")
+    if status == 3:
+        raise ValueError(f"{op}: the CPU extension keeps weight-gradient rows for fp32 operands only")
     if status != 0:
         raise RuntimeError(f"{op}: CPU extension failed with status {status}")
 

@@ -83,6 +83,7 @@ class LatentRecursion(nn.Module):
                                head=halting == "learned" if halt_head is None else halt_head, prior=halt_prior,
                                kl_weight=halt_kl_weight, eps=self.eps)
         self.recorder = None
+        self._step_weights = None  # (lora_a, lora_b) as this forward's steps use them (see recurse)
 
     def recurse(self, x, cond, base_projection, attend_step):
         """Run the T steps on x~ (N, T, D); returns the last step's attention output.
@@ -96,6 +97,18 @@ class LatentRecursion(nn.Module):
         gate_terms = self.gate.fused_terms(cond)  # token_weight (M, D) or None, cond_logits (N, 1, M) or (M,)
         halting = self.halting
         halting.loss = None
+        # the experts' weights for this call's steps: aliases that reduce their T gradients in one pass where the
+        # extension can (tp_kernels.refine.defer_weight_grads), else the weights themselves
+        lora = self.lora
+        self._step_weights = (tp_kernels.refine.defer_weight_grads(lora.lora_a, lora.lora_b)
+                              if lora is not None and self.steps > 1 and x.dtype == lora.lora_a.dtype else None)
+        try:
+            return self._recurse(x, gate_terms, base_projection, attend_step)
+        finally:
+            self._step_weights = None
+
+    def _recurse(self, x, gate_terms, base_projection, attend_step):
+        halting = self.halting
         if halting.pondering() and self.steps > 1:
             return self._ponder(x, gate_terms, base_projection, attend_step)
         rule = halting.mode if halting.active_at_inference() else "none"
@@ -170,8 +183,9 @@ class LatentRecursion(nn.Module):
         expert_idx -1 (refine_step's contract; overrides of refine keep it)."""
         dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
         token_weight, cond_logits = gate_terms
+        lora_a, lora_b = self._step_weights or (self.lora.lora_a, self.lora.lora_b)
         qkv, expert_idx, _ = tp_kernels.refine_step(
-            a, self.lora.lora_a.to(dtype), self.lora.lora_b.to(dtype),
+            a, lora_a.to(dtype), lora_b.to(dtype),
             token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
             tau=self.gate.tau, noise=noise, scale=self.lora.scale, base=base, eps=self.eps, normalize=normalize,
             **skip,

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from .._dispatch import resolve
 from .._validate import FLOAT_DTYPES, acc_dtype, check_finite_number, check_same_device, check_tensor
+from .deferred import defer_weight_grads
 from .op import refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
 
-__all__ = ["refine_step", "refine_step_reference", "refine_step_fwd", "refine_step_bwd"]
+__all__ = ["defer_weight_grads", "refine_step", "refine_step_reference", "refine_step_fwd", "refine_step_bwd"]
 
 
 def _cond_groups(cond_logits, lead, n_exp):

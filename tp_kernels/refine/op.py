@@ -28,6 +28,7 @@ from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_fin
 from ..routed_lora.op import _Reference as _LoraReference
 from ..routed_lora.reference import shrink
 from . import cpu as _cpu
+from .deferred import collector_for
 from .reference import refine_step_parts
 from .._grouping import group_by_expert
 
@@ -160,6 +161,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_groups = 0 if cond_logits is None else cond_logits.shape[0]
     ctx.cond_dtype = None if cond_logits is None else cond_logits.dtype
     ctx.tau, ctx.scale, ctx.eps, ctx.normalize = tau, scale, eps, normalize
+    ctx.deferred = collector_for(lora_a)  # weights from deferred.defer_weight_grads: dA, dB reduced after all steps
     ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
 
 
@@ -170,7 +172,15 @@ def _backward(ctx, grad_qkv, grad_weight, *_):
     need_cond = bool(need_cond and ctx.n_groups)
     need_tw = bool(need_tw and token_weight is not None)
     grads = [None] * 12
-    if need_state or need_w or need_tw or need_cond:
+    if need_w and ctx.deferred is not None:  # eager CPU: the input gradients now, the weights' after the last step
+        d_state, _, _, d_tw, d_cond = _cpu.backward_with(
+            ctx.deferred, grad_qkv.contiguous(), None if grad_weight is None else grad_weight.contiguous(), state,
+            lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, ctx.n_groups, ctx.tau, ctx.scale,
+            ctx.eps, ctx.normalize, need_state, True, need_tw, need_cond,
+        )
+        grads[0], grads[3] = (d_state if need_state else None), (d_tw if need_tw else None)
+        grads[4] = d_cond.to(ctx.cond_dtype) if need_cond else None
+    elif need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
             grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
             ctx.n_groups, ctx.tau,

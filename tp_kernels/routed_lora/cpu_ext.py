@@ -143,7 +143,7 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         status = _ext.library().tp_routed_lora_bwd(
             grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
             _ext.ptr(gate32), h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out,
-            float(scale), _ext.ptr(dx), _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), _ext.ptr(packed),
+            float(scale), _ext.ptr(dx), _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), _ext.ptr(packed), None, None,
             torch.get_num_threads(),
         )
         _ext.check(status, "routed_lora backward", n_exp)
@@ -154,3 +154,41 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         db if need_w else x.new_empty(0),
         dg.to(gate.dtype) if need_gate else x.new_empty(0),
     )
+
+
+def backward_rows(grad_y, x, idx, lora_a, lora_b, h, scale, need_x, need_gate):
+    """backward() without the weight gradients (gate = 1): -> dx (or empty), dgate (or empty), and the rows that
+    :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only."""
+    n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
+    dx = torch.empty(n, d_in, dtype=x.dtype) if need_x else x.new_empty(0)
+    dg = torch.empty(n, dtype=torch.float32) if need_gate else x.new_empty(0)
+    dh_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
+    hm_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
+    if n > 0:
+        grad_y = grad_y.to(x.dtype).contiguous()
+        x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
+        h = h.to(torch.float32).contiguous()
+        gate = torch.ones(n, dtype=torch.float32) if need_gate else None
+        packed = PACKED.get(lora_a, lora_b, backward=True) if need_x else None
+        status = _ext.library().tp_routed_lora_bwd(
+            grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate),
+            h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out, float(scale),
+            dx.data_ptr() if need_x else None, None, None, dg.data_ptr() if need_gate else None, _ext.ptr(packed),
+            dh_rows.data_ptr(), hm_rows.data_ptr(), torch.get_num_threads(),
+        )
+        _ext.check(status, "routed_lora backward", n_exp)
+    return dx, dg, (x, grad_y, idx, dh_rows, hm_rows)
+
+
+def weight_grads(rows, lora_a, lora_b):
+    """dA, dB (lora_a's and lora_b's shapes) summed over calls of :func:`backward_rows` with these weights, in one
+    reduction per expert over all their tokens. rows: the calls' row tuples, in the order their sums are taken."""
+    _, n_slice, rank, d_in = lora_a.shape
+    da, db = torch.empty(lora_a.shape, dtype=lora_a.dtype), torch.empty(lora_b.shape, dtype=lora_b.dtype)
+    table = torch.tensor([[x.data_ptr(), g.data_ptr(), i.data_ptr(), dh.data_ptr(), hm.data_ptr(), x.shape[0]]
+                          for x, g, i, dh, hm in rows], dtype=torch.int64).reshape(-1, 6)
+    status = _ext.library().tp_routed_lora_wgrad(
+        len(rows), table.data_ptr(), _ext.DTYPE_CODES[lora_a.dtype], d_in, lora_a.shape[0], n_slice, rank,
+        lora_b.shape[2], da.data_ptr(), db.data_ptr(), torch.get_num_threads())
+    _ext.check(status, "routed_lora weight gradients", lora_a.shape[0])
+    return da, db
