@@ -2,9 +2,10 @@
 same fused projections, at the recursion's attention shapes of the diffusers fine-tuning benchmark.
 
 "ours" is what a recursion step runs on CPU with the extension built: the kernel reading the heads out of qkv
-(N, T, 3D) and the context rows in place, keeping the softmax for a four-GEMM backward. "sdpa" is the composed
-path: split heads, concatenate the context's keys and values, torch's (flash) attention, merge heads; its
-backward recomputes the scores. Both get the same inputs, and their outputs are checked to agree first.
+(N, T, 3D) and the context rows in place, one (batch, head)'s score block at a time in cache, the backward
+rebuilding the softmax from its logsumexp. "sdpa" is the composed path: split heads, concatenate the context's
+keys and values, torch's (flash) attention, merge heads. Both get the same inputs, and their outputs are checked
+to agree first.
 """
 
 from __future__ import annotations

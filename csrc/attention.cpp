@@ -1,12 +1,13 @@
-// Multi-head attention on CPU for training: softmax(scale Q K^T) V with the probabilities kept for the backward.
+// Multi-head attention on CPU for training: softmax(scale Q K^T) V, the backward rebuilding the softmax from its
+// logsumexp.
 //
 // Queries, keys and values are rows of up to two sources each (the recursion's vision rows of a fused
 // (N, T, 3D) projection, then a joint attention's text rows), head h reading columns [h * dh, (h + 1) * dh) of
 // every row, so no split, concatenation or merge of heads is ever copied. One task per (batch, head): its K, V
-// (and Q) rows are packed (gathered first when they come from two sources), the scores computed into the stored
-// probabilities P (batch, heads, Tq, Tk), the softmax taken in place and P V written into the output rows
-// (batch, Tq, heads * dh). The backward then runs four GEMMs per task on the stored P, where a flash attention
-// recomputes the scores (a fifth GEMM and every exp):
+// (and Q) rows are packed (gathered first when they come from two sources), the scores computed into a
+// cache-resident (Tq, Tk) buffer, the softmax taken in place (its logsumexp kept per row) and P V written into
+// the output rows (batch, Tq, heads * dh). The backward recomputes P = exp(scale Q K^T - lse) in the same kind of
+// buffer (keeping P for the backward would write and read batch x heads x Tq x Tk floats through memory) and runs
 //     dV = P^T dO,  dP = dO V^T,  dS = scale P (dP - rowsum(dO * O)),  dQ = dS K,  dK = dS^T Q.
 // Every output element is computed by one task in a fixed order: results do not depend on the thread count.
 #include <string.h>
@@ -75,17 +76,17 @@ int panel_vectors(const Kernels& kn, int64_t n) {
 using namespace tp;
 
 // Forward. src: 6 x (address, batch stride, row stride, rows) for q (two sources), k (two), v (two; rows as
-// k's), fp32. out (batch, Tq, heads * dh) contiguous. probs (batch, heads, Tq, Tk): the softmax, kept for the
-// backward. threads: OpenMP threads over the batch x heads tasks.
+// k's), fp32. out (batch, Tq, heads * dh) contiguous. lse (batch, heads, Tq): each softmax row's logsumexp, for
+// the backward. threads: OpenMP threads over the batch x heads tasks.
 TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads, int64_t dh, double scale,
-                               float* out, float* probs, int threads) {
+                               float* out, float* lse, int threads) {
     const Kernels& kn = *kernels();
     const Sources s = read_sources(src);
     const int64_t nq = s.nq(), nk = s.nk(), d = heads * dh;
     const int nv_t = panel_vectors(kn, nk), nv_v = panel_vectors(kn, dh);
     const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
     try {
-        const int64_t per_thread = piece(nk * dh, 4) + piece(dh * wt, 4) + piece(nk * wv, 4) +
+        const int64_t per_thread = piece(nk * dh, 4) + piece(dh * wt, 4) + piece(nk * wv, 4) + piece(nq * nk, 4) +
                                    2 * piece(nq > nk ? nq : nk, sizeof(void*));
         Workspace ws;
         const int64_t o_thread = ws.reserve(threads * per_thread);
@@ -96,12 +97,12 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
             float* const kc = carve.take<float>(nk * dh);     // (Tk, dh) this head's keys, then values
             float* const kt = carve.take<float>(dh * wt);     // K^T packed (dh x Tk)
             float* const vp = carve.take<float>(nk * wv);     // V packed (Tk x dh)
+            float* const p = carve.take<float>(nq * nk);      // (Tq, Tk) scores, then probabilities
             float** const rows = carve.take<float*>(nq > nk ? nq : nk);
             void** const crow = carve.take<void*>(nq > nk ? nq : nk);
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < batch * heads; ++task) {
                 const int64_t b = task / heads, col = (task % heads) * dh;
-                float* const p = probs + task * nq * nk;  // (Tq, Tk)
                 int64_t rs;
                 const float* op = operand(s.k, b, col, dh, rows, kc, &rs);
                 kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, kt);
@@ -110,7 +111,7 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
                 row_ptrs(s.q, b, col, rows);
                 for (int64_t i = 0; i < nq; ++i) crow[i] = p + i * nk;
                 kn.gemm(nq, nk, dh, const_cast<const float* const*>(rows), 1, kt, nv_t, crow, kF32, 0);
-                kn.softmax_rows(p, nq, nk, nk, float(scale));
+                kn.softmax_rows(p, nq, nk, nk, float(scale), lse + task * nq);
                 for (int64_t i = 0; i < nq; ++i) {
                     rows[i] = p + i * nk;
                     crow[i] = out + (b * nq + i) * d + col;
@@ -125,10 +126,10 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
 }
 
 // Backward of tp_attention_fwd. grad: 6 x (address, batch stride, row stride, rows) of dq, dk, dv laid out
-// like src (rows as src's), every row's head columns written. grad_out, out (batch, Tq, heads * dh), probs as
-// the forward left them.
+// like src (rows as src's), every row's head columns written. grad_out, out (batch, Tq, heads * dh), lse as the
+// forward left them.
 TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t batch, int64_t heads, int64_t dh,
-                               double scale, const float* grad_out, const float* out, const float* probs,
+                               double scale, const float* grad_out, const float* out, const float* lse,
                                int threads) {
     const Kernels& kn = *kernels();
     const Sources s = read_sources(src), g = read_sources(grad);
@@ -137,7 +138,7 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
     const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
     try {
         const int64_t per_thread = piece(nmax * dh, 4) + piece(dh * wt, 4) + piece(nmax * wv, 4) +
-                                   piece(nq * nk, 4) + piece(nq, 4) + 2 * piece(nmax, sizeof(void*));
+                                   2 * piece(nq * nk, 4) + piece(nq, 4) + 2 * piece(nmax, sizeof(void*));
         Workspace ws;
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
@@ -147,6 +148,7 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
             float* const buf = carve.take<float>(nmax * dh);  // (rows, dh) gathered operand rows
             float* const vt = carve.take<float>(dh * wt);    // V^T packed (dh x Tk)
             float* const pk = carve.take<float>(nmax * wv);   // dO, then K, then Q packed ((rows) x dh)
+            float* const p = carve.take<float>(nq * nk);      // (Tq, Tk) probabilities, rebuilt
             float* const ds = carve.take<float>(nq * nk);     // dP, then dS (Tq, Tk)
             float* const rowdot = carve.take<float>(nq);
             float** const rows = carve.take<float*>(nmax);
@@ -154,22 +156,23 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < batch * heads; ++task) {
                 const int64_t b = task / heads, col = (task % heads) * dh;
-                const float* const p = probs + task * nq * nk;
                 const float* const go = grad_out + b * nq * d + col;  // row i at go + i * d
-                for (int64_t i = 0; i < nq; ++i) {
-                    const float* o = out + (b * nq + i) * d + col;
-                    float dot = 0.0f;
-                    for (int64_t c = 0; c < dh; ++c) dot += go[i * d + c] * o[c];
-                    rowdot[i] = dot;
-                }
+                // P = exp(scale Q K^T - lse)
+                int64_t rs;
+                const float* op = operand(s.k, b, col, dh, rows, buf, &rs);
+                kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, vt);
+                row_ptrs(s.q, b, col, rows);
+                for (int64_t i = 0; i < nq; ++i) crow[i] = p + i * nk;
+                kn.gemm(nq, nk, dh, const_cast<const float* const*>(rows), 1, vt, nv_t, crow, kF32, 0);
+                kn.softmax_lse_rows(p, nq, nk, nk, float(scale), lse + task * nq);
+                kn.row_dots(go, d, out + b * nq * d + col, d, nq, dh, rowdot);  // rowsum(dO * O)
                 // dV = P^T dO: the left operand's row j is column j of P
                 kn.pack(go, kF32, nullptr, d, 1, nq, dh, nv_v, pk);
-                for (int64_t j = 0; j < nk; ++j) rows[j] = const_cast<float*>(p) + j;
+                for (int64_t j = 0; j < nk; ++j) rows[j] = p + j;
                 row_ptrs(g.v, b, col, reinterpret_cast<float**>(crow));
                 kn.gemm(nk, dh, nq, const_cast<const float* const*>(rows), nk, pk, nv_v, crow, kF32, 0);
                 // dP = dO V^T, then dS in place
-                int64_t rs;
-                const float* op = operand(s.v, b, col, dh, rows, buf, &rs);
+                op = operand(s.v, b, col, dh, rows, buf, &rs);
                 kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, vt);
                 for (int64_t i = 0; i < nq; ++i) {
                     rows[i] = const_cast<float*>(go) + i * d;

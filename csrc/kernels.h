@@ -33,11 +33,16 @@ struct Kernels {
     // scratch: at least gate_scratch(e) floats.
     void (*gate_rows)(const void* logits, int ldt, const void* noise, int ndt, int64_t n, int64_t e,
                       float inv_tau, int64_t* idx, float* probs, float* scratch);
-    // Attention rows, fp32, each row `ld` floats apart. softmax_rows: s = softmax(scale * s) over `cols`.
-    // softmax_grad_rows: ds = scale * p * (ds - rowdot[i]), the gradient of the scores from dP (in ds).
-    void (*softmax_rows)(float* s, int64_t rows, int64_t cols, int64_t ld, float scale);
+    // Attention rows, fp32, each row `ld` floats apart. softmax_rows: s = softmax(scale * s) over `cols`, and
+    // lse[i] = log(sum(exp(scale * s_i))) when lse is not null. softmax_lse_rows: s = exp(scale * s - lse[i]), the
+    // softmax rebuilt from its logsumexp. softmax_grad_rows: ds = scale * p * (ds - rowdot[i]), the gradient of
+    // the scores from dP (in ds).
+    void (*softmax_rows)(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* lse);
+    void (*softmax_lse_rows)(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, const float* lse);
     void (*softmax_grad_rows)(const float* p, int64_t ld_p, float* ds, int64_t ld_ds, int64_t rows, int64_t cols,
                               const float* rowdot, float scale);
+    // out[i] = dot(a row i, b row i) over `cols`, rows `lda` / `ldb` floats apart.
+    void (*row_dots)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out);
 
     // bf16 dot products with fp32 accumulation (null in tables for CPUs without them). Each 32-bit lane of a
     // pair panel holds two consecutive k of one column, so one instruction multiplies and adds both:

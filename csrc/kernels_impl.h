@@ -4,6 +4,7 @@
 // TP_MR2 (register-block rows for 1- and 2-vector panels), optionally TP_BF16_DOT (AVX512_BF16 intrinsics
 // available: adds the bf16 dot-product GEMM), and selects the target. Everything here has
 // internal linkage, so code compiled for one instruction set can never be picked by the linker for another.
+#include <math.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -413,12 +414,20 @@ void gate_rows(const void* logits, int ldt, const void* noise, int ndt, int64_t 
     }
 }
 
-void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale) {
+void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* lse) {
     const int64_t full = cols / VW * VW;
     for (int64_t r = 0; r < rows; ++r) {
         float* x = s + r * ld;
         float top = x[0];
-        for (int64_t j = 1; j < cols; ++j) top = x[j] > top ? x[j] : top;
+        if (full > 0) {  // vector max, then across lanes (a scalar loop would not vectorise: NaN order)
+            vf m = loadf(x);
+            for (int64_t j = VW; j < full; j += VW) {
+                const vf v = loadf(x + j);
+                m = v > m ? v : m;
+            }
+            for (int i = 0; i < VW; ++i) top = m[i] > top ? m[i] : top;
+        }
+        for (int64_t j = full; j < cols; ++j) top = x[j] > top ? x[j] : top;
         const vf shift = splat(top * scale), sc = splat(scale);
         vf acc = vf{};
         for (int64_t j = 0; j < full; j += VW) {
@@ -437,6 +446,22 @@ void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale)
         const vf inv = splat(1.0f / sum);
         for (int64_t j = 0; j < full; j += VW) storef(x + j, loadf(x + j) * inv);
         for (int64_t j = full; j < cols; ++j) x[j] *= inv[0];
+        if (lse) lse[r] = top * scale + logf(sum);
+    }
+}
+
+void softmax_lse_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, const float* lse) {
+    const int64_t full = cols / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        float* x = s + r * ld;
+        const vf shift = splat(lse[r]), sc = splat(scale);
+        for (int64_t j = 0; j < full; j += VW) storef(x + j, exp_nonpos(loadf(x + j) * sc - shift));
+        if (full < cols) {
+            float tail[VW];
+            for (int i = 0; i < VW; ++i) tail[i] = full + i < cols ? x[full + i] * scale - lse[r] : -100.0f;
+            const vf e = exp_nonpos(loadf(tail));
+            for (int64_t j = full; j < cols; ++j) x[j] = e[j - full];
+        }
     }
 }
 
@@ -452,8 +477,23 @@ void softmax_grad_rows(const float* p, int64_t ld_p, float* ds, int64_t ld_ds, i
     }
 }
 
+void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out) {
+    const int64_t full = cols / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* x = a + r * lda;
+        const float* y = b + r * ldb;
+        vf acc = vf{};
+        for (int64_t j = 0; j < full; j += VW) acc += loadf(x + j) * loadf(y + j);
+        float dot = 0.0f;
+        for (int i = 0; i < VW; ++i) dot += acc[i];
+        for (int64_t j = full; j < cols; ++j) dot += x[j] * y[j];
+        out[r] = dot;
+    }
+}
+
 const tp::Kernels kTable = {
-    TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_grad_rows,
+    TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_lse_rows, softmax_grad_rows,
+    row_dots,
 #ifdef TP_BF16_DOT
     pack_pairs, gemm_pairs,
 #else

@@ -85,7 +85,7 @@ def test_kernel_runs_only_for_training_within_the_budget(monkeypatch):
     assert not calls
     joint_attention(qkv, 2)
     assert len(calls) == 1
-    monkeypatch.setattr(attention, "PROBS_BUDGET_BYTES", 4 * 2 * 2 * 6 * 6 - 1)  # one byte short
+    monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6 - 1)  # one score short
     joint_attention(qkv, 2)
     assert len(calls) == 1
     with tp_kernels.use_backend("torch"):
@@ -100,8 +100,8 @@ def test_kernel_is_bit_identical_across_thread_counts():
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
-            out, probs = cpu_ext.forward(qkv, *context, 4)
-            grads = cpu_ext.backward(torch.ones_like(out), qkv, *context, out, probs, 4)
+            out, lse = cpu_ext.forward(qkv, *context, 4)
+            grads = cpu_ext.backward(torch.ones_like(out), qkv, *context, out, lse, 4)
         finally:
             torch.set_num_threads(2)
         results.append((out, *grads))
@@ -125,8 +125,8 @@ def test_opcheck(with_q):
     qkv, context = _inputs(2, 5, 2, 4, 3, with_q, dtype=torch.float32)
     qkv.requires_grad_()
     torch.library.opcheck(joint_attention_fwd, (qkv, *context, 2))
-    out, probs = joint_attention_fwd(qkv.detach(), *context, 2)
-    torch.library.opcheck(joint_attention_bwd, (torch.randn_like(out), qkv.detach(), *context, out, probs, 2))
+    out, lse = joint_attention_fwd(qkv.detach(), *context, 2)
+    torch.library.opcheck(joint_attention_bwd, (torch.randn_like(out), qkv.detach(), *context, out, lse, 2))
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,9 +1,10 @@
 """Joint multi-head attention for the recursion's steps: vision queries over [vision; context] keys.
 
-On CPU, when a gradient is needed (eager mode), the compiled extension's kernel (csrc/attention.cpp) reads the heads straight
-out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied) and keeps the
-softmax for a four-GEMM backward; elsewhere (GPU, inference, bf16, no extension, a softmax too large to keep)
-torch's scaled_dot_product_attention runs on the split heads. Both compute the same function.
+On CPU, when a gradient is needed (eager mode), the compiled extension's kernel (csrc/attention.cpp) reads the heads
+straight out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied), works
+on one (batch, head)'s whole (rows x keys) score block in cache and keeps each row's logsumexp for the backward;
+elsewhere (GPU, inference, bf16, no extension, a score block over MAX_SCORES) torch's scaled_dot_product_attention
+runs on the split heads. Both compute the same function.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from .op import check_inputs, joint_attention_bwd, joint_attention_fwd
 from .reference import joint_attention_composed, joint_attention_reference
 
 __all__ = ["joint_attention", "joint_attention_reference", "joint_attention_fwd", "joint_attention_bwd",
-           "PROBS_BUDGET_BYTES"]
+           "MAX_SCORES"]
 
-# Largest softmax (N x H x rows x keys x 4 bytes) the kernel keeps per call for the backward; above it the flash
-# attention, which keeps none, runs instead. A DiT-XL/2 step at 256 tokens, batch 2, keeps 8 MiB.
-PROBS_BUDGET_BYTES = 256 << 20
+# Largest (rows x keys) score block of one head the kernel takes: each thread's backward holds two of them in fp32
+# (2 x 4 MiB here; 256 tokens make 0.25 MiB). Larger attentions (e.g. 64 x 64 latents) run torch's flash attention.
+MAX_SCORES = 1 << 20
 
 
 def _kernel_applies(qkv, context, num_heads):
@@ -32,10 +33,10 @@ def _kernel_applies(qkv, context, num_heads):
         return False  # inference: the flash attention's forward is as fast and keeps nothing
     if not any(t is not None and t.requires_grad for t in (qkv, *context)):
         return False
-    n, t, _ = qkv.shape
+    t = qkv.shape[1]
     nq = t + (0 if context[0] is None else context[0].shape[1])
     nk = t + (0 if context[1] is None else context[1].shape[1])
-    return 4 * n * num_heads * nq * nk <= PROBS_BUDGET_BYTES
+    return nq * nk <= MAX_SCORES
 
 
 def joint_attention(qkv, num_heads, context_q=None, context_k=None, context_v=None):

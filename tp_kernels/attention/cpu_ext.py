@@ -1,4 +1,5 @@
-"""Joint attention through the compiled extension (csrc/attention.cpp): fp32, probabilities kept for the backward."""
+"""Joint attention through the compiled extension (csrc/attention.cpp): fp32, each softmax row's logsumexp kept for
+the backward."""
 
 from __future__ import annotations
 
@@ -22,22 +23,21 @@ def _sources(qkv, context_q, context_k, context_v, dim):
 
 
 def forward(qkv, context_q, context_k, context_v, num_heads):
-    """-> out (N, T [+ L], D), probs (N, H, T [+ L], T + L) float32."""
+    """-> out (N, T [+ L], D), lse (N, H, T [+ L]) float32: the logsumexp of each row of scaled scores."""
     n, t, three_d = qkv.shape
     dim = three_d // 3
     nq = t + (0 if context_q is None else context_q.shape[1])
-    nk = t + (0 if context_k is None else context_k.shape[1])
     out = qkv.new_empty(n, nq, dim)
-    probs = qkv.new_empty(n, num_heads, nq, nk)
+    lse = qkv.new_empty(n, num_heads, nq)
     src = _sources(qkv, context_q, context_k, context_v, dim)
     status = _ext.library().tp_attention_fwd(src.data_ptr(), n, num_heads, dim // num_heads,
-                                             (dim // num_heads) ** -0.5, out.data_ptr(), probs.data_ptr(),
+                                             (dim // num_heads) ** -0.5, out.data_ptr(), lse.data_ptr(),
                                              torch.get_num_threads())
     _ext.check(status, "joint_attention")
-    return out, probs
+    return out, lse
 
 
-def backward(grad_out, qkv, context_q, context_k, context_v, out, probs, num_heads):
+def backward(grad_out, qkv, context_q, context_k, context_v, out, lse, num_heads):
     """-> d qkv (N, T, 3D), d context_q, d context_k, d context_v (N, L, D; empty for a missing one)."""
     n, t, three_d = qkv.shape
     dim = three_d // 3
@@ -48,6 +48,6 @@ def backward(grad_out, qkv, context_q, context_k, context_v, out, probs, num_hea
     dst = _sources(grads[0], *(g if c is not None else None for g, c in zip(grads[1:], (context_q, context_k, context_v))), dim)
     status = _ext.library().tp_attention_bwd(src.data_ptr(), dst.data_ptr(), n, num_heads, dim // num_heads,
                                              (dim // num_heads) ** -0.5, grad_out.data_ptr(), out.data_ptr(),
-                                             probs.data_ptr(), torch.get_num_threads())
+                                             lse.data_ptr(), torch.get_num_threads())
     _ext.check(status, "joint_attention backward")
     return tuple(grads)

@@ -1,11 +1,10 @@
 """torch.library registration of the joint attention's CPU kernel: schema, fake, autograd.
 
-    tp_kernels::joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads) -> (out, probs)
-    tp_kernels::joint_attention_bwd(grad_out, qkv, context_q, context_k, context_v, out, probs, num_heads)
+    tp_kernels::joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads) -> (out, lse)
+    tp_kernels::joint_attention_bwd(grad_out, qkv, context_q, context_k, context_v, out, lse, num_heads)
         -> (d_qkv, d_context_q, d_context_k, d_context_v)
-qkv (N, T, 3D) fp32 CPU; context_* (N, L, D) or None; out (N, T [+ L], D); probs (N, H, T [+ L], T [+ L]) is the
-softmax, kept for the backward (four GEMMs on it instead of a flash attention's recomputation). Missing context
-tensors get empty gradients. Only the compiled extension implements the ops: joint_attention() calls them where
+qkv (N, T, 3D) fp32 CPU; context_* (N, L, D) or None; out (N, T [+ L], D); lse (N, H, T [+ L]) is each softmax
+row's logsumexp, from which the backward rebuilds the probabilities. Missing context tensors get empty gradients. Only the compiled extension implements the ops: joint_attention() calls them where
 it is loaded and otherwise runs the composed torch path.
 """
 
@@ -59,40 +58,39 @@ def joint_attention_fwd(qkv: Tensor, context_q: Optional[Tensor], context_k: Opt
 def _(qkv, context_q, context_k, context_v, num_heads):
     n, t, three_d = qkv.shape
     nq = t + (0 if context_q is None else context_q.shape[1])
-    nk = t + (0 if context_k is None else context_k.shape[1])
-    return qkv.new_empty(n, nq, three_d // 3), qkv.new_empty(n, num_heads, nq, nk)
+    return qkv.new_empty(n, nq, three_d // 3), qkv.new_empty(n, num_heads, nq)
 
 
 @torch.library.custom_op("tp_kernels::joint_attention_bwd", mutates_args=())
 def joint_attention_bwd(grad_out: Tensor, qkv: Tensor, context_q: Optional[Tensor], context_k: Optional[Tensor],
-                        context_v: Optional[Tensor], out: Tensor, probs: Tensor,
+                        context_v: Optional[Tensor], out: Tensor, lse: Tensor,
                         num_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check("tp_kernels.joint_attention_bwd", qkv, context_q, context_k, context_v, num_heads)
     if grad_out.shape != out.shape:
         raise ValueError(f"tp_kernels.joint_attention_bwd: grad_out must have out's shape {tuple(out.shape)}, "
                          f"got {tuple(grad_out.shape)}")
     return cpu_ext.backward(grad_out.to(qkv.dtype).contiguous(), *_contiguous(qkv, context_q, context_k, context_v),
-                            out, probs, num_heads)
+                            out, lse, num_heads)
 
 
 @joint_attention_bwd.register_fake
-def _(grad_out, qkv, context_q, context_k, context_v, out, probs, num_heads):
+def _(grad_out, qkv, context_q, context_k, context_v, out, lse, num_heads):
     return (torch.empty_like(qkv),) + tuple(qkv.new_empty(0) if c is None else torch.empty_like(c)
                                             for c in (context_q, context_k, context_v))
 
 
 def _setup_context(ctx, inputs, output):
     qkv, context_q, context_k, context_v, num_heads = inputs
-    out, probs = output
-    ctx.save_for_backward(qkv, context_q, context_k, context_v, out, probs)
+    out, lse = output
+    ctx.save_for_backward(qkv, context_q, context_k, context_v, out, lse)
     ctx.num_heads = num_heads
-    ctx.mark_non_differentiable(probs)
-    ctx.set_materialize_grads(False)  # probs gets no gradient: no zero-filled (N, H, rows, keys) for it
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled tensor for it
 
 
-def _backward(ctx, grad_out, _grad_probs):
-    qkv, context_q, context_k, context_v, out, probs = ctx.saved_tensors
-    grads = joint_attention_bwd(grad_out, qkv, context_q, context_k, context_v, out, probs, ctx.num_heads)
+def _backward(ctx, grad_out, _grad_lse):
+    qkv, context_q, context_k, context_v, out, lse = ctx.saved_tensors
+    grads = joint_attention_bwd(grad_out, qkv, context_q, context_k, context_v, out, lse, ctx.num_heads)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None,)
 
 
