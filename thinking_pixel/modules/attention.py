@@ -33,7 +33,7 @@ def attend(qkv, num_heads, context_kv=None):
 
     context_kv: optional (k, v), each (N, L, D): extra keys/values (e.g. text tokens) that the T queries attend
     to jointly with their own. tp_kernels.joint_attention: on CPU in training, a kernel that reads the heads in
-    place and keeps the softmax for its backward; elsewhere torch's scaled_dot_product_attention.
+    place; elsewhere torch's scaled_dot_product_attention.
     """
     context_k, context_v = (None, None) if context_kv is None else context_kv
     return tp_kernels.joint_attention(qkv, num_heads, context_k=context_k, context_v=context_v)  # (N, T, D)
