@@ -121,6 +121,24 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     return (y, h, *group_by_expert(idx, n_exp))  # after the call: the extension checks the indices first
 
 
+def _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg, dh_rows=None, hm_rows=None):
+    """tp_routed_lora_bwd on n > 0 tokens, writing the given outputs (None: not wanted) -> the contiguous
+    (x, grad_y, idx) it read."""
+    n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
+    grad_y = grad_y.to(x.dtype).contiguous()
+    x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
+    h, gate32 = h.to(torch.float32).contiguous(), _gate_f32(gate)  # kept alive across the call
+    packed = PACKED.get(lora_a, lora_b, backward=True) if dx is not None else None  # the packed layout includes A
+    status = _ext.library().tp_routed_lora_bwd(
+        grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate32),
+        h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out, float(scale), _ext.ptr(dx),
+        _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), _ext.ptr(packed), _ext.ptr(dh_rows), _ext.ptr(hm_rows),
+        torch.get_num_threads(),
+    )
+    _ext.check(status, "routed_lora backward", n_exp)
+    return x, grad_y, idx
+
+
 def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
     """Gradients for forward(); unneeded ones come back as empty tensors."""
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
@@ -136,17 +154,7 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
         da.zero_()
         db.zero_()
     elif n > 0 and (need_x or need_w or need_gate):
-        grad_y = grad_y.to(x.dtype).contiguous()
-        x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
-        h, gate32 = h.to(torch.float32).contiguous(), _gate_f32(gate)  # kept alive across the call
-        packed = PACKED.get(lora_a, lora_b, backward=True) if need_x else None  # the packed layout includes A
-        status = _ext.library().tp_routed_lora_bwd(
-            grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
-            _ext.ptr(gate32), h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out,
-            float(scale), _ext.ptr(dx), _ext.ptr(da), _ext.ptr(db), _ext.ptr(dg), _ext.ptr(packed), None, None,
-            torch.get_num_threads(),
-        )
-        _ext.check(status, "routed_lora backward", n_exp)
+        _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg)
     # distinct empties: custom-op outputs may not alias each other
     return (
         dx if need_x else x.new_empty(0),
@@ -159,24 +167,15 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
 def backward_rows(grad_y, x, idx, lora_a, lora_b, h, scale, need_x, need_gate):
     """backward() without the weight gradients (gate = 1): -> dx (or empty), dgate (or empty), and the rows that
     :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only."""
-    n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
-    dx = torch.empty(n, d_in, dtype=x.dtype) if need_x else x.new_empty(0)
+    n, _, _, n_slice, rank, _ = _dims(x, lora_a, lora_b)
+    dx = torch.empty(n, x.shape[1], dtype=x.dtype) if need_x else x.new_empty(0)
     dg = torch.empty(n, dtype=torch.float32) if need_gate else x.new_empty(0)
     dh_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     hm_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n > 0:
-        grad_y = grad_y.to(x.dtype).contiguous()
-        x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
-        h = h.to(torch.float32).contiguous()
         gate = torch.ones(n, dtype=torch.float32) if need_gate else None
-        packed = PACKED.get(lora_a, lora_b, backward=True) if need_x else None
-        status = _ext.library().tp_routed_lora_bwd(
-            grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate),
-            h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out, float(scale),
-            dx.data_ptr() if need_x else None, None, None, dg.data_ptr() if need_gate else None, _ext.ptr(packed),
-            dh_rows.data_ptr(), hm_rows.data_ptr(), torch.get_num_threads(),
-        )
-        _ext.check(status, "routed_lora backward", n_exp)
+        x, grad_y, idx = _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx if need_x else None, None,
+                                        None, dg if need_gate else None, dh_rows, hm_rows)
     return dx, dg, (x, grad_y, idx, dh_rows, hm_rows)
 
 
