@@ -24,9 +24,9 @@ __all__ = ["joint_attention", "joint_attention_reference", "joint_attention_fwd"
 MAX_SCORES = 1 << 20
 
 
-def _kernel_applies(qkv, context, num_heads):
+def _kernel_applies(qkv, context):
     if torch.compiler.is_compiling():
-        return False  # compiled graphs keep torch's attention (inductor knows it; the extension's loader is not traceable)
+        return False  # compiled graphs keep torch's attention: the extension's loader is not traceable
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or resolve(qkv.device) != "cpu":
         return False
     if _ext.library() is None or not torch.is_grad_enabled():
@@ -48,6 +48,6 @@ def joint_attention(qkv, num_heads, context_q=None, context_k=None, context_v=No
     """
     check_inputs("tp_kernels.joint_attention", qkv, context_q, context_k, context_v, num_heads)
     context = (context_q, context_k, context_v)
-    if _kernel_applies(qkv, context, num_heads):
+    if _kernel_applies(qkv, context):
         return joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads)[0]
     return joint_attention_composed(qkv, num_heads, context_q, context_k, context_v)

@@ -39,15 +39,15 @@ def forward(qkv, context_q, context_k, context_v, num_heads):
 
 def backward(grad_out, qkv, context_q, context_k, context_v, out, lse, num_heads):
     """-> d qkv (N, T, 3D), d context_q, d context_k, d context_v (N, L, D; empty for a missing one)."""
-    n, t, three_d = qkv.shape
+    n, _, three_d = qkv.shape
     dim = three_d // 3
-    grads = [torch.empty_like(qkv, memory_format=torch.contiguous_format)]
-    grads += [torch.empty(c.shape, dtype=c.dtype) if c is not None else qkv.new_empty(0)
-              for c in (context_q, context_k, context_v)]
-    src = _sources(qkv, context_q, context_k, context_v, dim)
-    dst = _sources(grads[0], *(g if c is not None else None for g, c in zip(grads[1:], (context_q, context_k, context_v))), dim)
+    context = (context_q, context_k, context_v)
+    d_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    d_context = [None if c is None else torch.empty(c.shape, dtype=c.dtype) for c in context]
+    src = _sources(qkv, *context, dim)
+    dst = _sources(d_qkv, *d_context, dim)
     status = _ext.library().tp_attention_bwd(src.data_ptr(), dst.data_ptr(), n, num_heads, dim // num_heads,
                                              (dim // num_heads) ** -0.5, grad_out.data_ptr(), out.data_ptr(),
                                              lse.data_ptr(), torch.get_num_threads())
     _ext.check(status, "joint_attention backward")
-    return tuple(grads)
+    return (d_qkv, *(qkv.new_empty(0) if g is None else g for g in d_context))

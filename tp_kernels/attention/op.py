@@ -4,8 +4,9 @@
     tp_kernels::joint_attention_bwd(grad_out, qkv, context_q, context_k, context_v, out, lse, num_heads)
         -> (d_qkv, d_context_q, d_context_k, d_context_v)
 qkv (N, T, 3D) fp32 CPU; context_* (N, L, D) or None; out (N, T [+ L], D); lse (N, H, T [+ L]) is each softmax
-row's logsumexp, from which the backward rebuilds the probabilities. Missing context tensors get empty gradients. Only the compiled extension implements the ops: joint_attention() calls them where
-it is loaded and otherwise runs the composed torch path.
+row's logsumexp, from which the backward rebuilds the probabilities. Missing context tensors get empty gradients.
+Only the compiled extension implements the ops: joint_attention() calls them where it is loaded and otherwise runs
+the composed torch path.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class DeferredWeightGrads:
     def backward(self, grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
         """The routed-LoRA backward's interface (tp_kernels.routed_lora.cpu_ext.backward): computes dx and the
         gate's gradient now, keeps the weight-gradient rows, and returns empty dA, dB."""
-        dx, dgate, rows = _lora_ext.backward_rows(grad_y, x, idx, lora_a, lora_b, h, scale, need_x, need_gate)
+        dx, dgate, rows = _lora_ext.backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x,
+                                                  need_gate)
         if need_w:
             self.rows.append(rows)
         return dx, x.new_empty(0), x.new_empty(0), dgate

@@ -178,14 +178,15 @@ def _backward(ctx, grad_qkv, grad_weight, *_):
             lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, ctx.n_groups, ctx.tau, ctx.scale,
             ctx.eps, ctx.normalize, need_state, True, need_tw, need_cond,
         )
-        grads[0], grads[3] = (d_state if need_state else None), (d_tw if need_tw else None)
-        grads[4] = d_cond.to(ctx.cond_dtype) if need_cond else None
+        need_a = need_b = False  # the weights' aliases return dA, dB (deferred.DeferredWeightGrads.reduce)
+        da = db = None
     elif need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
             grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
             ctx.n_groups, ctx.tau,
             ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
         )
+    if need_state or need_w or need_tw or need_cond:
         grads[:5] = (d_state if need_state else None, da if need_a else None, db if need_b else None,
                      d_tw if need_tw else None, d_cond.to(ctx.cond_dtype) if need_cond else None)
     if need_base:

@@ -164,16 +164,16 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     )
 
 
-def backward_rows(grad_y, x, idx, lora_a, lora_b, h, scale, need_x, need_gate):
-    """backward() without the weight gradients (gate = 1): -> dx (or empty), dgate (or empty), and the rows that
+def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_gate):
+    """backward() without the weight gradients: -> dx (or empty), dgate (or empty), and the rows that
     :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only."""
     n, _, _, n_slice, rank, _ = _dims(x, lora_a, lora_b)
+    need_gate = need_gate and gate is not None
     dx = torch.empty(n, x.shape[1], dtype=x.dtype) if need_x else x.new_empty(0)
     dg = torch.empty(n, dtype=torch.float32) if need_gate else x.new_empty(0)
     dh_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     hm_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n > 0:
-        gate = torch.ones(n, dtype=torch.float32) if need_gate else None
         x, grad_y, idx = _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx if need_x else None, None,
                                         None, dg if need_gate else None, dh_rows, hm_rows)
     return dx, dg, (x, grad_y, idx, dh_rows, hm_rows)
