@@ -70,6 +70,40 @@ int panel_vectors(const Kernels& kn, int64_t n) {
     return round_up(n, 2 * kn.vw) <= round_up(n, kn.vw) ? 2 : 1;
 }
 
+// A right operand dh columns wide (V, dO, K or Q in the products whose output has the head's columns): 2-vector
+// panels over its first `wide` columns, the rest in `nv_rest`-vector panels. At dh = 72 with 16-float vectors that
+// is 64 + 8 columns in 32 + 16 lanes: all in 1-vector panels the register block gets half as many products per
+// broadcast, all in 2-vector panels a quarter of the lanes are padding.
+struct HeadPanels {
+    int64_t dh, wide;
+    int nv_rest;
+    int64_t rest_width(const Kernels& kn) const { return round_up(dh - wide, int64_t(nv_rest) * kn.vw); }
+    int64_t floats(const Kernels& kn, int64_t k) const { return k * (wide + rest_width(kn)); }
+};
+
+HeadPanels head_panels(const Kernels& kn, int64_t dh) {
+    const int64_t wide = dh / (2 * kn.vw) * (2 * kn.vw);
+    return {dh, wide, panel_vectors(kn, dh - wide)};
+}
+
+// Packs the (k, dh) operand src(l, j) = src[l * rs + j * cs] as hp lays it out.
+void pack_head(const Kernels& kn, const HeadPanels& hp, const float* src, int64_t rs, int64_t cs, int64_t k,
+               float* dst) {
+    if (hp.wide > 0) kn.pack(src, kF32, nullptr, rs, cs, k, hp.wide, 2, dst);
+    if (hp.wide < hp.dh)
+        kn.pack(src + hp.wide * cs, kF32, nullptr, rs, cs, k, hp.dh - hp.wide, hp.nv_rest, dst + k * hp.wide);
+}
+
+// c rows [0, dh) = a (m x k) @ the operand pack_head packed; shifted: scratch for m row pointers.
+void gemm_head(const Kernels& kn, const HeadPanels& hp, int64_t m, int64_t k, const float* const* a, int64_t cs_a,
+               const float* bp, void* const* c, void** shifted) {
+    if (hp.wide > 0) kn.gemm(m, hp.wide, k, a, cs_a, bp, 2, c, kF32, 0);
+    if (hp.wide < hp.dh) {
+        for (int64_t i = 0; i < m; ++i) shifted[i] = static_cast<float*>(c[i]) + hp.wide;
+        kn.gemm(m, hp.dh - hp.wide, k, a, cs_a, bp + k * hp.wide, hp.nv_rest, shifted, kF32, 0);
+    }
+}
+
 }  // namespace
 }  // namespace tp
 
@@ -83,11 +117,12 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
     const Kernels& kn = *kernels();
     const Sources s = read_sources(src);
     const int64_t nq = s.nq(), nk = s.nk(), d = heads * dh;
-    const int nv_t = panel_vectors(kn, nk), nv_v = panel_vectors(kn, dh);
-    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
+    const int nv_t = panel_vectors(kn, nk);
+    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw);
+    const HeadPanels hp = head_panels(kn, dh);
     try {
-        const int64_t per_thread = piece(nk * dh, 4) + piece(dh * wt, 4) + piece(nk * wv, 4) + piece(nq * nk, 4) +
-                                   2 * piece(nq > nk ? nq : nk, sizeof(void*));
+        const int64_t per_thread = piece(nk * dh, 4) + piece(dh * wt, 4) + piece(hp.floats(kn, nk), 4) +
+                                   piece(nq * nk, 4) + 3 * piece(nq > nk ? nq : nk, sizeof(void*));
         Workspace ws;
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
@@ -96,10 +131,11 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const kc = carve.take<float>(nk * dh);     // (Tk, dh) this head's keys, then values
             float* const kt = carve.take<float>(dh * wt);     // K^T packed (dh x Tk)
-            float* const vp = carve.take<float>(nk * wv);     // V packed (Tk x dh)
+            float* const vp = carve.take<float>(hp.floats(kn, nk));  // V packed (Tk x dh)
             float* const p = carve.take<float>(nq * nk);      // (Tq, Tk) scores, then probabilities
             float** const rows = carve.take<float*>(nq > nk ? nq : nk);
             void** const crow = carve.take<void*>(nq > nk ? nq : nk);
+            void** const shifted = carve.take<void*>(nq > nk ? nq : nk);
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < batch * heads; ++task) {
                 const int64_t b = task / heads, col = (task % heads) * dh;
@@ -107,7 +143,7 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
                 const float* op = operand(s.k, b, col, dh, rows, kc, &rs);
                 kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, kt);
                 op = operand(s.v, b, col, dh, rows, kc, &rs);
-                kn.pack(op, kF32, nullptr, rs, 1, nk, dh, nv_v, vp);
+                pack_head(kn, hp, op, rs, 1, nk, vp);
                 row_ptrs(s.q, b, col, rows);
                 for (int64_t i = 0; i < nq; ++i) crow[i] = p + i * nk;
                 kn.gemm(nq, nk, dh, const_cast<const float* const*>(rows), 1, kt, nv_t, crow, kF32, 0);
@@ -116,7 +152,7 @@ TP_EXPORT int tp_attention_fwd(const int64_t* src, int64_t batch, int64_t heads,
                     rows[i] = p + i * nk;
                     crow[i] = out + (b * nq + i) * d + col;
                 }
-                kn.gemm(nq, dh, nk, const_cast<const float* const*>(rows), 1, vp, nv_v, crow, kF32, 0);
+                gemm_head(kn, hp, nq, nk, const_cast<const float* const*>(rows), 1, vp, crow, shifted);
             }
         }
     } catch (...) {
@@ -134,11 +170,12 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
     const Kernels& kn = *kernels();
     const Sources s = read_sources(src), g = read_sources(grad);
     const int64_t nq = s.nq(), nk = s.nk(), d = heads * dh, nmax = nq > nk ? nq : nk;
-    const int nv_t = panel_vectors(kn, nk), nv_v = panel_vectors(kn, dh);
-    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw), wv = round_up(dh, int64_t(nv_v) * kn.vw);
+    const int nv_t = panel_vectors(kn, nk);
+    const int64_t wt = round_up(nk, int64_t(nv_t) * kn.vw);
+    const HeadPanels hp = head_panels(kn, dh);
     try {
-        const int64_t per_thread = piece(nmax * dh, 4) + piece(dh * wt, 4) + piece(nmax * wv, 4) +
-                                   2 * piece(nq * nk, 4) + piece(nq, 4) + 2 * piece(nmax, sizeof(void*));
+        const int64_t per_thread = piece(nmax * dh, 4) + piece(dh * wt, 4) + piece(hp.floats(kn, nmax), 4) +
+                                   2 * piece(nq * nk, 4) + piece(nq, 4) + 3 * piece(nmax, sizeof(void*));
         Workspace ws;
         const int64_t o_thread = ws.reserve(threads * per_thread);
         char* const base = ws.commit();
@@ -147,12 +184,13 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
             Carver carve(base + o_thread + per_thread * thread_id());
             float* const buf = carve.take<float>(nmax * dh);  // (rows, dh) gathered operand rows
             float* const vt = carve.take<float>(dh * wt);    // V^T packed (dh x Tk)
-            float* const pk = carve.take<float>(nmax * wv);   // dO, then K, then Q packed ((rows) x dh)
+            float* const pk = carve.take<float>(hp.floats(kn, nmax));  // dO, then K, then Q packed ((rows) x dh)
             float* const p = carve.take<float>(nq * nk);      // (Tq, Tk) probabilities, rebuilt
             float* const ds = carve.take<float>(nq * nk);     // dP, then dS (Tq, Tk)
             float* const rowdot = carve.take<float>(nq);
             float** const rows = carve.take<float*>(nmax);
             void** const crow = carve.take<void*>(nmax);
+            void** const shifted = carve.take<void*>(nmax);
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < batch * heads; ++task) {
                 const int64_t b = task / heads, col = (task % heads) * dh;
@@ -167,10 +205,10 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
                 kn.softmax_lse_rows(p, nq, nk, nk, float(scale), lse + task * nq);
                 kn.row_dots(go, d, out + b * nq * d + col, d, nq, dh, rowdot);  // rowsum(dO * O)
                 // dV = P^T dO: the left operand's row j is column j of P
-                kn.pack(go, kF32, nullptr, d, 1, nq, dh, nv_v, pk);
+                pack_head(kn, hp, go, d, 1, nq, pk);
                 for (int64_t j = 0; j < nk; ++j) rows[j] = p + j;
                 row_ptrs(g.v, b, col, reinterpret_cast<float**>(crow));
-                kn.gemm(nk, dh, nq, const_cast<const float* const*>(rows), nk, pk, nv_v, crow, kF32, 0);
+                gemm_head(kn, hp, nk, nq, const_cast<const float* const*>(rows), nk, pk, crow, shifted);
                 // dP = dO V^T, then dS in place
                 op = operand(s.v, b, col, dh, rows, buf, &rs);
                 kn.pack(op, kF32, nullptr, 1, rs, dh, nk, nv_t, vt);
@@ -182,16 +220,16 @@ TP_EXPORT int tp_attention_bwd(const int64_t* src, const int64_t* grad, int64_t 
                 kn.softmax_grad_rows(p, nk, ds, nk, nq, nk, rowdot, float(scale));
                 // dQ = dS K
                 op = operand(s.k, b, col, dh, rows, buf, &rs);
-                kn.pack(op, kF32, nullptr, rs, 1, nk, dh, nv_v, pk);
+                pack_head(kn, hp, op, rs, 1, nk, pk);
                 for (int64_t i = 0; i < nq; ++i) rows[i] = ds + i * nk;
                 row_ptrs(g.q, b, col, reinterpret_cast<float**>(crow));
-                kn.gemm(nq, dh, nk, const_cast<const float* const*>(rows), 1, pk, nv_v, crow, kF32, 0);
+                gemm_head(kn, hp, nq, nk, const_cast<const float* const*>(rows), 1, pk, crow, shifted);
                 // dK = dS^T Q: the left operand's row j is column j of dS
                 op = operand(s.q, b, col, dh, rows, buf, &rs);
-                kn.pack(op, kF32, nullptr, rs, 1, nq, dh, nv_v, pk);
+                pack_head(kn, hp, op, rs, 1, nq, pk);
                 for (int64_t j = 0; j < nk; ++j) rows[j] = ds + j;
                 row_ptrs(g.k, b, col, reinterpret_cast<float**>(crow));
-                kn.gemm(nk, dh, nq, const_cast<const float* const*>(rows), nk, pk, nv_v, crow, kF32, 0);
+                gemm_head(kn, hp, nk, nq, const_cast<const float* const*>(rows), nk, pk, crow, shifted);
             }
         }
     } catch (...) {

@@ -7,6 +7,8 @@
 #include <math.h>
 #include <string.h>
 
+#include <utility>
+
 #include "kernels.h"
 
 namespace TP_ISA_NS {
@@ -95,6 +97,49 @@ inline void prefetch_row(const void* p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o);
 }
 
+// Lanes [0, VW/2) (kHigh: [VW/2, VW)) of a and b interleaved: a_i, b_i, a_{i+1}, b_{i+1}, ...
+template <bool kHigh, size_t... I>
+inline vf zip(vf a, vf b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, ((I % 2 ? VW : 0) + (kHigh ? VW / 2 : 0) + int(I / 2))...);
+}
+
+// Transposes a VW x VW block in registers: log2(VW) rounds of r'[2i] = zip_lo(r[i], r[i + VW/2]),
+// r'[2i+1] = zip_hi(r[i], r[i + VW/2]) (after the last round, r[j] holds column j).
+inline void transpose_block(vf (&r)[VW]) {
+    for (int w = 1; w < VW; w *= 2) {
+        vf t[VW];
+#pragma GCC unroll 16
+        for (int i = 0; i < VW / 2; ++i) {
+            t[2 * i] = zip<false>(r[i], r[i + VW / 2], std::make_index_sequence<VW>());
+            t[2 * i + 1] = zip<true>(r[i], r[i + VW / 2], std::make_index_sequence<VW>());
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < VW; ++i) r[i] = t[i];
+    }
+}
+
+// pack() of an fp32 source read transposed (src(k, j) = src[j * cs + k]): VW x VW blocks, each column's VW
+// consecutive k loaded as one vector and transposed in registers. Returns the k rows done (a multiple of VW);
+// the caller packs the rest.
+int64_t pack_transposed_blocks(const float* src, int64_t cs, int64_t k, int64_t n, int nv, float* dst) {
+    const int64_t nr = int64_t(nv) * VW, kb = k / VW * VW;
+    const int64_t panels = (n + nr - 1) / nr;
+    for (int64_t p = 0; p < panels; ++p) {
+        float* d = dst + p * k * nr;
+        for (int64_t c0 = p * nr; c0 < (p + 1) * nr; c0 += VW) {  // VW columns of the panel at a time
+            const int64_t cols = n - c0 < VW ? (n > c0 ? n - c0 : 0) : VW;
+            for (int64_t l0 = 0; l0 < kb; l0 += VW) {
+                vf r[VW];
+                for (int j = 0; j < VW; ++j) r[j] = j < cols ? loadf(src + (c0 + j) * cs + l0) : vf{};
+                transpose_block(r);
+#pragma GCC unroll 16
+                for (int l = 0; l < VW; ++l) storef(d + (l0 + l) * nr + (c0 - p * nr), r[l]);
+            }
+        }
+    }
+    return kb;
+}
+
 template <typename T>
 void pack_t(const T* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k, int64_t n, int nv, float* dst) {
     constexpr int64_t kBlock = 64;  // rows of k per transposing pass: the destination block stays in L1
@@ -115,10 +160,13 @@ void pack_t(const T* src, const int64_t* rows, int64_t rs, int64_t cs, int64_t k
         }
         return;
     }
+    int64_t done = 0;  // k rows packed by whole register blocks
+    if constexpr (sizeof(T) == 4)
+        if (rows == nullptr && rs == 1) done = pack_transposed_blocks(src, cs, k, n, nv, dst);
     for (int64_t p = 0; p < panels; ++p) {  // transposing read: walk each source column contiguously along k
         const int64_t j0 = p * nr, cols = n - j0 < nr ? n - j0 : nr;
         float* d = dst + p * k * nr;
-        for (int64_t l0 = 0; l0 < k; l0 += kBlock) {
+        for (int64_t l0 = done; l0 < k; l0 += kBlock) {
             const int64_t l1 = k - l0 < kBlock ? k : l0 + kBlock;
             for (int64_t j = 0; j < cols; ++j) {
                 const T* sj = src + (j0 + j) * cs;

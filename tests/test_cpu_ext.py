@@ -356,6 +356,16 @@ with tp_kernels.use_backend("cpu"):
         check_against_reference(*make_inputs(50, 40, 20, 3, 2, 1, dtype))
 logits = torch.randn(300, 7)
 torch.testing.assert_close(tp_kernels.gate.cpu_ext.forward(logits, None, 1.0, True)[2], torch.softmax(logits, -1))
+# the attention kernel at a head dim of 2-vector panels and a remainder (72), keys not a whole number of vectors
+qkv = torch.randn(2, 33, 3 * 2 * 72, dtype=torch.float64)
+grad_out = torch.randn(2, 33, 2 * 72, dtype=torch.float64)
+got, want = qkv.float().requires_grad_(), qkv.clone().requires_grad_()
+out = tp_kernels.joint_attention(got, 2)
+out.backward(grad_out.float())
+ref = tp_kernels.attention.joint_attention_reference(want, 2)
+ref.backward(grad_out)
+torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=2e-6)
 """
 
 
