@@ -231,10 +231,16 @@ def recursion_parameters(dim: int, recursion, cond_dim: int = None) -> int:
     return 2 * recursion.experts * 3 * recursion.rank * dim + recursion.experts * (dim + cond_dim + 2)
 
 
+# Backward cost over forward cost of attention: the scores Q K^T recomputed (flash attention, torch's CPU kernel
+# and tp_kernels.joint_attention keep only each row's logsumexp), then dV, dP, dQ and dK: five GEMMs for the
+# forward's two, as torch.utils.flop_counter counts sdpa's backward.
+ATTENTION_BACKWARD = 2.5
+ATTENTION_PARTS = ("attention", "joint attention")
+
 # Backward cost over forward cost of a frozen model's components, when the gradient must still flow through
-# them to trainable parts inside: a Linear computes dX only (1x, no dW); attention computes dQ, dK, dV and dP
-# (2x); the embedders and the adaLN modulation read no input that needs a gradient (0x).
-FROZEN_BACKWARD = {"embed": 0, "adaLN": 0, "attention": 2, "joint attention": 2}
+# them to trainable parts inside: a Linear computes dX only (1x, no dW); attention as when trained (it has no
+# weights); the embedders and the adaLN modulation read no input that needs a gradient (0x).
+FROZEN_BACKWARD = {"embed": 0, "adaLN": 0, **{name: ATTENTION_BACKWARD for name in ATTENTION_PARTS}}
 
 
 def frozen_backward(name: str) -> float:
@@ -262,9 +268,14 @@ def qkv_leaf_backward(forward_parts: list) -> list:
     return out
 
 
-def train_step_costs(forward_parts: list, num_params: int, backward=lambda name: 2) -> list:
+def trained_backward(name: str) -> float:
+    return ATTENTION_BACKWARD if name in ATTENTION_PARTS else 2
+
+
+def train_step_costs(forward_parts: list, num_params: int, backward=trained_backward) -> list:
     """A training step: the forward, a backward at ``backward(name)`` times each component's forward cost (default
-    2: dX and dW GEMMs; for attention dQ, dK, dV, dP; :func:`frozen_backward` for a frozen base), and AdamW over
+    :func:`trained_backward`: 2 for dX and dW GEMMs, ATTENTION_BACKWARD for attention; :func:`frozen_backward` for
+    a frozen base), and AdamW over
     ``num_params`` fp32 parameters (~12 FLOPs; reads param, grad, two moments and writes param and moments:
     28 bytes)."""
     return ([(f"fwd {name}", c) for name, c in forward_parts]

@@ -71,6 +71,7 @@ def test_joint_attention_fwd_bwd(bench, device, attention_shape, impl):
     def step():
         return torch.autograd.grad(fn(qkv, s.heads, k, v), qkv, grad_out)
 
-    cost = 3 * flop_model.sdpa(s.batch, s.tokens, dim, s.heads, 4, kv_seq=s.tokens + s.ctx)  # forward, 2x backward
+    cost = (1 + flop_model.ATTENTION_BACKWARD) * flop_model.sdpa(s.batch, s.tokens, dim, s.heads, 4,
+                                                                kv_seq=s.tokens + s.ctx)
     bench(step, group=f"joint_attention fwd+bwd | {s.key} | float32", impl=impl, cost=cost, dtype=torch.float32,
           op="joint_attention", mode="fwd+bwd", shape=s.__dict__)

@@ -62,3 +62,18 @@ def test_base_and_added_gemm_flops_match_what_autograd_runs(case, monkeypatch):
     assert flop_model.total(base_parts).flops == pytest.approx(base, rel=0.01)
     added_gemms = [(name, cost) for name, cost in added[(tag, "masked")] if name != "adamw"]
     assert flop_model.total(added_gemms).flops == pytest.approx(masked - base, rel=0.01)
+
+
+def test_attention_flops_are_what_torch_counts_for_sdpa():
+    """The model's attention GEMMs, forward and backward (trained or frozen), against torch.utils.flop_counter's
+    formulas for scaled_dot_product_attention, whose backward recomputes the scores as flash attention does."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    batch, seq, kv_seq, heads, head_dim = 2, 40, 52, 3, 16
+    q, kv = (batch, heads, seq, head_dim), (batch, heads, kv_seq, head_dim)
+    softmax = 5 * batch * heads * seq * kv_seq  # the model's elementwise term, which torch does not count
+    forward = flop_model.sdpa(batch, seq, heads * head_dim, heads, 4, kv_seq=kv_seq).flops - softmax
+    assert forward == sdpa_flop_count(q, kv, kv)
+    for name in ("attention", "joint attention"):
+        for backward in (flop_model.trained_backward(name), flop_model.frozen_backward(name)):
+            assert backward * forward == sdpa_backward_flop_count(q, q, kv, kv)
