@@ -174,7 +174,7 @@ def test_bit_identical_repeats_and_thread_counts(cpu_backend, dtype):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_packed_weights_are_reused_and_match_packing_per_call(cpu_backend, monkeypatch, dtype):
+def test_packed_weights_are_reused_in_a_scope_and_match_packing_per_call(cpu_backend, dtype):
     idx = torch.randint(0, 3, (300,))
     idx[::7] = -1  # skipped tokens, and expert 3 gets none: packed anyway, never used
     inputs = make_inputs(300, 96, 80, 24, 4, 3, dtype, idx=idx)
@@ -185,34 +185,52 @@ def test_packed_weights_are_reused_and_match_packing_per_call(cpu_backend, monke
         y = tp_kernels.routed_lora(x, idx, a, b, scale=0.5, gate=g)
         return [y.detach(), *torch.autograd.grad(y, (x, a, b, g), gy)]
 
-    lora_ext.PACKED.clear()
-    cached = [step() for _ in range(3)]
-    assert len(lora_ext.PACKED) == 2  # one forward and one backward packing for the three calls
-    assert lora_ext.PACKED.get(a, b, backward=False) is lora_ext.PACKED.get(a, b, backward=False)
-    monkeypatch.setattr(lora_ext.PACKED, "capacity", 0)  # every call packs its experts in use itself
-    per_call = step()
+    with tp_kernels.reuse_packed_weights():
+        cached = [step() for _ in range(3)]
+        assert len(lora_ext.PACKED) == 2  # one forward and one backward packing for the three calls
+        assert lora_ext.PACKED.get(a, b, backward=False) is lora_ext.PACKED.get(a, b, backward=False)
+        with tp_kernels.reuse_packed_weights():  # nested: the same copies
+            assert len(lora_ext.PACKED) == 2
+        assert len(lora_ext.PACKED) == 2
+    assert len(lora_ext.PACKED) == 0 and lora_ext.PACKED.get(a, b, backward=False) is None
+    per_call = step()  # outside a scope: every call packs its experts in use itself
     for outputs in cached:
         for got, want in zip(outputs, per_call):
             assert torch.equal(got, want)
 
 
 @needs_ext
-def test_packed_weights_follow_in_place_updates_and_inference_mode(cpu_backend):
+@pytest.mark.parametrize("update", ["fused AdamW", ".data write", "in-place op"])
+def test_weight_updates_between_calls_are_seen_whatever_their_version_counter(cpu_backend, update):
+    """torch's fused AdamW and writes through .data change the weights without bumping their version counter: no
+    packed copy may outlive the call (or scope) it was made for."""
     x, idx, a, b, _ = make_inputs(64, 32, 32, 8, 3, 3, torch.float32)
-    lora_ext.PACKED.clear()
+    a, b = torch.nn.Parameter(a), torch.nn.Parameter(b)
     before = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
-    with torch.no_grad():
-        a.mul_(2.0)  # an optimizer step: same tensor, new version
-        b.add_(0.5)
+    if update == "fused AdamW":
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        torch.optim.AdamW([a, b], lr=0.1, fused=True).step()
+    elif update == ".data write":
+        a.data.mul_(2.0)
+        b.data.add_(0.5)
+    else:
+        with torch.no_grad():
+            a.mul_(2.0)
+            b.add_(0.5)
     after = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
-    torch.testing.assert_close(after, routed_lora_reference(x.double(), idx, a.double(), b.double(), None, 1.0).float(),
-                               rtol=1e-4, atol=1e-4)
+    want = routed_lora_reference(x.double(), idx, a.detach().double(), b.detach().double(), None, 1.0).float()
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(after, before)
-    with torch.inference_mode():  # no version counters there: packed per call, not cached
+
+
+@needs_ext
+def test_packed_weights_scope_works_in_inference_mode(cpu_backend):
+    x, idx, a, b, _ = make_inputs(64, 32, 32, 8, 3, 3, torch.float32)
+    want = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    with torch.inference_mode(), tp_kernels.reuse_packed_weights():  # no version counters there
         xi, ai, bi = x.clone(), a.clone(), b.clone()
-        n = len(lora_ext.PACKED)
-        assert torch.equal(lora_ext.forward(xi, idx, ai, bi, None, 1.0)[0], after)
-        assert len(lora_ext.PACKED) == n
+        assert torch.equal(lora_ext.forward(xi, idx, ai, bi, None, 1.0)[0], want)
+        assert len(lora_ext.PACKED) == 1
 
 
 @needs_ext

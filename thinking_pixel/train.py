@@ -307,6 +307,14 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
+def _adamw(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused where torch has it (plain CPU and CUDA tensors, not FSDP2's DTensor shards): one pass over each
+    parameter and its moments instead of the default implementation's one per elementwise op (``pytest
+    benchmarks/test_optimizer.py --benchmark-only``)."""
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only metric lines up to ``step`` (lines past a checkpoint are recomputed on resume)."""
     if not path.is_file():
@@ -419,7 +427,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     if wrapped is model and runtime.world_size > 1:  # FSDP2 shards in place; shard the EMA the same way
         distributed.shard_like(ema, runtime)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the sharded parameters
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(params, cfg)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step)
     if state is not None:
         if isinstance(state["optimizer"]["param_groups"][0]["params"][0], int):  # saved before distributed training

@@ -9,7 +9,7 @@ from ._dispatch import BACKENDS, requested_backend, resolve as resolve_backend, 
 from .attention import joint_attention, joint_attention_reference
 from .gate import gate_top1, gate_top1_reference, gumbel_noise
 from .refine import refine_step, refine_step_reference
-from .routed_lora import routed_lora, routed_lora_reference
+from .routed_lora import reuse_packed_weights, routed_lora, routed_lora_reference
 
 __version__ = "0.1.0"
 
@@ -26,5 +26,6 @@ __all__ = [
     "resolve_backend",
     "routed_lora",
     "routed_lora_reference",
+    "reuse_packed_weights",
     "use_backend",
 ]

@@ -103,7 +103,10 @@ class LatentRecursion(nn.Module):
         self._step_weights = (tp_kernels.refine.defer_weight_grads(lora.lora_a, lora.lora_b)
                               if lora is not None and self.steps > 1 and x.dtype == lora.lora_a.dtype else None)
         try:
-            return self._recurse(x, gate_terms, base_projection, attend_step)
+            if torch.compiler.is_compiling():
+                return self._recurse(x, gate_terms, base_projection, attend_step)
+            with tp_kernels.reuse_packed_weights():  # the T steps' experts packed once (CPU extension)
+                return self._recurse(x, gate_terms, base_projection, attend_step)
         finally:
             self._step_weights = None
 

@@ -8,7 +8,16 @@ from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_number, check_s
 from .op import routed_lora_bwd, routed_lora_fwd
 from .reference import routed_lora_reference
 
-__all__ = ["routed_lora", "routed_lora_reference", "routed_lora_fwd", "routed_lora_bwd"]
+__all__ = ["routed_lora", "routed_lora_reference", "routed_lora_fwd", "routed_lora_bwd", "reuse_packed_weights"]
+
+
+def reuse_packed_weights():
+    """Context manager: the CPU extension's routed_lora calls inside share one packed copy of each (lora_a, lora_b)
+    (the weights rearranged into panels, a pass over every expert). The caller promises the weights do not change
+    inside; a recursion's T steps run in one (thinking_pixel's LatentRecursion). Outside, every call packs."""
+    from .cpu_ext import PACKED
+
+    return PACKED.reuse()
 
 
 def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):

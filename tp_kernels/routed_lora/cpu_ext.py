@@ -9,14 +9,17 @@ extension are bit-identical for any thread count. Tokens with expert_idx -1 (hal
 extension: no multiply, no gather or scatter of the other tokens; their outputs and gradients are zero.
 
 The extension multiplies with the weights rearranged into panels. Packing them costs a pass over every expert's
-A and B per call, a fixed cost that the T steps of a recursion (and their backward) would each pay for the same
-weights: :data:`PACKED` keeps the packed copies while the weights are unchanged, so one training step packs each
-layer's experts once for the forward and once for the backward.
+A and B per call, a fixed cost that the T steps of a recursion would each pay for the same weights. Inside
+``with PACKED.reuse():`` (a recursion's forward) calls share one packed copy per weight pair; the recursion's
+backward packs once through its deferred weight gradients (tp_kernels.refine.deferred). Outside a scope every call
+packs: nothing outside can promise that the weights did not change since the last call, and version counters do not
+tell (torch's fused optimizers and writes through ``.data`` change a tensor without bumping its version).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import contextlib
+import threading
 
 import torch
 
@@ -48,49 +51,59 @@ def _gate_f32(gate):
 
 
 class PackedWeights:
-    """Packed copies of (lora_a, lora_b) for the extension's forward and backward, reused while unchanged.
+    """Packed copies of (lora_a, lora_b) for the extension's forward and backward, shared by the calls inside a
+    :meth:`reuse` scope, in which the caller promises that the weights do not change. A copy is found by the
+    weights' addresses, shapes and dtype, and holds the weight tensors, so their memory cannot be reused by other
+    tensors while the scope lives. Scopes are per thread and nest; the outermost one drops the copies on exit.
+    Outside a scope :meth:`get` returns None and every call packs the experts it uses."""
 
-    An entry is found by the weights' addresses, version counters (bumped by every in-place update: an optimizer
-    step, ``load_state_dict``, ``copy_``), shapes and dtype, and it holds the weight tensors themselves, so their
-    memory cannot be reused by other tensors while the entry lives. The least recently used of ``capacity``
-    entries is dropped first. Tensors without a version counter (inference mode) are packed per call instead.
-    Writes that bypass torch (through a NumPy view of a weight) bump no version counter: call ``clear()`` after them.
-    """
+    def __init__(self):
+        self._local = threading.local()
 
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._entries = OrderedDict()
+    def _state(self):
+        local = self._local
+        if not hasattr(local, "depth"):
+            local.depth, local.entries = 0, {}
+        return local
 
-    def clear(self):
-        self._entries.clear()
+    @contextlib.contextmanager
+    def reuse(self):
+        state = self._state()
+        state.depth += 1
+        try:
+            yield self
+        finally:
+            state.depth -= 1
+            if state.depth == 0:
+                state.entries.clear()
 
     def __len__(self):
-        return len(self._entries)
+        return len(self._state().entries)
 
     def get(self, lora_a, lora_b, backward: bool):
-        """The packed buffer (float32) for contiguous lora_a (E, S, R, D_in) and lora_b (E, S, D_out, R), or None."""
-        if self.capacity < 1:
+        """The packed buffer (float32) for contiguous lora_a (E, S, R, D_in) and lora_b (E, S, D_out, R), or None
+        outside a scope."""
+        state = self._state()
+        if state.depth == 0:
             return None
-        try:
-            key = (lora_a.data_ptr(), lora_a._version, lora_b.data_ptr(), lora_b._version, tuple(lora_a.shape),
-                   tuple(lora_b.shape), lora_a.dtype, backward)
-        except RuntimeError:  # inference tensors track no version
-            return None
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[2]
-        lib = _ext.library()
-        n_exp, n_slice, rank, d_in = lora_a.shape
-        dims = (_ext.DTYPE_CODES[lora_a.dtype], n_exp, n_slice, rank, d_in, lora_b.shape[2], int(backward))
-        packed = torch.empty(lib.tp_routed_lora_packed_floats(*dims), dtype=torch.float32)
-        status = lib.tp_routed_lora_pack(lora_a.data_ptr(), lora_b.data_ptr(), *dims, packed.data_ptr(),
-                                         torch.get_num_threads())
-        _ext.check(status, "routed_lora pack", n_exp)
-        self._entries[key] = (lora_a, lora_b, packed)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return packed
+        key = (lora_a.data_ptr(), lora_b.data_ptr(), tuple(lora_a.shape), tuple(lora_b.shape), lora_a.dtype, backward)
+        entry = state.entries.get(key)
+        if entry is None:
+            entry = state.entries[key] = (lora_a, lora_b, pack(lora_a, lora_b, backward))
+        return entry[2]
+
+
+def pack(lora_a, lora_b, backward: bool):
+    """Every expert of contiguous lora_a (E, S, R, D_in), lora_b (E, S, D_out, R) packed as the extension's forward
+    (or backward) multiplies them: a float32 buffer to pass as a call's ``packed``."""
+    lib = _ext.library()
+    n_exp, n_slice, rank, d_in = lora_a.shape
+    dims = (_ext.DTYPE_CODES[lora_a.dtype], n_exp, n_slice, rank, d_in, lora_b.shape[2], int(backward))
+    packed = torch.empty(lib.tp_routed_lora_packed_floats(*dims), dtype=torch.float32)
+    status = lib.tp_routed_lora_pack(lora_a.data_ptr(), lora_b.data_ptr(), *dims, packed.data_ptr(),
+                                     torch.get_num_threads())
+    _ext.check(status, "routed_lora pack", n_exp)
+    return packed
 
 
 PACKED = PackedWeights()
@@ -121,14 +134,18 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     return (y, h, *group_by_expert(idx, n_exp))  # after the call: the extension checks the indices first
 
 
-def _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg, dh_rows=None, hm_rows=None):
+def _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg, dh_rows=None, hm_rows=None,
+                   packed=None):
     """tp_routed_lora_bwd on n > 0 tokens, writing the given outputs (None: not wanted) -> the contiguous
-    (x, grad_y, idx) it read."""
+    (x, grad_y, idx) it read. packed: :func:`pack`'s backward buffer for these weights, else PACKED's."""
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
     grad_y = grad_y.to(x.dtype).contiguous()
     x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
     h, gate32 = h.to(torch.float32).contiguous(), _gate_f32(gate)  # kept alive across the call
-    packed = PACKED.get(lora_a, lora_b, backward=True) if dx is not None else None  # the packed layout includes A
+    if dx is None:  # the packed layout is for dx (it includes A); without dx the call packs the B it uses
+        packed = None
+    elif packed is None:
+        packed = PACKED.get(lora_a, lora_b, backward=True)
     status = _ext.library().tp_routed_lora_bwd(
         grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate32),
         h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out, float(scale), _ext.ptr(dx),
@@ -164,9 +181,10 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     )
 
 
-def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_gate):
+def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_gate, packed=None):
     """backward() without the weight gradients: -> dx (or empty), dgate (or empty), and the rows that
-    :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only."""
+    :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only.
+    packed: :func:`pack`'s backward buffer for these weights (calls sharing them pack once), or None."""
     n, _, _, n_slice, rank, _ = _dims(x, lora_a, lora_b)
     need_gate = need_gate and gate is not None
     dx = torch.empty(n, x.shape[1], dtype=x.dtype) if need_x else x.new_empty(0)
@@ -175,7 +193,7 @@ def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_g
     hm_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n > 0:
         x, grad_y, idx = _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx if need_x else None, None,
-                                        None, dg if need_gate else None, dh_rows, hm_rows)
+                                        None, dg if need_gate else None, dh_rows, hm_rows, packed)
     return dx, dg, (x, grad_y, idx, dh_rows, hm_rows)
 
 
