@@ -365,7 +365,8 @@ def section_finetune(res, title_note=""):
     if not groups:
         return None
     out = ["## Fine-tuning step on diffusers models: apply_recursion vs diffusers + peft",
-           "benchmarks/test_finetune_diffusers.py. One step = forward, MSE loss, backward, AdamW over what trains "
+           "benchmarks/test_finetune_diffusers.py. One step = forward, MSE loss, backward, AdamW (torch's fused one) "
+           "over what trains "
            "(fp32, base frozen). *base*: the frozen diffusers model, its recursive blocks' Q/K/V outputs marked as "
            "needing a gradient (the wrapped models' backward path, nothing to update). *apply_recursion*: "
            "thinking_pixel's processor (tp_kernels.refine_step). *peft dense*: M peft LoRA adapters on "
@@ -374,7 +375,8 @@ def section_finetune(res, title_note=""):
            "the same outputs). *DiT ...*: DiT.from_diffusers of the same model (our fused-qkv DiT). Variants are "
            "timed interleaved (every round runs each once, order rotated); *added time* is the median over rounds "
            "of (variant - its base) in the same round; *FLOP model: added* is the added FLOPs "
-           "(benchmarks/flop_model.py recursion_costs: forward, backward 2x, AdamW; plus the dX of the frozen "
+           "(benchmarks/flop_model.py recursion_costs: forward, backward 2x (attention 2.5x: its scores recomputed, "
+           "as torch.utils.flop_counter counts it), AdamW; plus the dX of the frozen "
            "Q/K/V projections in the blocks after the first, whose input now needs a gradient) at the base step's "
            "measured FLOP rate (the base's FLOPs: what it runs, its forward plus a dX-only backward that stops "
            "at its Q/K/V outputs, flop_model.qkv_leaf_backward)." + title_note]

@@ -1,7 +1,7 @@
 """End-to-end fine-tuning step of diffusers models: thinking_pixel.apply_recursion against diffusers + peft.
 
-A step is forward, MSE loss, backward and AdamW over the trainable parameters, fp32, base weights frozen. Variants
-of one case (the same diffusers model, the same inputs):
+A step is forward, MSE loss, backward and AdamW (torch's fused implementation) over the trainable parameters, fp32,
+base weights frozen. Variants of one case (the same diffusers model, the same inputs):
 
     base            the frozen model; the recursive blocks' Q/K/V outputs marked as needing a gradient, so its
                     backward runs the same path as a wrapped model's down to them (and it has nothing to update)
@@ -18,9 +18,9 @@ The machine is shared, so the variants are timed interleaved: each round runs ev
 rotated every round, and the recursion's *added time* is the median over rounds of (variant - base) measured in the
 same round. pytest-benchmark's own row is the round (all variants); the per-variant times are in extra_info, which
 ``python -m benchmarks.report`` turns into BENCHMARKS.md's fine-tuning section. The FLOP model (flop_model.py)
-predicts each added time as the added FLOPs (recursion_costs, backward 2x, AdamW, and the dX of the frozen Q/K/V
-projections in the blocks after the first) run at the base step's measured FLOP rate. The base's FLOPs count what
-it runs: its forward and a dX-only backward (its weights get no gradient) that stops at its Q/K/V outputs
+predicts each added time as the added FLOPs (recursion_costs, backward 2x, attention's 2.5x, AdamW, and the dX of the
+frozen Q/K/V projections in the blocks after the first) run at the base step's measured FLOP rate. The base's FLOPs
+count what it runs: its forward and a dX-only backward (its weights get no gradient) that stops at its Q/K/V outputs
 (flop_model.qkv_leaf_backward).
 
 Full run: diffusers DiT at DiT-S/2 and DiT-XL/2 widths (2 blocks, both recursive, 256 tokens) and a small SD3
