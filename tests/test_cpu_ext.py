@@ -200,6 +200,37 @@ def test_packed_weights_are_reused_in_a_scope_and_match_packing_per_call(cpu_bac
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["routed_lora", "refine_step"])
+def test_backward_of_a_scope_packs_once_after_the_scope_ended(cpu_backend, monkeypatch, dtype, op):
+    """A recursion's T calls run in a scope; autograd runs their backward after it: the calls' backward share one
+    packing, and only that one outlives the scope."""
+    packs = []
+    real = lora_ext.pack
+    monkeypatch.setattr(lora_ext, "pack", lambda a, b, backward: packs.append(backward) or real(a, b, backward))
+    x, idx, a, b, _ = make_inputs(90, 48, 40, 8, 3, 3, dtype)
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    token_weight = torch.randn(3, 48).to(dtype)
+
+    def call(inp):
+        if op == "routed_lora":
+            return tp_kernels.routed_lora(inp, idx, a, b, scale=0.5)
+        return tp_kernels.refine_step(inp, a, b, token_weight=token_weight, scale=0.5)[0]
+
+    with tp_kernels.reuse_packed_weights():
+        ys = [call(x * (t + 1)) for t in range(3)]
+    assert packs == [False] and len(lora_ext.PACKED) == 0
+    got = torch.autograd.grad(sum(y.float().square().sum() for y in ys), (x, a, b))
+    assert packs == [False, True]
+    packs.clear()
+    ys = [call(x * (t + 1)) for t in range(3)]  # outside a scope: every call packs for itself
+    want = torch.autograd.grad(sum(y.float().square().sum() for y in ys), (x, a, b))
+    assert packs == []  # ... inside the extension, not through the shared packing
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@needs_ext
 @pytest.mark.parametrize("update", ["fused AdamW", ".data write", "in-place op"])
 def test_weight_updates_between_calls_are_seen_whatever_their_version_counter(cpu_backend, update):
     """torch's fused AdamW and writes through .data change the weights without bumping their version counter: no

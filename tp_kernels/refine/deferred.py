@@ -25,15 +25,12 @@ class DeferredWeightGrads:
     def __init__(self, lora_a, lora_b):
         self.lora_a, self.lora_b = lora_a, lora_b
         self.rows = []
-        self.packed = None  # the weights packed for the steps' dx, once for all of them
 
     def backward(self, grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
         """The routed-LoRA backward's interface (tp_kernels.routed_lora.cpu_ext.backward): computes dx and the
         gate's gradient now, keeps the weight-gradient rows, and returns empty dA, dB."""
-        if need_x and self.packed is None:
-            self.packed = _lora_ext.pack(self.lora_a.contiguous(), self.lora_b.contiguous(), backward=True)
         dx, dgate, rows = _lora_ext.backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x,
-                                                  need_gate, self.packed if need_x else None)
+                                                  need_gate)
         if need_w:
             self.rows.append(rows)
         return dx, x.new_empty(0), x.new_empty(0), dgate
@@ -41,7 +38,6 @@ class DeferredWeightGrads:
     def reduce(self):
         """-> dA, dB summed over the kept steps (zeros when none kept any)."""
         rows, self.rows = self.rows[::-1], []  # the steps' backward ran last step first: sum in step order
-        self.packed = None
         if not rows:
             return torch.zeros_like(self.lora_a), torch.zeros_like(self.lora_b)
         return _lora_ext.weight_grads(rows, self.lora_a, self.lora_b)

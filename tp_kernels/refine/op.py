@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._dispatch import resolve
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
+from ..routed_lora import cpu_ext as _lora_ext
 from ..routed_lora.op import _Reference as _LoraReference
 from ..routed_lora.reference import shrink
 from . import cpu as _cpu
@@ -162,10 +163,16 @@ def _setup_context(ctx, inputs, output):
     ctx.cond_dtype = None if cond_logits is None else cond_logits.dtype
     ctx.tau, ctx.scale, ctx.eps, ctx.normalize = tau, scale, eps, normalize
     ctx.deferred = collector_for(lora_a)  # weights from deferred.defer_weight_grads: dA, dB reduced after all steps
+    ctx.packs = _lora_ext.PACKED.current()  # the recursion's packed experts, for its steps' backward
     ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
 
 
 def _backward(ctx, grad_qkv, grad_weight, *_):
+    with _lora_ext.resumed(ctx.packs):  # the T steps' backward pack the experts once between them
+        return _gradients(ctx, grad_qkv, grad_weight)
+
+
+def _gradients(ctx, grad_qkv, grad_weight):
     state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets = ctx.saved_tensors
     need_state, need_a, need_b, need_tw, need_cond, _, need_base = ctx.needs_input_grad[:7]
     need_w = need_a or need_b

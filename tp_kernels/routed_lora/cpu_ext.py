@@ -10,8 +10,8 @@ extension: no multiply, no gather or scatter of the other tokens; their outputs 
 
 The extension multiplies with the weights rearranged into panels. Packing them costs a pass over every expert's
 A and B per call, a fixed cost that the T steps of a recursion would each pay for the same weights. Inside
-``with PACKED.reuse():`` (a recursion's forward) calls share one packed copy per weight pair; the recursion's
-backward packs once through its deferred weight gradients (tp_kernels.refine.deferred). Outside a scope every call
+``with PACKED.reuse():`` (a recursion's forward) calls share one packed copy per weight pair, and their backward
+shares one more (the ops' autograd contexts keep the scope's copies and resume them). Outside a scope every call
 packs: nothing outside can promise that the weights did not change since the last call, and version counters do not
 tell (torch's fused optimizers and writes through ``.data`` change a tensor without bumping its version).
 """
@@ -74,8 +74,28 @@ class PackedWeights:
             yield self
         finally:
             state.depth -= 1
-            if state.depth == 0:
-                state.entries.clear()
+            if state.depth == 0:  # the forward copies go; backward copies may still join these entries (resume)
+                for key in [key for key in state.entries if not key[-1]]:
+                    del state.entries[key]
+                state.entries = {}
+
+    def current(self):
+        """The innermost scope's copies, or None outside a scope. A call's autograd context keeps them, so that the
+        backward of the scope's calls packs once for all of them (:func:`resumed`)."""
+        state = self._state()
+        return state.entries if state.depth else None
+
+    @contextlib.contextmanager
+    def resume(self, entries):
+        """Re-enters the scope whose copies :meth:`current` returned, for the backward of calls made in it: they
+        saved the weights they ran with, which autograd forbids changing in between."""
+        state = self._state()
+        saved = state.depth, state.entries
+        state.depth, state.entries = saved[0] + 1, entries
+        try:
+            yield self
+        finally:
+            state.depth, state.entries = saved
 
     def __len__(self):
         return len(self._state().entries)
@@ -91,6 +111,11 @@ class PackedWeights:
         if entry is None:
             entry = state.entries[key] = (lora_a, lora_b, pack(lora_a, lora_b, backward))
         return entry[2]
+
+
+def resumed(entries):
+    """PACKED.resume(entries) for saved scope copies, or a no-op context for None (a call made outside a scope)."""
+    return contextlib.nullcontext() if entries is None else PACKED.resume(entries)
 
 
 def pack(lora_a, lora_b, backward: bool):
@@ -134,18 +159,14 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     return (y, h, *group_by_expert(idx, n_exp))  # after the call: the extension checks the indices first
 
 
-def _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg, dh_rows=None, hm_rows=None,
-                   packed=None):
+def _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx, da, db, dg, dh_rows=None, hm_rows=None):
     """tp_routed_lora_bwd on n > 0 tokens, writing the given outputs (None: not wanted) -> the contiguous
-    (x, grad_y, idx) it read. packed: :func:`pack`'s backward buffer for these weights, else PACKED's."""
+    (x, grad_y, idx) it read."""
     n, d_in, n_exp, n_slice, rank, d_out = _dims(x, lora_a, lora_b)
     grad_y = grad_y.to(x.dtype).contiguous()
     x, idx, lora_a, lora_b = x.contiguous(), idx.to(torch.int64).contiguous(), lora_a.contiguous(), lora_b.contiguous()
     h, gate32 = h.to(torch.float32).contiguous(), _gate_f32(gate)  # kept alive across the call
-    if dx is None:  # the packed layout is for dx (it includes A); without dx the call packs the B it uses
-        packed = None
-    elif packed is None:
-        packed = PACKED.get(lora_a, lora_b, backward=True)
+    packed = PACKED.get(lora_a, lora_b, backward=True) if dx is not None else None  # the packed layout includes A
     status = _ext.library().tp_routed_lora_bwd(
         grad_y.data_ptr(), x.data_ptr(), idx.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), _ext.ptr(gate32),
         h.data_ptr(), _ext.DTYPE_CODES[x.dtype], n, d_in, n_exp, n_slice, rank, d_out, float(scale), _ext.ptr(dx),
@@ -181,10 +202,9 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     )
 
 
-def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_gate, packed=None):
+def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_gate):
     """backward() without the weight gradients: -> dx (or empty), dgate (or empty), and the rows that
-    :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only.
-    packed: :func:`pack`'s backward buffer for these weights (calls sharing them pack once), or None."""
+    :func:`weight_grads` reduces, dh and m h (N, S*R) float32 with tokens in grouped order. float32 only."""
     n, _, _, n_slice, rank, _ = _dims(x, lora_a, lora_b)
     need_gate = need_gate and gate is not None
     dx = torch.empty(n, x.shape[1], dtype=x.dtype) if need_x else x.new_empty(0)
@@ -193,7 +213,7 @@ def backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x, need_g
     hm_rows = torch.empty(n, n_slice * rank, dtype=torch.float32)
     if n > 0:
         x, grad_y, idx = _backward_call(grad_y, x, idx, lora_a, lora_b, gate, h, scale, dx if need_x else None, None,
-                                        None, dg if need_gate else None, dh_rows, hm_rows, packed)
+                                        None, dg if need_gate else None, dh_rows, hm_rows)
     return dx, dg, (x, grad_y, idx, dh_rows, hm_rows)
 
 

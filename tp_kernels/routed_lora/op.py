@@ -22,6 +22,7 @@ from .._dispatch import resolve
 from .._grouping import group_by_expert
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from . import cpu as _cpu
+from . import cpu_ext as _cpu_ext
 from .reference import routed_lora_backward_reference, routed_lora_reference, shrink
 
 
@@ -116,6 +117,7 @@ def _setup_context(ctx, inputs, output):
     y, h, perm, offsets = output
     ctx.save_for_backward(x, idx, lora_a, lora_b, gate, h, perm, offsets)
     ctx.scale = scale
+    ctx.packs = _cpu_ext.PACKED.current()  # a reuse_packed_weights scope's copies, for the backward to share
     ctx.mark_non_differentiable(h, perm, offsets)
 
 
@@ -126,8 +128,9 @@ def _backward(ctx, grad_y, *_):
     need_gate = bool(need_gate and gate is not None)
     if not (need_x or need_w or need_gate):
         return None, None, None, None, None, None
-    dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, ctx.scale, need_x,
-                                     need_w, need_gate)
+    with _cpu_ext.resumed(ctx.packs):
+        dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, ctx.scale, need_x,
+                                         need_w, need_gate)
     return (dx if need_x else None, None, da if need_a else None, db if need_b else None,
             dg if need_gate else None, None)
 
