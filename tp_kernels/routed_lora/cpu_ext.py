@@ -54,8 +54,9 @@ class PackedWeights:
     """Packed copies of (lora_a, lora_b) for the extension's forward and backward, shared by the calls inside a
     :meth:`reuse` scope, in which the caller promises that the weights do not change. A copy is found by the
     weights' addresses, shapes and dtype, and holds the weight tensors, so their memory cannot be reused by other
-    tensors while the scope lives. Scopes are per thread and nest; the outermost one drops the copies on exit.
-    Outside a scope :meth:`get` returns None and every call packs the experts it uses."""
+    tensors while the copies live. Scopes are per thread and nest; the outermost one drops its forward copies on
+    exit, and the backward of its calls, which :meth:`resume` the scope, adds one backward copy that lives as long
+    as their autograd graph. Outside a scope :meth:`get` returns None and every call packs the experts it uses."""
 
     def __init__(self):
         self._local = threading.local()
