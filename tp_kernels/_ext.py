@@ -43,9 +43,9 @@ _SIGNATURES = {
     "tp_routed_lora_pack": (_INT, [_P, _P, _INT] + [_I64] * 5 + [_INT, _P, _INT]),
     # logits, logits dtype, noise, noise dtype, n, e, tau, idx, probs, threads
     "tp_gate_top1_fwd": (_INT, [_P, _INT, _P, _INT, _I64, _I64, _F64, _P, _P, _INT]),
-    # src (6 x 4 int64), batch, heads, head_dim, scale, out, probs, threads
+    # src (6 x 4 int64), batch, heads, head_dim, scale, out, lse, threads
     "tp_attention_fwd": (_INT, [_P, _I64, _I64, _I64, _F64, _P, _P, _INT]),
-    # src, grad (6 x 4 int64 each), batch, heads, head_dim, scale, grad_out, out, probs, threads
+    # src, grad (6 x 4 int64 each), batch, heads, head_dim, scale, grad_out, out, lse, threads
     "tp_attention_bwd": (_INT, [_P, _P, _I64, _I64, _I64, _F64, _P, _P, _P, _INT]),
 }
 

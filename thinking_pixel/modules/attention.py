@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from einops import rearrange
 
 import tp_kernels
 
-__all__ = ["Attention", "attend", "merge_heads", "split_heads", "split_qkv"]
-
-
-def split_heads(x, num_heads):
-    """(N, T, D) -> (N, H, T, D / H)."""
-    return rearrange(x, "n t (h d) -> n h t d", h=num_heads)
-
-
-def split_qkv(qkv, num_heads):
-    """Fused projections (N, T, 3D), columns [q | k | v] each head-major -> q, k, v, each (N, H, T, D / H).
-
-    Split along the columns, not unbound from one (3, N, H, T, D / H) view: the backward then writes the three
-    gradients into (N, T, 3D) with one cat, where unbind's stack plus the permute back cost two copies."""
-    return tuple(split_heads(z, num_heads) for z in qkv.split(qkv.shape[-1] // 3, dim=-1))
-
-
-def merge_heads(x):
-    """(N, H, T, D / H) -> (N, T, D)."""
-    return rearrange(x, "n h t d -> n t (h d)")
+__all__ = ["Attention", "attend"]
 
 
 def attend(qkv, num_heads, context_kv=None):
