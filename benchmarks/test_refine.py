@@ -20,29 +20,16 @@ import torch.nn.functional as F
 import tp_kernels
 
 from . import flop_model
-from .shapes import DTYPES
+from .shapes import DTYPES, LoraShape
 
 
 @dataclass(frozen=True)
-class RefineShape:
-    label: str
-    batch: int
-    seq: int
-    d: int
-    rank: int
-    experts: int
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
+class RefineShape(LoraShape):
+    """A refinement step's problem: a routed-LoRA shape (``experts`` = M), keyed by the block it stands for."""
 
     @property
     def key(self) -> str:
         return f"{self.label}: {self.batch} x {self.seq} tokens D={self.d} R={self.rank} M={self.experts}"
-
-    def as_dict(self) -> dict:
-        return {"label": self.label, "batch": self.batch, "seq": self.seq, "tokens": self.tokens, "d": self.d,
-                "rank": self.rank, "experts": self.experts}
 
 
 FULL = RefineShape("DiT-S/2 block", 16, 256, 384, 32, 5)

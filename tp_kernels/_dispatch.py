@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
 
 import torch
@@ -78,3 +79,17 @@ def resolve(device: torch.device) -> str:
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' was requested for tensors on {device}")
     return name
+
+
+def implementation(device: torch.device, package: str, *, reference, torch_ops, cpu):
+    """The module (or class) that runs an op of ``package`` for tensors on ``device``: ``reference``,
+    ``torch_ops`` (composed torch ops), ``cpu`` (a callable: the extension's, which may fall back when it is not
+    built) or the package's ``triton`` module."""
+    name = resolve(device)
+    if name == "reference":
+        return reference
+    if name == "torch":
+        return torch_ops
+    if name == "cpu":
+        return cpu()
+    return importlib.import_module(".triton", package)

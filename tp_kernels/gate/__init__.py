@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
 from .op import gate_top1_fwd
 from .reference import gate_top1_reference, gumbel_noise

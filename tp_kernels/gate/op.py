@@ -11,7 +11,6 @@ outputs into the first one's dtype).
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -20,7 +19,8 @@ from torch import Tensor
 
 from .._validate import FLOAT_DTYPES, OpArgs, acc_dtype, check_finite_number
 
-from .._dispatch import resolve
+from .. import _ext
+from .._dispatch import implementation
 from . import cpu as _cpu
 from .reference import gate_top1_reference
 
@@ -37,16 +37,8 @@ class _Reference:
 
 
 def _backend(device):
-    name = resolve(device)
-    if name == "reference":
-        return _Reference
-    if name == "torch":
-        return _cpu
-    if name == "cpu":
-        from .. import _ext
-
-        return _ext.gate_cpu() or _cpu
-    return importlib.import_module(".triton", __package__)
+    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu,
+                          cpu=lambda: _ext.gate_cpu() or _cpu)
 
 
 @torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())

@@ -17,13 +17,12 @@ Every backend module (reference, cpu, triton) provides forward()/backward() with
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve
+from .._dispatch import implementation
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from ..routed_lora import cpu_ext as _lora_ext
 from ..routed_lora.op import _Reference as _LoraReference
@@ -55,14 +54,7 @@ class _Reference:
 
 
 def _backend(device):
-    name = resolve(device)
-    if name == "reference":
-        return _Reference
-    if name == "torch":
-        return _cpu.Composed
-    if name == "cpu":
-        return _cpu
-    return importlib.import_module(".triton", __package__)
+    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu.Composed, cpu=lambda: _cpu)
 
 
 def _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps) -> OpArgs:

@@ -12,13 +12,13 @@ Every backend module (reference, cpu, triton) provides forward()/backward() with
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve
+from .. import _ext
+from .._dispatch import implementation
 from .._grouping import group_by_expert
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from . import cpu as _cpu
@@ -43,16 +43,8 @@ class _Reference:
 
 
 def _backend(device):
-    name = resolve(device)
-    if name == "reference":
-        return _Reference
-    if name == "torch":
-        return _cpu
-    if name == "cpu":
-        from .. import _ext
-
-        return _ext.routed_lora_cpu() or _cpu
-    return importlib.import_module(".triton", __package__)
+    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu,
+                          cpu=lambda: _ext.routed_lora_cpu() or _cpu)
 
 
 def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
