@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 
 LIB_NAME = "tp_kernels._cpu_kernels"  # -> tp_kernels/_cpu_kernels.so (not a Python module: no ABI tag)
 SOURCES = ["csrc/dispatch.cpp", "csrc/routed_lora.cpp", "csrc/gate.cpp", "csrc/attention.cpp",
-           "csrc/isa_avx512bf16.cpp", "csrc/isa_avx512.cpp", "csrc/isa_avx2.cpp", "csrc/isa_base.cpp"]
+           "csrc/layer_norm.cpp", "csrc/isa_avx512bf16.cpp", "csrc/isa_avx512.cpp", "csrc/isa_avx2.cpp", "csrc/isa_base.cpp"]
 CFLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast", "-fno-math-errno",
           "-Wall", "-Wno-unknown-pragmas"]
 OPENMP = ["-fopenmp"]

@@ -28,6 +28,9 @@ PEER_NOTES = {
     ("gate_top1", "softmax"): "bare torch.softmax on the same logits",
     ("refine_step", "ours"): "tp_kernels.refine_step: LN + gate top-1 + routed LoRA Q/K/V (+ base) fused",
     ("refine_step", "unfused"): "LayerNorm, gate logits, gate_top1, routed_lora and the base add, one op each",
+    ("layer_norm", "ours"): "tp_kernels.layer_norm: fp32 statistics, one read of x and one write of y",
+    ("layer_norm", "upcast"): "torch's LayerNorm on x.float(), cast back (the same function)",
+    ("layer_norm", "torch"): "torch's LayerNorm in x's dtype (bf16: bf16 statistics, less accurate)",
 }
 
 
@@ -188,6 +191,14 @@ def targets(res):
         if r is not None and (worst is None or r > worst):
             worst, where = r, group.split(" | ", 1)[1]
     out.append(Target("refine_step fused / unfused sequence, worst group", worst, 1.0, "<=", where))
+
+    worst, where = None, ""
+    for group in res.groups_of("layer_norm"):
+        r = _ratio(res, group, "ours", "upcast")
+        if r is not None and (worst is None or r > worst):
+            worst, where = r, group.split(" | ", 1)[1]
+    out.append(Target("layer_norm / torch's LayerNorm with fp32 statistics (upcast), worst group", worst, 1.0, "<=",
+                      where))
 
     for group in res.groups_of("block"):
         rec = res.entry(group, "recursive")

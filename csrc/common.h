@@ -14,7 +14,7 @@
 
 // The exported functions' interface: bump on any change of a signature or of an argument's meaning, together
 // with ABI_VERSION in tp_kernels/_ext.py (which refuses a library reporting another number).
-#define TP_ABI_VERSION 5
+#define TP_ABI_VERSION 6
 
 namespace tp {
 
@@ -72,5 +72,29 @@ public:
 private:
     char* p_;
 };
+
+// Runs body(first row, rows, scratch) over blocks of rows_per_task rows of an (n, width) problem on up to
+// `threads` OpenMP threads (one when n * width is too small to pay for more), each with scratch_floats floats of
+// its own. Returns kNoMemory if the scratch cannot be allocated, else kOk.
+template <typename Body>
+int over_row_blocks(int64_t n, int64_t width, int64_t rows_per_task, int threads, int64_t scratch_floats, Body body) {
+    constexpr int64_t kParallelMin = int64_t(1) << 15;  // elements below which threads cost more than they save
+    const int64_t tasks = (n + rows_per_task - 1) / rows_per_task;
+    const int nt = n * width >= kParallelMin && threads > 1 ? threads : 1;
+    try {
+        const int64_t per_thread = piece(scratch_floats, sizeof(float));
+        Workspace ws;
+        const int64_t o_scratch = ws.reserve(nt * per_thread);
+        char* const base = ws.commit();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t r0 = t * rows_per_task, rows = n - r0 < rows_per_task ? n - r0 : rows_per_task;
+            body(r0, rows, reinterpret_cast<float*>(base + o_scratch + per_thread * thread_id()));
+        }
+    } catch (...) {
+        return kNoMemory;
+    }
+    return kOk;
+}
 
 }  // namespace tp

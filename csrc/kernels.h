@@ -43,6 +43,13 @@ struct Kernels {
                               const float* rowdot, float scale);
     // out[i] = dot(a row i, b row i) over `cols`, rows `lda` / `ldb` floats apart.
     void (*row_dots)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out);
+    // LayerNorm without affine over `rows` contiguous rows of d elements in dtype dt, statistics in fp32:
+    // y = (x - mean) * rstd in dt, mean and rstd (rows,) fp32. The backward: dx = rstd (dy - mean(dy) - xhat
+    // mean(dy xhat)), xhat = (x - mean) rstd, in dt. scratch: 2 * d floats.
+    void (*layer_norm_rows)(const void* x, int dt, int64_t rows, int64_t d, float eps, void* y, float* mean,
+                            float* rstd, float* scratch);
+    void (*layer_norm_grad_rows)(const void* dy, const void* x, int dt, int64_t rows, int64_t d, const float* mean,
+                                 const float* rstd, void* dx, float* scratch);
 
     // bf16 dot products with fp32 accumulation (null in tables for CPUs without them). Each 32-bit lane of a
     // pair panel holds two consecutive k of one column, so one instruction multiplies and adds both:

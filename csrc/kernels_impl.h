@@ -539,9 +539,86 @@ void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
     }
 }
 
+inline float lane_sum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; ++i) s += v[i];
+    return s;
+}
+
+// Row r of a dt matrix with d columns as fp32: the row itself, or converted into buf.
+inline const float* f32_row(const void* m, int dt, int64_t r, int64_t d, float* buf) {
+    if (dt == kF32) return static_cast<const float*>(m) + r * d;
+    to_f32(static_cast<const uint16_t*>(m) + r * d, dt, buf, d);
+    return buf;
+}
+
+// Writes fp32 values v (d) to row r of a dt matrix: v is that row already (fp32), or rounded into it.
+inline void put_row(const float* v, void* m, int dt, int64_t r, int64_t d) {
+    if (dt != kF32) from_f32(v, static_cast<uint16_t*>(m) + r * d, dt, d);
+}
+
+void layer_norm_rows(const void* x, int dt, int64_t rows, int64_t d, float eps, void* y, float* mean, float* rstd,
+                     float* scratch) {
+    const int64_t full = d / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = f32_row(x, dt, r, d, scratch);
+        vf acc = vf{};
+        for (int64_t j = 0; j < full; j += VW) acc += loadf(xr + j);
+        float sum = lane_sum(acc);
+        for (int64_t j = full; j < d; ++j) sum += xr[j];
+        const float mu = sum / float(d);
+        const vf m = splat(mu);
+        acc = vf{};
+        for (int64_t j = 0; j < full; j += VW) {
+            const vf c = loadf(xr + j) - m;
+            acc += c * c;
+        }
+        float ss = lane_sum(acc);
+        for (int64_t j = full; j < d; ++j) ss += (xr[j] - mu) * (xr[j] - mu);
+        const float rs = 1.0f / sqrtf(ss / float(d) + eps);
+        // fp32: straight into y's row; bf16: into the scratch row (x's copy, read before written), then rounded
+        float* out = dt == kF32 ? static_cast<float*>(y) + r * d : scratch;
+        const vf rv = splat(rs);
+        for (int64_t j = 0; j < full; j += VW) storef(out + j, (loadf(xr + j) - m) * rv);
+        for (int64_t j = full; j < d; ++j) out[j] = (xr[j] - mu) * rs;
+        put_row(out, y, dt, r, d);
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+}
+
+void layer_norm_grad_rows(const void* dy, const void* x, int dt, int64_t rows, int64_t d, const float* mean,
+                          const float* rstd, void* dx, float* scratch) {
+    const int64_t full = d / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = f32_row(x, dt, r, d, scratch);
+        const float* gr = f32_row(dy, dt, r, d, scratch + d);
+        const float mu = mean[r], rs = rstd[r];
+        const vf m = splat(mu), rv = splat(rs);
+        vf acc_g = vf{}, acc_gx = vf{};
+        for (int64_t j = 0; j < full; j += VW) {
+            const vf g = loadf(gr + j);
+            acc_g += g;
+            acc_gx += g * ((loadf(xr + j) - m) * rv);
+        }
+        float sg = lane_sum(acc_g), sgx = lane_sum(acc_gx);
+        for (int64_t j = full; j < d; ++j) {
+            sg += gr[j];
+            sgx += gr[j] * ((xr[j] - mu) * rs);
+        }
+        const float mg = sg / float(d), mgx = sgx / float(d);
+        const vf mgv = splat(mg), mgxv = splat(mgx);
+        float* out = dt == kF32 ? static_cast<float*>(dx) + r * d : scratch;  // bf16: over x's copy
+        for (int64_t j = 0; j < full; j += VW)
+            storef(out + j, rv * (loadf(gr + j) - mgv - (loadf(xr + j) - m) * rv * mgxv));
+        for (int64_t j = full; j < d; ++j) out[j] = rs * (gr[j] - mg - (xr[j] - mu) * rs * mgx);
+        put_row(out, dx, dt, r, d);
+    }
+}
+
 const tp::Kernels kTable = {
     TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_lse_rows, softmax_grad_rows,
-    row_dots,
+    row_dots, layer_norm_rows, layer_norm_grad_rows,
 #ifdef TP_BF16_DOT
     pack_pairs, gemm_pairs,
 #else

@@ -10,6 +10,8 @@ from tp_kernels import _ext
 from tp_kernels.attention import cpu_ext, joint_attention, joint_attention_reference
 from tp_kernels.attention.op import joint_attention_bwd, joint_attention_fwd
 
+from call_counter import counted_calls  # tests/ is on sys.path
+
 needs_ext = pytest.mark.skipif(_ext.library() is None, reason="CPU extension not built or TP_KERNELS_NO_EXT=1")
 
 # (batch, vision tokens, heads, head dim, context tokens, context queries too)
@@ -45,15 +47,7 @@ def test_kernel_matches_the_float64_reference(shape):
     if shape[5]:  # the context's query rows follow
         grad_out = torch.randn(qkv.shape[0], qkv.shape[1] + shape[4], qkv.shape[2] // 3, dtype=qkv.dtype)
     want, want_grads = _run(joint_attention_reference, qkv, context, heads, grad_out)
-    calls = []
-    real = cpu_ext.forward
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_ext, "forward", counted)
+    with counted_calls(cpu_ext, "forward") as calls:
         got, got_grads = _run(joint_attention, qkv.float(), [None if c is None else c.float() for c in context],
                               heads, grad_out)
     assert calls, "the kernel did not run"

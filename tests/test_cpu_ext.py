@@ -415,6 +415,19 @@ ref = tp_kernels.attention.joint_attention_reference(want, 2)
 ref.backward(grad_out)
 torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
 torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=2e-6)
+# the LayerNorm kernel over rows with a tail past whole vectors
+from tp_kernels.norm import cpu_ext as norm_ext
+x = torch.randn(70, 37, dtype=torch.float64) * 2 + 5
+grad = torch.randn(70, 37, dtype=torch.float64)
+for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+    xd, gd = x.to(dtype), grad.to(dtype)
+    y, mean, rstd = norm_ext.forward(xd, 1e-6)
+    dx = norm_ext.backward(gd, xd, mean, rstd)
+    want = xd.double().requires_grad_()
+    ref = tp_kernels.layer_norm_reference(want, 1e-6)
+    ref.backward(gd.double())
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), want.grad, rtol=tol, atol=tol)
 """
 
 

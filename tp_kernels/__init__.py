@@ -8,6 +8,7 @@ reference beside it; :func:`use_backend` / ``TP_KERNELS_BACKEND`` pick one.
 from ._dispatch import BACKENDS, requested_backend, resolve as resolve_backend, use_backend
 from .attention import joint_attention, joint_attention_reference
 from .gate import gate_top1, gate_top1_reference, gumbel_noise
+from .norm import layer_norm, layer_norm_reference
 from .refine import refine_step, refine_step_reference
 from .routed_lora import reuse_packed_weights, routed_lora, routed_lora_reference
 
@@ -20,6 +21,8 @@ __all__ = [
     "gumbel_noise",
     "joint_attention",
     "joint_attention_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "refine_step",
     "refine_step_reference",
     "requested_backend",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .._dispatch import resolve
-from .._validate import FLOAT_DTYPES, acc_dtype, check_finite_number, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
+from ..norm import layer_norm
 from .deferred import defer_weight_grads
 from .op import refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
@@ -53,8 +53,8 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
 
     i.e. ``tp_kernels.gate_top1`` on the logits followed by ``tp_kernels.routed_lora`` on ``h`` with the
     gate weight, plus ``base``, in one op. The Triton path never writes ``h`` (it is rebuilt from per-token
-    mean and rstd inside the kernels that consume it). The CPU path runs torch's LayerNorm first and the
-    fused op on its output: the extension's kernels read ``h`` anyway, and autograd keeps it for the backward.
+    mean and rstd inside the kernels that consume it). The CPU path runs ``tp_kernels.layer_norm`` first and
+    the fused op on its output: the extension's kernels read ``h`` anyway, and autograd keeps it for the backward.
 
     Args:
         state: ``(..., D)`` tokens (fp32, bf16, fp16 or fp64; accumulation fp32 or better).
@@ -135,10 +135,10 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         raise ValueError(f"normalize must be a bool, got {normalize!r}")
     fused_norm = normalize and resolve(state.device) not in ("cpu", "torch")
     if normalize and not fused_norm:
-        # (..., D) h, kept by autograd with its statistics. Computed in the accumulation dtype: torch's CPU
-        # LayerNorm keeps a bf16/fp16 input's mean and rstd in that dtype, and its backward then loses the
-        # gradient entirely when |mean| >> std (found by tests/test_fuzz_ops.py).
-        state = F.layer_norm(state.to(acc_dtype(state.dtype)), (dim,), eps=float(eps)).to(state.dtype)
+        # (..., D) h, kept by autograd with its statistics, which are fp32: torch's CPU LayerNorm keeps a bf16/fp16
+        # input's mean and rstd in that dtype, and its backward then loses digits of the gradient when
+        # |mean| >> std (found by tests/test_fuzz_ops.py; tests/test_layer_norm.py).
+        state = layer_norm(state, float(eps))
     qkv, weight, idx, *_ = refine_step_fwd(
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
         cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
