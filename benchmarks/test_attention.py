@@ -1,5 +1,6 @@
-"""tp_kernels.joint_attention (training: forward + backward) against torch's scaled_dot_product_attention on the
-same fused projections, at the recursion's attention shapes of the diffusers fine-tuning benchmark.
+"""tp_kernels.joint_attention (inference: forward; training: forward + backward) against torch's
+scaled_dot_product_attention on the same fused projections, at the recursion's attention shapes of the diffusers
+fine-tuning benchmark.
 
 "ours" is what a recursion step runs on CPU with the extension built: the kernel reading the heads out of qkv
 (N, T, 3D) and the context rows in place, one (batch, head)'s score block at a time in cache, the backward
@@ -54,13 +55,14 @@ def _impl(name):
 
 
 @pytest.mark.parametrize("impl", ["ours", "sdpa"])
-def test_joint_attention_fwd_bwd(bench, device, attention_shape, impl):
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_joint_attention(bench, device, attention_shape, mode, impl):
     if device.type != "cpu":
         pytest.skip("the kernel is the CPU path; on GPU both names run torch's attention")
     s = attention_shape
     g = torch.Generator().manual_seed(0)
     dim = s.heads * s.head_dim
-    qkv = torch.randn(s.batch, s.tokens, 3 * dim, generator=g).requires_grad_()
+    qkv = torch.randn(s.batch, s.tokens, 3 * dim, generator=g).requires_grad_(mode == "fwd+bwd")
     k = torch.randn(s.batch, s.ctx, dim, generator=g) if s.ctx else None
     v = torch.randn(s.batch, s.ctx, dim, generator=g) if s.ctx else None
     grad_out = torch.randn(s.batch, s.tokens, dim, generator=g)
@@ -68,10 +70,16 @@ def test_joint_attention_fwd_bwd(bench, device, attention_shape, impl):
     torch.testing.assert_close(fn(qkv, s.heads, k, v), _impl("sdpa" if impl == "ours" else "ours")(qkv, s.heads, k, v),
                                rtol=1e-4, atol=1e-5)
 
-    def step():
-        return torch.autograd.grad(fn(qkv, s.heads, k, v), qkv, grad_out)
+    if mode == "fwd+bwd":
+        def step():
+            return torch.autograd.grad(fn(qkv, s.heads, k, v), qkv, grad_out)
+    else:  # inference, as sampling runs it
+        def step():
+            with torch.no_grad():
+                return fn(qkv, s.heads, k, v)
 
-    cost = (1 + flop_model.ATTENTION_BACKWARD) * flop_model.sdpa(s.batch, s.tokens, dim, s.heads, 4,
-                                                                kv_seq=s.tokens + s.ctx)
-    bench(step, group=f"joint_attention fwd+bwd | {s.key} | float32", impl=impl, cost=cost, dtype=torch.float32,
-          op="joint_attention", mode="fwd+bwd", shape=s.__dict__)
+    cost = flop_model.sdpa(s.batch, s.tokens, dim, s.heads, 4, kv_seq=s.tokens + s.ctx)
+    if mode == "fwd+bwd":
+        cost = (1 + flop_model.ATTENTION_BACKWARD) * cost
+    bench(step, group=f"joint_attention {mode} | {s.key} | float32", impl=impl, cost=cost, dtype=torch.float32,
+          op="joint_attention", mode=mode, shape=s.__dict__)

@@ -62,29 +62,31 @@ def test_kernel_matches_the_float64_reference(shape):
 def test_composed_path_matches_the_reference(shape):
     heads = shape[2]
     qkv, context = _inputs(*shape)
-    with torch.no_grad():  # inference: torch's attention
+    with tp_kernels.use_backend("torch"):  # torch's attention
         got = joint_attention(qkv.float(), heads, *[None if c is None else c.float() for c in context])
     torch.testing.assert_close(got.double(), joint_attention_reference(qkv, heads, *context), rtol=1e-5, atol=2e-6)
 
 
 @needs_ext
-def test_kernel_runs_only_for_training_within_the_budget(monkeypatch):
-    calls = []
-    real = cpu_ext.forward
-    monkeypatch.setattr(cpu_ext, "forward", lambda *a: calls.append(1) or real(*a))
+def test_kernel_runs_in_training_and_inference_within_the_budget(monkeypatch):
     qkv, _ = _inputs(2, 6, 2, 8, 0, False, dtype=torch.float32)
-    joint_attention(qkv, 2)  # no input needs a gradient
-    with torch.no_grad():
-        joint_attention(qkv.requires_grad_(), 2)
-    assert not calls
-    joint_attention(qkv, 2)
-    assert len(calls) == 1
-    monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6 - 1)  # one score short
-    joint_attention(qkv, 2)
-    assert len(calls) == 1
-    with tp_kernels.use_backend("torch"):
+    with counted_calls(cpu_ext, "forward") as calls:
+        joint_attention(qkv, 2)  # no input needs a gradient
+        with torch.no_grad():
+            joint_attention(qkv.clone().requires_grad_(), 2)
+        with torch.inference_mode():
+            joint_attention(qkv, 2)
+        assert len(calls) == 3
+        joint_attention(qkv.clone().requires_grad_(), 2).sum().backward()
+        assert len(calls) == 4
+        monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6 - 1)  # one score short
         joint_attention(qkv, 2)
-    assert len(calls) == 1
+        assert len(calls) == 4
+        monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6)
+        with tp_kernels.use_backend("torch"):
+            joint_attention(qkv, 2)
+        joint_attention(qkv.double(), 2)  # the kernel is fp32
+        assert len(calls) == 4
 
 
 @needs_ext

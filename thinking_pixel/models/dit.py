@@ -4,7 +4,8 @@ A faithful re-implementation of the reference model: adaLN-Zero blocks, fixed 2D
 embeddings, a sinusoidal timestep embedder, a label embedder with a null class for classifier-free
 guidance, learned sigma and DiT's weight initialisation. Parameter names follow the reference
 (``x_embedder.proj``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.mlp.fc1``, ...), so its state dicts line up.
-Attention (thinking_pixel.modules.attention) uses ``F.scaled_dot_product_attention``; there is no timm dependency.
+Attention (thinking_pixel.modules.attention) runs ``tp_kernels.joint_attention`` (the CPU extension's kernel on fp32
+CPU tensors, torch's ``scaled_dot_product_attention`` elsewhere); there is no timm dependency.
 """
 
 from __future__ import annotations
