@@ -35,7 +35,8 @@ class NormShape:
         return f"{self.label}: T={self.tokens} D={self.dim}"
 
 
-FULL = [NormShape("DiT-S/2 block", 16 * 256, 384), NormShape("DiT-XL/2 width", 2 * 256, 1152)]
+FULL = [NormShape("DiT-S/2 block", 16 * 256, 384), NormShape("DiT-XL/2 width", 2 * 256, 1152),
+        NormShape("DiT-N/4 default", 64 * 16, 128)]
 QUICK = [NormShape("quick", 256, 128)]
 IMPLS = {
     "ours": lambda x: tp_kernels.layer_norm(x, EPS),

@@ -3,7 +3,8 @@ step's state before its gate and LoRA).
 
 On CPU the compiled extension's kernel (csrc/layer_norm.cpp) reads a bf16 input once and writes its output once,
 where the composed path upcasts the whole input, normalises it and casts it back; elsewhere (GPU, torch.compile, no
-extension) the composed path runs. Both compute the same function.
+extension) the composed path runs. Both compute the same function, each row on its own (a row's result does not
+depend on the others in its tensor, nor on whether a gradient is needed).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 from .. import _ext
 from .._dispatch import resolve
 from .._validate import FLOAT_DTYPES, check_finite_number, check_tensor
-from .op import DTYPES, layer_norm_bwd, layer_norm_fwd
+from .function import LayerNormFunction
 from .reference import layer_norm_composed, layer_norm_reference
 
-__all__ = ["layer_norm", "layer_norm_reference", "layer_norm_fwd", "layer_norm_bwd"]
+__all__ = ["layer_norm", "layer_norm_reference"]
+
+DTYPES = (torch.float32, torch.bfloat16)  # the kernel's
 
 
 def _kernel_applies(x):
@@ -34,5 +37,5 @@ def layer_norm(x, eps=1e-6):
         raise ValueError(f"x must have a non-empty last dim to normalise over, got shape {tuple(x.shape)}")
     check_finite_number("eps", eps, positive=True)
     if _kernel_applies(x):
-        return layer_norm_fwd(x.reshape(-1, x.shape[-1]), float(eps))[0].view(x.shape)
+        return LayerNormFunction.apply(x.reshape(-1, x.shape[-1]).contiguous(), float(eps)).view(x.shape)
     return layer_norm_composed(x, eps)

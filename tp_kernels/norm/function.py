@@ -1,0 +1,27 @@
+"""The LayerNorm kernel's autograd: a plain torch.autograd.Function over the extension.
+
+Not a torch.library custom op, unlike the package's other kernels: LayerNorm's work is small next to the custom
+op's Python autograd wrapper (~0.1 ms per forward + backward; at 1024 x 128 fp32 the op took 202 us against 135 us
+for torch's LayerNorm, this Function 108 us), and compiled graphs take the composed path, which inductor fuses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_ext
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """x (N, D) contiguous float32 / bfloat16 CPU tensor -> LN(x) in x's dtype; mean and rstd (fp32) kept."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        y, mean, rstd = cpu_ext.forward(x, eps)
+        ctx.save_for_backward(x, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mean, rstd = ctx.saved_tensors
+        return cpu_ext.backward(grad_y.to(x.dtype).contiguous(), x, mean, rstd), None
