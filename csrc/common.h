@@ -1,5 +1,5 @@
-// Helpers shared by the drivers (routed_lora.cpp, gate.cpp): exported symbols, OpenMP thread ids,
-// reusable workspace memory.
+// Helpers shared by the drivers (routed_lora.cpp, gate.cpp, attention.cpp, layer_norm.cpp): exported symbols,
+// OpenMP thread ids, reusable workspace memory, a row-blocked parallel loop.
 #pragma once
 
 #include <stdint.h>

@@ -1,9 +1,9 @@
 // The per-instruction-set kernel table shared by the isa_*.cpp translation units and the drivers.
 //
 // Each isa_*.cpp compiles kernels_impl.h for one instruction set (AVX-512 with BF16 dot products,
-// AVX-512, AVX2+FMA, or the compiler's baseline); the drivers (routed_lora.cpp, gate.cpp) hold the OpenMP loops and call
-// the kernels through the table picked once at load time, so no driver code runs instructions
-// the CPU lacks.
+// AVX-512, AVX2+FMA, or the compiler's baseline); the drivers (routed_lora.cpp, gate.cpp, attention.cpp,
+// layer_norm.cpp) hold the OpenMP loops and call the kernels through the table picked once at load time, so no
+// driver code runs instructions the CPU lacks.
 #pragma once
 
 #include <stdint.h>
