@@ -148,6 +148,16 @@ def _ratio(res, group, num, den):
     return None if a is None or b is None else a / b
 
 
+def _worst_ratio(res, op, num, den, mode=None):
+    """The largest median(num) / median(den) over op's groups (of one mode) -> (ratio or None, where it is)."""
+    worst, where = None, ""
+    for group in res.groups_of(op, mode):
+        r = _ratio(res, group, num, den)
+        if r is not None and (worst is None or r > worst):
+            worst, where = r, group.split(" | ", 1)[1]
+    return worst, where
+
+
 def targets(res):
     out = []
     for key, limit in (("T=8192 D=1152 R=128 E=5", 1.15), ("T=2048 D=1152 R=16 E=8", 1.5)):
@@ -178,25 +188,11 @@ def targets(res):
             worst, where = a / b, group.split(" | ", 1)[1]
     out.append(Target("routed_lora fwd+bwd / fwd (ours), worst shape", worst, 3.5, "<=", where))
 
-    worst, where = None, ""
-    for group in res.groups_of("gate_top1", "fwd"):
-        r = _ratio(res, group, "ours", "softmax")
-        if r is not None and (worst is None or r > worst):
-            worst, where = r, group.split(" | ", 1)[1]
+    worst, where = _worst_ratio(res, "gate_top1", "ours", "softmax", mode="fwd")
     out.append(Target("gate_top1 fwd / torch.softmax, worst shape", worst, 1.3, "<=", where))
-
-    worst, where = None, ""
-    for group in res.groups_of("refine_step"):
-        r = _ratio(res, group, "ours", "unfused")
-        if r is not None and (worst is None or r > worst):
-            worst, where = r, group.split(" | ", 1)[1]
+    worst, where = _worst_ratio(res, "refine_step", "ours", "unfused")
     out.append(Target("refine_step fused / unfused sequence, worst group", worst, 1.0, "<=", where))
-
-    worst, where = None, ""
-    for group in res.groups_of("layer_norm"):
-        r = _ratio(res, group, "ours", "upcast")
-        if r is not None and (worst is None or r > worst):
-            worst, where = r, group.split(" | ", 1)[1]
+    worst, where = _worst_ratio(res, "layer_norm", "ours", "upcast")
     out.append(Target("layer_norm / torch's LayerNorm with fp32 statistics (upcast), worst group", worst, 1.0, "<=",
                       where))
 
