@@ -3,6 +3,8 @@
 Nothing here knows what a diffusion model is. Every op is a ``torch.library``
 custom op with a CPU path, a Triton path for CUDA tensors and a plain-PyTorch
 reference beside it; :func:`use_backend` / ``TP_KERNELS_BACKEND`` pick one.
+:func:`layer_norm` (refine_step's LayerNorm on CPU) is a plain autograd.Function
+over the CPU extension, with torch's LayerNorm elsewhere.
 """
 
 from ._dispatch import BACKENDS, requested_backend, resolve as resolve_backend, use_backend

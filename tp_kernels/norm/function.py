@@ -1,8 +1,9 @@
 """The LayerNorm kernel's autograd: a plain torch.autograd.Function over the extension.
 
-Not a torch.library custom op, unlike the package's other kernels: LayerNorm's work is small next to the custom
-op's Python autograd wrapper (~0.1 ms per forward + backward; at 1024 x 128 fp32 the op took 202 us against 135 us
-for torch's LayerNorm, this Function 108 us), and compiled graphs take the composed path, which inductor fuses.
+Not a torch.library custom op, unlike the package's other kernels: a LayerNorm's work is small next to a custom op's
+Python autograd wrapper. At the default preset's 1024 x 128 (fp32, forward + backward) this Function and torch's
+LayerNorm both take ~0.13 ms (benchmarks/test_layer_norm.py); a custom op around the same kernel took ~0.2 ms when
+this was chosen. Compiled graphs take the composed path, which inductor fuses.
 """
 
 from __future__ import annotations
