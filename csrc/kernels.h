@@ -50,6 +50,10 @@ struct Kernels {
                             float* rstd, float* scratch);
     void (*layer_norm_grad_rows)(const void* dy, const void* x, int dt, int64_t rows, int64_t d, const float* mean,
                                  const float* rstd, void* dx, float* scratch);
+    // gemm() (fp32 c, written) of an operand n <= vw / 2 columns wide packed by pack() with nv = 1, on half-width
+    // vectors.
+    void (*gemm_narrow)(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp,
+                        void* const* c);
 
     // bf16 dot products with fp32 accumulation (null in tables for CPUs without them). Each 32-bit lane of a
     // pair panel holds two consecutive k of one column, so one instruction multiplies and adds both:

@@ -331,6 +331,55 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, 
         gemm_nv<2, TP_MR2>(m, n, k, a, cs_a, bp, c, c_dt, accumulate);
 }
 
+// gemm() of an operand at most VW / 2 columns wide, packed with nv = 1 (VW-lane panels, lanes past n zero), on
+// half-width vectors: where full-width FMAs run as two halves (AMD Zen 4), a head-dim remainder of 8 columns
+// (Dh = 72 = 64 + 8 at 16 lanes) then costs half a full panel instead of a whole one. c fp32, written.
+typedef float vnf __attribute__((vector_size(VW * 2)));
+constexpr int VN = VW / 2;
+
+template <int MR>
+inline void micro_narrow(int64_t k, const float* const* a, int64_t cs_a, const float* bp, float* const* c) {
+    vnf acc[MR];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) acc[i] = vnf{};
+    for (int64_t l = 0; l < k; ++l) {
+        vnf b;
+        memcpy(&b, bp + l * VW, sizeof b);
+        const int64_t off = l * cs_a;
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) acc[i] += (a[i][off] - vnf{}) * b;
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) memcpy(c[i], &acc[i], sizeof acc[i]);
+}
+
+template <int R>
+inline void micro_narrow_rows(int rows, int64_t k, const float* const* a, int64_t cs_a, const float* bp,
+                              float* const* c) {
+    if constexpr (R > 0) {
+        if (rows == R)
+            micro_narrow<R>(k, a, cs_a, bp, c);
+        else
+            micro_narrow_rows<R - 1>(rows, k, a, cs_a, bp, c);
+    }
+}
+
+void gemm_narrow(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp,
+                 void* const* c) {
+    constexpr int MR = TP_MR1;
+    float edge[MR * VN];  // n < VN: the block's rows go through here, so c is never written past column n
+    float* rows[MR];
+    const bool direct = n == VN;
+    const int64_t blocks = (m + MR - 1) / MR, block = blocks > 0 ? (m + blocks - 1) / blocks : MR;
+    for (int64_t i0 = 0; i0 < m; i0 += block) {
+        const int mb = int(m - i0 < block ? m - i0 : block);
+        for (int i = 0; i < mb; ++i) rows[i] = direct ? static_cast<float*>(c[i0 + i]) : edge + i * VN;
+        micro_narrow_rows<MR>(mb, k, a + i0, cs_a, bp, rows);
+        if (!direct)
+            for (int i = 0; i < mb; ++i) memcpy(c[i0 + i], edge + i * VN, n * sizeof(float));
+    }
+}
+
 #ifdef TP_BF16_DOT
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | uint32_t(hi) << 16; }
 
@@ -618,7 +667,7 @@ void layer_norm_grad_rows(const void* dy, const void* x, int dt, int64_t rows, i
 
 const tp::Kernels kTable = {
     TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_lse_rows, softmax_grad_rows,
-    row_dots, layer_norm_rows, layer_norm_grad_rows,
+    row_dots, layer_norm_rows, layer_norm_grad_rows, gemm_narrow,
 #ifdef TP_BF16_DOT
     pack_pairs, gemm_pairs,
 #else
