@@ -14,7 +14,7 @@
 
 // The exported functions' interface: bump on any change of a signature or of an argument's meaning, together
 // with ABI_VERSION in tp_kernels/_ext.py (which refuses a library reporting another number).
-#define TP_ABI_VERSION 6
+#define TP_ABI_VERSION 7
 
 namespace tp {
 

@@ -665,9 +665,41 @@ void layer_norm_grad_rows(const void* dy, const void* x, int dt, int64_t rows, i
     }
 }
 
+void gate_logit_rows(const void* h, int dt, int64_t rows, int64_t d, const float* w, int64_t e, float* out,
+                     float* scratch) {
+    const int64_t full = d / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* hr = f32_row(h, dt, r, d, scratch);
+        for (int64_t j = 0; j < e; ++j) {
+            const float* wj = w + j * d;
+            vf acc = vf{};
+            for (int64_t c = 0; c < full; c += VW) acc += loadf(hr + c) * loadf(wj + c);
+            float dot = lane_sum(acc);
+            for (int64_t c = full; c < d; ++c) dot += hr[c] * wj[c];
+            out[r * e + j] = dt == kF32 ? dot : bf16_to_f32(f32_to_bf16(dot));  // in h's dtype, as a Linear's
+        }
+    }
+}
+
+void gate_grad_rows(void* dh, int dt, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w,
+                    float* scratch) {
+    const int64_t full = d / VW * VW;
+    for (int64_t r = 0; r < rows; ++r) {
+        // fp32: the row itself, updated in place; bf16: its fp32 copy, rounded back once
+        float* g = dt == kF32 ? static_cast<float*>(dh) + r * d : const_cast<float*>(f32_row(dh, dt, r, d, scratch));
+        for (int64_t j = 0; j < e; ++j) {
+            const float* wj = w + j * d;
+            const vf s = splat(dl[r * e + j]);
+            for (int64_t c = 0; c < full; c += VW) storef(g + c, loadf(g + c) + s * loadf(wj + c));
+            for (int64_t c = full; c < d; ++c) g[c] += dl[r * e + j] * wj[c];
+        }
+        put_row(g, dh, dt, r, d);
+    }
+}
+
 const tp::Kernels kTable = {
     TP_ISA_NAME, VW, pack, gemm, to_f32, from_f32, gate_rows, softmax_rows, softmax_lse_rows, softmax_grad_rows,
-    row_dots, layer_norm_rows, layer_norm_grad_rows, gemm_narrow,
+    row_dots, layer_norm_rows, layer_norm_grad_rows, gate_logit_rows, gate_grad_rows, gemm_narrow,
 #ifdef TP_BF16_DOT
     pack_pairs, gemm_pairs,
 #else

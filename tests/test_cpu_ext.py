@@ -380,6 +380,65 @@ def test_gate_thread_counts_agree():
     assert all(torch.equal(u, v) for u, v in zip(one, two))
 
 
+# ---- the gate's token term: logits = h W^T and dh += d logits W ----
+
+
+def check_gate_token_term(n, d, e, dtype, seed=0):
+    """The extension's logits and their input gradient against float64 on the same (dtype-rounded) values."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g, dtype=torch.float64) + 1).to(dtype)
+    w = torch.randn(e, d, generator=g, dtype=torch.float64).to(dtype)
+    dl = torch.randn(n, e, generator=g, dtype=torch.float64).float()
+    dh = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    logits = gate_ext.logits(h, w)
+    assert logits.dtype == torch.float32 and logits.shape == (n, e)
+    exact = h.double() @ w.double().t()
+    if dtype == torch.bfloat16:  # rounded to bf16, as a bf16 Linear's output
+        assert torch.equal(logits, logits.to(dtype).float())
+        torch.testing.assert_close(logits.double(), exact, rtol=8e-3, atol=1e-5 * d ** 0.5)
+    else:
+        torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-5 * d ** 0.5)
+    want = dh.double() + dl.double() @ w.double()
+    gate_ext.add_logits_grad(dh, dl, w)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)  # one bf16 rounding
+    torch.testing.assert_close(dh.double(), want, **tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d, e", [(5, 1), (37, 5), (384, 5), (130, 9)])
+def test_gate_token_term_matches_float64(dtype, d, e):
+    check_gate_token_term(203, d, e, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gate_token_term_rows_are_batch_and_thread_invariant(dtype):
+    h = torch.randn(700, 96).to(dtype)
+    w = torch.randn(5, 96).to(dtype)
+    dl = torch.randn(700, 5)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            dh = torch.ones(700, 96, dtype=dtype)
+            gate_ext.add_logits_grad(dh, dl, w)
+            results.append((gate_ext.logits(h, w), dh))
+        finally:
+            torch.set_num_threads(2)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    alone = gate_ext.logits(h[13:14].contiguous(), w)
+    assert torch.equal(alone[0], results[0][0][13])
+
+
+def test_gate_token_term_falls_back_to_torch_for_other_inputs():
+    h = torch.randn(20, 8, dtype=torch.float64)
+    w = torch.randn(3, 8, dtype=torch.float64)
+    assert gate_ext.logits(h, w).dtype == torch.float64
+    wide = torch.randn(20, 16)[:, :8]  # not contiguous
+    torch.testing.assert_close(gate_ext.logits(wide, w.float()), wide @ w.float().t())
+
+
 # ---- without the extension ----
 
 
@@ -415,6 +474,10 @@ ref = tp_kernels.attention.joint_attention_reference(want, 2)
 ref.backward(grad_out)
 torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
 torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=2e-6)
+# the gate's token term
+from test_cpu_ext import check_gate_token_term
+for dtype in (torch.float32, torch.bfloat16):
+    check_gate_token_term(70, 37, 5, dtype)
 # the LayerNorm kernel over rows with a tail past whole vectors
 from tp_kernels.norm import cpu_ext as norm_ext
 x = torch.randn(70, 37, dtype=torch.float64) * 2 + 5

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 LIB_PATH = Path(__file__).with_name("_cpu_kernels.so")
-ABI_VERSION = 6  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
+ABI_VERSION = 7  # csrc/common.h: TP_ABI_VERSION; a library built from other sources is not called
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/kernels.h: DType
 
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -47,6 +47,10 @@ _SIGNATURES = {
     "tp_attention_fwd": (_INT, [_P, _I64, _I64, _I64, _F64, _P, _P, _INT]),
     # src, grad (6 x 4 int64 each), batch, heads, head_dim, scale, grad_out, out, lse, threads
     "tp_attention_bwd": (_INT, [_P, _P, _I64, _I64, _I64, _F64, _P, _P, _P, _INT]),
+    # h, dtype, n, d, w, e, out, threads
+    "tp_gate_logits": (_INT, [_P, _INT, _I64, _I64, _P, _I64, _P, _INT]),
+    # dh, dtype, n, d, dl, w, e, threads
+    "tp_gate_logits_grad": (_INT, [_P, _INT, _I64, _I64, _P, _P, _I64, _INT]),
     # x, dtype, n, d, eps, y, mean, rstd, threads
     "tp_layer_norm_fwd": (_INT, [_P, _INT, _I64, _I64, _F64, _P, _P, _P, _INT]),
     # grad_y, x, dtype, n, d, mean, rstd, dx, threads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._grouping import mm_rows
 from .._validate import acc_dtype
 
 
@@ -18,3 +19,14 @@ def forward(logits, noise, tau, hard):
     if hard:
         return idx, z.new_ones(z.shape[0]), probs
     return idx, probs, probs.new_empty(0)
+
+
+def logits(h, weight):
+    """The gate's token term: h (N, D) @ weight (E, D)^T -> (N, E) in the accumulation dtype (the product in h's
+    dtype, as the gate's Linear runs it; batch-invariant: mm_rows)."""
+    return mm_rows(h, weight.t()).to(acc_dtype(h.dtype))
+
+
+def add_logits_grad(dh, dlogits, weight):
+    """dh (N, D) += dlogits (N, E) @ weight (E, D), in dh's dtype (batch-invariant: mm_rows)."""
+    dh.add_(mm_rows(dlogits.to(dh.dtype), weight))

@@ -1,13 +1,14 @@
 """The refinement step on CPU: the compiled extension's gate and routed LoRA, with the glue folded.
 
-refine_step runs the LayerNorm before this op on CPU (torch's own, normalize=False here): its output feeds the
-extension's kernels anyway, and autograd then keeps it and its statistics for the backward, which saves a
+refine_step runs the LayerNorm before this op on CPU (tp_kernels.layer_norm, normalize=False here): its output
+feeds the extension's kernels anyway, and autograd then keeps it and its statistics for the backward, which saves a
 LayerNorm pass there. Called with normalize=True, the op runs it itself.
 
 Forward, three passes over the tokens' activations:
     1. h = LN(a) in one pass (statistics and output together; torch.native_layer_norm);
-    2. gate logits: one skinny GEMM h W^T (N, E) in the state's dtype (as the gate's Linear would run), the
-       conditioning rows added in place (G, 1, E) -> (N, E); top-1 in the extension's one-pass gate kernel;
+    2. gate logits h W^T (N, E): the extension's row-by-row kernel (fp32 accumulation, rounded to the state's
+       dtype as the gate's Linear's output would be), the conditioning rows added in place (G, 1, E) -> (N, E);
+       top-1 in the extension's one-pass gate kernel;
     3. routed LoRA in the extension (tokens grouped, shrink + expand per cache-resident tile), with the base
        added in place into its output (no separate output allocation: the add touches pages already hot).
 The gate's weight is exactly 1 forward, so the LoRA runs without a gate multiplier.
@@ -15,16 +16,18 @@ The gate's weight is exactly 1 forward, so the LoRA runs without a gate multipli
 Backward (:func:`backward_with`, shared with the Triton path, which passes its routed-LoRA kernels and its
 fused gate + LayerNorm backward kernel): h (recomputed with native_layer_norm if the op normalised), the
 routed-LoRA backward (d h, dA, dB and the gate's d weight in one call), then :func:`gate_ln_backward`: the
-straight-through gate gradient on (N, E), the token term's d h accumulated by an in-place GEMM, and
-native_layer_norm_backward if the op normalised.
+straight-through gate gradient on (N, E), the token term's d h accumulated in place (the extension's row kernel,
+fp32, one rounding), and native_layer_norm_backward if the op normalised. Without the extension (and on the
+``Composed`` path) the token term's products are mm_rows GEMMs in the state's dtype.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
-from .._grouping import mm_rows
 from .._validate import acc_dtype
 from ..gate import cpu as _gate_torch
 from ..routed_lora import cpu as _lora_torch
@@ -47,12 +50,13 @@ def layer_norm(state, eps):
     return h.to(state.dtype), mean, rstd
 
 
-def gate_logits(h, token_weight, cond_logits, n_exp):
-    """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T (a GEMM in h's dtype) + cond rows."""
+def gate_logits(h, token_weight, cond_logits, n_exp, gate=None):
+    """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T + cond rows. ``gate``: the gate backend module
+    computing h W^T (default: the extension's, else composed torch)."""
     n_tok = h.shape[0]
     acc = acc_dtype(h.dtype)
     if token_weight is not None:
-        logits = mm_rows(h, token_weight.t()).to(acc)  # (N, E)
+        logits = (gate or _gate()).logits(h, token_weight).to(acc)  # (N, E)
     else:
         logits = h.new_zeros(n_tok, n_exp, dtype=acc)
     if cond_logits is not None and n_tok:
@@ -68,8 +72,9 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     ``lora`` / ``gate``: the routed-LoRA and gate backend modules (default: the extension's, else composed torch)."""
     n_exp = lora_a.shape[0]
     h = layer_norm(state, eps)[0] if normalize else state  # (N, D)
-    logits = gate_logits(h, token_weight, cond_logits, n_exp)  # (N, E)
-    idx, weight, probs = (gate or _gate()).forward(logits, noise, tau, True)
+    gate = gate or _gate()
+    logits = gate_logits(h, token_weight, cond_logits, n_exp, gate)  # (N, E)
+    idx, weight, probs = gate.forward(logits, noise, tau, True)
     if active is not None:  # inactive tokens: expert -1, which the LoRA skips, and weight 0
         idx = torch.where(active, idx, -1)
         weight = active.to(weight.dtype)
@@ -80,11 +85,12 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
 
 
 def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
-                     need_state):
+                     need_state, gate=None):
     """The step's backward after the LoRA, in torch ops -> (d logits (N, E) or None, d state or None).
 
     dh (N, D): d loss / d h through the LoRA; dgate (N,): through the gate weight's use in the LoRA.
     mean, rstd: native_layer_norm's, or None when h = state (normalize=False: no LayerNorm backward).
+    gate: the gate backend module adding d logits W into dh (default: the extension's, else composed torch).
     """
     dlogits = d_state = None
     if need_logits:
@@ -98,7 +104,7 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
         onehot = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
         dlogits = (dweight[:, None] * p_sel) * (onehot - probs) / tau  # (N, E)
         if need_state and token_weight is not None:
-            dh.add_(mm_rows(dlogits.to(dh.dtype), token_weight))  # + d logits / d LN(state)
+            (gate or _gate()).add_logits_grad(dh, dlogits, token_weight)  # + d logits / d LN(state)
     if need_state:
         acc = mean.dtype if mean is not None else None
         d_state = dh if mean is None else torch.ops.aten.native_layer_norm_backward(
@@ -141,6 +147,10 @@ def backward(*args):
     return backward_with(_lora(), *args)
 
 
+# gate_ln_backward on composed torch ops only (the token term's gradient too)
+composed_gate_ln_backward = functools.partial(gate_ln_backward, gate=_gate_torch)
+
+
 class Composed:
     """The step in composed torch ops only, never the extension: the path of devices without Triton."""
 
@@ -150,4 +160,4 @@ class Composed:
 
     @staticmethod
     def backward(*args):
-        return backward_with(_lora_torch, *args)
+        return backward_with(_lora_torch, *args, tail=composed_gate_ln_backward)

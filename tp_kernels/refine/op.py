@@ -50,7 +50,7 @@ class _Reference:
 
     @staticmethod
     def backward(*args):
-        return _cpu.backward_with(_LoraReference, *args)
+        return _cpu.backward_with(_LoraReference, *args, tail=_cpu.composed_gate_ln_backward)
 
 
 def _backend(device):

@@ -252,8 +252,8 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
                      need_state):
     """cpu.gate_ln_backward's interface, as one kernel: the gate's gradient, its token term and the LN backward."""
     if state.dtype == torch.float64:
-        return _composed.gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau,
-                                          need_logits, need_state)
+        return _composed.composed_gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs,
+                                                   idx, tau, need_logits, need_state)
     dlogits = torch.empty_like(probs) if need_logits else None
     d_state = torch.empty_like(state) if need_state else None
     if need_logits or need_state:
