@@ -62,6 +62,21 @@ def test_samples_depend_on_seed_and_other_settings_are_refused(tmp_path):
         evaluate.generate_samples(model, tmp_path / "c", 0, **GEN)
 
 
+def test_samples_of_other_weights_at_the_same_path_are_refused(tmp_path):
+    """A run retrained into the same directory has new weights at the old checkpoint path: its samples are new."""
+    model = _tiny_dit()
+    weights = tmp_path / "ckpt"
+    model.save_pretrained(weights)
+    first, _, _ = evaluate._timed_samples(model, weights, tmp_path / "samples", 3, **GEN)
+    again, _, _ = evaluate._timed_samples(model, weights, tmp_path / "samples", 3, **GEN)  # resumed: same weights
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        model.final_layer.linear.weight.add_(0.1)
+    model.save_pretrained(weights)
+    with pytest.raises(ValueError, match="weights_sha256"):
+        evaluate._timed_samples(model, weights, tmp_path / "samples", 3, **GEN)
+
+
 def test_cli_arguments():
     parser = evaluate.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--checkpoint", "run", "--output", "e.json", "--num-samples", "10"])

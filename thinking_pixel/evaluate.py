@@ -131,15 +131,33 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
     return torch.cat(images), labels
 
 
+def weights_fingerprint(weights: Path) -> str:
+    """sha256 over the files of a model directory (relative names and contents): which weights made a set of
+    samples, whatever path they sit at (a run retrained into the same directory has new weights at the old path)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(weights).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(weights)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(weights: Path) -> dict:
+    """What identifies a checkpoint's samples: its path and its weights' fingerprint."""
+    return {"checkpoint": str(Path(weights).resolve()), "weights_sha256": weights_fingerprint(weights)}
+
+
 def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **options):
-    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken). The halting rule
-    is part of the samples' settings, so chunks made under another rule are never reused."""
+    """:func:`generate_samples` for the checkpoint at ``weights``: (images, labels, seconds taken). The weights'
+    fingerprint and the halting rule are part of the samples' settings, so chunks made by other weights (also at the
+    same path) or under another rule are never reused."""
     recursion = getattr(model, "recursion", None)
     halting = {} if getattr(recursion, "halting", "none") == "none" else {
         "halting": recursion.halting, "halt_threshold": recursion.halt_threshold}
     started = time.time()
-    images, labels = generate_samples(model, samples_dir, num_samples,
-                                      settings={"checkpoint": str(weights.resolve()), **halting}, **options)
+    settings = {**checkpoint_identity(weights), **halting}
+    images, labels = generate_samples(model, samples_dir, num_samples, settings=settings, **options)
     return images, labels, time.time() - started
 
 

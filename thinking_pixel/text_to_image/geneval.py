@@ -47,7 +47,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
                            batch_size: int = 64, samples_dir: str | Path | None = None,
                            use_ema: bool = True, device: str = "auto", progress: bool = True) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
-    from ..evaluate import _atomic_torch_save, check_sample_settings
+    from ..evaluate import _atomic_torch_save, check_sample_settings, checkpoint_identity
     from ..tasks.compositional import score
     from .sampling import PromptSampler, load_text_model
 
@@ -66,7 +66,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
 
     samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
     samples_dir.mkdir(parents=True, exist_ok=True)
-    check_sample_settings(samples_dir, {"checkpoint": str(weights.resolve()), "prompts_per_tag": prompts_per_tag,
+    check_sample_settings(samples_dir, {**checkpoint_identity(weights), "prompts_per_tag": prompts_per_tag,
                                   "images_per_prompt": images_per_prompt, "prompt_seed": prompt_seed, "seed": seed,
                                   "cfg_scale": cfg_scale, "num_steps": num_steps, "batch_size": batch_size})
     sampler = None
