@@ -21,8 +21,8 @@ TP_EXPORT int tp_gate_logits(const void* h, int dt, int64_t n, int64_t d, const 
                              int threads) {
     const tp::Kernels& kn = *tp::kernels();
     const int64_t es = tp::dtype_size(dt);
-    return tp::over_row_blocks(n, d, 64, threads, d, [&](int64_t r0, int64_t rows, float* scratch) {
-        kn.gate_logit_rows(static_cast<const char*>(h) + r0 * d * es, dt, rows, d, w, e, out + r0 * e, scratch);
+    return tp::over_row_blocks(n, d, 64, threads, 0, [&](int64_t r0, int64_t rows, float*) {
+        kn.gate_logit_rows(static_cast<const char*>(h) + r0 * d * es, dt, rows, d, w, e, out + r0 * e);
     });
 }
 
@@ -31,7 +31,7 @@ TP_EXPORT int tp_gate_logits_grad(void* dh, int dt, int64_t n, int64_t d, const 
                                   int threads) {
     const tp::Kernels& kn = *tp::kernels();
     const int64_t es = tp::dtype_size(dt);
-    return tp::over_row_blocks(n, d, 64, threads, d, [&](int64_t r0, int64_t rows, float* scratch) {
-        kn.gate_grad_rows(static_cast<char*>(dh) + r0 * d * es, dt, rows, d, dl + r0 * e, e, w, scratch);
+    return tp::over_row_blocks(n, d, 64, threads, 0, [&](int64_t r0, int64_t rows, float*) {
+        kn.gate_grad_rows(static_cast<char*>(dh) + r0 * d * es, dt, rows, d, dl + r0 * e, e, w);
     });
 }

@@ -53,11 +53,8 @@ struct Kernels {
     // The gate's token term over `rows` contiguous rows of d elements of h in dtype dt, w (e, d) fp32:
     // gate_logit_rows: out (rows, e) = h w^T rounded to dt (as a Linear in dt computes it), stored as fp32;
     // gate_grad_rows: dh (rows, d) in dt += dl (rows, e) w, rounded once. Each row on its own, fp32 accumulation.
-    // scratch: d floats.
-    void (*gate_logit_rows)(const void* h, int dt, int64_t rows, int64_t d, const float* w, int64_t e, float* out,
-                            float* scratch);
-    void (*gate_grad_rows)(void* dh, int dt, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w,
-                           float* scratch);
+    void (*gate_logit_rows)(const void* h, int dt, int64_t rows, int64_t d, const float* w, int64_t e, float* out);
+    void (*gate_grad_rows)(void* dh, int dt, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w);
     // gemm() (fp32 c, written) of an operand n <= vw / 2 columns wide packed by pack() with nv = 1, on half-width
     // vectors.
     void (*gemm_narrow)(int64_t m, int64_t n, int64_t k, const float* const* a, int64_t cs_a, const float* bp,

@@ -28,6 +28,28 @@ inline vf loadf(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 inline void storef(float* p, vf v) { memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return s - vf{}; }  // x - 0 folds away (x + 0 does not: -0 + 0 = +0)
 
+// The lanes' sum as a tree (upper half onto lower, log2(VW) levels): a chain of VW dependent adds costs ~4x the
+// latency where sums are taken per row (gate logits, softmax rows, row dots).
+inline float lane_sum(vf v) {
+    float t[VW];
+    memcpy(t, &v, sizeof v);
+#pragma GCC unroll 16
+    for (int w = VW / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    return t[0];
+}
+
+// sum of x[j] y[j] over n: VW lanes, then across them, then the tail.
+inline float dot(const float* x, const float* y, int64_t n) {
+    const int64_t full = n / VW * VW;
+    vf acc = vf{};
+    for (int64_t j = 0; j < full; j += VW) acc += loadf(x + j) * loadf(y + j);
+    float d = lane_sum(acc);
+    for (int64_t j = full; j < n; ++j) d += x[j] * y[j];
+    return d;
+}
+
 inline float bf16_to_f32(uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
     float f;
@@ -532,8 +554,7 @@ void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float scale,
             storef(x + j, e);
             acc += e;
         }
-        float sum = 0.0f;
-        for (int i = 0; i < VW; ++i) sum += acc[i];
+        float sum = lane_sum(acc);
         if (full < cols) {
             float tail[VW];
             for (int i = 0; i < VW; ++i) tail[i] = full + i < cols ? x[full + i] * scale - top * scale : -100.0f;
@@ -575,23 +596,7 @@ void softmax_grad_rows(const float* p, int64_t ld_p, float* ds, int64_t ld_ds, i
 }
 
 void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out) {
-    const int64_t full = cols / VW * VW;
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* x = a + r * lda;
-        const float* y = b + r * ldb;
-        vf acc = vf{};
-        for (int64_t j = 0; j < full; j += VW) acc += loadf(x + j) * loadf(y + j);
-        float dot = 0.0f;
-        for (int i = 0; i < VW; ++i) dot += acc[i];
-        for (int64_t j = full; j < cols; ++j) dot += x[j] * y[j];
-        out[r] = dot;
-    }
-}
-
-inline float lane_sum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VW; ++i) s += v[i];
-    return s;
+    for (int64_t r = 0; r < rows; ++r) out[r] = dot(a + r * lda, b + r * ldb, cols);
 }
 
 // Row r of a dt matrix with d columns as fp32: the row itself, or converted into buf.
@@ -665,36 +670,68 @@ void layer_norm_grad_rows(const void* dy, const void* x, int dt, int64_t rows, i
     }
 }
 
-void gate_logit_rows(const void* h, int dt, int64_t rows, int64_t d, const float* w, int64_t e, float* out,
-                     float* scratch) {
+// gate_logit_rows for rows of T (float or bf16 bits), read in place: each load of h feeds up to 8 experts' FMAs.
+template <typename T>
+void gate_logit_rows_t(const T* h, bool round_bf16, int64_t rows, int64_t d, const float* w, int64_t e, float* out) {
+    constexpr int64_t kExperts = 8;
     const int64_t full = d / VW * VW;
     for (int64_t r = 0; r < rows; ++r) {
-        const float* hr = f32_row(h, dt, r, d, scratch);
-        for (int64_t j = 0; j < e; ++j) {
-            const float* wj = w + j * d;
-            vf acc = vf{};
-            for (int64_t c = 0; c < full; c += VW) acc += loadf(hr + c) * loadf(wj + c);
-            float dot = lane_sum(acc);
-            for (int64_t c = full; c < d; ++c) dot += hr[c] * wj[c];
-            out[r * e + j] = dt == kF32 ? dot : bf16_to_f32(f32_to_bf16(dot));  // in h's dtype, as a Linear's
+        const T* hr = h + r * d;
+        for (int64_t j0 = 0; j0 < e; j0 += kExperts) {
+            const int64_t ne = e - j0 < kExperts ? e - j0 : kExperts;
+            vf acc[kExperts] = {};
+            for (int64_t c = 0; c < full; c += VW) {
+                const vf hv = load_vec(hr + c);
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < kExperts; ++j)
+                    if (j < ne) acc[j] += hv * loadf(w + (j0 + j) * d + c);
+            }
+            for (int64_t j = 0; j < ne; ++j) {
+                float z = lane_sum(acc[j]);
+                for (int64_t c = full; c < d; ++c) z += to_float(hr[c]) * w[(j0 + j) * d + c];
+                out[r * e + j0 + j] = round_bf16 ? bf16_to_f32(f32_to_bf16(z)) : z;  // in h's dtype, as a Linear's
+            }
         }
     }
 }
 
-void gate_grad_rows(void* dh, int dt, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w,
-                    float* scratch) {
+void gate_logit_rows(const void* h, int dt, int64_t rows, int64_t d, const float* w, int64_t e, float* out) {
+    if (dt == kF32)
+        gate_logit_rows_t(static_cast<const float*>(h), false, rows, d, w, e, out);
+    else
+        gate_logit_rows_t(static_cast<const uint16_t*>(h), true, rows, d, w, e, out);
+}
+
+// gate_grad_rows for rows of T (float or bf16 bits), updated in place: each vector of a row is loaded once, gets
+// every expert's term in fp32 and is stored (rounded) once.
+template <typename T>
+void gate_grad_rows_t(T* dh, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w) {
+    constexpr bool kBf16 = sizeof(T) == 2;
     const int64_t full = d / VW * VW;
     for (int64_t r = 0; r < rows; ++r) {
-        // fp32: the row itself, updated in place; bf16: its fp32 copy, rounded back once
-        float* g = dt == kF32 ? static_cast<float*>(dh) + r * d : const_cast<float*>(f32_row(dh, dt, r, d, scratch));
-        for (int64_t j = 0; j < e; ++j) {
-            const float* wj = w + j * d;
-            const vf s = splat(dl[r * e + j]);
-            for (int64_t c = 0; c < full; c += VW) storef(g + c, loadf(g + c) + s * loadf(wj + c));
-            for (int64_t c = full; c < d; ++c) g[c] += dl[r * e + j] * wj[c];
+        T* g = dh + r * d;
+        const float* dlr = dl + r * e;
+        for (int64_t c = 0; c < full; c += VW) {
+            vf v = load_vec(g + c);
+            for (int64_t j = 0; j < e; ++j) v += splat(dlr[j]) * loadf(w + j * d + c);
+            store_acc<kBf16>(g + c, 0, v);
         }
-        put_row(g, dh, dt, r, d);
+        for (int64_t c = full; c < d; ++c) {
+            float z = to_float(g[c]);
+            for (int64_t j = 0; j < e; ++j) z += dlr[j] * w[j * d + c];
+            if constexpr (kBf16)
+                g[c] = f32_to_bf16(z);
+            else
+                g[c] = z;
+        }
     }
+}
+
+void gate_grad_rows(void* dh, int dt, int64_t rows, int64_t d, const float* dl, int64_t e, const float* w) {
+    if (dt == kF32)
+        gate_grad_rows_t(static_cast<float*>(dh), rows, d, dl, e, w);
+    else
+        gate_grad_rows_t(static_cast<uint16_t*>(dh), rows, d, dl, e, w);
 }
 
 const tp::Kernels kTable = {

@@ -8,12 +8,13 @@ power loss leaves either the old version or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_tree", "make_temp_dir"]
+__all__ = ["atomic_write", "file_digest", "fsync_dir", "fsync_tree", "make_temp_dir"]
 
 
 def _umask() -> int:
@@ -70,3 +71,12 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     os.chmod(path, 0o777 & ~_umask())
     return path
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's contents, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

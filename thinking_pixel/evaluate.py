@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import _checkpoint as ckpt
+from ._fileio import file_digest
 from ._arguments import GUIDANCE_INTERVAL
 from ._arguments import add_evaluate_arguments as add_arguments
 from ._runtime import resolve_device
@@ -136,10 +137,7 @@ def weights_fingerprint(weights: Path) -> str:
     samples, whatever path they sit at (a run retrained into the same directory has new weights at the old path)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(weights).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(weights)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(f"{path.relative_to(weights)}\0{file_digest(path)}\n".encode())
     return digest.hexdigest()
 
 

@@ -18,7 +18,6 @@ different extractor never reuses them.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from .._fileio import file_digest
 
 EXTRACTOR_NAME = "inception-v3-compat"
 FEATURE_DIM = 2048
@@ -129,11 +130,7 @@ def torchscript_inception_path() -> Path:
 @functools.lru_cache(maxsize=4)
 def _sha1(path: Path, size: int, mtime_ns: int) -> str:
     """SHA-1 of ``path``; size and mtime are part of the cache key so a replaced file is hashed again."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _map_key(ts_key: str) -> str:

@@ -19,13 +19,11 @@ from .reference import layer_norm_composed, layer_norm_reference
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
-DTYPES = (torch.float32, torch.bfloat16)  # the kernel's
-
 
 def _kernel_applies(x):
     if torch.compiler.is_compiling():
         return False  # compiled graphs fuse the composed path themselves; the extension's loader is not traceable
-    return (x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0 and resolve(x.device) == "cpu"
+    return (x.device.type == "cpu" and x.dtype in _ext.DTYPE_CODES and x.numel() > 0 and resolve(x.device) == "cpu"
             and _ext.library() is not None)
 
 

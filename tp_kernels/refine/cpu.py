@@ -50,13 +50,12 @@ def layer_norm(state, eps):
     return h.to(state.dtype), mean, rstd
 
 
-def gate_logits(h, token_weight, cond_logits, n_exp, gate=None):
-    """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T + cond rows. ``gate``: the gate backend module
-    computing h W^T (default: the extension's, else composed torch)."""
+def gate_logits(h, token_weight, cond_logits, n_exp, gate):
+    """h (N, D) -> logits (N, E) in the accumulation dtype: h W^T (by ``gate``, a gate backend module) + cond rows."""
     n_tok = h.shape[0]
     acc = acc_dtype(h.dtype)
     if token_weight is not None:
-        logits = (gate or _gate()).logits(h, token_weight).to(acc)  # (N, E)
+        logits = gate.logits(h, token_weight).to(acc)  # (N, E)
     else:
         logits = h.new_zeros(n_tok, n_exp, dtype=acc)
     if cond_logits is not None and n_tok:
