@@ -28,16 +28,10 @@ inline vf loadf(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 inline void storef(float* p, vf v) { memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return s - vf{}; }  // x - 0 folds away (x + 0 does not: -0 + 0 = +0)
 
-// The lanes' sum as a tree (upper half onto lower, log2(VW) levels): a chain of VW dependent adds costs ~4x the
-// latency where sums are taken per row (gate logits, softmax rows, row dots).
 inline float lane_sum(vf v) {
-    float t[VW];
-    memcpy(t, &v, sizeof v);
-#pragma GCC unroll 16
-    for (int w = VW / 2; w >= 1; w /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < w; ++i) t[i] += t[i + w];
-    return t[0];
+    float s = 0.0f;
+    for (int i = 0; i < VW; ++i) s += v[i];
+    return s;
 }
 
 // sum of x[j] y[j] over n: VW lanes, then across them, then the tail.
