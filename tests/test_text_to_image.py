@@ -245,3 +245,17 @@ def test_analyze_text_model_expert_usage(tmp_path, compositional_run):
     assert {"mi_timestep_bits", "mi_tag_bits", "mi_position_bits"} <= set(pooled)
     assert set(stats["per_layer_step"]) == {"layer0_step1", "layer0_step2", "layer1_step1", "layer1_step2"}
     assert (out / "expert_usage.png").is_file() and (out / "expert_positions.png").is_file()
+    diagnostics = stats["recursion"]  # is the recursion engaged (thinking_pixel.text_to_image.diagnostics)
+    assert set(diagnostics["blocks"]) == {"0", "1"} and set(diagnostics["truncation_mse"]) == {"1", "2"}
+    assert {"colour", "shape", "relation", "tag"} == set(diagnostics["word_mi"])
+    assert (out / "state_change.png").is_file()
+
+
+def test_compositional_evaluation_truncates_the_recursion(tmp_path, compositional_run, capsys):
+    argv = ["evaluate", "--checkpoint", str(compositional_run), "--benchmark", "compositional", "--prompts-per-tag",
+            "1", "--images-per-prompt", "1", "--num-steps", "1", "--batch-size", "10", "--threads", "1",
+            "--no-progress", "--output", str(tmp_path / "t1.json"), "--recursion-steps", "1"]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "t1.json").read_text())["recursion_steps"] == 1
+    assert cli.main([*argv[:-1], "3"]) == 1
+    assert "exceeds the trained T" in _one_line_error(capsys)

@@ -142,6 +142,8 @@ def add_compositional_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts-per-tag", type=int, default=25, help="prompts per GenEval tag and split (default 25)")
     g.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4, as GenEval)")
     g.add_argument("--prompt-seed", type=int, default=0, help="which prompts are drawn (default 0)")
+    g.add_argument("--recursion-steps", type=int, default=None,
+                   help="run the recursion with T' <= T latent steps (truncation at fixed weights; default: T)")
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ compositional --output res.json``.
   noise seeded by (seed, i, j), so the images do not depend on batching or on interruptions.
 - Resumable: prompts are generated in chunks of ``--batch-size`` images; each finished chunk is written atomically
   to ``<samples-dir>/chunk_XXXXX.pt`` (uint8); a rerun with the same settings generates only the missing chunks.
+- ``--recursion-steps T'``: the recursive blocks run T' <= T latent steps (truncation at fixed weights; the
+  samples dir keeps the value, so runs with different T' never share samples).
 - Scores: ``thinking_pixel.tasks.compositional.score`` (GenEval's rules: an image is correct iff every include rule
   holds and no exclude rule is violated; a tag's score is the mean over its images; overall is the unweighted
   mean of the tags). The JSON holds the seen-composition scores at the top level and the held-out ones under
@@ -45,10 +47,12 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
                            images_per_prompt: int = 4, prompt_seed: int = 0, seed: int = 0,
                            cfg_scale: float = DEFAULT_CFG_SCALE, num_steps: int = DEFAULT_NUM_STEPS,
                            batch_size: int = 64, samples_dir: str | Path | None = None,
-                           use_ema: bool = True, device: str = "auto", progress: bool = True) -> dict:
+                           use_ema: bool = True, device: str = "auto", progress: bool = True,
+                           recursion_steps: int | None = None) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
     from ..evaluate import _atomic_torch_save, check_sample_settings, checkpoint_identity
     from ..tasks.compositional import score
+    from .diagnostics import set_recursion_steps
     from .sampling import PromptSampler, load_text_model
 
     for name, value in (("prompts_per_tag", prompts_per_tag), ("images_per_prompt", images_per_prompt),
@@ -60,6 +64,8 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
         device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     model = load_text_model(checkpoint, use_ema=use_ema, device=device)
+    if recursion_steps is not None:
+        set_recursion_steps(model, recursion_steps)
     seen, heldout = benchmark_prompts(prompts_per_tag, prompt_seed)
     prompts = seen + heldout
     rows = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]  # (prompt index, image index)
@@ -68,7 +74,8 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
     samples_dir.mkdir(parents=True, exist_ok=True)
     check_sample_settings(samples_dir, {**checkpoint_identity(weights), "prompts_per_tag": prompts_per_tag,
                                   "images_per_prompt": images_per_prompt, "prompt_seed": prompt_seed, "seed": seed,
-                                  "cfg_scale": cfg_scale, "num_steps": num_steps, "batch_size": batch_size})
+                                  "cfg_scale": cfg_scale, "num_steps": num_steps, "batch_size": batch_size,
+                                  **({} if recursion_steps is None else {"recursion_steps": recursion_steps})})
     sampler = None
     images = []
     started = time.time()
@@ -110,6 +117,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
         "heldout": None if heldout_scores is None else {k: v for k, v in heldout_scores.items() if k != "results"},
         "prompts_per_tag": prompts_per_tag, "images_per_prompt": images_per_prompt, "prompt_seed": prompt_seed,
         "seed": seed, "cfg_scale": cfg_scale, "num_steps": num_steps, "use_ema": use_ema,
+        "recursion_steps": recursion_steps,
         "samples_dir": str(samples_dir), "details": str(details), "sampling_seconds": round(sampling_seconds, 1),
     }
     output.write_text(json.dumps(result, indent=2) + "\n")
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         cfg_scale=DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
         num_steps=DEFAULT_NUM_STEPS if args.num_steps is None else args.num_steps,
         batch_size=args.batch_size, samples_dir=args.samples_dir, use_ema=args.use_ema, device=args.device,
-        progress=args.progress)
+        progress=args.progress, recursion_steps=args.recursion_steps)
     summary = {"overall": result["overall"], "heldout_overall": (result["heldout"] or {}).get("overall")}
     print(json.dumps(summary), flush=True)
     return 0

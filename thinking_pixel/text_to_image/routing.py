@@ -8,7 +8,10 @@ routing) with the prompt's caption, recording every routing decision.
 
 Outputs: ``expert_usage.png`` (fraction of tokens per expert vs timestep and vs the prompt's tag),
 ``expert_positions.png`` (vs token position) and ``routing_stats.json`` (usage, H(E), I(E; timestep),
-I(E; tag), I(E; position) in bits, pooled and per (layer, step)), with the statistics of thinking_pixel.analyze.
+I(E; tag), I(E; position) in bits, pooled and per (layer, step)), with the statistics of thinking_pixel.analyze;
+under each label's "recursion" key the diagnostics of :mod:`.diagnostics` (is the recursion engaged: per-step
+state change, LoRA-to-base ratio at the last step, expert usage per step, the loss with the recursion truncated
+to T' = 1 .. T, I(E; caption word)), plotted in ``state_change.png``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def analyze_text_models(checkpoints: list[str], output_dir: str | Path, *, label
     """Write expert_usage.png, expert_positions.png and routing_stats.json for text-to-image ``checkpoints``."""
     from ..analyze import plot_expert_positions, plot_expert_usage, routing_statistics
     from ..tasks.compositional import TAGS, make_prompts, render
+    from .diagnostics import plot_state_change, recursion_diagnostics
     from .sampling import PromptSampler, load_text_model
 
     labels = labels or [Path(c).name for c in checkpoints]
@@ -106,11 +110,14 @@ def analyze_text_models(checkpoints: list[str], output_dir: str | Path, *, label
                  "per_layer_step": {f"layer{l}_step{s}": routing_statistics(c) for (l, s), c in sorted(counts.items())}}
         for name in ("mi_class_bits", "nmi_class", "mi_bias_bits_class"):  # the "class" axis holds the prompt's tag
             stats["pooled"][name.replace("class", "tag")] = stats["pooled"].pop(name)
-        stats_json[label] = {"checkpoint": str(checkpoint), "recursion": model.recursion.to_dict(), "tags": list(TAGS),
-                             "num_images": len(prompts), "timesteps": timesteps, **stats}
+        engaged = recursion_diagnostics(model, sampler.embeddings, prompts, sigmas=sigmas, image_size=size,
+                                        batch_size=batch_size, seed=seed)
+        stats_json[label] = {"checkpoint": str(checkpoint), "recursion": {**model.recursion.to_dict(), **engaged},
+                             "tags": list(TAGS), "num_images": len(prompts), "timesteps": timesteps, **stats}
         results.append({"label": label, "counts": counts, "counts_shape": pooled.shape,
                         "stats": {"pooled": {**stats["pooled"], "mi_class_bits": stats["pooled"]["mi_tag_bits"]}}})
     plot_expert_usage(results, timesteps, out / "expert_usage.png", class_names=list(TAGS), class_axis="prompt tag")
     plot_expert_positions(results, out / "expert_positions.png")
+    plot_state_change({label: s["recursion"] for label, s in stats_json.items()}, out / "state_change.png")
     (out / "routing_stats.json").write_text(json.dumps(stats_json, indent=2) + "\n")
     return stats_json
