@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from thinking_pixel.text_to_image.stats import (SplitVerdicts, load_verdicts, mcnemar_exact, paired_difference,
-                                                reference_result, split_scores)
+                                                pool, reference_result, split_scores)
 
 
 def _verdicts(correct_by_prompt, tags):
@@ -56,6 +56,14 @@ def test_paired_difference_ci_covers_the_difference_and_excludes_zero_only_when_
     noisy = rng.random((60, 4)) < 0.4  # an unrelated model of the same quality
     n = paired_difference(_verdicts(noisy, tags), _verdicts(base, tags), num_bootstrap=2000)
     assert n["overall"]["ci"][0] < 0 < n["overall"]["ci"][1]
+
+
+def test_pooled_seeds_keep_the_prompt_as_the_unit():
+    tags = ["a"] * 3
+    runs = [_verdicts([[1, 0], [0, 0], [1, 1]], tags), _verdicts([[1, 1], [0, 0], [0, 1]], tags)]
+    pooled = split_scores(pool(runs))["a"]
+    assert pooled["score"] == pytest.approx(0.5) and pooled["prompts"] == 3 and pooled["images"] == 12
+    assert pooled["se"] == pytest.approx(np.std([0.75, 0.0, 0.75], ddof=1) / math.sqrt(3))
 
 
 def test_paired_difference_refuses_different_prompts():

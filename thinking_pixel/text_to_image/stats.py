@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SplitVerdicts", "load_verdicts", "mcnemar_exact", "paired_difference", "reference_result",
+__all__ = ["SplitVerdicts", "load_verdicts", "mcnemar_exact", "paired_difference", "pool", "reference_result",
            "split_scores"]
 
 SPLITS = ("seen", "heldout")
@@ -46,21 +46,32 @@ def _verdicts(records: list[dict], images_per_prompt: int) -> SplitVerdicts:
 
 
 def load_verdicts(result: str | Path | dict) -> dict[str, SplitVerdicts]:
-    """{split: SplitVerdicts} of an evaluation: its result JSON (path or dict) with ``details`` (a jsonl path, or
-    the records themselves as a list)."""
+    """{split: SplitVerdicts} of an evaluation: its result JSON (path or dict) with ``details``: a jsonl path
+    (relative: to the JSON's folder; missing: the JSON's ``<stem>_details.jsonl``) or the records as a list."""
     if not isinstance(result, dict):
         path = Path(result)
         result = json.loads(path.read_text())
         details = result["details"]
-        if isinstance(details, str) and not Path(details).is_file():
-            details = str(path.with_name(path.stem + "_details.jsonl"))  # moved with its JSON
+        if isinstance(details, str):
+            details = path.parent / details  # a relative path is relative to the JSON (an absolute one stays)
+            if not details.is_file():
+                details = path.with_name(path.stem + "_details.jsonl")  # moved with its JSON
         result = {**result, "details": details}
     details = result["details"]
-    if isinstance(details, str):
+    if isinstance(details, (str, Path)):
         details = [json.loads(line) for line in Path(details).read_text().splitlines() if line]
     per = result["images_per_prompt"]
     return {s: _verdicts([r for r in details if r["split"] == s], per) for s in SPLITS
             if any(r["split"] == s for r in details)}
+
+
+def pool(runs: list[SplitVerdicts]) -> SplitVerdicts:
+    """Several evaluations of the same prompts (e.g. one per training seed) as one: a prompt's images are all of
+    theirs, so the prompt stays the unit of the SEs and of the bootstrap."""
+    for r in runs[1:]:
+        _check_paired(runs[0], r)
+    return SplitVerdicts(sum((r.tags for r in runs), ()), np.concatenate([r.prompt for r in runs]),
+                         np.concatenate([r.correct for r in runs]), sum((r.captions for r in runs), ()))
 
 
 def _prompt_means(v: SplitVerdicts) -> dict[str, np.ndarray]:
