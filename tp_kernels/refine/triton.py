@@ -17,8 +17,9 @@ element) that keeps the one-pass sums from cancelling.
 With normalize=False (state already is LN(a)) the stats kernel stores mean 0, rstd 1 and the same kernels
 compute the step on the state as given.
 
-The gate's E logits per token are too few for tensor cores (tl.dot needs 16 columns), so that product is a
-broadcast multiply-reduce in fp32 on CUDA cores; the kernel is bound by its one read of the state anyway.
+The gate's E logits per token are too few for tensor cores (tl.dot needs 16 columns), so that product runs in
+fp32 on CUDA cores, one expert's row of W at a time (``_expert_row``); the kernel is bound by its one read of the
+state anyway.
 
 Backward (cpu.backward_with, the driver shared with the CPU path): LN(state) recomputed once with torch's
 native_layer_norm (routed_lora's dA kernel reads it), routed_lora.triton's backward kernels (dh, dx, dA, dB and
@@ -39,6 +40,18 @@ from .._validate import acc_dtype
 from ..routed_lora import triton as _lora
 from ..routed_lora.triton import Launch
 from . import cpu as _composed
+
+
+@triton.jit
+def _expert_row(w_ptr, j, k, k_ok, dim, n_exp):
+    """Columns ``k`` of row ``j`` of the gate's token weight W (E, D) in fp32, zeros for a padded expert j >= E.
+
+    The token term's products with W run one expert at a time as 2-D multiply-adds. The 3-D form
+    ``tl.sum(a[:, :, None] * w[None, :, :], 1)`` is rewritten by Triton 3.6 and 3.7 into a TF32 ``tt.dot``
+    whose inner dimension (the experts, < 8) is too short for the tensor core, and the padding it gets there
+    counts the term twice; no Triton version turns this form into a dot (tests/test_triton_aot.py checks it).
+    """
+    return tl.load(w_ptr + j * dim + k, mask=k_ok & (j < n_exp), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -67,10 +80,10 @@ def _stats_gate_kernel(
         s1 += tl.sum(xc, 1)
         s2 += tl.sum(xc * xc, 1)
         if HAS_W:
-            wt = tl.load(w_ptr + e[:, None] * dim + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)  # (BLOCK_E, BLOCK_K)
-            xw += tl.sum(xc[:, None, :] * wt[None, :, :], 2)
-            w1 += tl.sum(wt, 1)
+            for j in tl.static_range(BLOCK_E):  # one expert's row of W at a time: see _expert_row
+                wj = _expert_row(w_ptr, j, k, k_ok, dim, n_exp)  # (BLOCK_K,)
+                xw += tl.where(e[None, :] == j, tl.sum(xc * wj[None, :], 1)[:, None], 0.0)
+                w1 += tl.where(e == j, tl.sum(wj, 0), 0.0)
     if NORMALIZE:
         mean_c = s1 / dim  # mean - shift
         var = tl.maximum(s2 / dim - mean_c * mean_c, 0.0)
@@ -102,15 +115,16 @@ def _stats_gate_kernel(
 
 
 @triton.jit
-def _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, e_ok, dim, HAS_W: tl.constexpr):
+def _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, dim, n_exp, HAS_W: tl.constexpr,
+               BLOCK_E: tl.constexpr):
     """(g, xhat) on a (BLOCK_T, BLOCK_K) tile: g = d loss / d LN(a) (LoRA part + dlogits W), xhat = LN(a)."""
     mask = row_ok[:, None] & k_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * dim + k[None, :]
     g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_W:
-        w = tl.load(w_ptr + e[:, None] * dim + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)  # (BLOCK_E, BLOCK_K)
-        g += tl.sum(dlogits[:, :, None] * w[None, :, :], 1)
+        for j in tl.static_range(BLOCK_E):  # g += dlogits W, one expert at a time: see _expert_row
+            dj = tl.sum(tl.where(e[None, :] == j, dlogits, 0.0), 1)  # (BLOCK_T,) column j, loop-invariant
+            g += dj[:, None] * _expert_row(w_ptr, j, k, k_ok, dim, n_exp)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     return g, xhat
@@ -153,8 +167,8 @@ def _gate_ln_bwd_kernel(
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             for k0 in range(0, dim, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k < dim, mean, rstd, dlogits, e, e_ok,
-                                     dim, HAS_W)
+                g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k < dim, mean, rstd, dlogits, e, dim,
+                                     n_exp, HAS_W, BLOCK_E)
                 c1 += tl.sum(g, 1)
                 c2 += tl.sum(g * xhat, 1)
             c1 = c1 / dim
@@ -162,8 +176,8 @@ def _gate_ln_bwd_kernel(
         for k0 in range(0, dim, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < dim
-            g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, e_ok, dim,
-                                 HAS_W)
+            g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, dim, n_exp,
+                                 HAS_W, BLOCK_E)
             dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
             tl.store(dx_ptr + rows.to(tl.int64)[:, None] * dim + k[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
