@@ -17,7 +17,7 @@ TINY = ["--image-size", "8", "--patch-size", "2", "--depth", "2", "--hidden-size
 
 def train_config(argv):
     args = cli.build_parser().parse_args(["train", *argv])
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    return TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"})
 
 
 def test_train_without_arguments_uses_the_defaults():
@@ -28,12 +28,13 @@ def test_train_options_map_onto_the_config():
     cfg = train_config(["--max-steps", "7", "--output-dir", "x", "--dataset", "digits", "--recursion-steps", "3",
                         "--experts", "5", "--rank", "8", "--recursion-layers", "1,3", "--bf16", "--compile",
                         "--lr", "3e-4", "--seed", "2", "--finetune-from", "ckpt", "--no-freeze-base"])
-    assert (cfg.max_steps, cfg.output_dir, cfg.dataset, cfg.recursion_steps, cfg.experts, cfg.rank) == \
-        (7, "x", "digits", 3, 5, 8)
-    assert cfg.recursion_layers == (1, 3) and cfg.bf16 and cfg.compile and cfg.lr == 3e-4 and cfg.seed == 2
-    assert cfg.finetune_from == "ckpt" and not cfg.freeze_base and cfg.recursion
-    assert not train_config(["--no-recursion"]).recursion
-    assert train_config(["--gate-inputs", "tokens,timestep"]).gate_inputs == ("tokens", "timestep")
+    assert (cfg.optimisation.max_steps, cfg.run.output_dir, cfg.data.dataset, cfg.recursion.steps,
+            cfg.recursion.experts, cfg.recursion.rank) == (7, "x", "digits", 3, 5, 8)
+    assert cfg.recursion.layers == (1, 3) and cfg.optimisation.bf16 and cfg.run.compile
+    assert cfg.optimisation.lr == 3e-4 and cfg.run.seed == 2
+    assert cfg.model.finetune_from == "ckpt" and not cfg.model.freeze_base and cfg.text_to_image is None
+    assert train_config(["--no-recursion"]).recursion is None
+    assert train_config(["--gate-inputs", "tokens,timestep"]).recursion.gate_inputs == ("tokens", "timestep")
 
 
 @pytest.mark.parametrize("argv", [

@@ -188,7 +188,7 @@ def test_from_pretrained_accepts_a_run_directory(tmp_path):
     assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
     with pytest.raises(FileNotFoundError):
         ThinkingPixelDiT.from_pretrained(tmp_path)
-    assert json.loads((result.checkpoint / "train_config.json").read_text())["max_steps"] == 1
+    assert json.loads((result.checkpoint / "train_config.json").read_text())["optimisation"]["max_steps"] == 1
 
 
 def test_every_file_and_directory_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):

@@ -1,10 +1,16 @@
 """Training and sampling options of the shapes recipe: Min-SNR-gamma weighting, cosine lr, guidance interval."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from thinking_pixel.diffusion import GaussianDiffusion, guided_model_fn, sample
-from thinking_pixel.train import TrainConfig, _lr
+from thinking_pixel.train import _lr
+from thinking_pixel.train_config import OptimisationConfig, TrainConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "flat_train_config"
 
 
 def _toy_model(x, t, y):
@@ -28,14 +34,14 @@ def test_min_snr_weights_the_eps_loss_only():
 
 
 def test_cosine_lr_warms_up_then_decays_to_zero():
-    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    cfg = OptimisationConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert _lr(cfg, 0) == pytest.approx(1e-4) and _lr(cfg, 10) == pytest.approx(1e-3)
     assert _lr(cfg, 60) == pytest.approx(5e-4) and _lr(cfg, 110) == pytest.approx(0.0, abs=1e-12)
-    assert _lr(TrainConfig(lr_schedule="constant", warmup_steps=0), 5000) == TrainConfig().lr
+    assert _lr(OptimisationConfig(lr_schedule="constant", warmup_steps=0), 5000) == OptimisationConfig().lr
     with pytest.raises(ValueError, match="lr_schedule"):
-        TrainConfig(lr_schedule="linear")
+        OptimisationConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        TrainConfig(min_snr_gamma=-1.0)
+        OptimisationConfig(min_snr_gamma=-1.0)
 
 
 def test_guidance_interval_guides_only_inside():
@@ -96,7 +102,12 @@ def test_v_and_x0_prediction_models_return_eps(tmp_path, prediction):
 def test_runs_saved_before_the_options_resume_only_with_their_old_behaviour(tmp_path):
     from thinking_pixel.train import _check_resumable
 
-    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("prediction", "lr_schedule", "min_snr_gamma")}
+    # the flat train_config.json layout, as a run saved before the three options existed wrote it
+    flat = json.loads((FIXTURES / "dit_no_recursion.json").read_text())
+    old = TrainConfig.from_dict({k: v for k, v in flat.items() if k not in ("prediction", "lr_schedule",
+                                                                            "min_snr_gamma")})
+    now = dict(output_dir="runs/plain", recursion=False, preset="DiT-S/2")
     with pytest.raises(ValueError, match="prediction"):
-        _check_resumable(old, TrainConfig(), tmp_path)
-    _check_resumable(old, TrainConfig(prediction="eps", lr_schedule="constant", min_snr_gamma=0), tmp_path)
+        _check_resumable(old, TrainConfig.from_flat(**now), tmp_path)
+    _check_resumable(old, TrainConfig.from_flat(**now, prediction="eps", lr_schedule="constant", min_snr_gamma=0),
+                     tmp_path)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from thinking_pixel import cli
-from thinking_pixel.train import TrainConfig, train
+from thinking_pixel import RecursionConfig, cli
+from thinking_pixel.train import train
+from thinking_pixel.train_config import (DataConfig, ModelConfig, OptimisationConfig, RunConfig, TextToImageConfig,
+                                         TrainConfig)
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
@@ -37,7 +39,7 @@ def tiny(tmp_path, data, name="run", **overrides):
                    preset="SD3-N/2", rank=4, batch_size=4, max_steps=4, checkpoint_every=2, warmup_steps=0,
                    recursion_layers=(1,), sample_grid=False, progress=False, num_threads=1)
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_flat(**options)
 
 
 def losses(output_dir):
@@ -199,9 +201,12 @@ def test_pipeline_training_and_sampling_with_the_recursion(tmp_path, caption_dir
 def compositional_run(tmp_path_factory):
     """A tiny text-to-image model with the recursion in 2 blocks, 3 steps on --dataset compositional (16 px)."""
     out = tmp_path_factory.mktemp("comp")
-    cfg = TrainConfig(output_dir=str(out / "run"), dataset="compositional", image_size=16, preset="SD3-N/2",
-                      recursion_layers=(0, 1), experts=2, recursion_steps=2, rank=4, batch_size=4, max_steps=3,
-                      checkpoint_every=3, warmup_steps=0, sample_grid=False, progress=False, num_threads=1)
+    cfg = TrainConfig(data=DataConfig(dataset="compositional", image_size=16), model=ModelConfig(preset="SD3-N/2"),
+                      recursion=RecursionConfig(layers=(0, 1), experts=2, steps=2, rank=4),
+                      optimisation=OptimisationConfig(batch_size=4, max_steps=3, warmup_steps=0),
+                      text_to_image=TextToImageConfig(),
+                      run=RunConfig(output_dir=str(out / "run"), checkpoint_every=3, sample_grid=False, progress=False,
+                                    num_threads=1))
     return train(cfg).output_dir
 
 

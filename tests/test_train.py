@@ -18,7 +18,7 @@ def tiny(tmp_path, name="run", **overrides):
                    num_heads=2, rank=4, batch_size=4, max_steps=4, checkpoint_every=2, lr=1e-3, warmup_steps=0,
                    sample_grid=False, progress=False, num_threads=1)
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_flat(**options)
 
 
 def losses(output_dir):
@@ -42,7 +42,7 @@ def test_metrics_and_checkpoint_layout(tmp_path):
     step_dir = out / "checkpoints" / "step_0000004"
     for sub in ("model", "ema"):
         assert (step_dir / sub / "config.json").is_file() and (step_dir / sub / "model.safetensors").is_file()
-    assert json.loads((step_dir / "train_config.json").read_text())["max_steps"] == 4
+    assert json.loads((step_dir / "train_config.json").read_text())["optimisation"]["max_steps"] == 4
     model, ema = load_file(step_dir / "model" / "model.safetensors"), load_file(step_dir / "ema" / "model.safetensors")
     assert any(not torch.equal(model[k], ema[k]) for k in model), "EMA must lag the model"
     assert resolve_weights_dir(out) == step_dir / "ema"
@@ -83,11 +83,11 @@ def test_gate_inputs_reach_the_model_and_old_checkpoints_resume(tmp_path):
     assert model.recursion.gate_inputs == ("tokens",)
     gates = [m for name, m in model.named_modules() if name.endswith("attn.gate")]
     assert gates and all(g.token_proj is not None and g.cond_proj is None for g in gates)
-    # a run saved before gate_inputs existed resumes as the default (all inputs)
+    # a saved recursion without gate_inputs resumes as the default (all inputs)
     train(tiny(tmp_path, "old", max_steps=2))
     saved = tmp_path / "old" / "checkpoints" / "step_0000002" / "train_config.json"
     config = json.loads(saved.read_text())
-    del config["gate_inputs"]
+    del config["recursion"]["gate_inputs"]
     saved.write_text(json.dumps(config))
     assert train(tiny(tmp_path, "old", max_steps=3)).step == 3
     with pytest.raises(ValueError, match="gate_inputs"):

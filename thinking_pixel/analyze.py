@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import _checkpoint as ckpt
 from ._arguments import add_analyze_arguments as add_arguments
 from .diffusion import GaussianDiffusion
+from .train_config import TrainConfig
 
 __all__ = ["add_arguments", "analyze", "collect_routing", "decode_steps", "mutual_information", "recursion_states",
            "routing_statistics", "run"]
@@ -283,7 +284,7 @@ def _load(checkpoint: str, use_ema: bool, device: str):
         raise ValueError(f"--checkpoint {checkpoint} holds a {type(model).__name__}; routing analysis needs a "
                          "ThinkingPixelDiT")
     step_dir = ckpt.find_step_dir(weights)
-    return model, (ckpt.load_train_config(step_dir) if step_dir is not None else {})
+    return model, (TrainConfig.load(step_dir) if step_dir is not None else None)  # None: saved outside a run
 
 
 def analyze(checkpoints: list[str], output_dir: str | Path, *, labels: list[str] | None = None,
@@ -309,10 +310,10 @@ def analyze(checkpoints: list[str], output_dir: str | Path, *, labels: list[str]
 
     results, stats_json = [], {}
     for i, (checkpoint, label) in enumerate(zip(checkpoints, labels)):
-        model, train_config = _load(checkpoint, use_ema, device)
+        model, saved = _load(checkpoint, use_ema, device)
         cfg = model.config
-        name = dataset or train_config.get("dataset", "fashion_mnist")
-        root = data_dir if (dataset or data_dir) else train_config.get("data_dir")
+        name = dataset or (saved.data.dataset if saved is not None else "fashion_mnist")
+        root = data_dir if (dataset or data_dir or saved is None) else saved.data.data_dir
         images, ys = real_subset(name, num_images, image_size=cfg.input_size, num_channels=cfg.in_channels,
                                  split=split, data_dir=root, seed=seed)
         if int(ys.max()) >= cfg.num_classes:

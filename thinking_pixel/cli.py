@@ -2,7 +2,8 @@
 
 Argument parsing only; the work is done by thinking_pixel.train / .sample / .evaluate / .analyze, imported
 once the arguments are valid, so ``--help`` and argument errors stay fast (nothing here imports torch).
-Defaults of ``train`` come from :class:`~thinking_pixel.train.TrainConfig`: options left unset keep them.
+``train``'s options map onto the sections of :class:`~thinking_pixel.train_config.TrainConfig`
+(:meth:`~thinking_pixel.train_config.TrainConfig.from_flat`); options left unset keep its defaults.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import TrainConfig, train
 
-            result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+            result = train(TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"}))
             if result.stopped_by is not None:
                 return 143 if result.stopped_by == "SIGTERM" else 130
             if result.last_loss is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports

@@ -37,6 +37,7 @@ from ._arguments import add_evaluate_arguments as add_arguments
 from ._runtime import resolve_device
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
 from .sample import apply_halting
+from .train_config import TrainConfig
 
 __all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_subset", "reference_images", "run"]
 
@@ -212,10 +213,10 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     _check_positive(num_samples=num_samples, num_reference=num_reference, batch_size=batch_size)
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     step_dir = ckpt.find_step_dir(weights)
-    train_config = ckpt.load_train_config(step_dir) if step_dir is not None else {}
+    saved = TrainConfig.load(step_dir) if step_dir is not None else None  # None: weights saved outside a run
     if dataset is None:
-        dataset = train_config.get("dataset", "fashion_mnist")
-        data_dir = data_dir if data_dir is not None else train_config.get("data_dir")
+        dataset = saved.data.dataset if saved is not None else "fashion_mnist"
+        data_dir = data_dir if data_dir is not None or saved is None else saved.data.data_dir
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ckpt.load_model_dir(weights, device=device).eval()
@@ -286,14 +287,14 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
     _check_positive(num_samples=num_samples, batch_size=batch_size)
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     step_dir = ckpt.find_step_dir(weights)
-    train_config = ckpt.load_train_config(step_dir) if step_dir is not None else {}
-    if train_config.get("dataset", "shapes") != "shapes":
+    saved = TrainConfig.load(step_dir) if step_dir is not None else None  # None: weights saved outside a run
+    if saved is not None and saved.data.dataset != "shapes":
         raise ValueError(f"--metric accuracy needs a model trained on the shapes dataset; {checkpoint} was trained "
-                         f"on {train_config['dataset']!r}")
+                         f"on {saved.data.dataset!r}")
     model = ckpt.load_model_dir(weights, device=resolve_device(device)).eval()
     recursive = apply_halting(model, halting, checkpoint)
     cfg = model.config
-    data = make_dataset("shapes", image_size=cfg.input_size, seed=train_config.get("seed", 0))
+    data = make_dataset("shapes", image_size=cfg.input_size, seed=saved.run.seed if saved is not None else 0)
     if cfg.num_classes != data.num_classes or cfg.in_channels != 3:
         raise ValueError(f"the model has {cfg.num_classes} classes and {cfg.in_channels} channels; the shapes "
                          f"dataset has {data.num_classes} classes of RGB images")

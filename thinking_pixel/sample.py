@@ -13,6 +13,7 @@ from . import _checkpoint as ckpt
 from ._arguments import GUIDANCE_INTERVAL, check_image_output
 from ._runtime import resolve_device, torch_threads
 from .diffusion import GaussianDiffusion, sample
+from .train_config import TrainConfig
 
 __all__ = ["apply_halting", "generate", "make_grid", "sample_checkpoint", "save_grid"]
 
@@ -129,7 +130,7 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
             raise ValueError(f"{checkpoint} holds a text-to-image model ({type(model).__name__}): pass --prompt \"...\"")
         recursive = apply_halting(model, halting, checkpoint)
         step_dir = ckpt.find_step_dir(weights)
-        is_latent = step_dir is not None and ckpt.load_train_config(step_dir).get("dataset") == "latents"
+        is_latent = step_dir is not None and TrainConfig.load(step_dir).data.dataset == "latents"
         classes = list(range(model.config.num_classes)) if classes is None else list(classes)
         images = generate(model, classes, per_class, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
                           cfg_interval=cfg_interval, seed=seed, clip_sample=not is_latent, batch_size=batch_size,

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from .._presets import DIT_CONFIGS
 from ..modules.attention import Attention
 from ..modules._checks import is_int, is_number
 from .pretrained import PretrainedMixin, config_from_dict
@@ -125,25 +126,6 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
         return config_from_dict(cls, d)
-
-
-# Architecture presets: (depth, hidden_size, num_heads) x patch size. S/B/L/XL are DiT's; they keep DiTConfig's
-# latent-space defaults (32x32x4 latents, 1000 classes). T ("tiny") and N ("nano") are ours, for pixel-space runs
-# on a 2-core CPU at 16x16 RGB: DiT-T/2 has 64 tokens and ~4M parameters; DiT-N/4 (the CPU training default) has
-# 16 tokens and ~1.3M parameters, a few minutes per thousand steps. Override any field with dit_config(name, ...).
-_SIZES = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-    "T": dict(depth=6, hidden_size=192, num_heads=3, input_size=16, in_channels=3, num_classes=10),
-    "N": dict(depth=4, hidden_size=128, num_heads=4, input_size=16, in_channels=3, num_classes=10),
-}
-DIT_CONFIGS = {
-    f"DiT-{size}/{patch}": dict(arch, patch_size=patch)
-    for size, arch in _SIZES.items()
-    for patch in (2, 4, 8)
-}
 
 
 def dit_config(name: str, **overrides) -> DiTConfig:

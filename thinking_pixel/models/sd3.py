@@ -27,19 +27,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._presets import SD3_CONFIGS
 from .pretrained import PretrainedMixin
 from .thinking_pixel_dit import RecursionConfig
 
 __all__ = ["SD3_CONFIGS", "SD3TextToImage", "sd3_config"]
-
-_SIZES = {
-    "N": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32),
-    "T": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32),
-    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
-    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
-}
-SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch)
-               for size, arch in _SIZES.items() for patch in (1, 2, 4)}
 
 
 def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: int = 384, pooled_dim: int = 384,

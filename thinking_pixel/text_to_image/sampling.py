@@ -134,7 +134,8 @@ def grid_prompts(cfg) -> list[str]:
     """A few captions of the run's data for the end-of-training grid (TrainConfig ``cfg``)."""
     from ..data import make_dataset
 
-    dataset = make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+    dataset = make_dataset(cfg.data.dataset, root=cfg.data.data_dir, image_size=cfg.data.image_size,
+                           seed=cfg.run.seed)
     captions = list(dataset.class_names)
     step = max(1, len(captions) // 8)
     return captions[::step][:8]

@@ -46,43 +46,43 @@ def _minilm_max_length(dataset) -> int:
 
 def build_text_model(cfg, dataset) -> SD3TextToImage:
     """A fresh text-to-image model for ``cfg`` (a TrainConfig) shaped for ``dataset``."""
-    recursion = None if cfg.peft_lora else cfg.recursion_config()
-    peft_lora = None
-    if cfg.peft_lora:
-        peft_lora = {"rank": cfg.rank, "layers": cfg.recursion_layers}
-    if cfg.finetune_from is not None or cfg.pipeline is not None:
-        if cfg.finetune_from is not None:
-            base = ckpt.load_model_dir(ckpt.resolve_weights_dir(cfg.finetune_from, ema=True))
+    recursion, m, pipeline = cfg.recursion, cfg.model, cfg.text_to_image.pipeline
+    peft_lora = cfg.text_to_image.peft_lora
+    if peft_lora is not None:
+        peft_lora = {"rank": peft_lora.rank, "layers": peft_lora.layers}
+    if m.finetune_from is not None or pipeline is not None:
+        if m.finetune_from is not None:
+            base = ckpt.load_model_dir(ckpt.resolve_weights_dir(m.finetune_from, ema=True))
             if not isinstance(base, SD3TextToImage) or base.recursion is not None or base.peft_lora is not None:
-                raise ValueError(f"--finetune-from {cfg.finetune_from} must hold a text-to-image model without "
+                raise ValueError(f"--finetune-from {m.finetune_from} must hold a text-to-image model without "
                                  f"recursion or LoRA (got {type(base).__name__}); to continue a run, rerun it on "
                                  "its output dir")
             if base.pipeline is None and (base.image_size, base.in_channels) != (dataset.image_size,
                                                                                 dataset.num_channels):
-                raise ValueError(f"the model in {cfg.finetune_from} works on {base.image_size} px, {base.in_channels} "
+                raise ValueError(f"the model in {m.finetune_from} works on {base.image_size} px, {base.in_channels} "
                                  f"channels; the data has {dataset.image_size} px, {dataset.num_channels} channels")
         else:
-            base = SD3TextToImage({}, text={"encoder": "pipeline"}, pipeline=cfg.pipeline)
-            base.set_latent_size(cfg.image_size)
-            if not cfg.freeze_base:
+            base = SD3TextToImage({}, text={"encoder": "pipeline"}, pipeline=pipeline)
+            base.set_latent_size(cfg.data.image_size)
+            if not m.freeze_base:
                 raise ValueError("--pipeline trains the recursion (or LoRA) on a frozen transformer; "
                                  "--no-freeze-base is not supported with --pipeline")
         if recursion is None and peft_lora is None:
             return base.train()  # plain continued training of the whole transformer
         if peft_lora is not None and peft_lora["layers"] is None:
             peft_lora["layers"] = [base.transformer_config["num_layers"] // 2]
-        return SD3TextToImage.from_base(base, recursion, freeze_base=cfg.freeze_base, peft_lora=peft_lora).train()
-    if not cfg.preset.startswith("SD3"):
-        raise ValueError(f"text-to-image training needs an SD3 preset (e.g. SD3-T/2), got --preset {cfg.preset}")
+        return SD3TextToImage.from_base(base, recursion, freeze_base=m.freeze_base, peft_lora=peft_lora).train()
+    if not m.preset.startswith("SD3"):
+        raise ValueError(f"text-to-image training needs an SD3 preset (e.g. SD3-T/2), got --preset {m.preset}")
     head_dim = None
-    if cfg.hidden_size is not None:
-        heads = cfg.num_heads or sd3_config(cfg.preset, image_size=dataset.image_size)["num_attention_heads"]
-        if cfg.hidden_size % heads:
-            raise ValueError(f"--hidden-size {cfg.hidden_size} must be divisible by the number of heads ({heads})")
-        head_dim = cfg.hidden_size // heads
-    config = sd3_config(cfg.preset, image_size=dataset.image_size, in_channels=dataset.num_channels,
-                        num_layers=cfg.depth, num_attention_heads=cfg.num_heads, attention_head_dim=head_dim,
-                        patch_size=cfg.patch_size)
+    if m.hidden_size is not None:
+        heads = m.num_heads or sd3_config(m.preset, image_size=dataset.image_size)["num_attention_heads"]
+        if m.hidden_size % heads:
+            raise ValueError(f"--hidden-size {m.hidden_size} must be divisible by the number of heads ({heads})")
+        head_dim = m.hidden_size // heads
+    config = sd3_config(m.preset, image_size=dataset.image_size, in_channels=dataset.num_channels,
+                        num_layers=m.depth, num_attention_heads=m.num_heads, attention_head_dim=head_dim,
+                        patch_size=m.patch_size)
     if peft_lora is not None and peft_lora["layers"] is None:
         peft_lora["layers"] = [config["num_layers"] // 2]
     text = {"encoder": "minilm", "max_length": _minilm_max_length(dataset)}
@@ -92,17 +92,15 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
 class TextToImageTask:
     """The text-to-image counterpart of train.DiTTask (same interface)."""
 
-    # The DiT's eps-objective options: the flow has its own target and timestep density (see the module doc).
-    unused_settings = frozenset({"prediction", "min_snr_gamma"})
-
     @staticmethod
     def make_dataset(cfg):
-        return make_dataset(cfg.dataset, root=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+        return make_dataset(cfg.data.dataset, root=cfg.data.data_dir, image_size=cfg.data.image_size,
+                            seed=cfg.run.seed)
 
     build_model = staticmethod(build_text_model)
 
     def __init__(self, cfg, dataset, model: SD3TextToImage, device: torch.device, output_dir: Path):
-        self.device, self.dropout, self.captions = device, cfg.class_dropout_prob, dataset.class_names
+        self.device, self.dropout, self.captions = device, cfg.model.class_dropout_prob, dataset.class_names
         self.flow = RectifiedFlow()
         cache = Path(output_dir) / CAPTION_CACHE
         # A pipeline's T5 states are (333, 4096) per caption: kept in bf16, half the memory of fp32.
@@ -131,5 +129,5 @@ class TextToImageTask:
         prompts = grid_prompts(cfg)
         if not prompts:
             return None
-        return sample_prompts(output_dir, output_dir / "samples.png", prompts, per_prompt=4, seed=cfg.seed,
-                              device=str(device), pipeline=cfg.pipeline)
+        return sample_prompts(output_dir, output_dir / "samples.png", prompts, per_prompt=4, seed=cfg.run.seed,
+                              device=str(device), pipeline=cfg.text_to_image.pipeline)

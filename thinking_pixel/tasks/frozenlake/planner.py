@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ...data.frozenlake import CELL, FrozenLakeDataset, frame_tensor
+from ...train_config import TrainConfig
 from .maps import make_maps
 from .rollout import evaluate_planner
 
@@ -68,8 +69,12 @@ class DiffusionPlanner:
 
 def evaluation_maps(train_config: dict, canvas: int, num_maps: int, sizes=None) -> dict[int, list]:
     """Held-out maps per size: the training size and every larger one up to the canvas (default), never a map
-    the run trained on (the training maps are rebuilt from the run's settings)."""
-    image_size, seed = train_config.get("image_size", canvas * CELL), train_config.get("seed", 0)
+    the run trained on (the training maps are rebuilt from the run's settings: ``train_config``, its
+    train_config.json, or {} for weights saved outside a run, trained on the whole canvas with seed 0)."""
+    image_size, seed = canvas * CELL, 0
+    if train_config:
+        saved = TrainConfig.from_dict(train_config)
+        image_size, seed = saved.data.image_size, saved.run.seed
     train = FrozenLakeDataset(image_size=image_size, seed=seed, num_samples=1)
     sizes = list(range(train.map_size, canvas + 1)) if sizes is None else list(sizes)
     bad = [s for s in sizes if not 2 <= s <= canvas]

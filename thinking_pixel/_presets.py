@@ -1,0 +1,32 @@
+"""Architecture presets by name: the class-conditional DiT's and the text-to-image SD3 model's.
+
+Plain data, without torch, so that the command line lists and checks preset names without importing the models;
+``thinking_pixel.models.dit_config`` and ``sd3_config`` build configs from them.
+"""
+
+__all__ = ["DIT_CONFIGS", "SD3_CONFIGS"]
+
+# DiT: (depth, hidden_size, num_heads) x patch size. S/B/L/XL are DiT's; they keep DiTConfig's latent-space defaults
+# (32x32x4 latents, 1000 classes). T ("tiny") and N ("nano") are ours, for pixel-space runs on a 2-core CPU at 16x16
+# RGB: DiT-T/2 has 64 tokens and ~4M parameters; DiT-N/4 (the CPU training default) has 16 tokens and ~1.3M
+# parameters, a few minutes per thousand steps. Override any field with dit_config(name, ...).
+_DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "T": dict(depth=6, hidden_size=192, num_heads=3, input_size=16, in_channels=3, num_classes=10),
+    "N": dict(depth=4, hidden_size=128, num_heads=4, input_size=16, in_channels=3, num_classes=10),
+}
+DIT_CONFIGS = {f"DiT-{size}/{patch}": dict(arch, patch_size=patch) for size, arch in _DIT_SIZES.items()
+               for patch in (2, 4, 8)}
+
+# SD3 (thinking_pixel.models.sd3): the transformer's blocks and heads x head dim, x patch size.
+_SD3_SIZES = {
+    "N": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32),
+    "T": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32),
+    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
+    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
+}
+SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch) for size, arch in _SD3_SIZES.items()
+               for patch in (1, 2, 4)}
