@@ -41,6 +41,7 @@ def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=
         None if noise is None else noise.reshape(-1, n_exp).contiguous(),
         float(tau),
         bool(hard),
+        True,  # checked here
     )
     gate = weight.reshape(*lead) if hard else weight.reshape(*lead, n_exp)
     return idx.reshape(lead), gate

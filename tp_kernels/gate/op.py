@@ -1,6 +1,7 @@
 """torch.library registration of the top-1 gate: schema, fake, autograd, dispatch by backend.
 
-    tp_kernels::gate_top1_fwd(logits, noise, tau, hard) -> (weight, idx, probs)
+    tp_kernels::gate_top1_fwd(logits, noise, tau, hard, checked=False) -> (weight, idx, probs)
+checked: the caller (the public wrapper) validated the arguments; called directly, the op checks them.
 idx = argmax(logits + noise); probs = softmax((logits + noise) / tau) in fp32 (fp64 for fp64).
 hard: weight = 1 (N,), probs kept for the straight-through backward.
 soft: weight = probs (N, E), probs returned empty (weight is saved instead).
@@ -42,20 +43,22 @@ def _backend(device):
 
 
 @torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())
-def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool) -> tuple[Tensor, Tensor, Tensor]:
-    op = "tp_kernels.gate_top1_fwd"
-    arg = OpArgs(op, logits.device if isinstance(logits, Tensor) else None)
-    arg("logits", logits, ("N", "E"), FLOAT_DTYPES)
-    arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
-    if logits.shape[1] < 1:
-        raise ValueError(f"{op}: logits needs at least one expert (column), got shape {tuple(logits.shape)}")
-    check_finite_number("tau", tau, positive=True)
+def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool,
+                  checked: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    if not checked:
+        op = "tp_kernels.gate_top1_fwd"
+        arg = OpArgs(op, logits.device if isinstance(logits, Tensor) else None)
+        arg("logits", logits, ("N", "E"), FLOAT_DTYPES)
+        arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
+        if logits.shape[1] < 1:
+            raise ValueError(f"{op}: logits needs at least one expert (column), got shape {tuple(logits.shape)}")
+        check_finite_number("tau", tau, positive=True)
     idx, weight, probs = _backend(logits.device).forward(logits, noise, tau, hard)
     return weight, idx, probs
 
 
 @gate_top1_fwd.register_fake
-def _(logits, noise, tau, hard):
+def _(logits, noise, tau, hard, checked=False):
     acc = acc_dtype(logits.dtype)
     n, e = logits.shape
     idx = logits.new_empty(n, dtype=torch.int64)
@@ -65,7 +68,7 @@ def _(logits, noise, tau, hard):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, noise, tau, hard = inputs
+    logits, noise, tau, hard, *_ = inputs
     weight, idx, probs = output
     ctx.tau, ctx.hard = tau, hard
     ctx.save_for_backward(idx, probs if hard else weight)
@@ -81,7 +84,7 @@ def _backward(ctx, grad_weight, grad_idx, grad_probs):
         grad = (grad_weight[:, None] * p_sel) * (onehot - probs) / ctx.tau
     else:
         grad = probs * (grad_weight - (grad_weight * probs).sum(-1, keepdim=True)) / ctx.tau
-    return grad, None, None, None
+    return (grad, *(None,) * (len(ctx.needs_input_grad) - 1))
 
 
 gate_top1_fwd.register_autograd(_backward, setup_context=_setup_context)

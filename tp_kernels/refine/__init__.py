@@ -143,5 +143,6 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
         flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
         cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
         None if active is None else active.reshape(-1).contiguous(),
+        True,  # checked here
     )
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

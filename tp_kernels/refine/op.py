@@ -7,6 +7,9 @@ Two custom ops, both opaque to torch.compile:
         perm, offsets, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond)
         -> (d_state, d_lora_a, d_lora_b, d_token_weight, d_cond_logits)
 normalize=False: state already is LN(a) and the op skips its LayerNorm (the CPU path: see refine_step).
+checked=True (a trailing argument of both ops): the caller validated the arguments -- the public wrapper, or the
+autograd backward passing the forward's own tensors -- and the op body does not check them again; called
+directly, an op checks its raw layout (and the backward its expert indices).
 active (N,) bool or None: inactive tokens get idx -1 (the LoRA skips them), weight 0 and qkv = base (or 0); the
 backward knows them by idx -1 and gives them no gradient but the base's.
 probs = softmax(z / tau) (N, E) and lora_h = A_idx LN(state) (N, S*R) are saved for the backward
@@ -81,22 +84,24 @@ def _check_groups(op, n_groups, n_tok):
 def refine_step_fwd(
     state: Tensor, lora_a: Tensor, lora_b: Tensor, token_weight: Optional[Tensor], cond_logits: Optional[Tensor],
     noise: Optional[Tensor], base: Optional[Tensor], tau: float, scale: float, eps: float, normalize: bool,
-    active: Optional[Tensor] = None,
+    active: Optional[Tensor] = None, checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    op = "tp_kernels.refine_step_fwd"
-    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
-    arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
-    arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
-    arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
-    arg("active", active, ("N",), (torch.bool,), optional=True)
-    if cond_logits is not None:
-        _check_groups(op, cond_logits.shape[0], state.shape[0])
+    if not checked:
+        op = "tp_kernels.refine_step_fwd"
+        arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+        arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
+        arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
+        arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
+        arg("active", active, ("N",), (torch.bool,), optional=True)
+        if cond_logits is not None:
+            _check_groups(op, cond_logits.shape[0], state.shape[0])
     return _backend(state.device).forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
                                           eps, normalize, active)
 
 
 @refine_step_fwd.register_fake
-def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
+def _(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None,
+      checked=False):
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
     acc = acc_dtype(state.dtype)
@@ -112,24 +117,25 @@ def refine_step_bwd(
     token_weight: Optional[Tensor], idx: Tensor, probs: Tensor, lora_h: Tensor, perm: Tensor, offsets: Tensor,
     n_groups: int, tau: float,
     scale: float, eps: float, normalize: bool, need_state: bool, need_w: bool, need_token_weight: bool,
-    need_cond: bool,
+    need_cond: bool, checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    op = "tp_kernels.refine_step_bwd"
     # upstream gradients come in any layout (weight.sum() gives a stride-0 one): the kernels index rows densely
     grad_qkv, grad_weight = (g.contiguous() if isinstance(g, Tensor) else g for g in (grad_qkv, grad_weight))
-    arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
-    n_exp, n_slice, rank, _ = lora_a.shape
-    acc = (acc_dtype(state.dtype),)
-    arg("grad_qkv", grad_qkv, ("N", n_slice * lora_b.shape[2]), FLOAT_DTYPES)
-    arg("grad_weight", grad_weight, ("N",), FLOAT_DTYPES, optional=True)
-    arg("idx", idx, ("N",), INDEX_DTYPES)
-    arg("probs", probs, ("N", "E"), acc)
-    arg("lora_h", lora_h, ("N", n_slice * rank), acc)
-    arg("perm", perm, ("N",), (torch.int64,))
-    arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
-    if need_cond:
-        _check_groups(op, n_groups, state.shape[0])
-    check_index_range("expert_idx", idx, n_exp, allow_skip=True)  # -1: an inactive token
+    if not checked:
+        op = "tp_kernels.refine_step_bwd"
+        arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
+        n_exp, n_slice, rank, _ = lora_a.shape
+        acc = (acc_dtype(state.dtype),)
+        arg("grad_qkv", grad_qkv, ("N", n_slice * lora_b.shape[2]), FLOAT_DTYPES)
+        arg("grad_weight", grad_weight, ("N",), FLOAT_DTYPES, optional=True)
+        arg("idx", idx, ("N",), INDEX_DTYPES)
+        arg("probs", probs, ("N", "E"), acc)
+        arg("lora_h", lora_h, ("N", n_slice * rank), acc)
+        arg("perm", perm, ("N",), (torch.int64,))
+        arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
+        if need_cond:
+            _check_groups(op, n_groups, state.shape[0])
+        check_index_range("expert_idx", idx, n_exp, allow_skip=True)  # -1: an inactive token
     return _backend(state.device).backward(
         grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
@@ -138,7 +144,7 @@ def refine_step_bwd(
 
 @refine_step_bwd.register_fake
 def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
-      scale, eps, normalize, need_state, need_w, need_token_weight, need_cond):
+      scale, eps, normalize, need_state, need_w, need_token_weight, need_cond, checked=False):
     def empty_or(need, like):
         return torch.empty_like(like) if need else state.new_empty(0)
 
@@ -148,7 +154,7 @@ def _(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lo
 
 
 def _setup_context(ctx, inputs, output):
-    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active = inputs
+    state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, *_ = inputs
     qkv, weight, idx, probs, lora_h, perm, offsets = output
     ctx.save_for_backward(state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets)
     ctx.n_groups = 0 if cond_logits is None else cond_logits.shape[0]
@@ -157,6 +163,8 @@ def _setup_context(ctx, inputs, output):
     ctx.deferred = collector_for(lora_a)  # weights from deferred.defer_weight_grads: dA, dB reduced after all steps
     ctx.packs = _lora_ext.PACKED.current()  # the recursion's packed experts, for its steps' backward
     ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
+    ctx.qkv_shape = qkv.shape
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
 
 
 def _backward(ctx, grad_qkv, grad_weight, *_):
@@ -170,7 +178,9 @@ def _gradients(ctx, grad_qkv, grad_weight):
     need_w = need_a or need_b
     need_cond = bool(need_cond and ctx.n_groups)
     need_tw = bool(need_tw and token_weight is not None)
-    grads = [None] * 12
+    grads = [None] * len(ctx.needs_input_grad)
+    if grad_qkv is None:  # only the gate weight reaches the loss
+        grad_qkv = state.new_zeros(ctx.qkv_shape)
     if need_w and ctx.deferred is not None:  # eager CPU: the input gradients now, the weights' after the last step
         d_state, _, _, d_tw, d_cond = _cpu.backward_with(
             ctx.deferred, grad_qkv.contiguous(), None if grad_weight is None else grad_weight.contiguous(), state,
@@ -182,8 +192,8 @@ def _gradients(ctx, grad_qkv, grad_weight):
     elif need_state or need_w or need_tw or need_cond:
         d_state, da, db, d_tw, d_cond = refine_step_bwd(
             grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
-            ctx.n_groups, ctx.tau,
-            ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
+            ctx.n_groups, ctx.tau, ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
+            True,  # the forward's own tensors: nothing to check again
         )
     if need_state or need_w or need_tw or need_cond:
         grads[:5] = (d_state if need_state else None, da if need_a else None, db if need_b else None,

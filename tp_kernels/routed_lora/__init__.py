@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_number, check_same_device, check_tensor
-from .op import routed_lora_bwd, routed_lora_fwd
+from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_finite_number, check_index_range, check_same_device,
+                         check_tensor)
+from .op import _triton_checks, routed_lora_bwd, routed_lora_fwd
 from .reference import routed_lora_reference
 
 __all__ = ["routed_lora", "routed_lora_reference", "routed_lora_fwd", "routed_lora_bwd", "reuse_packed_weights"]
@@ -70,6 +71,10 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
             raise ValueError(f"gate must have shape {tuple(x.shape[:-1])}, got {tuple(gate.shape)}")
     check_finite_number("scale", scale)
     check_same_device(x=x, expert_idx=expert_idx, lora_a=lora_a, lora_b=lora_b, gate=gate)
+    # the index range is data: traced by torch.compile it would break the graph, so there the op checks it
+    checked = not torch.compiler.is_compiling()
+    if checked and not _triton_checks(expert_idx):
+        check_index_range("expert_idx", expert_idx, n_exp, allow_skip=True)
 
     lead = x.shape[:-1]
     y, *_ = routed_lora_fwd(
@@ -79,5 +84,6 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
         b.contiguous(),
         None if gate is None else gate.reshape(-1).contiguous(),
         float(scale),
+        checked,
     )
     return y.reshape(*lead, n_slice * b.shape[2])

@@ -1,9 +1,11 @@
 """torch.library registration of routed LoRA: schema, fake, autograd, dispatch by backend.
 
 Two custom ops, both opaque to torch.compile (no graph break, no retrace):
-    tp_kernels::routed_lora_fwd(x, idx, lora_a, lora_b, gate, scale) -> (y, h, perm, offsets)
-    tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, ...)
+    tp_kernels::routed_lora_fwd(x, idx, lora_a, lora_b, gate, scale, checked=False) -> (y, h, perm, offsets)
+    tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, ..., checked=False)
         -> (dx, da, db, dgate)
+checked: the caller has validated the arguments (the public wrapper; the autograd backward, whose tensors the
+forward made), so the op body does not check them again. Called directly, an op checks its raw layout.
 h = A_e x (N, S*R, float32; float64 for float64 x) is saved by the forward so the backward need not recompute it,
 and so is the forward's token grouping: perm (N,) int64 with idx[perm] sorted, offsets (E+1,) int64 (expert e's
 tokens are perm[offsets[e]:offsets[e+1]]), so the backward does not sort again.
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._dispatch import implementation
+from .._dispatch import implementation, resolve
 from .._grouping import group_by_expert
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
 from . import cpu as _cpu
@@ -58,20 +60,28 @@ def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
     if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
         raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
     check_finite_number("scale", scale)
-    check_index_range("expert_idx", idx, lora_a.shape[0], allow_skip=True)
+    if not _triton_checks(idx):
+        check_index_range("expert_idx", idx, lora_a.shape[0], allow_skip=True)
     return arg
+
+
+def _triton_checks(idx) -> bool:
+    """Whether the forward checks the index range itself: the Triton path on CUDA, from its grouping's flag."""
+    return idx.device.type == "cuda" and resolve(idx.device) == "triton"
 
 
 @torch.library.custom_op("tp_kernels::routed_lora_fwd", mutates_args=())
 def routed_lora_fwd(
-    x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor], scale: float
+    x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor], scale: float,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_args("tp_kernels.routed_lora_fwd", x, idx, lora_a, lora_b, gate, scale)
+    if not checked:
+        check_args("tp_kernels.routed_lora_fwd", x, idx, lora_a, lora_b, gate, scale)
     return _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
 
 
 @routed_lora_fwd.register_fake
-def _(x, idx, lora_a, lora_b, gate, scale):
+def _(x, idx, lora_a, lora_b, gate, scale, checked=False):
     n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
     return (x.new_empty(x.shape[0], n_slice * d_out), x.new_empty(x.shape[0], n_slice * rank, dtype=acc_dtype(x.dtype)),
             x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(lora_a.shape[0] + 1, dtype=torch.int64))
@@ -81,21 +91,23 @@ def _(x, idx, lora_a, lora_b, gate, scale):
 def routed_lora_bwd(
     grad_y: Tensor, x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, gate: Optional[Tensor],
     h: Tensor, perm: Tensor, offsets: Tensor, scale: float, need_x: bool, need_w: bool, need_gate: bool,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    op = "tp_kernels.routed_lora_bwd"
     grad_y = grad_y.contiguous() if isinstance(grad_y, Tensor) else grad_y  # autograd hands over any layout
-    arg = check_args(op, x, idx, lora_a, lora_b, gate, scale)
-    n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
-    arg("grad_y", grad_y, ("N", n_slice * d_out), FLOAT_DTYPES)
-    arg("h", h, ("N", n_slice * rank), (acc_dtype(x.dtype),))
-    arg("perm", perm, ("N",), (torch.int64,))
-    arg("offsets", offsets, (lora_a.shape[0] + 1,), (torch.int64,))
+    if not checked:
+        op = "tp_kernels.routed_lora_bwd"
+        arg = check_args(op, x, idx, lora_a, lora_b, gate, scale)
+        n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
+        arg("grad_y", grad_y, ("N", n_slice * d_out), FLOAT_DTYPES)
+        arg("h", h, ("N", n_slice * rank), (acc_dtype(x.dtype),))
+        arg("perm", perm, ("N",), (torch.int64,))
+        arg("offsets", offsets, (lora_a.shape[0] + 1,), (torch.int64,))
     return _backend(x.device).backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w,
                                        need_gate)
 
 
 @routed_lora_bwd.register_fake
-def _(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
+def _(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate, checked=False):
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(lora_a) if need_w else x.new_empty(0),
@@ -105,26 +117,29 @@ def _(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, nee
 
 
 def _setup_context(ctx, inputs, output):
-    x, idx, lora_a, lora_b, gate, scale = inputs
+    x, idx, lora_a, lora_b, gate, scale, *_ = inputs
     y, h, perm, offsets = output
     ctx.save_for_backward(x, idx, lora_a, lora_b, gate, h, perm, offsets)
     ctx.scale = scale
     ctx.packs = _cpu_ext.PACKED.current()  # a reuse_packed_weights scope's copies, for the backward to share
     ctx.mark_non_differentiable(h, perm, offsets)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
 
 
 def _backward(ctx, grad_y, *_):
     x, idx, lora_a, lora_b, gate, h, perm, offsets = ctx.saved_tensors
-    need_x, _, need_a, need_b, need_gate, _ = ctx.needs_input_grad
+    need_x, _, need_a, need_b, need_gate = ctx.needs_input_grad[:5]
     need_w = need_a or need_b
     need_gate = bool(need_gate and gate is not None)
-    if not (need_x or need_w or need_gate):
-        return None, None, None, None, None, None
+    none = (None,) * (len(ctx.needs_input_grad) - 5)  # scale (and checked)
+    if grad_y is None or not (need_x or need_w or need_gate):
+        return (None,) * 5 + none
     with _cpu_ext.resumed(ctx.packs):
-        dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, ctx.scale, need_x,
-                                         need_w, need_gate)
+        # the forward's own tensors: nothing to check again
+        dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets,
+                                         ctx.scale, need_x, need_w, need_gate, True)
     return (dx if need_x else None, None, da if need_a else None, db if need_b else None,
-            dg if need_gate else None, None)
+            dg if need_gate else None, *none)
 
 
 routed_lora_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -39,6 +39,7 @@ falls back to the plain-PyTorch reference: it is a checking dtype, not a trainin
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -63,27 +64,32 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _expert_tiles(offsets_ptr, n_exp, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per expert (BLOCK_E,): first sorted row, its tile count cdiv(count, BLOCK_M), and the tiles before it."""
+def _expert_tiles(offsets_ptr, n_exp, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, SKIPPED: tl.constexpr = False):
+    """Per segment (BLOCK_E,): its expert, first sorted row, tile count cdiv(count, BLOCK_M) and the tiles before
+    it. The segments are the experts, preceded with SKIPPED by the skipped tokens' rows [0, offsets[0]) (expert -1)."""
     e = tl.arange(0, BLOCK_E)
-    lo = tl.load(offsets_ptr + e, mask=e < n_exp, other=0)
-    hi = tl.load(offsets_ptr + e + 1, mask=e < n_exp, other=0)
+    if SKIPPED:
+        e -= 1
+    lo = tl.load(offsets_ptr + e, mask=(e >= 0) & (e < n_exp), other=0)
+    hi = tl.load(offsets_ptr + e + 1, mask=(e >= -1) & (e < n_exp), other=0)
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, 0)
     return e, lo, hi, tiles, tile_end
 
 
 @triton.jit
-def _locate_tile(offsets_ptr, n_exp, pid, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+def _locate_tile(offsets_ptr, n_exp, pid, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, SKIPPED: tl.constexpr = False):
     """Tile ``pid`` of the grouped layout: (expert, first sorted row, end of the expert's rows); expert >= n_exp
-    if there is no such tile."""
-    e, lo, hi, tiles, tile_end = _expert_tiles(offsets_ptr, n_exp, BLOCK_E, BLOCK_M)
-    expert = tl.sum((tile_end <= pid).to(tl.int32), 0)
-    mine = e == expert
+    if there is no such tile, -1 for a tile of skipped tokens (SKIPPED: see _expert_tiles)."""
+    e, lo, hi, tiles, tile_end = _expert_tiles(offsets_ptr, n_exp, BLOCK_E, BLOCK_M, SKIPPED)
+    segment = tl.sum((tile_end <= pid).to(tl.int32), 0)
+    mine = tl.arange(0, BLOCK_E) == segment
     first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
     row_lo = tl.sum(tl.where(mine, lo, 0), 0) + (pid - first_tile) * BLOCK_M
     row_hi = tl.sum(tl.where(mine, hi, 0), 0)
-    return expert, row_lo, row_hi
+    if SKIPPED:
+        segment -= 1
+    return segment, row_lo, row_hi
 
 
 @triton.jit
@@ -108,7 +114,7 @@ def _fwd_kernel(
     are this one kernel. The LayerNorm is folded: each loaded tile of x is centred in registers and the
     (BLOCK_M, R) accumulator scaled by rstd, so LN(x) is never stored.
     """
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M)
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M, True)
     if expert >= n_exp:
         return
     s = tl.program_id(1)
@@ -116,11 +122,25 @@ def _fwd_kernel(
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)  # (BLOCK_M,) int64 token ids
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    hw = n_slice * rank
+    yw = n_slice * d_out
+    if expert < 0:  # skipped tokens: h = 0, y = base (or 0), so no output needs zero-filling first
+        tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32),
+                 mask=row_ok[:, None] & r_ok[None, :])
+        for n0 in range(0, d_out, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            out = tok[:, None] * yw + s * d_out + n[None, :]
+            mask = row_ok[:, None] & (n < d_out)[None, :]
+            y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            if HAS_BASE:
+                y += tl.load(base_ptr + out, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + out, y.to(dt), mask=mask)
+        return
     if NORMALIZE:
         mean = tl.load(mean_ptr + tok, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     es = expert.to(tl.int64) * n_slice + s
 
     # h = x' A^T over D_in: (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
@@ -137,14 +157,12 @@ def _fwd_kernel(
         h = _dot(xt, at, h, PRECISION)
     if NORMALIZE:
         h = h * rstd[:, None]
-    hw = n_slice * rank
     tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], h, mask=row_ok[:, None] & r_ok[None, :])
 
     # y = base + (m h) B^T over D_out: (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N), one output tile at a time
     m = _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)
     hm = (h * m[:, None]).to(dt)
     b_base = b_ptr + es * d_out * rank
-    yw = n_slice * d_out
     for n0 in range(0, d_out, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < d_out
@@ -196,35 +214,42 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dx_kernel(
-    dh_ptr, perm_ptr, offsets_ptr, a_ptr, dx_ptr,
-    d_in, rank, n_exp, n_slice,
-    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    dh_ptr, perm_ptr, offsets_ptr, a_ptr, dx_ptr, dgp_ptr, dgate_ptr,
+    d_in, rank, n_exp, n_slice, scale,
+    NEED_X: tl.constexpr, NEED_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dx = sum_s dh_s A_e[s], the rank reduced in steps of BLOCK_R (all of it, or chunks for wide operands)."""
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M)
+    """dx = sum_s dh_s A_e[s], the rank reduced in steps of BLOCK_R (all of it, or chunks for wide operands); and
+    (NEED_GATE, the first column of programs) d gate = scale * sum_s dgp_s. Skipped tokens' rows get zeros."""
+    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, tl.program_id(0), BLOCK_E, BLOCK_M, True)
     if expert >= n_exp:
         return
-    dt = dx_ptr.dtype.element_ty
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < d_in
-    hw = n_slice * rank
-
-    # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N) per slice and rank step
-    dx = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, n_slice):
-        for r0 in range(0, rank, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = r < rank
-            dh = tl.load(dh_ptr + tok[:, None] * hw + s * rank + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                         other=0.0)
-            a = tl.load(a_ptr + ((expert.to(tl.int64) * n_slice + s) * rank + r[:, None]) * d_in + n[None, :],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            dx = _dot(dh.to(dt), a, dx, PRECISION)
-    tl.store(dx_ptr + tok[:, None] * d_in + n[None, :], dx.to(dt), mask=row_ok[:, None] & n_ok[None, :])
+    if NEED_GATE:
+        if tl.program_id(1) == 0:
+            sl = tl.arange(0, BLOCK_S)
+            dgp = tl.load(dgp_ptr + tok[:, None] * n_slice + sl[None, :],
+                          mask=row_ok[:, None] & (sl < n_slice)[None, :] & (expert >= 0), other=0.0)
+            tl.store(dgate_ptr + tok, (tl.sum(dgp, 1) * scale).to(dgate_ptr.dtype.element_ty), mask=row_ok)
+    if NEED_X:
+        dt = dx_ptr.dtype.element_ty
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < d_in
+        hw = n_slice * rank
+        # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N) per slice and rank step; none for skipped tokens (dx = 0)
+        dx = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, tl.where(expert >= 0, n_slice, 0)):
+            for r0 in range(0, rank, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < rank
+                dh = tl.load(dh_ptr + tok[:, None] * hw + s * rank + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                             other=0.0)
+                a = tl.load(a_ptr + ((expert.to(tl.int64) * n_slice + s) * rank + r[:, None]) * d_in + n[None, :],
+                            mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                dx = _dot(dh.to(dt), a, dx, PRECISION)
+        tl.store(dx_ptr + tok[:, None] * d_in + n[None, :], dx.to(dt), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -296,6 +321,73 @@ def _outer_sum_kernel(
     tl.store(out_ptr + es.to(tl.int64) * pq + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _group_onehot(idx_ptr, start, n_tok, n_exp, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Tokens [start, start + BLOCK): their ids (BLOCK,) and bins one-hot (BLOCK, BLOCK_B) int32 (see _group_bins);
+    rows past the end are all zero."""
+    tok = start + tl.arange(0, BLOCK)
+    live = tok < n_tok
+    i = tl.load(idx_ptr + tok, mask=live, other=-1).to(tl.int32)
+    b = tl.where((i < -1) | (i >= n_exp), BLOCK_B - 1, i + 1)
+    onehot = ((b[:, None] == tl.arange(0, BLOCK_B)[None, :]) & live[:, None]).to(tl.int32)
+    return tok, onehot
+
+
+@triton.jit
+def _group_count_kernel(idx_ptr, counts_ptr, n_tok, n_exp, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """counts[block] (BLOCK_B,) = the histogram of one block of tokens."""
+    pid = tl.program_id(0)
+    _, onehot = _group_onehot(idx_ptr, pid * BLOCK, n_tok, n_exp, BLOCK, BLOCK_B)
+    tl.store(counts_ptr + pid * BLOCK_B + tl.arange(0, BLOCK_B), tl.sum(onehot, 0))
+
+
+@triton.jit
+def _group_scatter_block(idx_ptr, perm_ptr, start, base, n_tok, n_exp, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """perm[base[bin] + rank of the token among its bin's tokens in the block] = token; -> the block's histogram."""
+    tok, onehot = _group_onehot(idx_ptr, start, n_tok, n_exp, BLOCK, BLOCK_B)
+    rank = tl.cumsum(onehot, 0) - 1  # (BLOCK, BLOCK_B) stable: earlier tokens first
+    pos = tl.sum(onehot * (rank + base[None, :]), 1)
+    tl.store(perm_ptr + pos, tok.to(tl.int64), mask=tok < n_tok)
+    return tl.sum(onehot, 0)
+
+
+@triton.jit
+def _group_scatter_kernel(
+    idx_ptr, counts_ptr, perm_ptr, offsets_ptr, ok_ptr, n_tok, n_exp, n_blocks,
+    INLINE: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The counting sort's scan and scatter. INLINE: one program counts all tokens, then scatters block by block;
+    else block ``pid`` scatters its tokens after the tokens of its bin in earlier blocks (_group_count_kernel's
+    histograms). Every position is written once and the order is fixed by the indices: deterministic."""
+    pid = tl.program_id(0)
+    bins = tl.arange(0, BLOCK_B)
+    total = tl.zeros((BLOCK_B,), tl.int32)
+    before = tl.zeros((BLOCK_B,), tl.int32)  # tokens of each bin in earlier blocks
+    if INLINE:
+        for s0 in range(0, n_tok, BLOCK):
+            _, onehot = _group_onehot(idx_ptr, s0, n_tok, n_exp, BLOCK, BLOCK_B)
+            total += tl.sum(onehot, 0)
+    else:
+        for b0 in range(0, n_blocks, BLOCK_P):
+            blk = b0 + tl.arange(0, BLOCK_P)
+            cnt = tl.load(counts_ptr + blk[:, None] * BLOCK_B + bins[None, :], mask=(blk < n_blocks)[:, None],
+                          other=0)
+            total += tl.sum(cnt, 0)
+            before += tl.sum(tl.where((blk < pid)[:, None], cnt, 0), 0)
+    ends = tl.cumsum(total, 0)  # (BLOCK_B,) end of each bin in sorted order
+    if pid == 0:
+        # offsets[e] = skipped + tokens of experts before e = the end of bin e
+        tl.store(offsets_ptr + bins, ends.to(tl.int64), mask=bins <= n_exp)
+        if CHECK:
+            tl.store(ok_ptr, tl.sum(tl.where(bins == BLOCK_B - 1, total, 0), 0) == 0)
+    if INLINE:
+        for s0 in range(0, n_tok, BLOCK):
+            before += _group_scatter_block(idx_ptr, perm_ptr, s0, ends - total + before, n_tok, n_exp, BLOCK,
+                                           BLOCK_B)
+    else:
+        _group_scatter_block(idx_ptr, perm_ptr, pid * BLOCK, ends - total + before, n_tok, n_exp, BLOCK, BLOCK_B)
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch, described before it runs (so ahead-of-time compiles see the same configs)."""
@@ -308,10 +400,8 @@ class Launch:
     num_stages: int
 
     def __call__(self):
-        # every kernel indexes its tensors as dense row-major arrays: a strided view would be read out of bounds
-        for name, value in self.args.items():
-            if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                raise ValueError(f"{self.kernel.__name__}: {name} must be contiguous, got strides {value.stride()}")
+        # every kernel indexes its tensors as dense row-major arrays: the ops check that their inputs are
+        # (OpArgs when called directly, the public wrappers otherwise), and allocate the rest so
         if all(g > 0 for g in self.grid):
             self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
@@ -347,6 +437,7 @@ class Tiles:
     num_stages: int = 3
 
 
+@functools.lru_cache(maxsize=64)
 def _tiles(rank, dtype, precision):
     """Per-kernel tiles, chosen so every kernel compiles without spills on sm_80 and sm_90a at the benchmark
     shapes up to DiT-XL (tests/test_triton_aot.py). The rank is padded to a power of two >= 16 (tl.dot's
@@ -367,9 +458,10 @@ def _tiles(rank, dtype, precision):
         warps, stages = (8, 2) if heavy else (4, 3)
         fwd = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=64, num_warps=warps, num_stages=stages)
         dh = Tiles(BLOCK_M=block, BLOCK_N=block, num_warps=warps, num_stages=stages)
-        # the dx accumulator is (BLOCK_M, BLOCK_N) whatever the rank: 4 warps suffice
-        dx = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64) if wide else block_r, num_warps=4,
-                   num_stages=stages)
+        # the dx accumulator is (BLOCK_M, BLOCK_N) whatever the rank, but a whole rank of 128 in bf16 operands
+        # sits at 255 registers on sm_90a with 4 warps: 8 there
+        dx = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64) if wide else block_r,
+                   num_warps=8 if big_r else 4, num_stages=stages)
         outer = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64), num_warps=warps, num_stages=stages)
     return dict(BLOCK_R=block_r, fwd=fwd, dh=dh, dx=dx, outer=outer)
 
@@ -385,12 +477,52 @@ def _max_tiles(n_tok, n_exp, block_m):
     return min(n_tok, (n_tok + n_exp * (block_m - 1)) // block_m)
 
 
-def group_on_device(idx, n_exp):
-    """idx (N,) -> perm (N,) int64 with idx[perm] sorted (stable), offsets (E+1,) int64: device ops, no sync.
-    Skipped tokens (index -1) sort first and precede offsets[0]: no tile covers them."""
-    perm = torch.argsort(idx, stable=True)
-    bounds = torch.arange(n_exp + 1, device=idx.device, dtype=idx.dtype)
-    offsets = torch.searchsorted(idx.index_select(0, perm), bounds)  # (E+1,) first sorted row of each expert
+# Tokens per block of the grouping kernels; up to GROUP_INLINE tokens one program groups them all (one launch).
+GROUP_BLOCK = 1024
+GROUP_INLINE = 8192
+
+
+def _group_bins(n_exp):
+    """Bins of the counting sort: 0 skipped (-1), 1 + e expert e, the last one out-of-range indices."""
+    return triton.next_power_of_2(n_exp + 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_plan(n_tok, n_exp, block, inline_max):
+    bins = _group_bins(n_exp)
+    blocks = max(1, triton.cdiv(n_tok, block))
+    inline = n_tok <= inline_max
+    return blocks, inline, dict(BLOCK=block, BLOCK_B=bins), dict(INLINE=inline, BLOCK=block, BLOCK_B=bins, BLOCK_P=16)
+
+
+def group_launches(idx, n_exp, perm, offsets, counts, ok=None):
+    """The counting sort's launches: per-block histograms (``counts`` (blocks, bins) int32 scratch), then the
+    exclusive scan and the stable scatter into ``perm`` (N,) and ``offsets`` (E+1,); one launch when the
+    tokens are few enough for one program. ``ok`` (1,) bool: written True iff every index is in [-1, E)."""
+    n_tok = idx.shape[0]
+    blocks, inline, count, scatter = _group_plan(n_tok, n_exp, GROUP_BLOCK, GROUP_INLINE)
+    launches = [] if inline else [Launch(_group_count_kernel, (blocks,),
+                                         dict(idx_ptr=idx, counts_ptr=counts, n_tok=n_tok, n_exp=n_exp), count, 4, 1)]
+    launches.append(Launch(
+        _group_scatter_kernel, (1 if inline else blocks,),
+        dict(idx_ptr=idx, counts_ptr=counts, perm_ptr=perm, offsets_ptr=offsets, ok_ptr=ok, n_tok=n_tok,
+             n_exp=n_exp, n_blocks=blocks),
+        dict(scatter, CHECK=ok is not None), 4, 1,
+    ))
+    return launches
+
+
+def group_on_device(idx, n_exp, ok=None):
+    """idx (N,) -> perm (N,) int64 with idx[perm] stably sorted, offsets (E+1,) int64: a counting sort on device,
+    no sync, shapes fixed by N and E. Skipped tokens (index -1) come first and precede offsets[0]; indices
+    outside [-1, E) come last, after offsets[E]: no tile covers either. ``ok``: see :func:`group_launches`."""
+    n_tok = idx.shape[0]
+    perm = torch.empty(n_tok, dtype=torch.int64, device=idx.device)
+    offsets = torch.empty(n_exp + 1, dtype=torch.int64, device=idx.device)
+    blocks, inline, _, _ = _group_plan(n_tok, n_exp, GROUP_BLOCK, GROUP_INLINE)
+    counts = None if inline else torch.empty(blocks, _group_bins(n_exp), dtype=torch.int32, device=idx.device)
+    for launch in group_launches(idx, n_exp, perm, offsets, counts, ok):
+        launch()
     return perm, offsets
 
 
@@ -402,12 +534,12 @@ def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=
     cfg = _tiles(rank, x.dtype, prec)
     t = cfg["fwd"]
     return Launch(
-        _fwd_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), n_slice),
+        _fwd_kernel, (_max_tiles(n_tok, n_exp + 1, t.BLOCK_M), n_slice),  # the experts' tiles and the skipped rows'
         dict(x_ptr=x, mean_ptr=mean, rstd_ptr=rstd, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, b_ptr=lora_b,
              gate_ptr=gate, base_ptr=base, y_ptr=y, h_ptr=h, d_in=d_in, d_out=lora_b.shape[2], rank=rank,
              n_exp=n_exp, n_slice=n_slice, scale=scale),
         dict(NORMALIZE=mean is not None, HAS_GATE=gate is not None, HAS_BASE=base is not None, PRECISION=prec,
-             BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_M=t.BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=t.BLOCK_K,
+             BLOCK_E=triton.next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=t.BLOCK_K,
              BLOCK_N=t.BLOCK_N),
         t.num_warps, t.num_stages,
     )
@@ -445,11 +577,13 @@ def max_chunks(n_tok, n_exp):
 
 
 def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, part_a=None,
-                      part_b=None):
-    """Launches for the needed grads: dh (and dgate partials dgp) first, then dx / dA / dB from dh.
+                      part_b=None, dgate=None):
+    """Launches for the needed grads: dh (and the gate's per-slice partials dgp) first, then dx and d gate
+    (one kernel), dA and dB from dh.
 
-    dgp, dx, da, db are None when not needed; dh (N, S*R) fp32 scratch is always computed; part_a / part_b
-    (chunks, S, R, D_in) / (chunks, S, D_out, R) fp32 scratch for the weight gradients' first stage.
+    dgp (N, S) fp32 scratch, dgate (N,), dx, da, db are None when not needed; dh (N, S*R) fp32 scratch is always
+    computed; part_a / part_b (chunks, S, R, D_in) / (chunks, S, D_out, R) fp32 scratch for the weight
+    gradients' first stage.
     """
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
@@ -467,13 +601,16 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
              BLOCK_M=t.BLOCK_M, BLOCK_R=br, BLOCK_N=t.BLOCK_N),
         t.num_warps, t.num_stages,
     )]
-    if dx is not None:
+    if dx is not None or dgate is not None:
         t = cfg["dx"]
         launches.append(Launch(
-            _bwd_dx_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), triton.cdiv(d_in, t.BLOCK_N)),
-            dict(dh_ptr=dh, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, dx_ptr=dx, d_in=d_in, rank=rank,
-                 n_exp=n_exp, n_slice=n_slice),
-            dict(PRECISION=prec, BLOCK_E=block_e, BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_N=t.BLOCK_N),
+            _bwd_dx_kernel,
+            (_max_tiles(n_tok, n_exp + 1, t.BLOCK_M), triton.cdiv(d_in, t.BLOCK_N) if dx is not None else 1),
+            dict(dh_ptr=dh, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, dx_ptr=dx, dgp_ptr=dgp,
+                 dgate_ptr=dgate, d_in=d_in, rank=rank, n_exp=n_exp, n_slice=n_slice, scale=scale),
+            dict(NEED_X=dx is not None, NEED_GATE=dgate is not None, PRECISION=prec,
+                 BLOCK_E=triton.next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_N=t.BLOCK_N,
+                 BLOCK_S=triton.next_power_of_2(n_slice)),
             t.num_warps, t.num_stages,
         ))
     if da is not None:
@@ -502,15 +639,20 @@ def _reference():
 def forward(x, idx, lora_a, lora_b, gate, scale):
     """x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)
     -> y (N, S*D_out) in x.dtype, h (N, S*R) fp32 (= A_e x, unscaled, token order), perm (N,), offsets (E+1,)."""
-    perm, offsets = group_on_device(idx, lora_a.shape[0])
+    n_exp = lora_a.shape[0]
+    # indices outside [-1, E) are grouped after every expert, so no kernel reads out of bounds; on CUDA a
+    # device-side assert on the grouping's flag reports them (CPU tensors are checked by the caller)
+    ok = torch.empty(1, dtype=torch.bool, device=x.device) if x.device.type == "cuda" else None
+    perm, offsets = group_on_device(idx, n_exp, ok)
+    if ok is not None:
+        torch._assert_async(ok, f"expert_idx must lie in [-1, {n_exp}) (-1: skip the token)")
     if x.dtype == torch.float64:
         return (*_reference().forward(x, idx, lora_a, lora_b, gate, scale)[:2], perm, offsets)
     _check(lora_a)
     n_tok = x.shape[0]
-    n_exp, n_slice, rank, _ = lora_a.shape
-    # zeros: the rows of skipped tokens (index -1, grouped before expert 0) are written by no program
-    y = x.new_zeros(n_tok, n_slice * lora_b.shape[2])
-    h = x.new_zeros(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
+    _, n_slice, rank, _ = lora_a.shape
+    y = x.new_empty(n_tok, n_slice * lora_b.shape[2])  # every row written: skipped tokens' by their own tiles
+    h = x.new_empty(n_tok, n_slice * rank, dtype=acc_dtype(x.dtype))
     forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h)()
     return y, h, perm, offsets
 
@@ -528,17 +670,17 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     n_tok = x.shape[0]
     n_exp, n_slice, rank, d_in = lora_a.shape
     dh = x.new_empty(n_tok, n_slice * rank, dtype=torch.float32)  # m * B_e^T dy, token order
-    dgp = x.new_zeros(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
-    dx = torch.zeros_like(x) if need_x else None  # zeros: skipped tokens' rows are written by no program
+    dgp = x.new_empty(n_tok, n_slice, dtype=torch.float32) if need_gate else None  # per-slice sum(B^T dy * h)
+    dgate = torch.empty_like(gate) if need_gate else None
+    dx = torch.empty_like(x) if need_x else None  # every row written: skipped tokens' by their own tiles
     da = torch.empty_like(lora_a) if need_w else None
     db = torch.empty_like(lora_b) if need_w else None
     chunks = max_chunks(n_tok, n_exp)
     part_a = x.new_empty(chunks, n_slice, rank, d_in, dtype=torch.float32) if need_w else None
     part_b = x.new_empty(chunks, n_slice, lora_b.shape[2], rank, dtype=torch.float32) if need_w else None
     for launch in backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db,
-                                    part_a, part_b):
+                                    part_a, part_b, dgate):
         launch()
-    dgate = (dgp.sum(1) * scale).to(gate.dtype) if need_gate else None  # (N,) summed over slices
     return _outputs(x, dx, da, db, dgate)
 
 
