@@ -17,7 +17,8 @@ Sections (``--sections``, comma-separated; all by default, in this order):
     capture    routed_lora and refine_step fwd+bwd captured in a CUDA graph: replay equals eager
 
 The whole run keeps to ``--budget-s`` (default 450 s, inside the 8 minutes one GPU gets): before each compiled
-variant and each model it checks the time left, and what it leaves out is listed in the JSON's "skipped".
+case, each model and each compiled variant it checks the time left, and what it leaves out is listed in the JSON's
+"skipped" (run those sections alone, e.g. ``--sections train``, to get them).
 Without a CUDA GPU it says so in one line and exits 2; ``--device cpu --tiny`` runs every section at tiny sizes
 on CPU (the plumbing, as tests/test_gpu_check.py does). Exit status 1 if a correctness check failed.
 The JSON (``--out``; default gpu_check.json, under $OUT when that is set) holds every number;
@@ -74,9 +75,9 @@ def run(args, device) -> dict:
         report[name] = fn()
         timings[name] = time.perf_counter() - start
 
-    section("ops", lambda: ops.check_correctness(device, small, args.compile_backend, compiled))
+    section("ops", lambda: ops.check_correctness(device, small, args.compile_backend, compiled, budget))
     section("recursion", lambda: recursion_check.check_recursion(device, recursion_size, args.compile_backend,
-                                                                 compiled))
+                                                                 compiled, budget=budget))
     section("speed", lambda: op_speed.time_ops(device, lora_shapes, rounds=3 if args.tiny else 20))
     section("host", lambda: op_speed.host_overhead(device, rounds=5 if args.tiny else 200))
     section("train", lambda: train_step.run_train_steps(

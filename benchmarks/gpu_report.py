@@ -41,6 +41,60 @@ def _environment(report):
     return " · ".join(parts)
 
 
+HOST_TARGETS = {"routed_lora forward (no grad)": (80, 3), "routed_lora fwd+bwd": (300, 8),
+                "refine_step fwd+bwd": (400, 12)}  # call: (host µs, device work items) at most
+
+
+def targets(report: dict) -> list[tuple]:
+    """[(target, measured, met: bool)] for the speed targets the run measured (GPU runs: device work items are
+    counted only there)."""
+    rows = []
+    by_shape = {}
+    for r in report.get("speed", []):
+        if r["dtype"] == "bfloat16":
+            by_shape.setdefault(r["shape"], {})[r["impl"]] = r.get("fwd+bwd")
+    for shape, t in by_shape.items():
+        ours, floor, grouped = t.get(OP_IMPLS[0]), t.get(FLOOR), t.get("torch._grouped_mm")
+        if ours and floor:
+            rows.append((f"routed_lora fwd+bwd {shape}: <= 1.5x the unrouted floor", f"{ours / floor:.2f}x",
+                         ours <= 1.5 * floor))
+        if ours and grouped:
+            rows.append((f"routed_lora fwd+bwd {shape}: faster than torch._grouped_mm",
+                         f"{ours * 1e3:.2f} vs {grouped * 1e3:.2f} ms", ours < grouped))
+    on_gpu = report["environment"].get("gpu") is not None
+    for r in report.get("host", []):
+        if r["call"] in HOST_TARGETS and r.get("host_us") is not None:
+            host, items = HOST_TARGETS[r["call"]]
+            rows.append((f"{r['call']}: host time <= {host} µs", f"{r['host_us']:.0f} µs", r["host_us"] <= host))
+            if on_gpu:
+                rows.append((f"{r['call']}: device work items <= {items}", f"{r['work_items']:g}",
+                             r["work_items"] <= items))
+    for case in report.get("train", []):
+        by = {(v["variant"], v["compiled"]): v for v in case.get("variants", []) if "error" not in v}
+        for compiled in (False, True):
+            ours, dense = by.get(("apply_recursion", compiled)), by.get(("dense einsum", compiled))
+            if not (ours and dense):
+                continue
+            mode = "compiled" if compiled else "eager"
+            if ours.get("added_s") is not None and dense.get("added_s"):
+                rows.append((f"{case['case']} {mode}: added time <= 0.5x the dense processor's",
+                             f"{ours['added_s'] / dense['added_s']:.2f}x", ours["added_s"] <= 0.5 * dense["added_s"]))
+            if ours.get("peak_gib") is not None and dense.get("peak_gib") is not None:
+                rows.append((f"{case['case']} {mode}: peak memory <= the dense processor's",
+                             f"{ours['peak_gib']:.1f} vs {dense['peak_gib']:.1f} GiB",
+                             ours["peak_gib"] <= dense["peak_gib"]))
+    return rows
+
+
+def _targets(report):
+    rows = targets(report)
+    if not rows:
+        return []
+    lines = ["### Targets", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'met' if met else 'missed'} |" for name, value, met in rows]
+    return lines
+
+
 def _ops(rows):
     lines = ["### The ops against the float64 reference", "",
              "Max |error| / max(1, max |reference|) per output; eager cases also check batch invariance.", "",
@@ -150,6 +204,8 @@ def markdown(report: dict) -> str:
     lines = [SECTION, "", _environment(report) + ".", "", f"`{report['command']}`", ""]
     failed = report.get("failures", [])
     lines += [f"**{len(failed)} failed check(s)**: " + "; ".join(failed) if failed else "Every check passed.", ""]
+    target_lines = _targets(report)
+    lines += target_lines + ([""] if target_lines else [])
     for key, render in (("ops", _ops), ("recursion", _recursion), ("speed", _speed), ("host", _host),
                         ("capture", _capture)):
         if report.get(key):

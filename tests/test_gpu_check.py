@@ -17,8 +17,6 @@ sys.path.append(str(ROOT))  # benchmarks/ is not installed with the package: imp
 from benchmarks import gpu_check, gpu_report  # noqa: E402
 from benchmarks.gpu import noise, ops, recursion_check, train_step  # noqa: E402
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
 CPU = torch.device("cpu")
 
 
@@ -111,8 +109,8 @@ def test_train_steps_every_variant_same_function(tiny_run):
 def test_markdown_section_and_update(tiny_run, tmp_path):
     report, section, updated = tiny_run
     assert section.startswith(gpu_report.SECTION) and "Every check passed." in section
-    for heading in ("The ops against", "The recursion end to end", "routed_lora forward + backward", "Host time",
-                    "CUDA-graph capture", "Training step: DiT tiny", "Training step: SD3 tiny"):
+    for heading in ("### Targets", "The ops against", "The recursion end to end", "routed_lora forward + backward",
+                    "Host time", "CUDA-graph capture", "Training step: DiT tiny", "Training step: SD3 tiny"):
         assert heading in section
     assert updated.startswith("# Benchmarks\n\n## A\n\ntext\n") and updated.count(gpu_report.SECTION) == 1
     # gpu_report reruns from the JSON, replacing the section in place
@@ -122,6 +120,27 @@ def test_markdown_section_and_update(tiny_run, tmp_path):
     assert gpu_report.main([str(tmp_path / "g.json"), "--update", str(md)]) == 0
     text = md.read_text()
     assert text.count(gpu_report.SECTION) == 1 and "`rerun`" in text and "## A" in text
+
+
+def test_targets_read_from_a_gpu_run():
+    speed = [dict(shape="T=8192", dtype="bfloat16", impl=impl, **{"fwd+bwd": ms * 1e-3}) for impl, ms in (
+        ("tp_kernels.routed_lora", 0.7), ("torch._grouped_mm", 0.9), ("unrouted cuBLAS LoRA (floor)", 0.5))]
+    host = [dict(call="routed_lora forward (no grad)", host_us=70.0, work_items=4.0),
+            dict(call="refine_step fwd+bwd", host_us=500.0, work_items=12.0)]
+    variants = [dict(variant=v, compiled=False, added_s=a, peak_gib=m) for v, a, m in (
+        ("apply_recursion", 0.01, 9.0), ("dense einsum", 0.03, 12.0))]
+    report = dict(environment=dict(gpu="H200"), speed=speed, host=host,
+                  train=[dict(case="DiT-XL/2", variants=variants)])
+    got = {name: (value, met) for name, value, met in gpu_report.targets(report)}
+    assert got == {
+        "routed_lora fwd+bwd T=8192: <= 1.5x the unrouted floor": ("1.40x", True),
+        "routed_lora fwd+bwd T=8192: faster than torch._grouped_mm": ("0.70 vs 0.90 ms", True),
+        "routed_lora forward (no grad): host time <= 80 µs": ("70 µs", True),
+        "routed_lora forward (no grad): device work items <= 3": ("4", False),
+        "refine_step fwd+bwd: host time <= 400 µs": ("500 µs", False),
+        "refine_step fwd+bwd: device work items <= 12": ("12", True),
+        "DiT-XL/2 eager: added time <= 0.5x the dense processor's": ("0.33x", True),
+        "DiT-XL/2 eager: peak memory <= the dense processor's": ("9.0 vs 12.0 GiB", True)}
 
 
 def _grad_times(factor):

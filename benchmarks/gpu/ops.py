@@ -223,11 +223,15 @@ def _run_case(case: Case, device, backend: str) -> dict:
     return dict(tolerance=tol, errors=errors, batch_invariant=invariant, passed=bool(ok))
 
 
-def check_correctness(device, quick: bool = False, backend: str = "inductor", compiled: bool = True) -> list[dict]:
+def check_correctness(device, quick: bool = False, backend: str = "inductor", compiled: bool = True,
+                      budget=None) -> list[dict]:
     """Every case: max relative error per output (over max(1, max |reference|)) and pass/fail. A case that raises
-    fails with the error recorded (an op that does not compile is a failure to report, not a crash)."""
+    fails with the error recorded (an op that does not compile is a failure to report, not a crash). A compiled
+    case runs only while ``budget`` (env.Budget) has time for it."""
     results = []
     for case in correctness_cases(quick, compiled):
+        if case.compiled and budget is not None and not budget.allows(f"ops: {case.name}", need=5):
+            continue
         start = time.perf_counter()
         row = dict(case=case.name, op=case.op, dtype=str(case.dtype)[6:], tf32=case.tf32, experts=case.experts,
                    compiled=case.compiled)

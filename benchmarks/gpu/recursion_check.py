@@ -4,8 +4,8 @@ Two models a user trains: a ``ThinkingPixelDiT`` (our DiT with the recursion) an
 ``DiTTransformer2DModel`` wrapped by ``apply_recursion``; 2, 3 and 5 experts; the recursion in two of three blocks,
 so the second's gradients flow back through the first. Every weight is moved off its init (the experts' B too, so
 the recursion changes the output). The device copy runs in fp32 with TF32 off (matmuls and convolutions), eagerly
-and with its blocks compiled; the reference is a float64 copy on CPU. The step is forward, MSE loss and backward; compared are the
-output, the loss, the gradient of every trainable tensor (experts, gates) and of the input latent.
+and with its blocks compiled; the reference is a float64 copy on CPU. The step is forward, MSE loss and backward;
+compared are the output, the loss, the gradient of every trainable tensor (experts, gates) and of the input latent.
 
 Like for like: both copies get the same Gumbel noise (noise.fixed_noise) and no label dropout; the routing of every
 step is recorded in the eager run and its disagreements with the reference are counted (fp32 against float64 flips
@@ -154,9 +154,12 @@ def run_case(case: RecursionCase, device, size: dict, backend: str) -> dict:
 
 
 def check_recursion(device, size: dict = SIZE, backend: str = "inductor", compiled: bool = True,
-                    experts=(2, 3, 5)) -> list[dict]:
+                    experts=(2, 3, 5), budget=None) -> list[dict]:
+    """Every case's errors and pass/fail; a compiled case runs only while ``budget`` has time for it."""
     results = []
     for case in recursion_cases(compiled, experts):
+        if case.compiled and budget is not None and not budget.allows(f"recursion: {case.name}", need=30):
+            continue
         start = time.perf_counter()
         row = dict(case=case.name, model=case.kind, experts=case.experts, steps=case.steps, compiled=case.compiled)
         try:

@@ -180,8 +180,9 @@ def build_variant(case: ModelCase, device, name: str, state: list):
 
 def to_dtype(model, name: str, dtype):
     """The model in ``dtype`` for timing: the frozen base, with the recursion's experts and gates back in fp32 as
-    apply_recursion keeps them under a low-precision model; the peft variant entirely."""
-    model.to(dtype)
+    apply_recursion keeps them under a low-precision model; the peft variant entirely. (nn.Module's ``to``:
+    diffusers' own warns that from_pretrained(torch_dtype=) is the way, which a random-weight model has not.)"""
+    torch.nn.Module.to(model, dtype)
     if name != PEFT:
         for module in _recursions(model):
             module.float()
