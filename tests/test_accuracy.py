@@ -49,7 +49,9 @@ def test_evaluate_accuracy_command(tmp_path, capsys):
             "--num-steps", "2", "--no-progress", "--threads", "1"]
     assert cli.main(argv) == 0
     result = json.loads(out.read_text())
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {
+    printed = capsys.readouterr().out
+    assert f"writing {out}; samples kept in {tmp_path / 'acc_samples'}" in printed  # where the outputs go
+    assert set(json.loads(printed.strip().splitlines()[-1])) == {
         "accuracy", "shape_accuracy", "color_accuracy", "mean_recursion_steps"}  # the default model recurses
     assert result["num_samples"] == 16 and result["sampler"] == "ddpm" and result["cfg_scale"] == 4.0
     assert 0 <= result["accuracy"] <= result["shape_accuracy"] <= 1 and len(result["per_class"]) <= 16

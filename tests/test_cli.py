@@ -93,9 +93,9 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):
     _one_line_error(capsys)
 
 
-def test_missing_plugin_command_is_a_one_line_error(monkeypatch, capsys):
+def test_missing_plugin_command_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_plugin", lambda name: None)
-    assert cli.main(["analyze", "--checkpoint", "run", "--output-dir", "out"]) == 1
+    assert cli.main(["analyze", "--checkpoint", str(tmp_path), "--output-dir", "out"]) == 1
     err = capsys.readouterr().err.strip()
     assert "'analyze' command is not available" in err and "\n" not in err
 

@@ -115,8 +115,9 @@ def test_finetune_freezes_the_base(tmp_path):
         train(tiny(tmp_path, "ft4", finetune_from=str(tmp_path / "base"), prediction="eps"))
 
 
-def test_bf16_no_recursion_and_grid(tmp_path):
+def test_bf16_no_recursion_and_grid(tmp_path, capsys):
     result = train(tiny(tmp_path, recursion=False, bf16=True, max_steps=2, sample_grid=True))
+    assert "--no-sample-grid skips this" in capsys.readouterr().out  # the grid's time is announced
     assert type(DiT.from_pretrained(result.checkpoint / "model")) is DiT
     assert all(loss == loss for loss in losses(tmp_path / "run"))  # finite (NaN != NaN)
     from PIL import Image

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["DATASET_NAMES", "IMAGE_EXTENSIONS", "SAMPLER_NAMES", "add_analyze_arguments",
+__all__ = ["DATA_DIR_REQUIRED", "DATASET_NAMES", "IMAGE_EXTENSIONS", "SAMPLER_NAMES", "add_analyze_arguments",
            "add_compositional_arguments", "add_evaluate_arguments",
            "add_frozenlake_arguments", "add_halting_arguments", "GUIDANCE_INTERVAL",
            "check_image_output", "timestep_interval"]
 
 DATASET_NAMES = ("captions", "compositional", "digits", "fashion_mnist", "folder", "frozenlake", "latents", "shapes")
+DATA_DIR_REQUIRED = ("captions", "folder", "latents")  # datasets whose files have no default location
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm")
 METRIC_NAMES = ("fid", "accuracy")
 BENCHMARK_NAMES = ("fid", "compositional", "frozenlake")

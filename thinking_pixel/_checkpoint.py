@@ -35,6 +35,7 @@ from ._fileio import atomic_write, fsync_dir, fsync_tree, make_temp_dir
 __all__ = [
     "CheckpointError",
     "LATEST",
+    "default_samples_path",
     "find_step_dir",
     "load_base_model",
     "load_model_dir",
@@ -163,6 +164,16 @@ def find_step_dir(path: str | Path) -> Path | None:
         if (candidate / TRAINING_STATE).is_file():
             return candidate
     return None
+
+
+def default_samples_path(path: str | Path) -> Path:
+    """Where a sample grid of checkpoint ``path`` goes unless told: ``OUTPUT_DIR/samples/step_NNNNNNN.png`` for a
+    training run's checkpoint (named after the step sampled; an output dir samples its latest), ``DIR/samples.png``
+    for a model directory."""
+    step_dir = find_step_dir(path)
+    if step_dir is None:
+        return Path(path) / "samples.png"
+    return step_dir.parent.parent / "samples" / f"{step_dir.name}.png"
 
 
 def resolve_weights_dir(path: str | Path, ema: bool = True) -> Path:

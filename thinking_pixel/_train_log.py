@@ -13,14 +13,16 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
+from collections import deque
 
 import torch
 
 from . import distributed
 from ._checkpoint import CheckpointError
 
-__all__ = ["RoutingCounts", "StepLog"]
+__all__ = ["RoutingCounts", "SlowdownHint", "StepLog"]
 
 class RoutingCounts:
     """Tokens routed to each expert, per recursive layer, summed over recursion steps: (L, M) on the device.
@@ -139,3 +141,33 @@ class StepLog:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class SlowdownHint:
+    """Says once when CPU steps with several threads run ``factor`` times slower than the run's best so far.
+
+    Steps are compared by the median rate of ``window`` consecutive ones. The usual cause is another process on
+    the cores: each parallel region then waits for the thread that lost its core, and one thread per process
+    keeps most of the speed (benchmarks/cli_timing.py contention). The hint names the remedy; the thread count is
+    not changed under the run, since it can change how sums are rounded.
+    """
+
+    def __init__(self, threads: int, say, window: int = 20, factor: float = 3.0):
+        self.threads, self.say, self.factor = threads, say, factor
+        self.rates = deque(maxlen=window)
+        self.best = 0.0
+        self.done = threads <= 1
+
+    def add(self, it_s: float) -> None:
+        if self.done:
+            return
+        self.rates.append(it_s)
+        if len(self.rates) < self.rates.maxlen:
+            return
+        rate = statistics.median(self.rates)
+        self.best = max(self.best, rate)
+        if rate * self.factor < self.best:
+            self.done = True
+            self.say(f"steps slowed from {self.best:.1f} to {rate:.1f} it/s on {self.threads} threads: another "
+                     "process is probably using the cores. One thread is often faster then: stop with Ctrl-C (it "
+                     "checkpoints) and rerun the same command with --threads 1, which resumes the run.")

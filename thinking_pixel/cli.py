@@ -12,9 +12,12 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
-from ._arguments import (DATASET_NAMES, GUIDANCE_INTERVAL, SAMPLER_NAMES, add_analyze_arguments,
-                         add_evaluate_arguments, add_halting_arguments, check_image_output, timestep_interval)
+from ._presets import DIT_CONFIGS, SD3_CONFIGS
+from ._arguments import (DATA_DIR_REQUIRED, DATASET_NAMES, GUIDANCE_INTERVAL, SAMPLER_NAMES,
+                         add_analyze_arguments, add_evaluate_arguments, add_halting_arguments, check_image_output,
+                         timestep_interval)
 
 __all__ = ["build_parser", "main"]
 
@@ -36,6 +39,13 @@ def _layers(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2 or 2,4, got {text!r}") from None
 
 
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a caption such as \"a red circle\", got an empty one (the model "
+                                         "would draw its unconditional samples)")
+    return text
+
+
 def _names(text: str) -> tuple:
     return tuple(v.strip() for v in text.split(","))
 
@@ -51,31 +61,37 @@ class _Renamed(argparse.Action):
         parser.error(f"{option_string} {self.message}")
 
 
+def _preset_help() -> str:
+    return (f"architecture preset (default DiT-N/4, or SD3-T/2 for caption data). DiT: {', '.join(DIT_CONFIGS)}. "
+            f"Text-to-image SD3: {', '.join(SD3_CONFIGS)}")
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    # One group per section of TrainConfig (thinking_pixel.train_config); TrainConfig.from_flat maps them.
     S = argparse.SUPPRESS  # unset options keep TrainConfig's defaults
-    p.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
-    p.add_argument("--max-steps", type=_positive_int, default=S,
-                   help="total optimisation steps (default 5000: ~8 min on 2 idle cores)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASET_NAMES, default=S, help="default: shapes (embedded)")
-    g.add_argument("--data-dir", default=S, help="data location for folder / latents / fashion_mnist")
+    g.add_argument("--data-dir", default=S, help="data location for folder / latents / captions / fashion_mnist")
     g.add_argument("--image-size", type=_positive_int, default=S, help="default 16")
     g.add_argument("--hflip", action="store_true", default=S, help="random horizontal flips")
     g.add_argument("--num-workers", type=int, default=S, help="data loader worker processes (default 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=S, help="DiT preset, e.g. DiT-N/4, DiT-T/2, DiT-S/2, DiT-XL/2 (default DiT-N/4), "
-                   "or a text-to-image SD3 preset: SD3-N/2, SD3-T/2, SD3-S/2 (default for caption data: SD3-T/2)")
-    g.add_argument("--pipeline", default=S, help="a local diffusers StableDiffusion3Pipeline dir: train the recursion "
-                   "on its transformer, in its VAE's latents, with its text encoders")
-    g.add_argument("--peft-lora", action="store_true", default=S, help="text-to-image: a plain peft LoRA (rank "
-                   "--rank) on to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
+    g.add_argument("--preset", choices=[*DIT_CONFIGS, *SD3_CONFIGS], metavar="NAME", default=S, help=_preset_help())
     g.add_argument("--depth", type=_positive_int, default=S, help="override the preset's depth")
     g.add_argument("--hidden-size", type=_positive_int, default=S, help="override the preset's width")
     g.add_argument("--num-heads", type=_positive_int, default=S, help="override the preset's heads")
     g.add_argument("--patch-size", type=_positive_int, default=S, help="override the preset's patch size")
     g.add_argument("--prediction", choices=("eps", "v", "x0"), default=S,
-                   help="network output: eps (DiT), v or x0 (the clean image), converted to eps inside the model "
+                   help="DiT output: eps (DiT), v or x0 (the clean image), converted to eps inside the model "
                         "(default v)")
+    g.add_argument("--finetune-from", default=S, help="a trained model to wrap: a checkpoint of ours (its EMA "
+                   "weights), a diffusers DiT model directory (with or without transformer/), or a "
+                   "facebookresearch/DiT .pt")
+    g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,
+                   help="with --finetune-from: also train the base model")
+    g = p.add_argument_group("recursion")
+    g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S,
+                   help="train a plain model (the options below are then unused)")
     g.add_argument("--recursion-layers", type=_layers, default=S, help="blocks that recurse, e.g. 2 or 1,3 "
                    "(default: the middle block)")
     g.add_argument("--experts", type=_positive_int, default=S, help="LoRA experts M (default 2)")
@@ -93,12 +109,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--halt-prior", type=float, default=S,
                    help="learned halting: geometric prior's per-step halting probability (default 0.5)")
     g.add_argument("--halt-kl-weight", type=float, default=S, help="learned halting: weight of the prior KL (0.01)")
-    g.add_argument("--no-recursion", dest="recursion", action="store_false", default=S, help="train a plain DiT")
-    g.add_argument("--finetune-from", default=S, help="a trained DiT to wrap: a checkpoint of ours (its EMA weights), "
-                   "a diffusers DiT model directory (with or without transformer/), or a facebookresearch/DiT .pt")
-    g.add_argument("--no-freeze-base", dest="freeze_base", action="store_false", default=S,
-                   help="with --finetune-from: also train the base DiT")
     g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=_positive_int, default=S,
+                   help="total optimisation steps (default 5000: ~8 min for the default preset on 2 idle cores)")
     g.add_argument("--batch-size", type=_positive_int, default=S, help="default 64")
     g.add_argument("--lr", type=float, default=S, help="AdamW learning rate (default 4e-3; DiT: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=S)
@@ -106,18 +119,24 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=S,
                    help="after warm-up: constant, or cosine decay to 0 at --max-steps (default cosine)")
     g.add_argument("--min-snr-gamma", type=float, default=S,
-                   help="Min-SNR-gamma weighting of the eps loss, 0 = off (default 5)")
+                   help="DiT: Min-SNR-gamma weighting of the eps loss, 0 = off (default 5)")
     g.add_argument("--grad-clip", type=float, default=S, help="max grad norm, 0 disables (default 1.0)")
     g.add_argument("--ema-decay", type=float, default=S, help="default 0.999 (DiT: 0.9999 for long runs)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g = p.add_argument_group("text-to-image", "runs on caption data (captions, compositional) or an SD3 preset")
+    g.add_argument("--pipeline", default=S, help="a local diffusers StableDiffusion3Pipeline dir: train the recursion "
+                   "on its transformer, in its VAE's latents, with its text encoders")
+    g.add_argument("--peft-lora", action="store_true", default=S, help="a plain peft LoRA (rank --rank) on "
+                   "to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="auto, cpu or cuda[:i] (default auto)")
     g.add_argument("--threads", dest="num_threads", type=_positive_int, default=S,
-                   help="torch CPU threads (default: torch's); 1 is often faster on a busy machine")
+                   help="torch CPU threads (default: torch's, one per core); 1 is often faster beside other jobs")
     g.add_argument("--distributed", choices=("ddp", "fsdp"), default=S,
                    help="under torchrun: ddp (default) or fsdp (FSDP2, shards weights and optimizer state)")
-    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--checkpoint-every", type=_positive_int, default=S, help="default 500")
     g.add_argument("--checkpoint-minutes", type=float, default=S,
                    help="also checkpoint after this many minutes since the last one, 0 = never (default 5)")
@@ -125,13 +144,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="read metrics from the device every N steps (default: 1 on CPU, 25 on CUDA)")
     g.add_argument("--keep-checkpoints", type=int, default=S, help="newest checkpoints kept, 0 = all (default 2)")
     g.add_argument("--no-sample-grid", dest="sample_grid", action="store_false", default=S,
-                   help="do not write samples.png at the end")
+                   help="do not draw the sample grid at the end (samples.png in --output-dir; the DiT's: 4 per "
+                        "class, DDPM 100 steps)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
 
 
 def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training output dir, step dir, or save_pretrained dir")
-    p.add_argument("--output", default="samples.png", help="PNG path (default samples.png)")
+    p.add_argument("--output", default=None, help="PNG path (default: OUTPUT_DIR/samples/step_NNNNNNN.png for a "
+                   "training run, CHECKPOINT/samples.png for a model directory)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     p.add_argument("--cfg-interval", type=timestep_interval, default=GUIDANCE_INTERVAL,
                    help="class-conditional models: guide only at timesteps LO..HI; 0,999 guides every step (default "
@@ -148,7 +169,8 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling of the grid (default auto)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir, for latent models")
     g = p.add_argument_group("text-to-image")
-    g.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows (one per prompt)")
+    g.add_argument("--prompt", action="append", type=_prompt, default=None,
+                   help="a caption; repeat for more rows (one per prompt)")
     g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     g.add_argument("--per-prompt", type=_positive_int, default=4, help="samples per prompt (default 4)")
     g.add_argument("--pipeline", default=None, help="the diffusers SD3 pipeline dir of a --pipeline checkpoint "
@@ -167,22 +189,67 @@ def _plugin(name: str):
         return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: an option its command does not know is reported with that command's usage."""
+
+    commands: dict[str, argparse.ArgumentParser]  # set by build_parser
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="thinking-pixel", description="Recursive sparse reasoning in diffusion latents (The Thinking Pixel)."
-    )
+    """``thinking-pixel``'s parser; no option is matched by a prefix (``--max-step`` is an error, not --max-steps)."""
+    parser = _Parser(prog="thinking-pixel", allow_abbrev=False,
+                     description="Recursive sparse reasoning in diffusion latents (The Thinking Pixel).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,analyze}")
-    _add_train_arguments(sub.add_parser("train", help="train (or resume) a model"))
-    _add_sample_arguments(sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint"))
-    add_evaluate_arguments(sub.add_parser("evaluate", help="evaluate a checkpoint (FID and friends)"))
-    add_analyze_arguments(sub.add_parser("analyze", help="analyse routing and recursion of a checkpoint"))
+    commands = {"train": (_add_train_arguments, "train (or resume) a model"),
+                "sample": (_add_sample_arguments, "write a PNG grid of samples from a checkpoint"),
+                "evaluate": (add_evaluate_arguments, "evaluate a checkpoint (FID and friends)"),
+                "analyze": (add_analyze_arguments, "analyse routing and recursion of a checkpoint")}
+    parser.commands = {name: sub.add_parser(name, help=help_text, allow_abbrev=False)
+                       for name, (_, help_text) in commands.items()}
+    for name, (add_arguments, _) in commands.items():
+        add_arguments(parser.commands[name])
     return parser
 
 
+# Paths the commands read, by argument: checked to exist before the commands import torch.
+_INPUT_PATHS = {"checkpoint": "--checkpoint", "finetune_from": "--finetune-from", "data_dir": "--data-dir",
+                "pipeline": "--pipeline", "vae": "--vae", "prompts_file": "--prompts-file"}
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """A missing checkpoint, dataset or file, reported in a moment rather than after seconds of imports."""
+    for dest, flag in _INPUT_PATHS.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"{flag} {value!r} not found")
+    dataset = getattr(args, "dataset", None)
+    if args.command == "train" and dataset in DATA_DIR_REQUIRED and getattr(args, "data_dir", None) is None:
+        raise ValueError(f"--dataset {dataset} needs --data-dir (where its files are)")
+
+
+def _openmp_defaults() -> None:
+    """Threads of torch's OpenMP runtime, which the CPU extension shares, sleep while they wait instead of spinning,
+    unless the environment says otherwise: a spinning thread holds a core that another process on the machine needs,
+    and then the step waits for it. Set before torch is imported (the commands import it later)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _openmp_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "sample" and args.output is not None:
+            check_image_output(args.output)  # before anything is loaded
+        _check_inputs(args)
         if args.command == "train":
             from .train import TrainConfig, train
 
@@ -193,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}"
                       + (f"; samples {result.samples}" if result.samples else ""))
         elif args.command == "sample":
-            check_image_output(args.output)  # before importing torch and loading the model
+            if args.output is None:
+                from ._checkpoint import default_samples_path
+
+                args.output = default_samples_path(args.checkpoint)
+                args.output.parent.mkdir(parents=True, exist_ok=True)
             if args.prompt is not None or args.prompts_file is not None:
                 from .text_to_image.sampling import read_prompts, sample_prompts
 

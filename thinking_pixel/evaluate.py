@@ -80,6 +80,12 @@ def _generate_chunk(model, labels: torch.Tensor, *, seed: int, sampler: str, num
     return to_uint8(images.cpu())
 
 
+def samples_dir_for(output: Path, samples_dir: str | Path | None = None) -> Path:
+    """Where the sample chunks behind result file ``output`` are kept: ``samples_dir``, or beside ``output`` as
+    ``<output without .json>_samples``."""
+    return Path(samples_dir) if samples_dir is not None else Path(output).with_name(Path(output).stem + "_samples")
+
+
 def check_sample_settings(samples_dir: Path, identity: dict) -> None:
     """Record what the samples in ``samples_dir`` are, or refuse if it holds samples made otherwise."""
     settings_path = samples_dir / SETTINGS
@@ -226,7 +232,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     # Real data first: a dataset that does not fit the model fails before any sampling time is spent.
     real = reference_images(dataset, num_reference, image_size=cfg.input_size, num_channels=cfg.in_channels,
                             split=split, data_dir=data_dir)
-    samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
+    samples_dir = samples_dir_for(output, samples_dir)
     images, labels, sampling_seconds = _timed_samples(
         model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
         num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
@@ -299,7 +305,7 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
         raise ValueError(f"the model has {cfg.num_classes} classes and {cfg.in_channels} channels; the shapes "
                          f"dataset has {data.num_classes} classes of RGB images")
 
-    samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
+    samples_dir = samples_dir_for(output, samples_dir)
     images, labels, sampling_seconds = _timed_samples(
         model, weights, samples_dir, num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
         num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
@@ -340,6 +346,9 @@ def set_threads(threads: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``thinking-pixel evaluate`` command: prints the headline metrics; the full result goes to --output."""
+    if args.output is not None and args.benchmark != "frozenlake":
+        print(f"writing {args.output}; samples kept in {samples_dir_for(args.output, args.samples_dir)} (a rerun "
+              "resumes from them; --samples-dir puts them elsewhere)", flush=True)
     if args.benchmark == "compositional":
         from .text_to_image.geneval import run as run_compositional
 

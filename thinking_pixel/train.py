@@ -42,7 +42,7 @@ from . import distributed
 from ._fileio import atomic_write
 from ._interrupts import StopRequests
 from ._runtime import torch_threads
-from ._train_log import RoutingCounts, StepLog
+from ._train_log import RoutingCounts, SlowdownHint, StepLog
 from .data import StepBatchSampler, make_dataset
 from .diffusion import GaussianDiffusion
 from .models import DiT, ThinkingPixelDiT, dit_config
@@ -134,9 +134,10 @@ class DiTTask:
 
         if DATASETS[cfg.data.dataset].cond_channels:  # the grid shows classes, not image-conditioned outputs
             return None
-
-        return sample_checkpoint(output_dir, output_dir / "samples.png", sampler="ddpm", num_steps=100,
-                                 cfg_scale=4.0, per_class=4, seed=cfg.run.seed, device=str(device))  # sample's defaults
+        path = output_dir / "samples.png"
+        print(f"{path}: drawing 4 samples per class, DDPM 100 steps (--no-sample-grid skips this)", flush=True)
+        return sample_checkpoint(output_dir, path, sampler="ddpm", num_steps=100, cfg_scale=4.0, per_class=4,
+                                 seed=cfg.run.seed, device=str(device), progress=cfg.run.progress)  # sample's defaults
 
 
 def task_for(cfg: TrainConfig):
@@ -339,6 +340,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
                dynamic_ncols=True, desc=f"{type(model).__name__} {n_trainable / 1e6:.2f}M/{n_total / 1e6:.2f}M params")
     routing = RoutingCounts(model, device)
     log = StepLog(metrics_path, runtime, routing, every=run.log_every or (1 if device.type == "cpu" else 25))
+    slowdown = SlowdownHint(torch.get_num_threads() if device.type == "cpu" and runtime.is_main else 1, bar.write)
     step, loss_value, checkpoint, saved_at, stopped_by = start_step, None, step_dir, time.monotonic(), None
     with routing.recording(), log, bar:
         for x, y, *cond in loader:  # cond: [conditioning image] for image-conditioned datasets
@@ -372,6 +374,7 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
             stopped_by = "SIGTERM" if sigterm else "SIGINT" if sigint else None
             for metrics in lines:
                 bar.update(1)
+                slowdown.add(metrics["it_s"])
                 if on_step is not None:
                     on_step(metrics["step"], metrics)
             loss_value = lines[-1]["loss"]

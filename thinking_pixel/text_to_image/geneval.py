@@ -50,7 +50,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
                            use_ema: bool = True, device: str = "auto", progress: bool = True,
                            recursion_steps: int | None = None) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
-    from ..evaluate import _atomic_torch_save, check_sample_settings, checkpoint_identity
+    from ..evaluate import _atomic_torch_save, check_sample_settings, checkpoint_identity, samples_dir_for
     from ..tasks.compositional import score
     from .diagnostics import set_recursion_steps
     from .sampling import PromptSampler, load_text_model
@@ -70,7 +70,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
     prompts = seen + heldout
     rows = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]  # (prompt index, image index)
 
-    samples_dir = Path(samples_dir) if samples_dir is not None else output.with_name(output.stem + "_samples")
+    samples_dir = samples_dir_for(output, samples_dir)
     samples_dir.mkdir(parents=True, exist_ok=True)
     check_sample_settings(samples_dir, {**checkpoint_identity(weights), "prompts_per_tag": prompts_per_tag,
                                   "images_per_prompt": images_per_prompt, "prompt_seed": prompt_seed, "seed": seed,

@@ -130,4 +130,4 @@ class TextToImageTask:
         if not prompts:
             return None
         return sample_prompts(output_dir, output_dir / "samples.png", prompts, per_prompt=4, seed=cfg.run.seed,
-                              device=str(device), pipeline=cfg.text_to_image.pipeline)
+                              device=str(device), pipeline=cfg.text_to_image.pipeline, progress=cfg.run.progress)

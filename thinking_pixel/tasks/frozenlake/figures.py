@@ -113,7 +113,7 @@ def plot_recursion_steps(captions, frames, predictions: dict, path, title: str) 
 def main(argv=None) -> int:
     from ... import _checkpoint as ckpt
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--eval", required=True, help="the checkpoint's 'evaluate --benchmark frozenlake' JSON")
     p.add_argument("--output", required=True, help="PNG path")
