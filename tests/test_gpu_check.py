@@ -214,6 +214,16 @@ def test_fixed_noise_is_gumbel_device_independent_and_what_the_recursion_draws()
     assert torch.equal(first, second) and tp_kernels.gumbel_noise is not None
 
 
+def test_arguments(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = gpu_check.parse_args(["--sections", "ops,train", "--models", "sd3"])
+    assert args.sections == ["ops", "train"] and args.models == ["sd3"]
+    assert args.out == str(tmp_path / "gpu_check.json") and args.markdown == str(tmp_path / "gpu_check.md")
+    for bad in (["--sections", "ops,bogus"], ["--models", "unet"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+
+
 def test_cases_cover_every_precision_and_expert_count():
     cases = ops.correctness_cases()
     variants = {(c.op, c.dtype, c.tf32) for c in cases}

@@ -39,8 +39,8 @@ class RecursionCase:
 
 
 KINDS = ("ThinkingPixelDiT", "diffusers DiT + apply_recursion")
-SIZE = dict(input_size=16, hidden=64, heads=4, depth=3, layers=(0, 2), rank=16, batch=2, classes=10)
-TINY = dict(SIZE, input_size=8, hidden=32, heads=2, rank=8)
+SIZE = dict(input_size=16, hidden=64, heads=4, depth=3, layers=(0, 2), rank=16, batch=4, classes=10)  # 256 tokens
+TINY = dict(SIZE, input_size=8, hidden=32, heads=2, rank=8, batch=2)
 
 
 def recursion_cases(compiled: bool = True, experts=(2, 3, 5)) -> list[RecursionCase]:
