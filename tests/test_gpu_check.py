@@ -2,7 +2,6 @@
 plumbing: builders, checks, timing, JSON, the BENCHMARKS.md section), and each check shown able to fail."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,10 @@ from benchmarks.gpu import noise, ops, recursion_check, train_step  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def _cli(*args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny shapes: threads only contend
-    env.pop("OUT", None)
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run")
 def test_without_a_gpu_one_line_and_nonzero_exit(tmp_path):
-    proc = _cli("--out", str(tmp_path / "g.json"))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "g.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in proc.stderr
     assert not (tmp_path / "g.json").exists()
@@ -37,13 +30,19 @@ def test_without_a_gpu_one_line_and_nonzero_exit(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One run of every section at tiny sizes on CPU; the compiled cases take the compiled code path uncompiled."""
+    """One run of every section at tiny sizes on CPU (in this process, one thread: at these sizes threads only
+    contend); the compiled cases take the compiled code path uncompiled."""
     out = tmp_path_factory.mktemp("gpu_check")
     md = out / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## A\n\ntext\n")
-    proc = _cli("--device", "cpu", "--tiny", "--compile-backend", "none", "--out", str(out / "g.json"),
-                "--update", str(md))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = gpu_check.main(["--device", "cpu", "--tiny", "--compile-backend", "none", "--out",
+                                 str(out / "g.json"), "--update", str(md)])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
     return json.loads((out / "g.json").read_text()), (out / "g.md").read_text(), md.read_text()
 
 
