@@ -197,12 +197,14 @@ def test_variants_share_the_frozen_weights():
         assert len(shared) > 0.9 * len(base) and all(torch.equal(base[k], model[k]) for k in shared)
 
 
-def test_fixed_noise_is_gumbel_device_independent_and_what_the_recursion_draws():
-    sample = noise.hashed_gumbel((4000, 5))
-    assert torch.equal(sample, noise.hashed_gumbel((4000, 5))) and sample.dtype == torch.float32
-    assert not torch.equal(sample, noise.hashed_gumbel((4000, 5), seed=1))
-    assert abs(sample.mean().item() - 0.5772) < 0.03 and abs(sample.std().item() - 1.2825) < 0.03  # Gumbel(0, 1)
-    assert torch.equal(noise.hashed_gumbel((7, 3), dtype=torch.float64).float(), noise.hashed_gumbel((7, 3)))
+def test_fixed_noise_is_device_independent_decisive_and_what_the_recursion_draws():
+    sample = noise.decisive_noise((4000, 5))
+    assert torch.equal(sample, noise.decisive_noise((4000, 5))) and sample.dtype == torch.float32
+    assert not torch.equal(sample, noise.decisive_noise((4000, 5), seed=1))
+    top2 = sample.topk(2, dim=-1).values
+    assert (top2[:, 0] == noise.MARGIN).all() and (top2[:, 1] < 0).all()  # one winner per token, far ahead
+    assert torch.bincount(sample.argmax(-1)).min() > 700  # every expert wins about a fifth of the tokens
+    assert torch.equal(noise.decisive_noise((7, 3), dtype=torch.float64).float(), noise.decisive_noise((7, 3)))
     model = recursion_check.build_model(recursion_check.RecursionCase(recursion_check.KINDS[0], 2),
                                         recursion_check.TINY)
     x, t, y, _ = recursion_check.make_inputs(recursion_check.TINY)

@@ -7,9 +7,9 @@ the recursion changes the output). The device copy runs in fp32 with TF32 off (m
 and with its blocks compiled; the reference is a float64 copy on CPU. The step is forward, MSE loss and backward;
 compared are the output, the loss, the gradient of every trainable tensor (experts, gates) and of the input latent.
 
-Like for like: both copies get the same Gumbel noise (noise.fixed_noise) and no label dropout; the routing of every
-step is recorded in the eager run and its disagreements with the reference are counted (fp32 against float64 flips
-a near-tie rarely; a flip changes that token's gradient, so the count is reported beside the errors).
+Like for like: both copies get the same gate noise (noise.fixed_noise: no near-ties, so fp32 and float64 route
+alike) and no label dropout; the routing of every step is recorded in the eager run and its disagreements with the
+reference are counted (a flip would change that token's gradient; the count is reported beside the errors).
 """
 
 from __future__ import annotations

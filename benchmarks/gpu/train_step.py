@@ -15,7 +15,7 @@ A step is forward, MSE loss, backward and torch's fused AdamW over the trainable
 Eager, then the base, apply_recursion and dense einsum compiled (env.compiled_blocks: each block compiled). Each
 variant is a model of its own, built on the device from the same seed (the same frozen weights), given the same
 experts and gates, timed and freed before the next: one model on the device at a time, so peak memory is the
-variant's. The Gumbel noise is noise.fixed_noise's, so:
+variant's. The gate noise is noise.fixed_noise's (the same on every variant, no near-ties), so:
 
 - same function, exactly: each eager variant's fp32 model (TF32 off) runs one forward at a batch of 2 before going
   to bf16; compared with apply_recursion's (max |diff| / max |apply_recursion's output|);
