@@ -267,7 +267,7 @@ def run_model_case(case: ModelCase, device, *, backend="inductor", compiled=True
         inputs, target = make_inputs(case, device, dtype)
         for name, comp in _plan(compiled):
             label = f"{name}{', compiled' if comp else ''}"
-            if comp and budget is not None and not budget.allows(f"{case.name} {label}", need=60):
+            if comp and budget is not None and not budget.allows(f"{case.name} {label}", need=75):
                 result["skipped"].append(label)
                 continue
             row = dict(variant=name, compiled=comp)
