@@ -240,6 +240,20 @@ def test_cases_cover_every_precision_and_expert_count():
     assert [c.name for c in cases if c.compiled] == [f"{n}, compiled" for n in eager]
 
 
+def test_full_cases_build_and_run_on_the_meta_device():
+    """The timed shapes as the check builds them, without memory or compute: apply_recursion on DiT-XL/2 and
+    SD3-medium, a bf16 forward at the timed batch."""
+    meta = torch.device("meta")
+    for case in train_step.FULL:
+        from thinking_pixel import apply_recursion
+
+        model = apply_recursion(train_step.build_base(case, meta), train_step.recursion_of(case))
+        inputs, target = train_step.make_inputs(case, meta, torch.bfloat16)
+        out = train_step.forward(train_step.to_dtype(model, train_step.OURS, torch.bfloat16), inputs)
+        assert out.shape == target.shape and out.dtype == torch.bfloat16
+        assert len(train_step._recursions(model)) == 3
+
+
 def test_full_cases_are_the_ones_timed():
     dit, sd3 = train_step.FULL
     assert (dit.depth, dit.dim, dit.batch, dit.tokens, dit.experts, dit.steps, dit.rank, dit.layers) == (
