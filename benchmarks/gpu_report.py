@@ -120,11 +120,11 @@ def _recursion(rows):
     return lines
 
 
-def _speed(rows):
+def _speed(rows, clock):
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["shape"], r["dtype"]), {})[r["impl"]] = r
-    lines = ["### routed_lora forward + backward, ms (CUDA events, median)", "",
+    lines = [f"### routed_lora forward + backward, ms ({clock}, median)", "",
              "| shape | dtype | " + " | ".join(OP_IMPLS) + " | tp_kernels / floor |",
              "|---|---|" + "---|" * (len(OP_IMPLS) + 1)]
     for (shape, dtype), impls in by_shape.items():
@@ -163,7 +163,7 @@ def _train(case):
              f"rank {config['rank']} in blocks {', '.join(map(str, config['layers']))})", ""]
     if case.get("error") or case.get("skipped_all"):
         return lines + [f"Not run: {case.get('error') or 'out of time budget'}"]
-    lines += [f"Whole step: forward, MSE, backward, fused AdamW; {case['dtype']} base weights; median of "
+    lines += [f"Whole step: forward, MSE, backward, AdamW (fused on CUDA); {case['dtype']} base weights; median of "
               f"{case['iters']} after {case['warmup']} warm-up. Added = step - the frozen base's step in the same "
               "mode (the base's backward runs to the input through every block).", "",
               "| variant | mode | step ms | added ms | added / dense einsum's | peak GiB | output vs apply_recursion "
@@ -206,8 +206,9 @@ def markdown(report: dict) -> str:
     lines += [f"**{len(failed)} failed check(s)**: " + "; ".join(failed) if failed else "Every check passed.", ""]
     target_lines = _targets(report)
     lines += target_lines + ([""] if target_lines else [])
-    for key, render in (("ops", _ops), ("recursion", _recursion), ("speed", _speed), ("host", _host),
-                        ("capture", _capture)):
+    clock = "CUDA events" if report["environment"].get("gpu") else "host clock"
+    for key, render in (("ops", _ops), ("recursion", _recursion), ("speed", lambda rows: _speed(rows, clock)),
+                        ("host", _host), ("capture", _capture)):
         if report.get(key):
             lines += render(report[key]) + [""]
     for case in report.get("train", []):
