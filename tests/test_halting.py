@@ -25,13 +25,18 @@ def _run(attn, x, cond, steps=None, **rule):
     if rule:
         attn.halting.set_rule(**rule)
     saved, attn.steps = attn.steps, steps or attn.steps
-    attn.halting.steps_taken = None
+    attn.halting.reset_count()
     try:
         out = attn(x, cond)
+        taken = attn.halting.steps_taken
+        if attn.halting.mode == "none":  # every token takes T steps: the forward counts nothing
+            assert not taken.any()
+            mean = attn.steps
+        else:
+            mean = (taken[0] / taken[1]).item()
     finally:
         attn.steps = saved
-    taken = attn.halting.steps_taken
-    return out, (taken[0] / taken[1]).item()
+    return out, mean
 
 
 def test_delta_rule_limits():
@@ -109,7 +114,10 @@ def test_recursion_config_halting_settings_and_checkpoint(tmp_path):
     assert 2 <= model.mean_recursion_steps() <= 3
     loaded = ThinkingPixelDiT.from_pretrained(model.save_pretrained(tmp_path / "m"))
     assert loaded.recursion == model.recursion and torch.equal(loaded(x, t, y), out)
+    assert loaded.mean_recursion_steps() == model.mean_recursion_steps()  # its counters start at zero
     plain = ThinkingPixelDiT(cfg, RecursionConfig(steps=3, rank=4))
     with pytest.raises(ValueError, match="halting head"):
         plain.set_halting("learned")
-    assert plain.mean_recursion_steps() is None
+    assert plain.mean_recursion_steps() == 3  # no halting rule: every token takes T steps
+    model.reset_recursion_stats()
+    assert model.mean_recursion_steps() is None  # a halting rule and no forward since the reset

@@ -20,11 +20,13 @@ __all__ = [
     "load_model",
     "load_recursion",
     "recursion_config",
+    "remove_recursion",
     "save_recursion",
 ]
 
 
-_INTEGRATIONS = {"apply_recursion", "export_peft", "load_recursion", "recursion_config", "save_recursion"}
+_INTEGRATIONS = {"apply_recursion", "export_peft", "load_recursion", "recursion_config", "remove_recursion",
+                 "save_recursion"}
 
 
 def __getattr__(name):

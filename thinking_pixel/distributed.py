@@ -94,8 +94,10 @@ def wrap_model(model: torch.nn.Module, runtime: Runtime, strategy: str = "ddp") 
 
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         # static_graph: the same parameters take part in every step (also when some never get a gradient, like
-        # the context branch of SD3's last block), so DDP need not search for unused ones at each step
-        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+        # the context branch of SD3's last block), so DDP need not search for unused ones at each step.
+        # broadcast_buffers=False: no buffer changes in training (positional tables, the halting step counters,
+        # which count rank-local eval forwards), so rank 0's broadcast at wrapping is the only one they need
+        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, broadcast_buffers=False)
     shard_like(model, runtime)
     return model
 

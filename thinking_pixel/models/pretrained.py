@@ -104,6 +104,12 @@ def _load_weights(model, path: Path, device) -> None:
         raise ValueError(f"{weights_path} holds NaN or Inf in {len(non_finite)} tensor(s): "
                          f"{non_finite[:3]}{' ...' if len(non_finite) > 3 else ''}")
     model.load_state_dict(state, assign=True)
+    # the buffers a checkpoint does not hold (non-persistent: the halting step counters) were built on the meta
+    # device with the model; they start at zero
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                module.register_buffer(name, torch.zeros_like(buffer, device=device), persistent=False)
 
 
 def state_mismatches(expected: dict, state: dict) -> list[str]:

@@ -21,6 +21,7 @@ in the pipeline directory, which is loaded again when the checkpoint is.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -92,7 +93,10 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
                                                                  local_files_only=True)
                            if self.pipeline is not None else SD3Transformer2DModel(**transformer_config))
         self.transformer = transformer
-        self.transformer_config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+        # its constructor's arguments only: a config may carry more (e.g. the recursion's entry, which a plain
+        # from_pretrained of a directory saved with the recursion keeps)
+        init_args = inspect.signature(SD3Transformer2DModel.__init__).parameters
+        self.transformer_config = {k: v for k, v in dict(transformer.config).items() if k in init_args}
         self.text = dict(text or {"encoder": "minilm", "max_length": 32})
         self.recursion = recursion
         self.peft_lora = None if peft_lora is None else {"rank": int(peft_lora["rank"]),

@@ -257,17 +257,18 @@ class ThinkingPixelDiT(DiT):
     def reset_recursion_stats(self) -> None:
         """Start counting the recursion steps taken anew (see mean_recursion_steps)."""
         for _, attn in self.recursive_attentions():
-            attn.halting.steps_taken = None
+            attn.halting.reset_count()
 
     def mean_recursion_steps(self) -> float | None:
-        """Mean number of recursion steps a token took per recursive block call, over the eval-mode forward passes
-        since reset_recursion_stats (None if there were none). Reads the device counters: one host sync."""
-        totals = [attn.halting.steps_taken for _, attn in self.recursive_attentions()
-                  if attn.halting.steps_taken is not None]
-        if not totals:
-            return None
-        steps, tokens = torch.stack(totals).sum(0).tolist()
-        return steps / tokens
+        """Mean number of recursion steps a token took per recursive block call. Without a halting rule every token
+        takes its block's T steps; with one, the mean over the eval-mode forward passes since reset_recursion_stats
+        (None if there were none), read from the device counters: one host sync."""
+        attns = [attn for _, attn in self.recursive_attentions()]
+        if all(attn.halting.mode == "none" for attn in attns):
+            return sum(attn.steps for attn in attns) / len(attns)
+        steps, tokens = torch.stack([attn.halting.steps_taken for attn in attns
+                                     if attn.halting.mode != "none"]).sum(0).tolist()
+        return steps / tokens if tokens else None
 
     def auxiliary_loss(self):
         """The loss terms the last training forward added besides the diffusion loss (the learned halting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -9,7 +10,14 @@ import tp_kernels
 
 from ._checks import is_int, is_number
 
-__all__ = ["Gate"]
+__all__ = ["Gate", "full_precision"]
+
+
+def full_precision(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if it is float32 or float64, else float32: the precision the recursion's own weights and its
+    gate's conditioning term keep under a low-precision model, or under weights stored in a low precision
+    (diffusers' layerwise casting stores them in fp8 or fp16 between forwards)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class Gate(nn.Module):
@@ -58,14 +66,21 @@ class Gate(nn.Module):
         logits(h, cond) == h @ token_weight^T + cond_logits, where cond_logits (N, 1, M) -- or (M,) without a
         conditioning input -- holds everything that does not depend on the tokens: the token projection's bias
         and cond_proj(SiLU(cond)). It is the same at every recursion step, so callers compute it once.
+
+        token_weight comes as stored (callers cast it to their tokens' dtype); cond_logits are computed in
+        full_precision of the weights' dtype, whatever the dtypes of cond and of the stored weights.
         """
         token_weight = None if self.token_proj is None else self.token_proj.weight
         bias = None if self.token_proj is None else self.token_proj.bias  # (M,)
+        if bias is not None:
+            bias = bias.to(full_precision(bias.dtype))
         if self.cond_proj is None:
             return token_weight, bias
         if cond is None:
             raise ValueError("this Gate uses a conditioning vector: pass cond (N, D_c)")
-        cond_logits = self.cond_proj(F.silu(cond))  # (N, M)
+        weight = self.cond_proj.weight
+        dtype = full_precision(weight.dtype)
+        cond_logits = F.linear(F.silu(cond.to(dtype)), weight.to(dtype), self.cond_proj.bias.to(dtype))  # (N, M)
         if bias is not None:
             cond_logits = cond_logits + bias
         return token_weight, cond_logits.unsqueeze(1)  # (N, 1, M)
@@ -75,7 +90,7 @@ class Gate(nn.Module):
         token_weight, cond_logits = self.fused_terms(cond)
         if token_weight is None:
             return cond_logits.expand(*h.shape[:-1], self.num_experts)
-        return F.linear(h, token_weight) + cond_logits
+        return F.linear(h, token_weight.to(h.dtype)) + cond_logits
 
     def forward(self, h, cond=None):
         """-> (expert_idx (N, T) int64, gate weight (N, T) fp32: 1.0 forward, straight-through backward)."""

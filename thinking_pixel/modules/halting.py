@@ -62,8 +62,10 @@ class Halting(nn.Module):
     """The halting rule of one recursive block, its optional learned head, and its step counter.
 
     ``head``: Linear(dim, 1) on the layer-normalised state, or None; zero weights and bias logit(halt_prior),
-    so training starts from the prior. ``steps_taken``: None, or a (2,) tensor (sum of steps over tokens, tokens)
-    accumulated by ``count`` without host syncs; read it with ``mean_steps``.
+    so training starts from the prior. ``steps_taken``: a (2,) int64 buffer (sum of steps over tokens, tokens),
+    allocated here and added to in place by ``count`` (no host sync, no new tensor on the module: a compiled
+    forward keeps one graph); only eval forwards with a halting rule count, since without one every token takes
+    all T steps. Not part of the state dict.
     """
 
     def __init__(self, dim: int, *, mode="none", threshold=None, head=False, prior=0.5, kl_weight=0.01, eps=1e-6):
@@ -74,7 +76,7 @@ class Halting(nn.Module):
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.constant_(self.head.bias, math.log(self.prior / (1 - self.prior)))
-        self.steps_taken = None
+        self.register_buffer("steps_taken", torch.zeros(2, dtype=torch.int64), persistent=False)
         self.loss = None  # the KL term of the last training forward (learned halting), for the training loss
 
     def set_rule(self, mode=None, threshold=None):
@@ -109,10 +111,12 @@ class Halting(nn.Module):
 
     @torch.no_grad()
     def count(self, steps):
-        """Add the steps (N, T) the tokens of a forward pass took to the running total."""
-        tokens = torch.full((), float(steps.numel()), dtype=torch.float64, device=steps.device)  # a fill, no copy
-        total = torch.stack([steps.sum(dtype=torch.float64), tokens])
-        self.steps_taken = total if self.steps_taken is None else self.steps_taken + total
+        """Add the steps (N, T) (int64) the tokens of a forward pass took to steps_taken, in place."""
+        self.steps_taken[0] += steps.sum()
+        self.steps_taken[1] += steps.numel()
+
+    def reset_count(self):
+        self.steps_taken.zero_()
 
     def extra_repr(self):
         return f"mode={self.mode}, threshold={self.threshold}, prior={self.prior:g}, kl_weight={self.kl_weight:g}"

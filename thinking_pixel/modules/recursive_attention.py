@@ -119,7 +119,8 @@ class LatentRecursion(nn.Module):
         halted = None  # (N, T) bool once a token may have halted
         kept_qkv = 0.0  # what a halted token shows the others: its last keys / values (none before step 1)
         cum_halt = torch.zeros(x.shape[:-1], device=x.device)  # (N, T) P(halted so far), learned rule
-        ran = torch.ones(x.shape[:-1], device=x.device)  # (N, T) steps taken; the final step counts for all
+        # (N, T) steps taken, the final step counted for all; without a rule every token takes T: nothing to count
+        ran = None if rule == "none" else torch.ones(x.shape[:-1], dtype=torch.int64, device=x.device)
         for step in range(1, self.steps):  # intermediate steps
             if rule == "learned":
                 lam = halting.halt_probability(a)  # (N, T)
@@ -129,7 +130,8 @@ class LatentRecursion(nn.Module):
             qkv, _ = self._refine(a, step, gate_terms, active=active)
             if active is not None:
                 qkv = torch.where(active[..., None], qkv, kept_qkv)
-            ran = ran + (1 if active is None else active)
+            if ran is not None:
+                ran = ran + (1 if active is None else active)
             new_a = attend_step(qkv, False) + x  # residual back to the block input, (N, T, D)
             if active is not None:
                 new_a = torch.where(active[..., None], new_a, a)  # a halted token keeps its state
@@ -137,7 +139,7 @@ class LatentRecursion(nn.Module):
                 change = (new_a - a).float().norm(dim=-1) / new_a.float().norm(dim=-1).clamp_min(1e-12)
                 halted = change < halting.threshold  # a halted token did not move: it stays halted
             a, kept_qkv = new_a, qkv
-        if not self.training:
+        if ran is not None:
             halting.count(ran)
         qkv, _ = self._refine(a, self.steps, gate_terms, base=base_projection())  # final step: W^ x~ + LoRA
         return attend_step(qkv, True)  # (N, T, D); maybe (N, T + L, D)
