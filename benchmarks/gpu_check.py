@@ -57,7 +57,7 @@ def run(args, device) -> dict:
     from .gpu import env, op_speed, ops, recursion_check, train_step
 
     budget = env.Budget(args.budget_s)
-    env.allow_recompiles()
+    env.configure_dynamo()
     lora_shapes, recursion_size, models = _cases(args)
     compiled = not args.no_compile
     small = args.quick or args.tiny

@@ -85,15 +85,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def allow_recompiles():
+def configure_dynamo():
     """Let one code object hold many compiled entries (one per model, variant, dtype): dynamo's default limit of 8
-    would otherwise run the rest eagerly without a word. The setting was renamed in torch 2.7; set either."""
+    would otherwise run the rest eagerly without a word (the setting was renamed in torch 2.7; set either). And
+    modules' parameters as graph inputs (torch's default since 2.5), so identical blocks share one compiled graph."""
     import torch._dynamo.config as dynamo_config
 
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+    if hasattr(dynamo_config, "inline_inbuilt_nn_modules"):
+        dynamo_config.inline_inbuilt_nn_modules = True
 
 
 def compile_fn(fn, backend: str):
@@ -109,7 +112,7 @@ def blocks_of(model) -> torch.nn.ModuleList:
 
 @contextlib.contextmanager
 def compiled_blocks(model, backend: str):
-    """Regional compilation: every transformer block replaced by its torch.compile'd self inside the block, as
+    """Regional compilation: every transformer block replaced by its torch.compile'd self within the ``with``, as
     diffusers recommends for repeated blocks (identical blocks share one compiled graph, so compile time is that of
     a block or two, not of the model); the eager blocks come back on exit."""
     blocks = blocks_of(model)
