@@ -4,7 +4,7 @@ On CPU (fp32, eager; training and inference) the compiled extension's kernel (cs
 straight out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied), works
 on one (batch, head)'s whole (rows x keys) score block in cache and keeps each row's logsumexp for the backward
 (N x H x rows floats, also when nothing needs a gradient: its forward took 0.70-0.89x the time of torch's flash
-attention at the recursion's shapes in session 9's runs of benchmarks/test_attention.py, 2 threads); elsewhere
+attention at the recursion's shapes in benchmarks/test_attention.py, 2 threads); elsewhere
 (GPU, bf16, no extension, a score block over MAX_SCORES) torch's scaled_dot_product_attention runs on the split
 heads. Both compute the same function.
 """
