@@ -1,4 +1,5 @@
-"""The issue's experiments end to end on Fashion-MNIST, at a configurable scale.
+"""The fine-tuning experiments (FID, M x T ablation, gate inputs, routing) end to end on Fashion-MNIST, at a
+configurable scale.
 
     python experiments/run.py --scale smoke            # minutes-to-an-hour on a 2-core CPU
     python experiments/run.py --scale medium --jobs 2   # a few CPU-hours: a base worth fine-tuning
@@ -110,7 +111,7 @@ def train_cmd(s: dict, out_dir: Path, steps: int, batch: int, lr: float, seed: i
             "--rank", str(s["rank"]), "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
             "--seed", str(seed), "--checkpoint-every", str(min(steps, 500)), "--threads", str(s["threads"]),
             "--no-sample-grid", "--no-progress",
-            # the recipe these experiments were run with (the CPU default changed since: RESULTS.md, issue #11)
+            # the recipe of the medium-scale results (the CLI's default recipe is v prediction, Min-SNR-5, cosine lr)
             "--prediction", "eps", "--min-snr-gamma", "0", "--lr-schedule", "constant", *extra]
 
 

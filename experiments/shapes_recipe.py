@@ -1,4 +1,5 @@
-"""The default shapes run's recipe search (RESULTS.md "The default shapes run", issue #11): train, then class accuracy.
+"""The default shapes run's recipe search (RESULTS.md, appendix "Training recipe of the default shapes run"):
+train, then class accuracy.
 
     python experiments/shapes_recipe.py --out runs/shapes_recipe --jobs 2            # every setting below
     python experiments/shapes_recipe.py --out runs/shapes_recipe --only lr4 lr8      # some of them

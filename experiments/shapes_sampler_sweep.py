@@ -1,4 +1,4 @@
-"""Class accuracy and placement of one shapes checkpoint under several sampler settings (RESULTS.md, issue #11).
+"""Class accuracy and placement of one shapes checkpoint under several sampler settings (RESULTS.md, appendix).
 
     python experiments/shapes_sampler_sweep.py RUN_OR_STEP_DIR PER_CLASS '{}' '{"cfg_scale": 2.0}' \
         '{"sampler": "ddim", "num_steps": 50}' '{"cfg_interval": [0, 500]}'
