@@ -87,16 +87,15 @@ def synchronize(device: torch.device) -> None:
 
 def configure_dynamo():
     """Let one code object hold many compiled entries (one per model, variant, dtype): dynamo's default limit of 8
-    would otherwise run the rest eagerly without a word (the setting was renamed in torch 2.7; set either). And
-    modules' parameters as graph inputs (torch's default since 2.5), so identical blocks share one compiled graph."""
+    would otherwise run the rest eagerly without a word (the setting was renamed in torch 2.7; set either).
+    Identical blocks share one compiled graph as they are: dynamo takes modules' parameters as graph inputs by
+    default from torch 2.5 (``inline_inbuilt_nn_modules``, fixed on in later versions)."""
     import torch._dynamo.config as dynamo_config
 
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-    if hasattr(dynamo_config, "inline_inbuilt_nn_modules"):
-        dynamo_config.inline_inbuilt_nn_modules = True
 
 
 def compile_fn(fn, backend: str):
