@@ -1,6 +1,6 @@
 """One recursive refinement step: tp_kernels.refine_step (fused) against the unfused module sequence.
 
-The unfused sequence is what RecursiveAttention ran before the fused op: LayerNorm, the gate's token
+The unfused sequence computes the same step one op at a time: LayerNorm, the gate's token
 Linear + conditioning logits, tp_kernels.gate_top1, tp_kernels.routed_lora with the gate weight, and the
 base added as a separate pass. Both get identical inputs (the conditioning logits precomputed for both);
 outputs are checked equal before timing. Steps: "intermediate" (LoRA only) and "final" (plus the base).
