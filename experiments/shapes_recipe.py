@@ -1,4 +1,4 @@
-"""The default shapes run's recipe search (RESULTS.md, appendix "Training recipe of the default shapes run"):
+"""The default shapes run's recipe search (RESULTS.md, appendix "The training recipe of the default shapes run"):
 train, then class accuracy.
 
     python experiments/shapes_recipe.py --out runs/shapes_recipe --jobs 2            # every setting below

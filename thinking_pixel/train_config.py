@@ -191,7 +191,7 @@ class TrainConfig:
     middle block, on 16x16 embedded shapes. DiT's own recipe is lr 1e-4, no warm-up, EMA 0.9999, eps prediction,
     uniform loss weights (use --lr 1e-4 --warmup-steps 0 --ema-decay 0.9999 --lr-schedule constant --prediction eps
     --min-snr-gamma 0 for DiT's recipe); the defaults here are tuned by measured class accuracy for a short CPU run
-    (5000 steps, ~8 min on 2 idle cores; RESULTS.md): lr 4e-3 after a 100-step warm-up (class accuracy at 1000 steps:
+    (5000 steps; RESULTS.md, appendix): lr 4e-3 after a 100-step warm-up (class accuracy at 1000 steps:
     lr 1e-3 0.22, 2e-3 0.43, 4e-3 0.57, 8e-3 0.61; at 3000 steps: 2e-3 0.89, 4e-3 0.93, 8e-3 0.73; 4e-3 at 5000
     steps: 0.99), cosine decay, v prediction and Min-SNR-5 weighting.
     """

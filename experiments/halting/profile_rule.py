@@ -1,5 +1,5 @@
 """Where a halting rule's forward time goes on the FrozenLake planner: torch.profiler self time per op, a fixed-depth
-run against a halting rule, the ops that grow or shrink (RESULTS.md, "Wall-clock" under the FrozenLake section).
+run against a halting rule, the ops that grow or shrink (RESULTS.md, claim 5, "Wall-clock").
 
     python experiments/halting/profile_rule.py runs/frozenlake/runs/tp_M2_T5_s0 --rule delta --threshold 0.1
 
