@@ -39,14 +39,45 @@ def check_index_range(name: str, idx: torch.Tensor, num: int, allow_skip: bool =
     if idx.numel() == 0:
         return
     low = -1 if allow_skip else 0
-    bad = (idx < low) | (idx >= num)
     want = f"[{low}, {num})" + (" (-1: skip the token)" if allow_skip else "")
     if idx.device.type == "cpu":
-        if bool(bad.any()):
-            first = idx[bad][0]
+        lo, hi = torch.aminmax(idx)  # one pass, two values read back (cheap on CPU)
+        if int(lo) < low or int(hi) >= num:
+            first = idx[(idx < low) | (idx >= num)][0]
             raise IndexError(f"{name} must lie in {want}, found {int(first)}")
     else:
-        torch._assert_async(~bad.any(), f"{name} must lie in {want}")
+        torch._assert_async(~((idx < low) | (idx >= num)).any(), f"{name} must lie in {want}")
+
+
+def _signature(value):
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype, value.device
+    return type(value), value
+
+
+class CheckedSignatures:
+    """A public wrapper's argument checks that depend on metadata alone (types, shapes, dtypes, devices and the
+    Python numbers), run once per signature: a training loop calls an op with a few signatures, over and over.
+
+    Called with the wrapper's arguments; a signature is remembered only after ``check`` passed on it.
+    """
+
+    def __init__(self, check, size: int = 1024):
+        self.check, self.seen, self.size = check, set(), size
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():  # traced once per graph anyway
+            return self.check(*args)
+        try:
+            key = tuple(_signature(a) for a in args)
+            hash(key)
+        except TypeError:  # an unhashable argument: the check will name it
+            return self.check(*args)
+        if key not in self.seen:
+            self.check(*args)
+            if len(self.seen) >= self.size:
+                self.seen.clear()
+            self.seen.add(key)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

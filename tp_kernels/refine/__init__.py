@@ -7,10 +7,10 @@ import math
 import torch
 
 from .._dispatch import resolve
-from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, CheckedSignatures, check_finite_number, check_same_device, check_tensor
 from ..norm import layer_norm
 from .deferred import defer_weight_grads
-from .op import refine_step_bwd, refine_step_fwd
+from .op import RefineStep, refine_step_bwd, refine_step_fwd
 from .reference import refine_step_reference
 
 __all__ = ["defer_weight_grads", "refine_step", "refine_step_reference", "refine_step_fwd", "refine_step_bwd"]
@@ -37,6 +37,62 @@ def _cond_groups(cond_logits, lead, n_exp):
         raise ValueError(f"cond_logits must be broadcastable to {(*lead, n_exp)}, "
                          f"got {tuple(cond_logits.shape)}") from None
     return expanded.reshape(-1, n_exp).contiguous()
+
+
+def _check(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active):
+    """refine_step's arguments (all metadata: checked once per signature)."""
+    check_tensor("state", state, dtypes=FLOAT_DTYPES)
+    check_tensor("lora_a", lora_a, dim=(3, 4))
+    check_tensor("lora_b", lora_b, dim=(3, 4))
+    if state.dim() < 1 or state.shape[-1] < 1:
+        raise ValueError(f"state must have shape (..., D) with D >= 1, got {tuple(state.shape)}")
+    if lora_a.dim() != lora_b.dim():
+        raise ValueError(f"lora_a and lora_b must both be 3-D or both 4-D, got {lora_a.dim()} and {lora_b.dim()}")
+    if lora_a.dtype != state.dtype or lora_b.dtype != state.dtype:
+        raise TypeError(f"lora_a and lora_b must have state's dtype {state.dtype}, "
+                        f"got {lora_a.dtype} and {lora_b.dtype}")
+    a = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(1)  # (E, S, R, D)
+    b = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(1)  # (E, S, D_out, R)
+    n_exp, n_slice, rank, dim = a.shape
+    if state.shape[-1] != dim:
+        raise ValueError(f"state's last dim ({state.shape[-1]}) must equal lora_a's D ({dim})")
+    if b.shape[0] != n_exp or b.shape[1] != n_slice or b.shape[3] != rank:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: "
+                         f"expected (E={n_exp}, S={n_slice}, D_out, R={rank})")
+    if n_exp < 1 or rank < 1:
+        raise ValueError(f"lora_a must have at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    lead = tuple(state.shape[:-1])
+    d_out = b.shape[2]
+    if token_weight is not None:
+        check_tensor("token_weight", token_weight, dtypes=(state.dtype,), dim=2)
+        if tuple(token_weight.shape) != (n_exp, dim):
+            raise ValueError(f"token_weight must have shape (E, D) = {(n_exp, dim)}, got {tuple(token_weight.shape)}")
+    if cond_logits is not None:
+        check_tensor("cond_logits", cond_logits, dtypes=FLOAT_DTYPES)
+        _cond_groups(cond_logits, lead, n_exp)
+    if noise is not None:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        if tuple(noise.shape) != (*lead, n_exp):
+            raise ValueError(f"noise must have shape {(*lead, n_exp)} (state's lead dims, E), got {tuple(noise.shape)}")
+    if base is not None:
+        check_tensor("base", base, dtypes=(state.dtype,))
+        if tuple(base.shape) != (*lead, n_slice * d_out):
+            raise ValueError(f"base must have shape {(*lead, n_slice * d_out)}, got {tuple(base.shape)}")
+    check_finite_number("tau", tau, positive=True)
+    check_finite_number("scale", scale)
+    check_finite_number("eps", eps, positive=True)
+    if active is not None:
+        check_tensor("active", active, dtypes=(torch.bool,))
+        if tuple(active.shape) != lead:
+            raise ValueError(f"active must have shape {lead} (state's lead dims), got {tuple(active.shape)}")
+    check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
+                      noise=noise, base=base, active=active)
+
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+
+
+_check_signature = CheckedSignatures(_check)
 
 
 def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, tau=1.0, noise=None, scale=1.0,
@@ -81,68 +137,30 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
     Differentiable in state, lora_a, lora_b, token_weight, cond_logits and base (the gate's gradient reaches
     token_weight, cond_logits and state through the straight-through weight).
     """
-    check_tensor("state", state, dtypes=FLOAT_DTYPES)
-    check_tensor("lora_a", lora_a, dim=(3, 4))
-    check_tensor("lora_b", lora_b, dim=(3, 4))
-    if state.dim() < 1 or state.shape[-1] < 1:
-        raise ValueError(f"state must have shape (..., D) with D >= 1, got {tuple(state.shape)}")
-    if lora_a.dim() != lora_b.dim():
-        raise ValueError(f"lora_a and lora_b must both be 3-D or both 4-D, got {lora_a.dim()} and {lora_b.dim()}")
-    if lora_a.dtype != state.dtype or lora_b.dtype != state.dtype:
-        raise TypeError(f"lora_a and lora_b must have state's dtype {state.dtype}, "
-                        f"got {lora_a.dtype} and {lora_b.dtype}")
+    _check_signature(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
+                     active)
     a = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(1)  # (E, S, R, D)
     b = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(1)  # (E, S, D_out, R)
-    n_exp, n_slice, rank, dim = a.shape
-    if state.shape[-1] != dim:
-        raise ValueError(f"state's last dim ({state.shape[-1]}) must equal lora_a's D ({dim})")
-    if b.shape[0] != n_exp or b.shape[1] != n_slice or b.shape[3] != rank:
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: "
-                         f"expected (E={n_exp}, S={n_slice}, D_out, R={rank})")
-    if n_exp < 1 or rank < 1:
-        raise ValueError(f"lora_a must have at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
+    n_exp, n_slice, _, dim = a.shape
     lead = tuple(state.shape[:-1])
     d_out = b.shape[2]
-    if token_weight is not None:
-        check_tensor("token_weight", token_weight, dtypes=(state.dtype,), dim=2)
-        if tuple(token_weight.shape) != (n_exp, dim):
-            raise ValueError(f"token_weight must have shape (E, D) = {(n_exp, dim)}, got {tuple(token_weight.shape)}")
     if cond_logits is not None:
-        check_tensor("cond_logits", cond_logits, dtypes=FLOAT_DTYPES)
         cond_logits = _cond_groups(cond_logits, lead, n_exp)
-    if noise is not None:
-        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
-        if tuple(noise.shape) != (*lead, n_exp):
-            raise ValueError(f"noise must have shape {(*lead, n_exp)} (state's lead dims, E), got {tuple(noise.shape)}")
-    if base is not None:
-        check_tensor("base", base, dtypes=(state.dtype,))
-        if tuple(base.shape) != (*lead, n_slice * d_out):
-            raise ValueError(f"base must have shape {(*lead, n_slice * d_out)}, got {tuple(base.shape)}")
-    check_finite_number("tau", tau, positive=True)
-    check_finite_number("scale", scale)
-    check_finite_number("eps", eps, positive=True)
-    if active is not None:
-        check_tensor("active", active, dtypes=(torch.bool,))
-        if tuple(active.shape) != lead:
-            raise ValueError(f"active must have shape {lead} (state's lead dims), got {tuple(active.shape)}")
-    check_same_device(state=state, lora_a=lora_a, lora_b=lora_b, token_weight=token_weight, cond_logits=cond_logits,
-                      noise=noise, base=base, active=active)
 
     def flat(t, width):
         return None if t is None else t.reshape(-1, width).contiguous()
 
-    if not isinstance(normalize, bool):
-        raise ValueError(f"normalize must be a bool, got {normalize!r}")
     fused_norm = normalize and resolve(state.device) not in ("cpu", "torch")
     if normalize and not fused_norm:
         # (..., D) h, kept by autograd with its statistics, which are fp32: torch's CPU LayerNorm keeps a bf16/fp16
         # input's mean and rstd in that dtype, and its backward then loses digits of the gradient when
         # |mean| >> std (found by tests/test_fuzz_ops.py; tests/test_layer_norm.py).
         state = layer_norm(state, float(eps))
-    qkv, weight, idx, *_ = refine_step_fwd(
-        flat(state, dim), a.contiguous(), b.contiguous(), None if token_weight is None else token_weight.contiguous(),
-        cond_logits, flat(noise, n_exp), flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
-        None if active is None else active.reshape(-1).contiguous(),
-        True,  # checked here
-    )
+    args = (flat(state, dim), a.contiguous(), b.contiguous(),
+            None if token_weight is None else token_weight.contiguous(), cond_logits, flat(noise, n_exp),
+            flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
+            None if active is None else active.reshape(-1).contiguous())
+    # eager: the autograd.Function (arguments checked here); compiled: the custom op, opaque to the graph
+    qkv, weight, idx, *_ = (refine_step_fwd(*args, True) if torch.compiler.is_compiling() else
+                            RefineStep.apply(*args))
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

@@ -167,12 +167,13 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
 
 
-def _backward(ctx, grad_qkv, grad_weight, *_):
+def _backward(ctx, grad_qkv, grad_weight, *_, bwd=None):
+    """The gradients through ``bwd`` (the backend's backward), or the registered backward op if None."""
     with _lora_ext.resumed(ctx.packs):  # the T steps' backward pack the experts once between them
-        return _gradients(ctx, grad_qkv, grad_weight)
+        return _gradients(ctx, grad_qkv, grad_weight, bwd)
 
 
-def _gradients(ctx, grad_qkv, grad_weight):
+def _gradients(ctx, grad_qkv, grad_weight, bwd):
     state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets = ctx.saved_tensors
     need_state, need_a, need_b, need_tw, need_cond, _, need_base = ctx.needs_input_grad[:7]
     need_w = need_a or need_b
@@ -190,11 +191,11 @@ def _gradients(ctx, grad_qkv, grad_weight):
         need_a = need_b = False  # the weights' aliases return dA, dB (deferred.DeferredWeightGrads.reduce)
         da = db = None
     elif need_state or need_w or need_tw or need_cond:
-        d_state, da, db, d_tw, d_cond = refine_step_bwd(
-            grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
-            ctx.n_groups, ctx.tau, ctx.scale, ctx.eps, ctx.normalize, need_state, need_w, need_tw, need_cond,
-            True,  # the forward's own tensors: nothing to check again
-        )
+        args = (grad_qkv.contiguous(), None if grad_weight is None else grad_weight.contiguous(), state, lora_a,
+                lora_b, token_weight, idx, probs, lora_h, perm, offsets, ctx.n_groups, ctx.tau, ctx.scale, ctx.eps,
+                ctx.normalize, need_state, need_w, need_tw, need_cond)
+        # the forward's own tensors: nothing to check again
+        d_state, da, db, d_tw, d_cond = refine_step_bwd(*args, True) if bwd is None else bwd(*args)
     if need_state or need_w or need_tw or need_cond:
         grads[:5] = (d_state if need_state else None, da if need_a else None, db if need_b else None,
                      d_tw if need_tw else None, d_cond.to(ctx.cond_dtype) if need_cond else None)
@@ -204,3 +205,18 @@ def _gradients(ctx, grad_qkv, grad_weight):
 
 
 refine_step_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class RefineStep(torch.autograd.Function):
+    """refine_step_fwd's eager path: the same backend forward and backward and the same autograd glue, without the
+    custom ops' dispatch; torch.compile takes the custom ops, which it keeps opaque (see routed_lora.op.RoutedLoRA)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _backend(inputs[0].device).forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_qkv, grad_weight, *_):
+        return _backward(ctx, grad_qkv, grad_weight, bwd=_backend(ctx.saved_tensors[0].device).backward)

@@ -126,7 +126,8 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
 
 
-def _backward(ctx, grad_y, *_):
+def _backward(ctx, grad_y, *_, bwd=None):
+    """The gradients through ``bwd`` (the registered backward op, or the backend's backward)."""
     x, idx, lora_a, lora_b, gate, h, perm, offsets = ctx.saved_tensors
     need_x, _, need_a, need_b, need_gate = ctx.needs_input_grad[:5]
     need_w = need_a or need_b
@@ -135,11 +136,30 @@ def _backward(ctx, grad_y, *_):
     if grad_y is None or not (need_x or need_w or need_gate):
         return (None,) * 5 + none
     with _cpu_ext.resumed(ctx.packs):
-        # the forward's own tensors: nothing to check again
-        dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets,
-                                         ctx.scale, need_x, need_w, need_gate, True)
+        if bwd is None:  # the forward's own tensors: nothing to check again
+            dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets,
+                                             ctx.scale, need_x, need_w, need_gate, True)
+        else:
+            dx, da, db, dg = bwd(grad_y.contiguous(), x, idx, lora_a, lora_b, gate, h, perm, offsets, ctx.scale,
+                                 need_x, need_w, need_gate)
     return (dx if need_x else None, None, da if need_a else None, db if need_b else None,
             dg if need_gate else None, *none)
 
 
 routed_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class RoutedLoRA(torch.autograd.Function):
+    """routed_lora_fwd's eager path: the same backend forward and backward and the same autograd glue, without the
+    custom ops' dispatch (which costs about as much host time as the rest of a forward + backward at a few hundred
+    tokens). torch.compile takes the custom ops, which it keeps opaque."""
+
+    @staticmethod
+    def forward(ctx, x, idx, lora_a, lora_b, gate, scale):
+        output = _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
+        _setup_context(ctx, (x, idx, lora_a, lora_b, gate, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, *_):
+        return _backward(ctx, grad_y, bwd=_backend(ctx.saved_tensors[0].device).backward)
