@@ -66,7 +66,7 @@ def targets(report: dict) -> list[tuple]:
         if r["call"] in HOST_TARGETS and r.get("host_us") is not None:
             host, items = HOST_TARGETS[r["call"]]
             rows.append((f"{r['call']}: host time <= {host} µs", f"{r['host_us']:.0f} µs", r["host_us"] <= host))
-            if on_gpu:
+            if on_gpu and r.get("work_items") is not None:
                 rows.append((f"{r['call']}: device work items <= {items}", f"{r['work_items']:g}",
                              r["work_items"] <= items))
     for case in report.get("train", []):
