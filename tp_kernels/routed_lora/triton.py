@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import torch
 import triton
@@ -52,7 +53,8 @@ MAX_RANK = 256
 # Triton 3.8's interpreter runs tl.dot as np.matmul on the raw storage, which is uint16 for bf16.
 # There, bf16 operands are widened to fp32 first: exact (a bf16 product fits in fp32), only the
 # summation order can differ from the tensor-core result. Compiled kernels never take this branch.
-_WIDEN_BF16_DOT = tl.constexpr(triton_interpret())
+_INTERPRET = triton_interpret()  # fixed per process: it must be set before triton is imported
+_WIDEN_BF16_DOT = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
@@ -388,9 +390,19 @@ def _group_scatter_kernel(
         _group_scatter_block(idx_ptr, perm_ptr, pid * BLOCK, ends - total + before, n_tok, n_exp, BLOCK, BLOCK_B)
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """One kernel launch, described before it runs (so ahead-of-time compiles see the same configs)."""
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: triton.cdiv is a ConstexprFunction, ~14 µs per host call under Triton 3.8."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (n >= 1), on the host (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
+class Launch(typing.NamedTuple):
+    """One kernel launch, described before it runs (so ahead-of-time compiles see the same configs); a named
+    tuple: made several times per call, it must be cheap to make."""
 
     kernel: object
     grid: tuple
@@ -418,7 +430,7 @@ def _precision(dtype):
     """
     if dtype != torch.float32:
         return None
-    if triton_interpret():
+    if _INTERPRET:
         return "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
@@ -443,7 +455,7 @@ def _tiles(rank, dtype, precision):
     shapes up to DiT-XL (tests/test_triton_aot.py). The rank is padded to a power of two >= 16 (tl.dot's
     minimum) and kept whole in registers, so large ranks and the wide fp32 operands (2x bf16's registers,
     4x for tf32x3's head/tail split) get smaller row tiles or more warps."""
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = max(16, next_power_of_2(rank))
     wide = dtype == torch.float32
     split = precision == "tf32x3"
     big_r = block_r >= 128
@@ -484,13 +496,13 @@ GROUP_INLINE = 8192
 
 def _group_bins(n_exp):
     """Bins of the counting sort: 0 skipped (-1), 1 + e expert e, the last one out-of-range indices."""
-    return triton.next_power_of_2(n_exp + 2)
+    return next_power_of_2(n_exp + 2)
 
 
 @functools.lru_cache(maxsize=256)
 def _group_plan(n_tok, n_exp, block, inline_max):
     bins = _group_bins(n_exp)
-    blocks = max(1, triton.cdiv(n_tok, block))
+    blocks = max(1, cdiv(n_tok, block))
     inline = n_tok <= inline_max
     return blocks, inline, dict(BLOCK=block, BLOCK_B=bins), dict(INLINE=inline, BLOCK=block, BLOCK_B=bins, BLOCK_P=16)
 
@@ -539,7 +551,7 @@ def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=
              gate_ptr=gate, base_ptr=base, y_ptr=y, h_ptr=h, d_in=d_in, d_out=lora_b.shape[2], rank=rank,
              n_exp=n_exp, n_slice=n_slice, scale=scale),
         dict(NORMALIZE=mean is not None, HAS_GATE=gate is not None, HAS_BASE=base is not None, PRECISION=prec,
-             BLOCK_E=triton.next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=t.BLOCK_K,
+             BLOCK_E=next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=t.BLOCK_K,
              BLOCK_N=t.BLOCK_N),
         t.num_warps, t.num_stages,
     )
@@ -550,11 +562,11 @@ def _outer_launches(u, v, perm, offsets, gate, scale, out, part, dims, blocks, s
     """The two stages of out[e, s] (P, Q) = sum over e's tokens of u^T v: chunk partials, then their sum."""
     n_exp, n_slice = out.shape[0], out.shape[1]
     (p_dim, q_dim), (block_p, block_q) = dims, blocks
-    block_e = triton.next_power_of_2(n_exp)
+    block_e = next_power_of_2(n_exp)
     u_stride, u_slice, v_stride, v_slice = strides
     stage1 = Launch(
         _outer_partial_kernel,
-        (part.shape[0], n_slice * triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q)),
+        (part.shape[0], n_slice * cdiv(p_dim, block_p), cdiv(q_dim, block_q)),
         dict(u_ptr=u, v_ptr=v, perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate, part_ptr=part, u_stride=u_stride,
              u_slice=u_slice, v_stride=v_stride, v_slice=v_slice, p_dim=p_dim, q_dim=q_dim, n_exp=n_exp,
              n_slice=n_slice, scale=scale),
@@ -564,7 +576,7 @@ def _outer_launches(u, v, perm, offsets, gate, scale, out, part, dims, blocks, s
     )
     block = 1024
     stage2 = Launch(
-        _outer_sum_kernel, (n_exp * n_slice, triton.cdiv(p_dim * q_dim, block)),
+        _outer_sum_kernel, (n_exp * n_slice, cdiv(p_dim * q_dim, block)),
         dict(part_ptr=part, offsets_ptr=offsets, out_ptr=out, pq=p_dim * q_dim, n_exp=n_exp, n_slice=n_slice),
         dict(BLOCK_E=block_e, CHUNK=CHUNK, BLOCK=block),
         4, 1,
@@ -591,7 +603,7 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
     prec = _precision(x.dtype)
     cfg = _tiles(rank, x.dtype, prec)
     br = cfg["BLOCK_R"]
-    block_e = triton.next_power_of_2(n_exp)
+    block_e = next_power_of_2(n_exp)
     t = cfg["dh"]
     launches = [Launch(
         _bwd_dh_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), n_slice),
@@ -605,12 +617,12 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
         t = cfg["dx"]
         launches.append(Launch(
             _bwd_dx_kernel,
-            (_max_tiles(n_tok, n_exp + 1, t.BLOCK_M), triton.cdiv(d_in, t.BLOCK_N) if dx is not None else 1),
+            (_max_tiles(n_tok, n_exp + 1, t.BLOCK_M), cdiv(d_in, t.BLOCK_N) if dx is not None else 1),
             dict(dh_ptr=dh, perm_ptr=perm, offsets_ptr=offsets, a_ptr=lora_a, dx_ptr=dx, dgp_ptr=dgp,
                  dgate_ptr=dgate, d_in=d_in, rank=rank, n_exp=n_exp, n_slice=n_slice, scale=scale),
             dict(NEED_X=dx is not None, NEED_GATE=dgate is not None, PRECISION=prec,
-                 BLOCK_E=triton.next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_N=t.BLOCK_N,
-                 BLOCK_S=triton.next_power_of_2(n_slice)),
+                 BLOCK_E=next_power_of_2(n_exp + 1), BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_N=t.BLOCK_N,
+                 BLOCK_S=next_power_of_2(n_slice)),
             t.num_warps, t.num_stages,
         ))
     if da is not None:
