@@ -12,14 +12,24 @@ integers equal to 1 become constants.
 
 Each record says how the kernel came out: registers, spills (from ``ptxas -v``
 rerun on Triton's PTX with Triton's flags, since the driver that normally
-reports them is absent), static shared memory, and the tensor-core
-instructions in the PTX (``mma.sync`` on sm_80+, ``wgmma`` on sm_90a).
+reports them is absent), static shared memory, the tensor-core
+instructions in the PTX (``mma.sync`` on sm_80+, ``wgmma`` on sm_90a), and the
+``tt.dot`` ops in the Triton IR next to the ``tl.dot`` calls of the source: Triton may
+rewrite other code into a dot (releases before 3.8 turn ``tl.sum(a[:, :, None] * b[None, :, :], 1)``
+into one), which the tests catch by comparing the two.
+
+Works with Triton 3.2 to 3.8 (the API differences between them are handled in :func:`_ast_source` and
+:func:`_ptxas_command`); 3.2.0 aborts on the bf16 / fp16 forward at rank 128 for sm_90a, which is why the
+tested range (``_dispatch.TESTED_TRITON``) starts at 3.3.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
+import functools
+import inspect
 import os
 import re
 import subprocess
@@ -67,7 +77,12 @@ class KernelRecord:
     shared_bytes: int
     mma_sync: int  # count of mma.sync instructions in the PTX
     wgmma: int  # count of wgmma.mma_async instructions in the PTX
-    uses_dot: bool
+    dot_calls: int  # tl.dot calls in the kernel's source (see dot_calls)
+    tt_dots: int  # tt.dot ops in the Triton IR Triton made of it
+
+    @property
+    def uses_dot(self) -> bool:
+        return self.dot_calls > 0
 
     @property
     def spills(self) -> int:
@@ -128,42 +143,100 @@ def _launches(shape: Shape, dtype: torch.dtype):
 
 def _source(launch):
     """An ASTSource for ``launch`` specialised like the runtime specialises torch tensors and ints."""
-    from triton.compiler import ASTSource
-
     fn = launch.kernel
     values = {**launch.args, **launch.constexprs}
-    signature, constexprs, attrs = {}, {}, {}
+    types, constants, divisible = {}, dict(launch.constexprs), []
     for i, name in enumerate(fn.arg_names):
         v = values[name]
-        if name in launch.constexprs or v is None or (isinstance(v, int) and v == 1):
-            signature[name], constexprs[name] = "constexpr", v
+        if name in launch.constexprs:
+            continue
+        if v is None or (isinstance(v, int) and v == 1):
+            constants[name] = v
+        if v is None:
+            types[name] = "*i8"
         elif isinstance(v, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPES[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            types[name] = "*" + _TRITON_DTYPES[v.dtype]
+            divisible.append(i)
         elif isinstance(v, float):
-            signature[name] = "fp32"
+            types[name] = "fp32"
         elif isinstance(v, int):
-            signature[name] = "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
+            types[name] = "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
             if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+                divisible.append(i)
         else:
             raise TypeError(f"cannot compile argument {name}={v!r} of {fn.__name__}")
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return _ast_source(fn, types, constants, divisible)
+
+
+def _ast_source(fn, types, constants, divisible):
+    """triton.compiler.ASTSource in the API of the installed Triton.
+
+    ``types``: Triton type of each runtime argument by name (constexpr parameters left out), ``constants``:
+    the specialised values by name (constexprs, None pointers, ints equal to 1), ``divisible``: indices of
+    the arguments divisible by 16.
+    """
+    from triton.compiler import ASTSource
+
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+        signature = {name: "constexpr" if name in constants else types[name] for name in fn.arg_names}
+        return ASTSource(fn=fn, signature=signature, constexprs=constants,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    from triton.backends.compiler import AttrsDescriptor  # Triton 3.2: runtime arguments only, attributes object
+
+    return ASTSource(fn, types, constants, AttrsDescriptor.from_hints({i: 16 for i in divisible}))
+
+
+@functools.lru_cache
+def _ptxas_command(capability: int):
+    """[ptxas, flags...] as the installed Triton runs it for ``capability`` (its binary, its register options)."""
+    from triton.backends.nvidia import compiler
+
+    tool = compiler.get_ptxas(capability) if hasattr(compiler, "get_ptxas") else compiler._path_to_binary("ptxas")
+    ptxas = tool.path if hasattr(tool, "path") else tool[0]  # Triton >= 3.4: a NvidiaTool; before: (path, version)
+    # Triton 3.8 passes --regAllocOptLevel=2 (a ptxas 13 workaround): it changes the register counts
+    reg_alloc = "--regAllocOptLevel=2" in inspect.getsource(compiler.CUDABackend.make_cubin)
+    return [ptxas, "-v", *(["--regAllocOptLevel=2"] if reg_alloc else []), f"--gpu-name={_arch(capability)}"]
+
+
+def _arch(capability: int) -> str:
+    return f"sm_{capability}" + ("a" if capability >= 90 else "")
+
+
+def dot_calls(fn) -> int:
+    """tl.dot calls of a @triton.jit function: its own and, at each call, those of the jit helpers it calls.
+
+    A helper whose every tl.dot is a ``return`` value (``routed_lora.triton._dot``: one of its branches is
+    compiled) is one dot per call. Loops do not multiply: a loop body appears once in the Triton IR.
+    """
+    counts = 0
+    for node in ast.walk(ast.parse(fn.src)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == "dot" and isinstance(f.value, ast.Name) and f.value.id == "tl":
+            counts += 1
+        elif isinstance(f, ast.Name) and f.id != fn.__name__ and hasattr(fn.__globals__.get(f.id), "src"):
+            helper = fn.__globals__[f.id]
+            counts += 1 if _is_dot_wrapper(helper) else dot_calls(helper)
+    return counts
+
+
+def _is_dot_wrapper(fn) -> bool:
+    tree = ast.parse(fn.src)
+    returned = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Return)}
+    dots = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "dot"]
+    return bool(dots) and all(id(n) in returned for n in dots)
 
 
 def _ptxas_usage(ptx: str, capability: int):
     """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on ``ptx``."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run(
-            [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
-             f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", os.path.join(tmp, "k.cubin")],
-            check=True, capture_output=True, text=True,
-        )
+        out = subprocess.run([*_ptxas_command(capability), src, "-o", os.path.join(tmp, "k.cubin")],
+                             check=True, capture_output=True, text=True)
     log = out.stderr + out.stdout
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -183,15 +256,15 @@ def allow_tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT_S)):
+def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT_S), roles=None):
     """Compile every kernel for ``GPUTarget("cuda", capability, 32)`` at each shape and variant -> [KernelRecord].
 
     ``variants``: (dtype, allow_tf32) pairs; fp32 kernels get the tl.dot precision the runtime picks under
-    that ``torch.backends.cuda.matmul.allow_tf32`` (``routed_lora.triton._precision``).
+    that ``torch.backends.cuda.matmul.allow_tf32`` (``routed_lora.triton._precision``). ``roles``: compile
+    only the kernels of these roles (default all).
     """
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     target = GPUTarget("cuda", capability, 32)
     records = []
@@ -200,21 +273,23 @@ def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT
             with allow_tf32(tf32):
                 launches = _launches(shape, dtype)
             for role, launch in launches:
+                if roles is not None and role not in roles:
+                    continue
                 compiled = triton.compile(_source(launch), target=target,
                                           options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
                 ptx = compiled.asm["ptx"]
                 regs, spill_st, spill_ld = _ptxas_usage(ptx, capability)
-                uses_dot = re.search(r"(tl\.|_)dot\(", launch.kernel.src) is not None
-                precision = launch.constexprs.get("PRECISION") or ("native" if uses_dot else "-")
+                n_dots = dot_calls(launch.kernel)
+                precision = launch.constexprs.get("PRECISION") or ("native" if n_dots else "-")
                 records.append(KernelRecord(
                     kernel=role, function=launch.kernel.__name__, shape=shape.name,
-                    arch=sm_arch_from_capability(capability), dtype=str(dtype).replace("torch.", ""),
+                    arch=_arch(capability), dtype=str(dtype).replace("torch.", ""),
                     precision=precision, num_warps=launch.num_warps, num_stages=launch.num_stages,
                     registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                     shared_bytes=compiled.metadata.shared,
                     mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
                     wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
-                    uses_dot=uses_dot,
+                    dot_calls=n_dots, tt_dots=len(re.findall(r"\btt\.dot\s", compiled.asm["ttir"])),
                 ))
     return records
 
@@ -222,7 +297,7 @@ def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT
 def format_table(records) -> str:
     """A plain-text table of records, one kernel per line."""
     cols = ("kernel", "shape", "arch", "dtype", "precision", "num_warps", "registers", "spills", "shared_bytes",
-            "tensor_core_ops")
+            "dot_calls", "tt_dots", "tensor_core_ops")
     rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows)

@@ -17,11 +17,18 @@ import contextvars
 import functools
 import importlib
 import os
+import re
+import warnings
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
 _ENV_VAR = "TP_KERNELS_BACKEND"
+# The Triton releases the kernels are compiled and checked with (README "Supported versions"): those torch 2.7 and
+# 2.14 pin. What a compiler pass makes of a kernel changes between releases (before 3.8 one turned a
+# broadcast-multiply-sum into a tensor-core dot too short for the hardware; 3.2.0, torch 2.6's, aborts compiling
+# the bf16 / fp16 forward at rank 128 for sm_90a), so a release outside the range is untested, not assumed right.
+TESTED_TRITON = ((3, 3), (3, 8))
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tp_kernels_backend", default=None)
 
 
@@ -58,6 +65,28 @@ def triton_available() -> bool:
     return True
 
 
+def triton_release() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    import triton
+
+    return tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+
+
+@functools.lru_cache(maxsize=None)
+def check_triton_version() -> None:
+    """Warn once if the installed Triton is outside :data:`TESTED_TRITON`, naming it and the ways out."""
+    import triton
+
+    version = triton.__version__
+    (lo, hi) = TESTED_TRITON
+    if not lo <= triton_release() <= hi:
+        warnings.warn(
+            f"tp_kernels: Triton {version} is outside the tested range {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}, and a "
+            f"compiler release can miscompile a kernel silently. Install a tested Triton (pip install "
+            f"'triton>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}') or run the composed-torch backend: "
+            f"TP_KERNELS_BACKEND=torch.", stacklevel=3)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -92,4 +121,5 @@ def implementation(device: torch.device, package: str, *, reference, torch_ops, 
         return torch_ops
     if name == "cpu":
         return cpu()
+    check_triton_version()
     return importlib.import_module(".triton", package)

@@ -47,9 +47,10 @@ def _expert_row(w_ptr, j, k, k_ok, dim, n_exp):
     """Columns ``k`` of row ``j`` of the gate's token weight W (E, D) in fp32, zeros for a padded expert j >= E.
 
     The token term's products with W run one expert at a time as 2-D multiply-adds. The 3-D form
-    ``tl.sum(a[:, :, None] * w[None, :, :], 1)`` is rewritten by Triton 3.6 and 3.7 into a TF32 ``tt.dot``
-    whose inner dimension (the experts, < 8) is too short for the tensor core, and the padding it gets there
-    counts the term twice; no Triton version turns this form into a dot (tests/test_triton_aot.py checks it).
+    ``tl.sum(a[:, :, None] * w[None, :, :], 1)`` is rewritten by Triton before 3.8 into a TF32 ``tt.dot``
+    whose inner dimension (the experts, < 8) is too short for the tensor core: the padding it gets there counts
+    the term twice (3.6.0), or the compile crashes (3.2.0). No Triton version turns this form into a dot
+    (tests/test_triton_aot.py checks it).
     """
     return tl.load(w_ptr + j * dim + k, mask=k_ok & (j < n_exp), other=0.0).to(tl.float32)
 
