@@ -138,7 +138,6 @@ def recursion_diagnostics(model, embeddings, prompts, *, sigmas, image_size: int
     usage = {layer: np.zeros((trained_steps, num_experts)) for layer, _ in found}
     joints = {k: np.zeros((len(values[k]), num_experts)) for k in label}
     mse = np.zeros(trained_steps)
-    batches = 0
     for k, s in enumerate(sigmas):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
         noise = torch.randn(images.shape, generator=gen).to(device)
@@ -147,8 +146,7 @@ def recursion_diagnostics(model, embeddings, prompts, *, sigmas, image_size: int
             sl = slice(i, i + batch_size)
             hidden, pooled = embeddings.lookup(captions[sl], device=device)
             t = torch.full((len(hidden),), 1000.0 * s, device=device)
-            target = (noise[sl] - images[sl]).float()
-            batches += 1
+            target = (noise[sl] - images[sl]).float()  # the flow's velocity
             for steps in range(1, trained_steps + 1):
                 with recursion_steps(model, steps), _probe(found) as log:
                     v = model(x_t[sl], t, hidden, pooled)
@@ -196,7 +194,11 @@ def plot_state_change(diagnostics: dict, path) -> None:
         steps = sorted(d["truncation_mse"], key=int)
         ax1.plot([int(t) for t in steps], [d["truncation_mse"][t] for t in steps], "o-", label=label)
     ax0.set(xlabel="recursion step t", ylabel="||a_t - a_(t-1)|| / ||a_t||", title="state change per step")
+    ax0.set_ylim(bottom=0)
     ax1.set(xlabel="recursion steps T' at evaluation", ylabel="velocity MSE", title="truncation at fixed weights")
+    most = max(d["trained_steps"] for d in diagnostics.values())
+    ax0.set(xticks=range(1, most), xlim=(0.5, most - 0.5))
+    ax1.set(xticks=range(1, most + 1))
     for ax in (ax0, ax1):
         ax.legend(fontsize=6)
     fig.tight_layout()
