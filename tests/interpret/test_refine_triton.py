@@ -82,9 +82,10 @@ def test_multi_tile_rank128_loss_on_gate_weight(dtype):
     check(make_case(((2, 40), 136, 72, 128, 3, 3, True, "sample", True, True), dtype), strided_grads=True)
 
 
-def test_batch_invariance():
-    """A token's qkv, routing and state gradient are bit-identical whatever other tokens share the batch."""
-    check_batch_invariance()
+def test_batch_invariance(dot_tol):
+    """A token's routing is bit-identical whatever other tokens share the batch; its qkv and state gradient agree
+    to float32 rounding only, as the interpreter's tl.dot is numpy's matmul (see the dot_tol fixture)."""
+    check_batch_invariance(dot_tol=dot_tol)
 
 
 def test_active_mask():
