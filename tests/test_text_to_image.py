@@ -144,7 +144,8 @@ def test_bad_prompt_inputs_are_one_line_errors(tmp_path, caption_dir, capsys):
     dit = DiT(dit_config("DiT-N/4", input_size=8, in_channels=3, num_classes=3)).save_pretrained(tmp_path / "dit")
     assert cli.main(["sample", "--checkpoint", str(dit), "--prompt", "a red circle"]) == 1
     assert "class-conditional" in _one_line_error(capsys)
-    assert cli.main(["train", "--dataset", "captions", "--data-dir", str(tmp_path / "nowhere")]) == 1
+    (tmp_path / "no_metadata").mkdir()
+    assert cli.main(["train", "--dataset", "captions", "--data-dir", str(tmp_path / "no_metadata")]) == 1
     assert "metadata.jsonl" in _one_line_error(capsys)
 
 
