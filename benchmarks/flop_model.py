@@ -308,9 +308,6 @@ H100_BANDWIDTH = 3.35e12
 H100_PEAK_FLOPS = {"native": 989.4e12, "tf32": 494.7e12, "tf32x3": 494.7e12 / 3, "ieee": 66.9e12, "-": 66.9e12}
 
 
-CHUNK = 512  # tokens per weight-gradient chunk (tp_kernels.routed_lora.triton.CHUNK)
-
-
 def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int, experts: int, slices: int,
                        elem: int) -> Cost:
     """FLOPs and minimum bytes of one tp_kernels Triton kernel (roles as tp_kernels._aot names them).
@@ -322,17 +319,17 @@ def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int,
     x, y = n * d_in * elem, n * s * d_out * elem
     wa, wb = experts * s * r * d_in * elem, experts * s * d_out * r * elem
     index = 8 * n + 8 * (experts + 1)  # permutation and offsets
-    chunks = min(n, (n + experts * (CHUNK - 1)) // CHUNK)  # tp_kernels.routed_lora.triton.max_chunks
-    part_a, part_b = 4 * chunks * s * r * d_in, 4 * chunks * s * d_out * r
+    bins = experts + 2  # the counting sort's: skipped, each expert, out of range
     costs = {
+        # the counting sort: a one-hot compare per token and bin, its scan; reads the indices, writes the grouping
+        "routed_lora.group": Cost(2 * 2 * n * bins, 2 * 8 * n + index),
+        "routed_lora.group_count": Cost(2 * n * bins, 8 * n + 4 * n // 1024 * bins),
+        "routed_lora.group_scatter": Cost(2 * n * bins, 8 * n + 4 * n // 1024 * bins + index),
         "routed_lora.fwd": Cost(2 * n * s * r * (d_in + d_out), x + y + wa + wb + h + index + n * elem),
         "routed_lora.bwd_dh": Cost(2 * n * s * d_out * r, y + wb + 2 * h + index + 4 * n * s),
         "routed_lora.bwd_dx": Cost(2 * n * s * r * d_in, h + wa + x + index),
-        # weight gradients in two stages: fp32 partials per chunk of CHUNK tokens, then their sum per expert
-        "routed_lora.bwd_dA": Cost(2 * n * s * r * d_in, h + x + part_a + index),
-        "routed_lora.bwd_dA_sum": Cost(part_a // 4, part_a + wa + index),
-        "routed_lora.bwd_dB": Cost(2 * n * s * d_out * r, y + h + part_b + index),
-        "routed_lora.bwd_dB_sum": Cost(part_b // 4, part_b + wb + index),
+        # dA = sum dh x^T and dB = sum dy (m h)^T in one kernel, over each expert's sorted rows, no partials
+        "routed_lora.bwd_dW": Cost(2 * n * s * r * (d_in + d_out), 2 * h + x + y + wa + wb + index),
         "gate.fwd": gate_top1(n, experts, elem),
         # the refinement step (tp_kernels/refine/triton.py), compiled with noise, conditioning and the base
         "refine.stats_gate": Cost(n * d_in * (7 + 2 * experts) + 8 * n * experts,

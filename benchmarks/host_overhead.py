@@ -147,8 +147,9 @@ def main(argv=None):
     if args.json:
         import tp_kernels
 
-        meta = dict(shape=HOST_SHAPE, package=os.path.dirname(tp_kernels.__file__), torch=torch.__version__, python=platform.python_version(),
-                    machine=platform.machine(), threads=torch.get_num_threads(), load_average=os.getloadavg())
+        meta = dict(shape=HOST_SHAPE, package=os.path.dirname(tp_kernels.__file__), torch=torch.__version__,
+                    python=platform.python_version(), machine=platform.machine(), threads=torch.get_num_threads(),
+                    load_average=os.getloadavg())
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
 

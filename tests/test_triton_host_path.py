@@ -35,21 +35,24 @@ def lora_inputs(device, n_tok=N_TOK, gate=False, skipped=False):
 def refine_inputs(device, active=False, base=False):
     x, _, a, b, _ = lora_inputs(device)
     return (x, a, b, torch.randn(N_EXP, DIM, device=device), torch.randn(1, N_EXP, device=device),
-            torch.randn(N_TOK, N_EXP, device=device), torch.randn(N_TOK, N_SLICE * DIM, device=device) if base else None,
+            torch.randn(N_TOK, N_EXP, device=device),
+            torch.randn(N_TOK, N_SLICE * DIM, device=device) if base else None,
             5.0, 0.5, 1e-6, True, torch.ones(N_TOK, dtype=torch.bool, device=device) if active else None, True)
 
 
-def lora_fwd_bwd(x, idx, a, b, gate):
-    grad_y = torch.randn(x.shape[0], N_SLICE * DIM, device=x.device)
+def lora_fwd_bwd(x, idx, a, b, gate, grad_y):
     return forward_backward("routed_lora_fwd", (x, idx, a, b, gate, 0.5, True), GRAD[:4] + (gate is not None,) +
                             (False, False), (grad_y, None, None, None))
 
 
-def refine_fwd_bwd(args):
-    n_tok = args[0].shape[0]
+def refine_fwd_bwd(args, grad_qkv, grad_weight):
     needs = (True, True, True, True, True, False, args[6] is not None) + (False,) * 6
-    grads = (torch.randn(n_tok, N_SLICE * DIM, device=args[0].device), torch.ones(n_tok, device=args[0].device))
-    return forward_backward("refine_step_fwd", args, needs, grads + (None,) * 5)
+    return forward_backward("refine_step_fwd", args, needs, (grad_qkv, grad_weight) + (None,) * 5)
+
+
+def grads(device):
+    """Upstream gradients of qkv / y and of the gate weight."""
+    return torch.randn(N_TOK, N_SLICE * DIM, device=device), torch.ones(N_TOK, device=device)
 
 
 def test_the_path_runs_on_fake_cuda_tensors(cuda):
@@ -60,27 +63,29 @@ def test_the_path_runs_on_fake_cuda_tensors(cuda):
 @pytest.mark.parametrize("gate", [False, True])
 def test_routed_lora_reads_nothing_back_and_has_static_shapes(cuda, gate):
     x, idx, a, b, g = lora_inputs(cuda, gate=gate)
+    grad_y, _ = grads(cuda)
     with count_work_items(stub=True) as items:
         y = tp_kernels.routed_lora(x.reshape(4, 64, DIM), idx.reshape(4, 64), a, b, scale=0.5,
                                    gate=None if g is None else g.reshape(4, 64))
-        (y2, h, perm, offsets), grads = lora_fwd_bwd(x, idx, a, b, g)
+        (y2, h, perm, offsets), dx = lora_fwd_bwd(x, idx, a, b, g, grad_y)
     assert y.shape == (4, 64, N_SLICE * DIM) and y2.shape == (N_TOK, N_SLICE * DIM)
     assert perm.shape == (N_TOK,) and offsets.shape == (N_EXP + 1,)
-    assert grads[0].shape == x.shape and grads[2].shape == a.shape and grads[3].shape == b.shape
-    assert (grads[4] is not None) == gate
+    assert dx[0].shape == x.shape and dx[2].shape == a.shape and dx[3].shape == b.shape
+    assert (dx[4] is not None) == gate
     assert items.host_reads == []
 
 
 @pytest.mark.parametrize("active, base", [(False, False), (True, True)])
 def test_refine_step_reads_nothing_back_and_has_static_shapes(cuda, active, base):
     args = refine_inputs(cuda, active=active, base=base)
+    upstream = grads(cuda)
     with count_work_items(stub=True) as items:
         qkv, idx, weight = tp_kernels.refine_step(args[0].reshape(2, 128, DIM), *args[1:3], token_weight=args[3],
                                                   cond_logits=args[4], noise=args[5].reshape(2, 128, N_EXP), tau=5.0,
                                                   active=None if args[11] is None else args[11].reshape(2, 128))
-        outputs, grads = refine_fwd_bwd(args)
+        outputs, d = refine_fwd_bwd(args, *upstream)
     assert qkv.shape == (2, 128, N_SLICE * DIM) and idx.shape == weight.shape == (2, 128)
-    assert grads[0].shape == args[0].shape and grads[3].shape == args[3].shape and grads[4].shape == (1, N_EXP)
+    assert d[0].shape == args[0].shape and d[3].shape == args[3].shape and d[4].shape == (1, N_EXP)
     assert items.host_reads == []
 
 
@@ -101,13 +106,46 @@ def test_a_host_read_would_be_caught(cuda):
 
 # Device work items per call at 256 tokens, D 128, rank 16, 5 experts, 3 slices (the same up to 8192 tokens:
 # above that the grouping takes two launches). Pinned: a change that adds a launch or a torch kernel fails here.
+LORA_FWD = ["_group_scatter_kernel", "_fwd_kernel", "aten._assert_async.msg"]
 WORK_ITEMS = {
-    "routed_lora forward": ["_group_scatter_kernel", "_fwd_kernel", "aten._assert_async.msg"],
+    "routed_lora forward": LORA_FWD,
+    "routed_lora fwd+bwd": LORA_FWD + ["_bwd_dh_kernel", "_bwd_dx_kernel", "_weight_grad_kernel"],
+    # the torch kernels: LN(state) recomputed for dA, the LoRA's unit gate (for d gate), d cond_logits, d token_weight
+    "refine_step fwd+bwd": ["_stats_gate_kernel", "_group_scatter_kernel", "_fwd_kernel", "_bwd_dh_kernel",
+                            "_bwd_dx_kernel", "_weight_grad_kernel", "_gate_ln_bwd_kernel",
+                            "aten.native_layer_norm.default", "aten.ones.default", "aten.sum.dim_IntList",
+                            "aten.mm.default"],
 }
 
 
-def test_routed_lora_forward_work_items(cuda):
-    x, idx, a, b, _ = lora_inputs(cuda)
+def work_items(name, device):
+    x, idx, a, b, _ = lora_inputs(device)
+    args = refine_inputs(device)
+    upstream = grads(device)
+    with count_work_items(stub=True) as items, torch.no_grad():
+        if name == "routed_lora forward":
+            tp_kernels.routed_lora(x, idx, a, b, scale=0.5)
+        elif name == "routed_lora fwd+bwd":
+            lora_fwd_bwd(x, idx, a, b, None, upstream[0])
+        else:
+            refine_fwd_bwd(args, *upstream)
+    return items
+
+
+@pytest.mark.parametrize("name", list(WORK_ITEMS))
+def test_work_items_per_call_are_pinned(cuda, name):
+    items = work_items(name, cuda)
+    assert sorted(items.triton + items.torch) == sorted(WORK_ITEMS[name])
+
+
+def test_work_items_within_their_budget(cuda):
+    """The budgets per call: routed_lora forward 3, forward + backward 8, refine_step forward + backward 12."""
+    for name, budget in (("routed_lora forward", 3), ("routed_lora fwd+bwd", 8), ("refine_step fwd+bwd", 12)):
+        assert work_items(name, cuda).total <= budget, name
+
+
+def test_many_tokens_group_in_two_launches(cuda):
+    x, idx, a, b, _ = lora_inputs(cuda, n_tok=20000)
     with count_work_items(stub=True) as items, torch.no_grad():
         tp_kernels.routed_lora(x, idx, a, b, scale=0.5)
-    assert items.triton + items.torch == WORK_ITEMS["routed_lora forward"]
+    assert items.triton == ["_group_count_kernel", "_group_scatter_kernel", "_fwd_kernel"]

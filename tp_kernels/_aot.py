@@ -39,7 +39,7 @@ import torch
 
 _TRITON_DTYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32",
+    torch.int64: "i64", torch.int32: "i32", torch.bool: "i1",
 }
 
 
@@ -63,7 +63,7 @@ TOKENS_PER_SAMPLE = 256  # DiT-*/2 at 256x256: the refinement step's per-sample 
 
 @dataclasses.dataclass(frozen=True)
 class KernelRecord:
-    kernel: str  # role, e.g. "routed_lora.bwd_dA"
+    kernel: str  # role, e.g. "routed_lora.bwd_dW"
     function: str  # the @triton.jit function compiled
     shape: str
     arch: str  # e.g. "sm_80", "sm_90a"
@@ -106,7 +106,8 @@ def _launches(shape: Shape, dtype: torch.dtype):
     """
     from .gate.triton import gate_launch
     from .refine.triton import gate_ln_bwd_launch, stats_gate_launch
-    from .routed_lora.triton import backward_launches, forward_launch, max_chunks
+    from .routed_lora.triton import (GROUP_BLOCK, GROUP_INLINE, backward_launches, forward_launch, group_launches,
+                                     next_power_of_2)
 
     def meta(*size, dt=dtype):
         return torch.empty(*size, dtype=dt, device="meta")
@@ -118,10 +119,13 @@ def _launches(shape: Shape, dtype: torch.dtype):
     y, h, dh, dgp = meta(n, s * shape.d_out), meta(n, s * r, dt=torch.float32), meta(n, s * r, dt=torch.float32), \
         meta(n, s, dt=torch.float32)
     fwd = [forward_launch(x, perm, offsets, a, b, gate, 1.0, y, h)]
-    chunks = max_chunks(n, e)
     bwd = backward_launches(y, x, perm, offsets, a, b, gate, h, 1.0, dh, dgp, torch.empty_like(x),
-                            torch.empty_like(a), torch.empty_like(b), meta(chunks, s, r, shape.d_in, dt=torch.float32),
-                            meta(chunks, s, shape.d_out, r, dt=torch.float32))
+                            torch.empty_like(a), torch.empty_like(b), torch.empty_like(gate))
+    # the grouping: one program at these token counts; per-block histograms, then the scatter, above GROUP_INLINE
+    ok, many = meta(1, dt=torch.bool), 2 * GROUP_INLINE
+    group = group_launches(meta(n, dt=torch.int64), e, perm, offsets, None, ok)
+    group += group_launches(meta(many, dt=torch.int64), e, meta(many, dt=torch.int64), offsets,
+                            meta(many // GROUP_BLOCK, next_power_of_2(e + 2), dt=torch.int32), ok)
     logits = meta(n, e)
     gate_fwd = gate_launch(logits, torch.empty_like(logits), 1.0, True, meta(n, dt=torch.int64),
                            meta(n, dt=torch.float32), meta(n, e, dt=torch.float32))
@@ -135,10 +139,12 @@ def _launches(shape: Shape, dtype: torch.dtype):
     refine_bwd = gate_ln_bwd_launch(torch.empty_like(x), stats, stats, x, meta(n, 1, dt=torch.float32),
                                     meta(n, 1, dt=torch.float32), meta(e, shape.d_in), probs, meta(n, dt=torch.int64),
                                     5.0, torch.empty_like(probs), torch.empty_like(x))
-    roles = ["routed_lora.fwd", "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dA",
-             "routed_lora.bwd_dA_sum", "routed_lora.bwd_dB", "routed_lora.bwd_dB_sum", "gate.fwd", "refine.stats_gate",
+    roles = ["routed_lora.group", "routed_lora.group_count", "routed_lora.group_scatter", "routed_lora.fwd",
+             "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dW", "gate.fwd", "refine.stats_gate",
              "refine.fwd", "refine.bwd_gate_ln"]
-    return list(zip(roles, fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]))
+    launches = group + fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]
+    assert len(launches) == len(roles), [launch.kernel.__name__ for launch in launches]
+    return list(zip(roles, launches))
 
 
 def _source(launch):

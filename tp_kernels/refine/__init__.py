@@ -160,7 +160,8 @@ def refine_step(state, lora_a, lora_b, *, token_weight=None, cond_logits=None, t
             None if token_weight is None else token_weight.contiguous(), cond_logits, flat(noise, n_exp),
             flat(base, n_slice * d_out), float(tau), float(scale), float(eps), fused_norm,
             None if active is None else active.reshape(-1).contiguous())
-    # eager: the autograd.Function (arguments checked here); compiled: the custom op, opaque to the graph
-    qkv, weight, idx, *_ = (refine_step_fwd(*args, True) if torch.compiler.is_compiling() else
-                            RefineStep.apply(*args))
+    # eager: the autograd.Function (arguments checked here); compiled: the custom op, opaque to the graph, and on
+    # meta tensors the custom op's fake implementation
+    qkv, weight, idx, *_ = (refine_step_fwd(*args, True) if torch.compiler.is_compiling() or state.device.type == "meta"
+                            else RefineStep.apply(*args))
     return qkv.reshape(*lead, n_slice * d_out), idx.reshape(lead), weight.reshape(lead)

@@ -3,7 +3,8 @@
     _stats_gate_kernel  grid (token blocks,):  one read of the state per token block gives the LayerNorm
                         statistics, the gate's token logits (folded through the normalisation), the conditioning
                         rows and the noise, the argmax and the softmax: writes idx, probs, mean, rstd.
-    (grouping)          routed_lora.triton.group_on_device: stable argsort + searchsorted, on device.
+    (grouping)          routed_lora.triton.group_on_device: a counting sort on device (one launch up to 8192
+                        tokens), its inactive tokens (index -1) first, covered by tiles of their own.
     routed_lora.triton._fwd_kernel with NORMALIZE and HAS_BASE, grid (expert tiles, S): the three Q/K/V slices
                         in one launch, the LayerNorm folded into the shrink, the base added in the expand's
                         epilogue, each output row written once.
@@ -22,8 +23,8 @@ fp32 on CUDA cores, one expert's row of W at a time (``_expert_row``); the kerne
 state anyway.
 
 Backward (cpu.backward_with, the driver shared with the CPU path): LN(state) recomputed once with torch's
-native_layer_norm (routed_lora's dA kernel reads it), routed_lora.triton's backward kernels (dh, dx, dA, dB and
-the gate weight's gradient), then one kernel per token block for the rest:
+native_layer_norm (routed_lora's weight-gradient kernel reads it), routed_lora.triton's three backward kernels
+(dh; dx with the gate weight's gradient; dA with dB), then one kernel per token block for the rest:
     _gate_ln_bwd_kernel grid (token blocks,): the straight-through gate gradient d logits (N, E), the token
                         term's d LN(a) (+= d logits W, never stored) and the LayerNorm backward (row sums in
                         a first sweep, d state in a second), instead of ~8 torch ops and an in-place GEMM.
@@ -38,7 +39,7 @@ import triton.language as tl
 
 from .._validate import acc_dtype
 from ..routed_lora import triton as _lora
-from ..routed_lora.triton import Launch
+from ..routed_lora.triton import Launch, cdiv, next_power_of_2
 from . import cpu as _composed
 
 
@@ -186,7 +187,7 @@ def _gate_ln_bwd_kernel(
 
 def _row_blocks(n_exp):
     """(BLOCK_T, BLOCK_K, BLOCK_E) of the per-token-block kernels: the (T, E, K) product ~8K fp32 per program."""
-    block_e = max(2, triton.next_power_of_2(n_exp))
+    block_e = max(2, next_power_of_2(n_exp))
     block_t = 32 if block_e <= 8 else 16
     return block_t, max(8, min(64, 8192 // (block_t * block_e))), block_e
 
@@ -197,7 +198,7 @@ def stats_gate_launch(state, token_weight, cond_logits, noise, tau, eps, normali
     block_t, block_k, block_e = _row_blocks(n_exp)
     groups = 0 if cond_logits is None else cond_logits.shape[0]
     return Launch(
-        _stats_gate_kernel, (triton.cdiv(n_tok, block_t),),
+        _stats_gate_kernel, (cdiv(n_tok, block_t),),
         dict(x_ptr=state, w_ptr=token_weight, cond_ptr=cond_logits, noise_ptr=noise, idx_ptr=idx, weight_ptr=weight,
              probs_ptr=probs, mean_ptr=mean, rstd_ptr=rstd, n_tok=n_tok, dim=dim, n_exp=n_exp,
              group_size=max(1, n_tok // groups) if groups else 1, tau=tau, eps=eps),
@@ -233,10 +234,9 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     h = state.new_empty(n_tok, n_slice * rank, dtype=acc)
     stats_gate_launch(state, token_weight, cond_logits, noise, float(tau), float(eps), normalize, idx, weight, probs,
                       mean, rstd)()
-    if active is not None:  # inactive tokens: expert -1 (no tile covers them), weight 0, qkv = base or 0
+    if active is not None:  # inactive tokens: expert -1, weight 0; their own tiles write qkv = base or 0
         idx = torch.where(active, idx, -1)
         weight = active.to(acc)
-        y = base.clone() if base is not None else y.zero_()
     perm, offsets = _lora.group_on_device(idx, n_exp)
     stats = dict(mean=mean, rstd=rstd) if normalize else {}  # normalize=False: the state is used as given
     _lora.forward_launch(state, perm, offsets, lora_a, lora_b, None, float(scale), y, h, base=base,
@@ -251,7 +251,7 @@ def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, 
     block_t, block_k, block_e = _row_blocks(probs.shape[1])
     need_logits = dlogits is not None
     return Launch(
-        _gate_ln_bwd_kernel, (triton.cdiv(n_tok, block_t),),
+        _gate_ln_bwd_kernel, (cdiv(n_tok, block_t),),
         dict(dh_ptr=dh, dgate_ptr=dgate if need_logits else None, gw_ptr=grad_weight if need_logits else None,
              x_ptr=state, mean_ptr=mean, rstd_ptr=rstd, w_ptr=token_weight, probs_ptr=probs, idx_ptr=idx,
              dlogits_ptr=dlogits, dx_ptr=d_state, n_tok=n_tok, dim=dim, n_exp=probs.shape[1], tau=tau),

@@ -91,5 +91,6 @@ def routed_lora(x, expert_idx, lora_a, lora_b, *, scale=1.0, gate=None):
     lead = x.shape[:-1]
     args = (x.reshape(-1, d_in).contiguous(), expert_idx.reshape(-1).to(torch.int64).contiguous(), a.contiguous(),
             b.contiguous(), None if gate is None else gate.reshape(-1).contiguous(), float(scale))
-    y, *_ = RoutedLoRA.apply(*args) if checked else routed_lora_fwd(*args)
+    # meta tensors take the custom op too: its fake implementation gives their shapes
+    y, *_ = RoutedLoRA.apply(*args) if checked and x.device.type != "meta" else routed_lora_fwd(*args, checked)
     return y.reshape(*lead, n_slice * b.shape[2])

@@ -1,32 +1,29 @@
 """Routed LoRA in Triton: grouped GEMMs over a padded per-expert tile layout, no host sync.
 
-Grouping (all on device): a stable sort of the expert indices gives ``perm`` and
-``searchsorted`` gives per-expert ``offsets``; expert ``e`` owns sorted positions
-``[offsets[e], offsets[e+1])``, split into tiles of ``BLOCK_M`` tokens (the
-layout of vLLM's ``moe_align_block_size``). The launch grid is the host-side
-upper bound on the tile count, so nothing is read back; each program finds its
-(expert, rows) from ``offsets`` with a prefix sum over ``cdiv(count, BLOCK_M)``
-and programs past the last tile exit at once. Kernels gather rows of x / grad_y
-through ``perm`` and write each output row once, at its token position.
+Grouping (all on device, once per step: the backward reuses the forward's): a counting sort of the expert
+indices -- per-block histograms, an exclusive scan and a stable scatter (_group_* kernels; one program when the
+tokens are few, else two launches) -- gives ``perm`` and per-expert ``offsets``; expert ``e`` owns sorted
+positions ``[offsets[e], offsets[e+1])``, split into tiles of ``BLOCK_M`` tokens (the layout of vLLM's
+``moe_align_block_size``); skipped tokens (index -1) come first, ``[0, offsets[0])``. The launch grid is the
+host-side upper bound on the tile count, so nothing is read back and every shape is fixed by N and E (a CUDA
+graph can capture it); each program finds its (expert, rows) from ``offsets`` with a prefix sum over
+``cdiv(count, BLOCK_M)`` and programs past the last tile exit at once. Kernels gather rows of x / grad_y
+through ``perm`` and write each output row once, at its token position; a skipped token's rows are written
+(zeros, or the base) by tiles of their own, so no output is zero-filled first.
 
 Kernels (all matmuls are ``tl.dot`` with fp32 accumulators, so they run on
 tensor cores: ``mma.sync`` on sm_80, ``wgmma`` where Triton picks it on sm_90):
     _fwd_kernel            grid (tiles, S):        h = A_e x, y = base + B_e (m h);  m = gate * scale
                                                    (also the refinement step's LoRA: x normalised in registers)
-    _bwd_dh_kernel         grid (tiles, S):        dh = m B_e^T dy, and sum(B_e^T dy * h) for dgate
-    _bwd_dx_kernel         grid (tiles, D_in tiles): dx = sum_s A_e[s]^T dh_s
-    _outer_partial_kernel  grid (chunks, S * P tiles, Q tiles): per chunk of CHUNK sorted tokens of one expert,
-                           dA = sum dh x^T and dB = sum dy (m h)^T, fp32 partials
-    _outer_sum_kernel      grid (E * S, P*Q blocks): each expert's partials summed in chunk order
+    _bwd_dh_kernel         grid (tiles, S):        dh = m B_e^T dy, and sum(B_e^T dy * h) per slice for dgate
+    _bwd_dx_kernel         grid (tiles, D_in tiles): dx = sum_s A_e[s]^T dh_s, and dgate = scale * the slices' sum
+    _weight_grad_kernel    grid (E * S, dA tiles + dB tiles): dA = sum dh x^T and dB = sum dy (m h)^T over the
+                           expert's contiguous sorted rows, one program per output tile
 
-Weight gradients in two stages: the tokens of an expert are cut into fixed chunks, each reduced by its own
-programs, then the chunks' partials are summed -- so the work spreads over the GPU when routing sends most
-tokens to one expert (one program per expert would loop over them all while the rest of the GPU idles).
-The backward reuses the forward's grouping (perm, offsets are outputs of the forward op, saved for it).
-
-Determinism: no atomics. Each output element is written by exactly one program; the chunks are fixed by
-the routing alone and summed in a fixed order, so every result is bit-reproducible. A token's own outputs
-(y, h, dh, dx) depend on no other token: the reduction order over D_in / D_out / R is the same in every tile.
+Determinism: no atomics. Each output element is written by exactly one program, and a weight gradient's tile
+sums its expert's rows in sorted order, fixed by the routing: every result is bit-reproducible. A token's own
+outputs (y, h, dh, dx) depend on no other token: the reduction order over D_in / D_out / R is the same in every
+tile.
 
 Precision: fp16/bf16 operands, fp32 accumulation; the rank-R intermediate is
 rounded to the input dtype before the second GEMM (as the CPU path does). fp32
@@ -255,36 +252,19 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
-def _outer_partial_kernel(
-    u_ptr, v_ptr, perm_ptr, offsets_ptr, gate_ptr, part_ptr,
-    u_stride, u_slice, v_stride, v_slice, p_dim, q_dim, n_exp, n_slice, scale,
-    SCALE_V: tl.constexpr, HAS_GATE: tl.constexpr, U_HAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-):
-    """Stage 1 of a weight gradient: part[c, s] (P, Q) = sum over the tokens n of chunk c (CHUNK sorted rows of
-    one expert) of u[n, s]^T v[n, s] (times m_n if SCALE_V), in sorted order, fp32.
+def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, p, q, u_stride, u_slice, v_stride, v_slice,
+                p_dim, q_dim, scale, dt, SCALE_V: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """sum over sorted rows [row_lo, row_hi) of u[n, s, p]^T v[n, s, q] (v times m_n if SCALE_V), fp32
+    (BLOCK_P, BLOCK_Q).
 
-    u[n, s] = u_ptr[n * u_stride + s * u_slice + p], likewise v; one program per (chunk, s, P tile, Q tile).
-    One of u, v is fp32 scratch, the other in the weights' dtype (U_HAS_DTYPE: u), which both are multiplied in.
-    """
-    chunk = tl.program_id(0)
-    expert, row_lo, row_hi = _locate_tile(offsets_ptr, n_exp, chunk, BLOCK_E, CHUNK)
-    if expert >= n_exp:
-        return
-    s = tl.program_id(1) % n_slice
-    if U_HAS_DTYPE:
-        dt = u_ptr.dtype.element_ty
-    else:
-        dt = v_ptr.dtype.element_ty
-    p = (tl.program_id(1) // n_slice) * BLOCK_P + tl.arange(0, BLOCK_P)
-    q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    u[n, s] = u_ptr[n * u_stride + s * u_slice + p], likewise v; both multiplied in the weights' dtype ``dt``."""
     p_ok = p < p_dim
     q_ok = q < q_dim
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    end = tl.minimum(row_hi, row_lo + CHUNK)
-    for m0 in range(0, CHUNK, BLOCK_M):
-        rows = row_lo + m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_hi
         tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
         u = tl.load(u_ptr + tok[:, None] * u_stride + s * u_slice + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
                     other=0.0)  # (BLOCK_M, BLOCK_P)
@@ -293,35 +273,48 @@ def _outer_partial_kernel(
         if SCALE_V:
             v = v * _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)[:, None]
         acc = _dot(tl.trans(u.to(dt)), v.to(dt), acc, PRECISION)
-    tl.store(part_ptr + ((chunk.to(tl.int64) * n_slice + s) * p_dim + p[:, None]) * q_dim + q[None, :], acc,
-             mask=p_ok[:, None] & q_ok[None, :])
+    return acc
 
 
 @triton.jit
-def _outer_sum_kernel(
-    part_ptr, offsets_ptr, out_ptr, pq, n_exp, n_slice,
-    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+def _weight_grad_kernel(
+    dh_ptr, x_ptr, dy_ptr, h_ptr, perm_ptr, offsets_ptr, gate_ptr, da_ptr, db_ptr,
+    d_in, d_out, rank, n_slice, scale,
+    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Stage 2: out[e, s] = sum of expert e's chunk partials, in chunk order (zero for an expert without tokens).
+    """dA_e[s] (R, D_in) = sum dh x^T and dB_e[s] (D_out, R) = sum dy (m h)^T over expert e's tokens.
 
-    Fixed chunks and a fixed order, no atomics: the gradient is bit-identical from run to run.
+    Program (e * S + s, tile): tiles [0, dA tiles) of dA_e[s], then dB_e[s]'s. The expert's tokens are a contiguous
+    run of sorted rows, reduced in order by the one program that owns the output tile and written once in the
+    weights' dtype: no partials, no atomics, bit-reproducible. An expert without tokens gets zeros.
     """
     es = tl.program_id(0)
     expert = es // n_slice
     s = es % n_slice
-    e, lo, hi, tiles, tile_end = _expert_tiles(offsets_ptr, n_exp, BLOCK_E, CHUNK)
-    mine = e == expert
-    first = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
-    count = tl.sum(tl.where(mine, tiles, 0), 0)
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < pq
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    part = part_ptr + (first.to(tl.int64) * n_slice + s) * pq + i  # chunk `first`, then one chunk further per step
-    for _ in range(0, count):
-        acc += tl.load(part, mask=ok, other=0.0)
-        part += n_slice * pq
-    tl.store(out_ptr + es.to(tl.int64) * pq + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
+    row_lo = tl.load(offsets_ptr + expert)
+    row_hi = tl.load(offsets_ptr + expert + 1)
+    dt = x_ptr.dtype.element_ty
+    r_tiles = tl.cdiv(rank, BLOCK_R)
+    a_tiles = r_tiles * tl.cdiv(d_in, BLOCK_D)
+    t = tl.program_id(1)
+    # (names differ between the branches: Triton merges a name assigned in both, and the tiles' shapes differ)
+    if t < a_tiles:
+        ra = (t % r_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ka = (t // r_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        da = _outer_tile(dh_ptr, x_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, ra, ka, n_slice * rank, rank, d_in, 0,
+                         rank, d_in, scale, dt, False, HAS_GATE, PRECISION, BLOCK_M, BLOCK_R, BLOCK_D)
+        tl.store(da_ptr + (es.to(tl.int64) * rank + ra[:, None]) * d_in + ka[None, :], da.to(dt),
+                 mask=(ra < rank)[:, None] & (ka < d_in)[None, :])
+    else:
+        tb = t - a_tiles
+        nb = (tb // r_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rb = (tb % r_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        db = _outer_tile(dy_ptr, h_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, nb, rb, n_slice * d_out, d_out,
+                         n_slice * rank, rank, d_out, rank, scale, dt, True, HAS_GATE, PRECISION, BLOCK_M, BLOCK_D,
+                         BLOCK_R)
+        tl.store(db_ptr + (es.to(tl.int64) * d_out + nb[:, None]) * rank + rb[None, :], db.to(dt),
+                 mask=(nb < d_out)[:, None] & (rb < rank)[None, :])
 
 @triton.jit
 def _group_onehot(idx_ptr, start, n_tok, n_exp, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -474,14 +467,11 @@ def _tiles(rank, dtype, precision):
         # sits at 255 registers on sm_90a with 4 warps: 8 there
         dx = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64) if wide else block_r,
                    num_warps=8 if big_r else 4, num_stages=stages)
-        outer = Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64), num_warps=warps, num_stages=stages)
+        # a weight-gradient tile rereads its expert's rows for every tile: the whole rank up to 128 per tile
+        # (16-bit operands; 128 x 128 spills on sm_80) cuts that traffic by a quarter against 64 x 64
+        outer = (Tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(block_r, 128), num_warps=8, num_stages=3) if not wide else
+                 Tiles(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block_r, 64), num_warps=warps, num_stages=stages))
     return dict(BLOCK_R=block_r, fwd=fwd, dh=dh, dx=dx, outer=outer)
-
-
-# Tokens per chunk of a weight gradient's first stage: a fixed size, so the chunking (and the summation order)
-# depends only on the routing; ~N / CHUNK + E chunks, each a separate program per (slice, tile) -- enough to fill
-# a GPU even when every token picks one expert.
-CHUNK = 512
 
 
 def _max_tiles(n_tok, n_exp, block_m):
@@ -502,6 +492,7 @@ def _group_bins(n_exp):
 @functools.lru_cache(maxsize=256)
 def _group_plan(n_tok, n_exp, block, inline_max):
     bins = _group_bins(n_exp)
+    block = min(block, 8192 // bins)  # the (block, bins) one-hot and its scan in registers: 16 bins spill at 1024
     blocks = max(1, cdiv(n_tok, block))
     inline = n_tok <= inline_max
     return blocks, inline, dict(BLOCK=block, BLOCK_B=bins), dict(INLINE=inline, BLOCK=block, BLOCK_B=bins, BLOCK_P=16)
@@ -519,7 +510,7 @@ def group_launches(idx, n_exp, perm, offsets, counts, ok=None):
         _group_scatter_kernel, (1 if inline else blocks,),
         dict(idx_ptr=idx, counts_ptr=counts, perm_ptr=perm, offsets_ptr=offsets, ok_ptr=ok, n_tok=n_tok,
              n_exp=n_exp, n_blocks=blocks),
-        dict(scatter, CHECK=ok is not None), 4, 1,
+        dict(scatter, CHECK=ok is not None), 8, 1,  # 8 warps: the one-hot and its scan stay in registers
     ))
     return launches
 
@@ -557,45 +548,12 @@ def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=
     )
 
 
-def _outer_launches(u, v, perm, offsets, gate, scale, out, part, dims, blocks, strides, scale_v, u_has_dtype, t,
-                    prec):
-    """The two stages of out[e, s] (P, Q) = sum over e's tokens of u^T v: chunk partials, then their sum."""
-    n_exp, n_slice = out.shape[0], out.shape[1]
-    (p_dim, q_dim), (block_p, block_q) = dims, blocks
-    block_e = next_power_of_2(n_exp)
-    u_stride, u_slice, v_stride, v_slice = strides
-    stage1 = Launch(
-        _outer_partial_kernel,
-        (part.shape[0], n_slice * cdiv(p_dim, block_p), cdiv(q_dim, block_q)),
-        dict(u_ptr=u, v_ptr=v, perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate, part_ptr=part, u_stride=u_stride,
-             u_slice=u_slice, v_stride=v_stride, v_slice=v_slice, p_dim=p_dim, q_dim=q_dim, n_exp=n_exp,
-             n_slice=n_slice, scale=scale),
-        dict(SCALE_V=scale_v, HAS_GATE=gate is not None, U_HAS_DTYPE=u_has_dtype, PRECISION=prec, BLOCK_E=block_e,
-             CHUNK=CHUNK, BLOCK_M=t.BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q),
-        t.num_warps, t.num_stages,
-    )
-    block = 1024
-    stage2 = Launch(
-        _outer_sum_kernel, (n_exp * n_slice, cdiv(p_dim * q_dim, block)),
-        dict(part_ptr=part, offsets_ptr=offsets, out_ptr=out, pq=p_dim * q_dim, n_exp=n_exp, n_slice=n_slice),
-        dict(BLOCK_E=block_e, CHUNK=CHUNK, BLOCK=block),
-        4, 1,
-    )
-    return [stage1, stage2]
-
-
-def max_chunks(n_tok, n_exp):
-    return _max_tiles(n_tok, n_exp, CHUNK)
-
-
-def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, part_a=None,
-                      part_b=None, dgate=None):
+def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, dgate=None):
     """Launches for the needed grads: dh (and the gate's per-slice partials dgp) first, then dx and d gate
-    (one kernel), dA and dB from dh.
+    (one kernel), then dA and dB (one kernel) from dh.
 
-    dgp (N, S) fp32 scratch, dgate (N,), dx, da, db are None when not needed; dh (N, S*R) fp32 scratch is always
-    computed; part_a / part_b (chunks, S, R, D_in) / (chunks, S, D_out, R) fp32 scratch for the weight
-    gradients' first stage.
+    dgp (N, S) fp32 scratch, dgate (N,), dx, da, db are None when not needed (da and db together); dh (N, S*R)
+    fp32 scratch is always computed.
     """
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
@@ -603,14 +561,13 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
     prec = _precision(x.dtype)
     cfg = _tiles(rank, x.dtype, prec)
     br = cfg["BLOCK_R"]
-    block_e = next_power_of_2(n_exp)
     t = cfg["dh"]
     launches = [Launch(
         _bwd_dh_kernel, (_max_tiles(n_tok, n_exp, t.BLOCK_M), n_slice),
         dict(dy_ptr=grad_y, perm_ptr=perm, offsets_ptr=offsets, b_ptr=lora_b, gate_ptr=gate, h_ptr=h, dh_ptr=dh,
              dgp_ptr=dgp, d_out=d_out, rank=rank, n_exp=n_exp, n_slice=n_slice, scale=scale),
-        dict(HAS_GATE=gate is not None, NEED_GATE=dgp is not None, PRECISION=prec, BLOCK_E=block_e,
-             BLOCK_M=t.BLOCK_M, BLOCK_R=br, BLOCK_N=t.BLOCK_N),
+        dict(HAS_GATE=gate is not None, NEED_GATE=dgp is not None, PRECISION=prec,
+             BLOCK_E=next_power_of_2(n_exp), BLOCK_M=t.BLOCK_M, BLOCK_R=br, BLOCK_N=t.BLOCK_N),
         t.num_warps, t.num_stages,
     )]
     if dx is not None or dgate is not None:
@@ -626,14 +583,15 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
             t.num_warps, t.num_stages,
         ))
     if da is not None:
-        # dA_e[s] (R, D_in) = sum_n dh_n,s x_n^T
         t = cfg["outer"]
-        launches += _outer_launches(dh, x, perm, offsets, gate, scale, da, part_a, (rank, d_in),
-                                    (t.BLOCK_K, t.BLOCK_N), (n_slice * rank, rank, d_in, 0), False, False, t, prec)
-        # dB_e[s] (D_out, R) = sum_n dy_n,s (m_n h_n,s)^T
-        launches += _outer_launches(grad_y, h, perm, offsets, gate, scale, db, part_b, (d_out, rank),
-                                    (t.BLOCK_N, t.BLOCK_K), (n_slice * d_out, d_out, n_slice * rank, rank), True,
-                                    True, t, prec)
+        tiles = cdiv(rank, t.BLOCK_K) * (cdiv(d_in, t.BLOCK_N) + cdiv(d_out, t.BLOCK_N))
+        launches.append(Launch(
+            _weight_grad_kernel, (n_exp * n_slice, tiles),
+            dict(dh_ptr=dh, x_ptr=x, dy_ptr=grad_y, h_ptr=h, perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate,
+                 da_ptr=da, db_ptr=db, d_in=d_in, d_out=d_out, rank=rank, n_slice=n_slice, scale=scale),
+            dict(HAS_GATE=gate is not None, PRECISION=prec, BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_D=t.BLOCK_N),
+            t.num_warps, t.num_stages,
+        ))
     return launches
 
 
@@ -687,11 +645,8 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     dx = torch.empty_like(x) if need_x else None  # every row written: skipped tokens' by their own tiles
     da = torch.empty_like(lora_a) if need_w else None
     db = torch.empty_like(lora_b) if need_w else None
-    chunks = max_chunks(n_tok, n_exp)
-    part_a = x.new_empty(chunks, n_slice, rank, d_in, dtype=torch.float32) if need_w else None
-    part_b = x.new_empty(chunks, n_slice, lora_b.shape[2], rank, dtype=torch.float32) if need_w else None
     for launch in backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db,
-                                    part_a, part_b, dgate):
+                                    dgate):
         launch()
     return _outputs(x, dx, da, db, dgate)
 
