@@ -215,8 +215,9 @@ class RefineStep(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _backend(inputs[0].device).forward(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.device = inputs[0].device  # ctx.saved_tensors may be unpacked only once (torch.utils.checkpoint)
         return output
 
     @staticmethod
     def backward(ctx, grad_qkv, grad_weight, *_):
-        return _backward(ctx, grad_qkv, grad_weight, bwd=_backend(ctx.saved_tensors[0].device).backward)
+        return _backward(ctx, grad_qkv, grad_weight, bwd=_backend(ctx.device).backward)

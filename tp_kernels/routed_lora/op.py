@@ -158,8 +158,9 @@ class RoutedLoRA(torch.autograd.Function):
     def forward(ctx, x, idx, lora_a, lora_b, gate, scale):
         output = _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
         _setup_context(ctx, (x, idx, lora_a, lora_b, gate, scale), output)
+        ctx.device = x.device  # ctx.saved_tensors may be unpacked only once (torch.utils.checkpoint)
         return output
 
     @staticmethod
     def backward(ctx, grad_y, *_):
-        return _backward(ctx, grad_y, bwd=_backend(ctx.saved_tensors[0].device).backward)
+        return _backward(ctx, grad_y, bwd=_backend(ctx.device).backward)
