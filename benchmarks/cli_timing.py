@@ -70,7 +70,7 @@ def contention(args) -> dict:
         env = {} if policy == "unset" else dict(item.split("=", 1) for item in policy.split(","))
         for threads in args.threads:
             # its own process group, so that killing the group also ends the loop under ``timeout``
-            busy = subprocess.Popen(["timeout", str(args.seconds + 5), *BUSY], start_new_session=True) \
+            busy = subprocess.Popen(["timeout", str(args.seconds + 5), *BUSY], process_group=0) \
                 if args.busy else None
             try:
                 before = _machine()

@@ -109,7 +109,7 @@ def test_decode_action_rejects_everything_but_one_legal_move():
     assert fl.decode_action(here, np.zeros((16, 16, 3), np.uint8)) is None  # no lake at all
     assert [fl.invalid_reason(here, b) for b in (fl.render(lake, (3, 2)), fl.render(lake, (0, 3)), here,
                                                  fl.render(changed, (2, 2)), two)] == \
-        ["diagonal", "jump", "no move", "map changed", "2 agents"]
+        ["diagonal", "jump", "no move", "map changed", "2 agent cells"]
     assert fl.invalid_reason(here, fl.render(lake, (2, 0))) is None
 
 

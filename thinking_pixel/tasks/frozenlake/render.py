@@ -87,7 +87,7 @@ def parse_frame(frame, *, cell: int = 4):
     """
     names = cell_contents(frame, cell=cell)  # (n, n)
     positions = [(int(r), int(c)) for r, c in zip(*np.nonzero(np.char.startswith(names, "agent")))]
-    tiles = np.vectorize(lambda name: name[-1] if name.startswith("agent") else name)(names)  # tile under agents
+    tiles = np.vectorize(lambda name: name[-1] if name.startswith("agent") else name)(names)  # the tile under each agent cell
     inside = tiles != "outside"
     size = int(inside[0].sum())
     lake = None
@@ -118,7 +118,7 @@ def decode_action(frame_a, frame_b, *, cell: int = 4) -> int | None:
 
 def invalid_reason(frame_a, frame_b, *, cell: int = 4) -> str | None:
     """Why ``frame_b`` is not one legal move from ``frame_a`` (None if it is): "map changed", "no agent",
-    "2 agents" (or more), "no move", "diagonal" (one cell diagonally) or "jump" (farther)."""
+    "2 agent cells" (or more), "no move", "diagonal" (one cell diagonally) or "jump" (farther)."""
     if decode_action(frame_a, frame_b, cell=cell) is not None:
         return None
     lake_a, pos_a = parse_frame(frame_a, cell=cell)
@@ -128,6 +128,6 @@ def invalid_reason(frame_a, frame_b, *, cell: int = 4) -> str | None:
     if lake_b != lake_a:
         return "map changed"
     if len(pos_b) != 1:
-        return "no agent" if not pos_b else f"{len(pos_b)} agents"
+        return "no agent" if not pos_b else f"{len(pos_b)} agent cells"
     dr, dc = abs(pos_b[0][0] - pos_a[0][0]), abs(pos_b[0][1] - pos_a[0][1])
     return "no move" if dr + dc == 0 else "diagonal" if dr == dc == 1 else "jump"
