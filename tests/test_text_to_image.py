@@ -265,3 +265,31 @@ def test_compositional_evaluation_truncates_the_recursion(tmp_path, compositiona
     assert json.loads((tmp_path / "t1.json").read_text())["recursion_steps"] == 1
     assert cli.main([*argv[:-1], "3"]) == 1
     assert "exceeds the trained T" in _one_line_error(capsys)
+
+
+def test_adaln_zero_init_starts_every_block_as_the_identity(tmp_path, caption_dir):
+    from thinking_pixel.text_to_image.training import TextToImageTask, build_text_model
+
+    cfg = tiny(tmp_path, caption_dir, recursion=False, init="adaln-zero")
+    assert TrainConfig.from_dict(cfg.to_dict()).text_to_image.init == "adaln-zero"
+    model = build_text_model(cfg, TextToImageTask.make_dataset(cfg))
+    x = torch.randn(2, 3, 16, 16)
+    hidden, pooled = torch.randn(2, 8, 384), torch.randn(2, 384)
+    torch.testing.assert_close(model(x, torch.tensor([10.0, 700.0]), hidden, pooled), torch.zeros_like(x))
+    # gated-off blocks: the image stream leaves each block as it entered
+    block = model.transformer.transformer_blocks[0]
+    tokens, context = torch.randn(2, 64, 64), torch.randn(2, 8, 64)
+    temb = torch.randn(2, 64)
+    _, out = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
+    torch.testing.assert_close(out, tokens)
+    train(cfg)
+    assert len(losses(tmp_path / "run")) == 4
+
+    fresh = build_text_model(tiny(tmp_path, caption_dir, recursion=False), TextToImageTask.make_dataset(cfg))
+    assert fresh.transformer.proj_out.weight.abs().sum() > 0  # diffusers' own init by default
+
+    with pytest.raises(ValueError, match="--init adaln-zero initialises a fresh transformer"):
+        build_text_model(tiny(tmp_path, caption_dir, "ft", recursion=False, init="adaln-zero",
+                              finetune_from=str(tmp_path / "run")), TextToImageTask.make_dataset(cfg))
+    with pytest.raises(ValueError, match="TrainConfig.text_to_image.init must be one of"):
+        TextToImageConfig(init="zero")

@@ -4,7 +4,7 @@ Plain data, without torch, so that the command line lists and checks preset name
 ``thinking_pixel.models.dit_config`` and ``sd3_config`` build configs from them.
 """
 
-__all__ = ["DIT_CONFIGS", "SD3_CONFIGS"]
+__all__ = ["DIT_CONFIGS", "SD3_CONFIGS", "SD3_INITS"]
 
 # DiT: (depth, hidden_size, num_heads) x patch size. S/B/L/XL are DiT's; they keep DiTConfig's latent-space defaults
 # (32x32x4 latents, 1000 classes). T ("tiny") and N ("nano") are ours, for pixel-space runs on a 2-core CPU at 16x16
@@ -30,3 +30,7 @@ _SD3_SIZES = {
 }
 SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch) for size, arch in _SD3_SIZES.items()
                for patch in (1, 2, 4)}
+
+# A fresh SD3 transformer's init (TrainConfig.text_to_image.init): diffusers' own, or DiT's adaLN-Zero
+# (thinking_pixel.models.sd3.init_adaln_zero).
+SD3_INITS = ("diffusers", "adaln-zero")

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._presets import DIT_CONFIGS, SD3_CONFIGS
+from ._presets import DIT_CONFIGS, SD3_CONFIGS, SD3_INITS
 from ._arguments import (DATA_DIR_REQUIRED, DATASET_NAMES, GUIDANCE_INTERVAL, SAMPLER_NAMES,
                          add_analyze_arguments, add_evaluate_arguments, add_halting_arguments, check_image_output,
                          timestep_interval)
@@ -128,6 +128,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "on its transformer, in its VAE's latents, with its text encoders")
     g.add_argument("--peft-lora", action="store_true", default=S, help="a plain peft LoRA (rank --rank) on "
                    "to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
+    g.add_argument("--init", choices=SD3_INITS, default=S, help="a fresh SD3 transformer's init: diffusers' own, or "
+                   "adaln-zero (DiT's: each block starts as the identity; default diffusers)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     g.add_argument("--seed", type=int, default=S)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import _checkpoint as ckpt
-from ._presets import DIT_CONFIGS, SD3_CONFIGS
+from ._presets import DIT_CONFIGS, SD3_CONFIGS, SD3_INITS
 from .distributed import STRATEGIES
 from .models.pretrained import config_from_dict
 from .models.thinking_pixel_dit import RecursionConfig
@@ -147,6 +147,13 @@ class TextToImageConfig:
 
     pipeline: Optional[str] = None  # a local diffusers SD3 pipeline dir: train its transformer in its VAE's latents
     peft_lora: Optional[PeftLoRAConfig] = None  # the plain-LoRA baseline instead of the recursion
+    # A fresh transformer's init: "diffusers" (its own) or "adaln-zero" (DiT's: every block's modulation and the
+    # output layer start at zero, so each block starts as the identity and the model predicts 0)
+    init: str = "diffusers"
+
+    def __post_init__(self):
+        if self.init not in SD3_INITS:
+            raise ValueError(f"TrainConfig.text_to_image.init must be one of {SD3_INITS}, got {self.init!r}")
 
 
 @dataclass
@@ -281,7 +288,7 @@ class TrainConfig:
         its ablation."""
         section_of = {f.name: name for name, section in _SECTIONS.items() for f in dataclasses.fields(section)}
         unknown = sorted(set(options) - set(section_of) - set(_RECURSION_OPTIONS) - {"recursion", "pipeline",
-                                                                                     "peft_lora"})
+                                                                                     "peft_lora", "init"})
         if unknown:
             raise ValueError(f"TrainConfig.from_flat: unknown options {unknown}")
         sections = {name: {} for name in _SECTIONS}
@@ -298,7 +305,11 @@ class TrainConfig:
         if text:
             lora = {k: v for k, v in recursion.items() if k in ("rank", "layers")}
             text_to_image = TextToImageConfig(pipeline=options.get("pipeline"),
-                                              peft_lora=PeftLoRAConfig(**lora) if peft_lora else None)
+                                              peft_lora=PeftLoRAConfig(**lora) if peft_lora else None,
+                                              init=options.get("init", TextToImageConfig.init))
+        elif "init" in options:
+            raise ValueError("init (--init) sets a fresh text-to-image transformer's init; this run trains the DiT "
+                             "(whose blocks always start adaLN-Zero)")
         if peft_lora or not options.get("recursion", True):
             recursion_config = None
         else:
@@ -317,7 +328,7 @@ def _from_flat_layout(saved: dict) -> TrainConfig:
     """A TrainConfig from the flat train_config.json of earlier versions, which held every option, used or not."""
     flat = {**_BEHAVIOUR_BEFORE_OPTION, **saved}
     text = _trains_text_to_image(flat)
-    unused = {"prediction", "min_snr_gamma"} if text else {"pipeline", "peft_lora"}
+    unused = {"prediction", "min_snr_gamma"} if text else {"pipeline", "peft_lora", "init"}
     if not text and flat["min_snr_gamma"] is None:
         flat["min_snr_gamma"] = 0.0  # that layout's spelling of "off"
     return TrainConfig.from_flat(**{k: v for k, v in flat.items() if k not in unused})

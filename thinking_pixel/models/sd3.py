@@ -32,7 +32,7 @@ from .._presets import SD3_CONFIGS
 from .pretrained import PretrainedMixin
 from .thinking_pixel_dit import RecursionConfig
 
-__all__ = ["SD3_CONFIGS", "SD3TextToImage", "sd3_config"]
+__all__ = ["SD3_CONFIGS", "SD3TextToImage", "init_adaln_zero", "sd3_config"]
 
 
 def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: int = 384, pooled_dim: int = 384,
@@ -54,6 +54,18 @@ def sd3_config(name: str, *, image_size: int, in_channels: int = 3, text_dim: in
     return dict(arch, sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
                 joint_attention_dim=text_dim, caption_projection_dim=width, pooled_projection_dim=pooled_dim,
                 pos_embed_max_size=image_size // arch["patch_size"])
+
+
+@torch.no_grad()
+def init_adaln_zero(transformer) -> None:
+    """DiT's adaLN-Zero init for a fresh ``SD3Transformer2DModel``, in place: every block's modulation Linears
+    (image and text stream) and the output layer's modulation and projection start at zero, so each block's
+    residual branches start gated off and the model predicts 0."""
+    modulations = [m.linear for block in transformer.transformer_blocks for m in (block.norm1, block.norm1_context)]
+    for layer in (*modulations, transformer.norm_out.linear, transformer.proj_out):
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def _apply_recursion(transformer, recursion: RecursionConfig) -> set:

@@ -27,7 +27,7 @@ import torch
 from .. import _checkpoint as ckpt
 from ..data import make_dataset
 from ..diffusion import RectifiedFlow
-from ..models import SD3TextToImage, sd3_config
+from ..models.sd3 import SD3TextToImage, init_adaln_zero, sd3_config
 from ..text import CaptionEmbeddings
 from .conditioning import PipelineVAE, load_text_encoder, null_caption_embedding
 
@@ -51,6 +51,9 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
     if peft_lora is not None:
         peft_lora = {"rank": peft_lora.rank, "layers": peft_lora.layers}
     if m.finetune_from is not None or pipeline is not None:
+        if cfg.text_to_image.init != "diffusers":
+            raise ValueError(f"--init {cfg.text_to_image.init} initialises a fresh transformer; --finetune-from and "
+                             "--pipeline start from trained weights")
         if m.finetune_from is not None:
             base = ckpt.load_model_dir(ckpt.resolve_weights_dir(m.finetune_from, ema=True))
             if not isinstance(base, SD3TextToImage) or base.recursion is not None or base.peft_lora is not None:
@@ -86,7 +89,10 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
     if peft_lora is not None and peft_lora["layers"] is None:
         peft_lora["layers"] = [config["num_layers"] // 2]
     text = {"encoder": "minilm", "max_length": _minilm_max_length(dataset)}
-    return SD3TextToImage(config, recursion, text, peft_lora=peft_lora)
+    model = SD3TextToImage(config, recursion, text, peft_lora=peft_lora)
+    if cfg.text_to_image.init == "adaln-zero":
+        init_adaln_zero(model.transformer)
+    return model
 
 
 class TextToImageTask:
