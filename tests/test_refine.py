@@ -484,7 +484,9 @@ def check_recursive_training(gate_inputs, dtype=torch.float64):
         for p in attn.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     x, cond = torch.randn(2, 6, 16, dtype=dtype), torch.randn(2, 16, dtype=dtype)
-    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    # float32: the loss sums squares of O(10) outputs, so gradients reach O(100) and their rounding error scales
+    # with that size, not with each element's (measured: at most 6e-7 of the largest gradient, either path)
+    tol = (lambda ref: {}) if dtype == torch.float64 else (lambda ref: dict(rtol=1e-4, atol=1e-5 * ref.abs().max().item()))
     results = []
     for run in (attn, lambda x_, c_: _unfused_recursion(attn, x_, c_)):
         torch.manual_seed(1)  # the same noise draws, in the same order
@@ -493,10 +495,10 @@ def check_recursive_training(gate_inputs, dtype=torch.float64):
         grads = torch.autograd.grad(out.square().sum(), [x_leaf, *attn.parameters()], allow_unused=True)
         results.append((out, grads))
     (out, grads), (out_ref, grads_ref) = results
-    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(out, out_ref, **tol(out_ref))
     for (name, _), g, g_ref in zip([("x", None), *attn.named_parameters()], grads, grads_ref):
         if g_ref is None:
             assert g is None or g.abs().max() == 0, name
         else:
-            torch.testing.assert_close(g, g_ref, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+            torch.testing.assert_close(g, g_ref, **tol(g_ref), msg=lambda m, name=name: f"d{name}: {m}")
     assert grads[1 + [n for n, _ in attn.named_parameters()].index("lora.lora_b")].abs().sum() > 0
