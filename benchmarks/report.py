@@ -343,7 +343,7 @@ class FinetuneCase:
                 out.append(Target(f"added time, peft {impl} / apply_recursion, {tag}",
                                   self.ratio_to_ours(name, self.added), limit, ">=", f"FLOP model: {pred:.2f}x"))
         if "DiT base" in self.times:
-            out.append(Target("no regression of the base step: DiT.from_diffusers base / diffusers base",
+            out.append(Target("no regression of the base step: dit_from_diffusers base / diffusers base",
                               self.median("DiT base") / self.median("base"), 1.05, "<="))
         return out
 
@@ -378,8 +378,8 @@ def section_finetune(res, title_note=""):
            "needing a gradient (the wrapped models' backward path, nothing to update). *apply_recursion*: "
            "thinking_pixel's processor (tp_kernels.refine_step). *peft dense*: M peft LoRA adapters on "
            "to_q/to_k/to_v, every expert on every token, mixed by the one-hot gate; *peft masked*: a boolean mask "
-           "per expert (thinking_pixel.integrations.peft.add_peft_experts, the same loop and gate, checked to give "
-           "the same outputs). *DiT ...*: DiT.from_diffusers of the same model (our fused-qkv DiT). Variants are "
+           "per expert (thinking_pixel.recursion.peft.add_peft_experts, the same loop and gate, checked to give "
+           "the same outputs). *DiT ...*: dit_from_diffusers of the same model (our fused-qkv DiT). Variants are "
            "timed interleaved (every round runs each once, order rotated); *added time* is the median over rounds "
            "of (variant - its base) in the same round; *FLOP model: added* is the added FLOPs "
            "(benchmarks/flop_model.py recursion_costs: forward, backward 2x (attention 2.5x: its scores recomputed, "

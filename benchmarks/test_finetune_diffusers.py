@@ -6,10 +6,10 @@ base weights frozen. Variants of one case (the same diffusers model, the same in
     base            the frozen model; the recursive blocks' Q/K/V outputs marked as needing a gradient, so its
                     backward runs the same path as a wrapped model's down to them (and it has nothing to update)
     apply_recursion thinking_pixel.apply_recursion: the fused routed experts (tp_kernels.refine_step)
-    peft dense      thinking_pixel.integrations.peft.add_peft_experts(mode="dense"): M peft LoRA adapters on
+    peft dense      thinking_pixel.recursion.peft.add_peft_experts(mode="dense"): M peft LoRA adapters on
                     to_q / to_k / to_v, every expert on every token, mixed by the one-hot gate
     peft masked     the same with a boolean mask per expert (each token through its own expert only)
-    DiT base / DiT apply_recursion (DiT cases): DiT.from_diffusers of the same model, our fused-qkv DiT
+    DiT base / DiT apply_recursion (DiT cases): dit_from_diffusers of the same model, our fused-qkv DiT
 
 The peft variants get the experts and gates of the apply_recursion model (copy_experts_to_peft); before timing,
 one forward of each in train mode with the same seed must agree with it (max |difference| is recorded).
@@ -41,8 +41,9 @@ from . import flop_model
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from thinking_pixel import DiT, RecursionConfig, apply_recursion  # noqa: E402
-from thinking_pixel.integrations.peft import add_peft_experts, copy_experts_to_peft  # noqa: E402
+from thinking_pixel import RecursionConfig, apply_recursion  # noqa: E402
+from thinking_pixel.models import DiT, dit_from_diffusers  # noqa: E402
+from thinking_pixel.recursion.peft import add_peft_experts, copy_experts_to_peft  # noqa: E402
 
 ELEM = 4  # fp32
 
@@ -200,7 +201,7 @@ def build_variants(case: FinetuneCase, device):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             agreement[f"peft {mode} {tag}"] = (got - want).abs().max().item()
     if case.kind == "dit":
-        dit = DiT.from_diffusers(base).to(device).requires_grad_(False).train()
+        dit = dit_from_diffusers(base).to(device).requires_grad_(False).train()
         variants["DiT base"] = copy.deepcopy(dit)
         _require_grad_from(_qkv_modules(variants["DiT base"], layers))
         recursion = RecursionConfig(**{**case.recursions[0].to_dict(), "layers": layers})

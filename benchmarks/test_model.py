@@ -25,7 +25,8 @@ from . import flop_model
 thinking_pixel = pytest.importorskip("thinking_pixel")
 from thinking_pixel import DiT, RecursionConfig, ThinkingPixelDiT, dit_config  # noqa: E402
 from thinking_pixel.diffusion import GaussianDiffusion, sample  # noqa: E402
-from thinking_pixel.modules import Attention, RecursiveAttention  # noqa: E402
+from thinking_pixel.models import Attention
+from thinking_pixel.recursion import RecursiveAttention  # noqa: E402
 
 
 @dataclass(frozen=True)

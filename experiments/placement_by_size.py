@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from thinking_pixel.data import make_dataset
+from thinking_pixel.datasets import make_dataset
 from thinking_pixel.evaluate import PLACEMENT_DATA_IMAGES
 from thinking_pixel.metrics.accuracy import main_objects, object_coordinates
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from thinking_pixel.evaluate import reference_images
+from thinking_pixel.datasets import reference_images
 from thinking_pixel.metrics import IS_UNAVAILABLE_REASON, compute_metrics
 
 

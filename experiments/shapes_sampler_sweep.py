@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from thinking_pixel import _checkpoint as ckpt
+from thinking_pixel import _run_dir as ckpt
+from thinking_pixel.checkpoints import load_model_dir
 from thinking_pixel.data import ShapesDataset
 from thinking_pixel.metrics import to_uint8
 from thinking_pixel.metrics.accuracy import class_accuracy, main_objects, placement
@@ -23,7 +24,7 @@ from thinking_pixel.sample import generate
 
 def main(argv: list[str]) -> None:
     path, per_class = argv[0], int(argv[1])
-    model = ckpt.load_model_dir(ckpt.resolve_weights_dir(path, ema=True)).eval()
+    model = load_model_dir(ckpt.resolve_weights_dir(path, ema=True)).eval()
     data = ShapesDataset(image_size=model.config.input_size)
     parts = [data.label_parts(y) for y in range(data.num_classes)]
     labels = torch.arange(data.num_classes).repeat_interleave(per_class).tolist()

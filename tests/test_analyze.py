@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from thinking_pixel import analyze
-from thinking_pixel.models import RecursionConfig, ThinkingPixelDiT, dit_config
+from thinking_pixel import analysis, analyze
+from thinking_pixel.diffusion import GaussianDiffusion
+from thinking_pixel.models import dit_config
+from thinking_pixel.recursion import RecursionConfig, ThinkingPixelDiT
 
 
 def _tiny(gate_inputs=("tokens", "timestep", "condition"), steps=2, experts=3):
@@ -30,18 +32,18 @@ def _tiny(gate_inputs=("tokens", "timestep", "condition"), steps=2, experts=3):
 
 
 def test_mutual_information_and_statistics():
-    assert analyze.mutual_information(np.array([[10, 0], [0, 10]])) == pytest.approx(1.0)
-    assert analyze.mutual_information(np.array([[5, 5], [5, 5]])) == pytest.approx(0.0)
+    assert analysis.mutual_information(np.array([[10, 0], [0, 10]])) == pytest.approx(1.0)
+    assert analysis.mutual_information(np.array([[5, 5], [5, 5]])) == pytest.approx(0.0)
     # Expert fully determined by timestep, independent of class and position.
     counts = np.zeros((2, 3, 4, 2), dtype=np.int64)
     counts[0, :, :, 0] = 7
     counts[1, :, :, 1] = 7
-    stats = analyze.routing_statistics(counts)
+    stats = analysis.routing_statistics(counts)
     assert stats["entropy_bits"] == pytest.approx(1.0)
     assert stats["mi_timestep_bits"] == pytest.approx(1.0) and stats["nmi_timestep"] == pytest.approx(1.0)
     assert stats["mi_class_bits"] == pytest.approx(0.0) and stats["mi_position_bits"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="counts"):
-        analyze.routing_statistics(counts[0])
+        analysis.routing_statistics(counts[0])
 
 
 def test_states_and_decode_are_consistent():
@@ -49,15 +51,15 @@ def test_states_and_decode_are_consistent():
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([500, 20])
     y = torch.tensor([1, 5])
-    states = analyze.recursion_states(model, x, t, y, layer=1)
+    states = analysis.recursion_states(model, x, t, y, layer=1)
     assert states.shape == (3, 2, 16, 32)  # a^0, a^1, a^2 for T=2; 16 tokens of width 32
     assert not torch.allclose(states[1], states[0])
-    decoded = analyze.decode_steps(model, x, t, y, layer=1)
+    decoded = analysis.decode_steps(model, x, t, y, layer=1)
     assert decoded.shape == (2, 2, 3, 8, 8)
     # Stopping after the last step is the model itself.
     with torch.no_grad():
         eps = model(x, t, y)[:, :3]
-    expected = analyze.GaussianDiffusion().predict_xstart_from_eps(x, t, eps).clamp(-1, 1)
+    expected = GaussianDiffusion().predict_xstart_from_eps(x, t, eps).clamp(-1, 1)
     torch.testing.assert_close(decoded[-1], expected)
     assert not torch.allclose(decoded[0], decoded[-1])
 

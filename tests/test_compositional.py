@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from thinking_pixel.compositional import (TAGS, Detection, HeldOut, all_prompts, detect_objects, make_prompts,
+from thinking_pixel.tasks.compositional import (TAGS, Detection, HeldOut, all_prompts, detect_objects, make_prompts,
                                           relative_position, render, score)
-from thinking_pixel.data import CompositionalDataset, ShapesDataset, make_dataset
+from thinking_pixel.data import ShapesDataset
+from thinking_pixel.datasets import make_dataset
+from thinking_pixel.tasks.compositional.data import CompositionalDataset
 
 PROMPTS = make_prompts(12, seed=0)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from subprocess_env import subprocess_env
 from test_train import losses, tiny
 from thinking_pixel import ThinkingPixelDiT
-from thinking_pixel._checkpoint import CheckpointError
+from thinking_pixel.checkpoints import CheckpointError
 from thinking_pixel.sample import sample_checkpoint
 from thinking_pixel.train import train
 
@@ -104,7 +104,7 @@ def _one_line(error: Exception) -> str:
 
 def test_a_full_disk_is_a_one_line_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
     train(tiny(tmp_path, max_steps=2))
-    import thinking_pixel._checkpoint as ckpt
+    import thinking_pixel._run_dir as ckpt
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -192,7 +192,7 @@ def test_from_pretrained_accepts_a_run_directory(tmp_path):
 
 
 def test_every_file_and_directory_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
-    import thinking_pixel._checkpoint as ckpt
+    import thinking_pixel._run_dir as ckpt
     import thinking_pixel._fileio as fileio
 
     synced, renames = [], []

@@ -8,14 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from thinking_pixel.data import (
-    DATASETS,
-    ShapesDataset,
-    StepBatchSampler,
-    make_dataset,
-    read_idx,
-    render_shape,
-)
+from thinking_pixel.data import ShapesDataset, StepBatchSampler, read_idx, render_shape
+from thinking_pixel.datasets import DATASETS, make_dataset
 
 
 def _check_item(ds, index, channels, size):

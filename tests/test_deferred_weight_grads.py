@@ -9,8 +9,8 @@ import tp_kernels.refine as refine
 from tp_kernels import _ext
 from tp_kernels.refine import deferred
 from tp_kernels.routed_lora import cpu_ext as lora_ext
-from thinking_pixel.modules.attention import Attention
-from thinking_pixel.modules.recursive_attention import RecursiveAttention
+from thinking_pixel.models.attention import Attention
+from thinking_pixel.recursion.layers import RecursiveAttention
 
 needs_ext = pytest.mark.skipif(_ext.library() is None, reason="CPU extension not built or TP_KERNELS_NO_EXT=1")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from thinking_pixel import RecursionConfig, apply_recursion, load_recursion, recursion_config, remove_recursion
-from thinking_pixel.integrations.diffusers import RecursionAttnProcessor
+from thinking_pixel.recursion.diffusers import RecursionAttnProcessor
 
 from diffusers_helpers import make_base, make_inputs, perturb, run
 

@@ -1,4 +1,4 @@
-"""DiT.from_diffusers, DiT.from_original_checkpoint (facebookresearch/DiT .pt) and train --finetune-from on them."""
+"""dit_from_diffusers, load_original_dit (facebookresearch/DiT .pt) and train --finetune-from on them."""
 
 import argparse
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thinking_pixel import DiT, ThinkingPixelDiT, cli, dit_config
-from thinking_pixel.models.dit_convert import config_from_original_state_dict
+from thinking_pixel.models import config_from_original_state_dict, dit_from_diffusers, load_original_dit
 
 from diffusers_helpers import DIT_KW, make_base, make_inputs, run  # noqa: E402  (tests/ is on sys.path)
 
@@ -26,7 +26,7 @@ def tied(model):
 def test_from_diffusers_computes_the_diffusers_model():
     source = tied(make_base("dit_diffusers"))
     inputs = make_inputs("dit_diffusers", n=3)
-    ours = DiT.from_diffusers(source)
+    ours = dit_from_diffusers(source)
     assert type(ours) is DiT and not ours.training
     cfg = ours.config
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.num_classes, cfg.learn_sigma) == (3, 16, 2, 10, True)
@@ -38,15 +38,13 @@ def test_from_diffusers_computes_the_diffusers_model():
         reference_flavour.load_state_dict(ours.state_dict())
         assert (reference_flavour(*inputs) - want).abs().max() > 1e-5  # the two fields are needed
     with pytest.raises(ValueError, match=r"transformer_blocks\[1\].norm1.emb.* differs"):
-        DiT.from_diffusers(make_base("dit_diffusers"))
+        dit_from_diffusers(make_base("dit_diffusers"))
     with pytest.raises(TypeError, match="DiTTransformer2DModel"):
-        DiT.from_diffusers(make_base("sd3"))
-    with pytest.raises(TypeError, match="apply_recursion"):
-        ThinkingPixelDiT.from_diffusers(source)
+        dit_from_diffusers(make_base("sd3"))
 
 
 def test_original_checkpoint_loads_with_its_config_read_off_the_shapes(tmp_path):
-    source = DiT.from_diffusers(tied(make_base("dit_diffusers")))
+    source = dit_from_diffusers(tied(make_base("dit_diffusers")))
     inputs = make_inputs("dit", n=3)
     plain = tmp_path / "DiT-tiny.pt"
     torch.save(source.state_dict(), plain)
@@ -56,7 +54,7 @@ def test_original_checkpoint_loads_with_its_config_read_off_the_shapes(tmp_path)
     with torch.no_grad():
         want = source(*inputs)
         for path in (plain, trainer):
-            loaded = DiT.from_original_checkpoint(path, num_heads=2, timestep_freq_shift=1.0, mlp_norm_eps=1e-5)
+            loaded = load_original_dit(path, num_heads=2, timestep_freq_shift=1.0, mlp_norm_eps=1e-5)
             assert loaded.config == source.config
             assert torch.equal(loaded(*inputs), want)
 
@@ -65,19 +63,19 @@ def test_original_checkpoint_loads_with_its_config_read_off_the_shapes(tmp_path)
     assert config_from_original_state_dict(xl.state_dict()) == dit_config("DiT-XL/2")
 
     with pytest.raises(ValueError, match="pass num_heads"):
-        DiT.from_original_checkpoint(plain)
+        load_original_dit(plain)
     broken = dict(source.state_dict())
     broken["blocks.1.attn.qkv.weight"] = broken["blocks.1.attn.qkv.weight"][:, :8]
     del broken["blocks.2.mlp.fc2.bias"]
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match=r"missing \['blocks.2.mlp.fc2.bias'\].*wrong shape blocks.1.attn.qkv.weight"):
-        DiT.from_original_checkpoint(tmp_path / "broken.pt", num_heads=2)
+        load_original_dit(tmp_path / "broken.pt", num_heads=2)
     torch.save({"weights": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # code, not tensors: refused
     with pytest.raises(ValueError, match="weights_only=True"):
-        DiT.from_original_checkpoint(tmp_path / "pickled.pt")
+        load_original_dit(tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="no 'x_embedder.proj.weight'"):
         torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
-        DiT.from_original_checkpoint(tmp_path / "other.pt")
+        load_original_dit(tmp_path / "other.pt")
 
 
 TINY = ["--image-size", "8", "--rank", "4", "--batch-size", "4", "--no-progress", "--no-sample-grid", "--threads", "1",
@@ -97,7 +95,7 @@ def test_train_finetunes_from_a_diffusers_directory(tmp_path, capsys):
         assert cli.main(["train", "--output-dir", str(out), "--finetune-from", str(path), "--prediction", "eps",
                          *TINY]) == 0
         tuned = ThinkingPixelDiT.from_pretrained(out / "checkpoints" / "step_0000001" / "model")
-        base = DiT.from_diffusers(source)
+        base = dit_from_diffusers(source)
         assert all(torch.equal(tuned.state_dict()[k], v) for k, v in base.state_dict().items())  # frozen base
     legacy = tmp_path / "legacy"  # older DiT checkpoints name the class Transformer2DModel
     source.save_pretrained(legacy)

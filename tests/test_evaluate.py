@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from thinking_pixel import evaluate
+from thinking_pixel import datasets, evaluate
 from thinking_pixel.models import DiT, dit_config
 
 
@@ -86,12 +86,12 @@ def test_cli_arguments():
 
 
 def test_real_subset_is_seeded_and_checked():
-    images, labels = evaluate.real_subset("shapes", 6, image_size=8, num_channels=3)
-    again, labels_again = evaluate.real_subset("shapes", 6, image_size=8, num_channels=3)
+    images, labels = datasets.real_subset("shapes", 6, image_size=8, num_channels=3)
+    again, labels_again = datasets.real_subset("shapes", 6, image_size=8, num_channels=3)
     assert images.shape == (6, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
     assert torch.equal(images, again) and torch.equal(labels, labels_again)
-    assert evaluate.reference_images("shapes", 6, image_size=8, num_channels=3).dtype == torch.uint8
+    assert datasets.reference_images("shapes", 6, image_size=8, num_channels=3).dtype == torch.uint8
     with pytest.raises(ValueError, match="has no splits"):
-        evaluate.real_subset("shapes", 6, image_size=8, num_channels=3, split="train")
+        datasets.real_subset("shapes", 6, image_size=8, num_channels=3, split="train")
     with pytest.raises(ValueError, match="model works on"):
-        evaluate.real_subset("shapes", 2, image_size=8, num_channels=1)
+        datasets.real_subset("shapes", 2, image_size=8, num_channels=1)

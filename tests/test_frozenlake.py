@@ -1,11 +1,11 @@
-"""thinking_pixel.frozenlake: maps, dynamics (against gymnasium's FrozenLake-v1), frames, action decoding,
+"""thinking_pixel.tasks.frozenlake: maps, dynamics (against gymnasium's FrozenLake-v1), frames, action decoding,
 the oracle and the rollout scorer."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from thinking_pixel import frozenlake as fl
+from thinking_pixel.tasks import frozenlake as fl
 
 gym = pytest.importorskip("gymnasium")
 from gymnasium.envs.toy_text.frozen_lake import is_valid  # noqa: E402

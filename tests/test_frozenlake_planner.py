@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from thinking_pixel import cli
-from thinking_pixel import frozenlake as fl
-from thinking_pixel.data import make_dataset
+from thinking_pixel.tasks import frozenlake as fl
+from thinking_pixel.datasets import make_dataset
 from thinking_pixel.models import DiT, dit_config
-from thinking_pixel.data.frozenlake import FrozenLakeDataset
+from thinking_pixel.tasks.frozenlake.data import FrozenLakeDataset
 from thinking_pixel.tasks.frozenlake.planner import DiffusionPlanner, evaluation_maps, frames_to_images
 
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--rank", "4", "--batch-size", "4",
@@ -79,7 +79,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys, recursion):
 
 
 def test_recursion_step_figure(tmp_path):
-    from thinking_pixel.models import RecursionConfig, ThinkingPixelDiT
+    from thinking_pixel.recursion import RecursionConfig, ThinkingPixelDiT
     from thinking_pixel.tasks.frozenlake import figures
 
     lake = ("SFFF", "FHFH", "FFFH", "HFFG")

@@ -1,12 +1,13 @@
-"""Per-token halting of the recursion (thinking_pixel.modules.halting): the rules, their limits, the step count,
+"""Per-token halting of the recursion (thinking_pixel.recursion.layers): the rules, their limits, the step count,
 the learned head's training term, and the settings in RecursionConfig / checkpoints."""
 
 import pytest
 import torch
 
-from thinking_pixel.models import RecursionConfig, ThinkingPixelDiT, dit_config
-from thinking_pixel.modules.attention import Attention
-from thinking_pixel.modules.recursive_attention import RecursiveAttention
+from thinking_pixel.models import dit_config
+from thinking_pixel.recursion import RecursionConfig, ThinkingPixelDiT
+from thinking_pixel.models.attention import Attention
+from thinking_pixel.recursion.layers import RecursiveAttention
 
 from model_helpers import inputs, randomize
 

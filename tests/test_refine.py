@@ -453,7 +453,7 @@ def test_compile_fullgraph_forward_backward():
 
 def _unfused_recursion(attn, x, cond):
     """RecursiveAttention's steps as separate modules (LN, Gate, RoutedLoRA, base add): what refine_step fuses."""
-    from thinking_pixel.modules.attention import attend
+    from thinking_pixel.models.attention import attend
 
     a = x
     for step in range(1, attn.steps + 1):
@@ -475,7 +475,8 @@ def test_recursive_attention_trains_like_the_unfused_modules(backend, gate_input
 
 def check_recursive_training(gate_inputs, dtype=torch.float64):
     """Train mode (Gumbel noise): outputs and every gradient equal the module-by-module composition."""
-    from thinking_pixel.modules import Attention, RecursiveAttention
+    from thinking_pixel.models import Attention
+    from thinking_pixel.recursion import RecursiveAttention
 
     torch.manual_seed(0)
     attn = RecursiveAttention.from_attention(Attention(16, 2), experts=3, steps=3, rank=4, lora_alpha=8,

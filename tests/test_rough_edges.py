@@ -42,7 +42,7 @@ def test_the_parser_imports_no_heavy_module():
 
 
 def test_name_constants_match_the_registries():
-    from thinking_pixel.data import DATASETS
+    from thinking_pixel.datasets import DATASETS
     from thinking_pixel.diffusion import SAMPLERS
 
     assert sorted(_arguments.DATASET_NAMES) == sorted(DATASETS)
@@ -77,7 +77,7 @@ def test_sample_output_is_checked_before_any_work(tmp_path, capsys, output, mess
 
 
 def test_fashion_mnist_not_found_names_data_dir(tmp_path):
-    from thinking_pixel.data import make_dataset
+    from thinking_pixel.datasets import make_dataset
 
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         make_dataset("fashion_mnist", root=tmp_path)
@@ -192,7 +192,7 @@ def test_openmp_threads_wait_passively_unless_told_otherwise(monkeypatch):
 
 
 def test_sample_writes_under_the_run_by_default_and_says_where(tmp_path, capsys):
-    from thinking_pixel._checkpoint import default_samples_path
+    from thinking_pixel._run_dir import default_samples_path
 
     run = tmp_path / "run"
     shutil.copytree(REPO / "tests" / "fixtures" / "flat_train_config" / "dit_run", run)

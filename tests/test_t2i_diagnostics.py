@@ -4,8 +4,8 @@ as idle, a trained one does not; the evaluation-time truncation to T' steps."""
 import pytest
 import torch
 
-from thinking_pixel.models import SD3TextToImage, sd3_config
-from thinking_pixel.models.thinking_pixel_dit import RecursionConfig
+from thinking_pixel.text_to_image.model import SD3TextToImage, sd3_config
+from thinking_pixel.recursion import RecursionConfig
 from thinking_pixel.tasks.compositional import make_prompts
 from thinking_pixel.text_to_image.diagnostics import (caption_words, recursion_diagnostics, recursion_steps,
                                                       recursions)

@@ -103,7 +103,7 @@ def test_training_resumes_with_equal_losses(tmp_path, caption_dir, variant):
 
 
 def test_finetune_trains_only_the_experts_and_sampling_writes_a_png(tmp_path, caption_dir, capsys):
-    from thinking_pixel.models import load_model
+    from thinking_pixel.checkpoints import load_model
 
     base = train(tiny(tmp_path, caption_dir, "base", recursion=False, max_steps=2))
     result = train(tiny(tmp_path, caption_dir, "ft", finetune_from=str(base.output_dir), max_steps=2))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from thinking_pixel import DiT, ThinkingPixelDiT
-from thinking_pixel._checkpoint import CheckpointError, resolve_weights_dir
+from thinking_pixel.checkpoints import CheckpointError, resolve_weights_dir
 from thinking_pixel.sample import sample_checkpoint
 from thinking_pixel.train import TrainConfig, train
 

@@ -18,18 +18,18 @@ from pathlib import Path
 
 
 def _kill_inside_checkpoint(point: str, step: int) -> None:
-    from thinking_pixel import _checkpoint, _fileio
+    from thinking_pixel import _fileio, _run_dir
 
     name = f"step_{step:07d}"
     if point == "files":
-        original = _checkpoint.fsync_tree
+        original = _run_dir.fsync_tree
 
         def fsync_tree(root):
             original(root)
             if Path(root).name.startswith(f".tmp-{name}-"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        _checkpoint.fsync_tree = fsync_tree
+        _run_dir.fsync_tree = fsync_tree
     elif point == "latest":
         original = _fileio.os.replace
 

@@ -25,16 +25,15 @@ __all__ = [
 ]
 
 
-_INTEGRATIONS = {"apply_recursion", "export_peft", "load_recursion", "recursion_config", "remove_recursion",
-                 "save_recursion"}
+_HOMES = {"DIT_CONFIGS": ".models", "DiT": ".models", "DiTConfig": ".models", "dit_config": ".models",
+          "load_model": ".checkpoints"}  # the rest: .recursion
 
 
 def __getattr__(name):
     if name in __all__:
         import importlib
 
-        module = ".integrations" if name in _INTEGRATIONS else ".models"
-        return getattr(importlib.import_module(module, __name__), name)
+        return getattr(importlib.import_module(_HOMES.get(name, ".recursion"), __name__), name)
     raise AttributeError(f"module 'thinking_pixel' has no attribute {name!r}")
 
 

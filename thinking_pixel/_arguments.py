@@ -2,7 +2,7 @@
 import torch, diffusers or the evaluation code (the commands import them once the arguments are valid).
 
 Names that registries in heavy modules own (datasets, samplers) are plain constants here; tests check that
-they match :data:`thinking_pixel.data.DATASETS` and :data:`thinking_pixel.diffusion.SAMPLERS`.
+they match :data:`thinking_pixel.datasets.DATASETS` and :data:`thinking_pixel.diffusion.SAMPLERS`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ _DIT_SIZES = {
 DIT_CONFIGS = {f"DiT-{size}/{patch}": dict(arch, patch_size=patch) for size, arch in _DIT_SIZES.items()
                for patch in (2, 4, 8)}
 
-# SD3 (thinking_pixel.models.sd3): the transformer's blocks and heads x head dim, x patch size.
+# SD3 (thinking_pixel.text_to_image.model): the transformer's blocks and heads x head dim, x patch size.
 _SD3_SIZES = {
     "N": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32),
     "T": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32),
@@ -32,5 +32,5 @@ SD3_CONFIGS = {f"SD3-{size}/{patch}": dict(arch, patch_size=patch) for size, arc
                for patch in (1, 2, 4)}
 
 # A fresh SD3 transformer's init (TrainConfig.text_to_image.init): diffusers' own, or DiT's adaLN-Zero
-# (thinking_pixel.models.sd3.init_adaln_zero).
+# (thinking_pixel.text_to_image.model.init_adaln_zero).
 SD3_INITS = ("diffusers", "adaln-zero")

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "torch_threads"]
+__all__ = ["resolve_device", "set_threads", "torch_threads"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,3 +38,11 @@ def torch_threads(num_threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply a --threads option (None: keep torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ from collections import deque
 import torch
 
 from . import distributed
-from ._checkpoint import CheckpointError
+from ._run_dir import CheckpointError
 
 __all__ = ["RoutingCounts", "SlowdownHint", "StepLog"]
 

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"; samples {result.samples}" if result.samples else ""))
         elif args.command == "sample":
             if args.output is None:
-                from ._checkpoint import default_samples_path
+                from ._run_dir import default_samples_path
 
                 args.output = default_samples_path(args.checkpoint)
                 args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(module thinking_pixel.{args.command} is missing)", file=sys.stderr)
                 return 1
             return module.run(args) or 0
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ValueError: also _checkpoint.CheckpointError
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ValueError: also CheckpointError
         print(f"thinking-pixel: error: {e}", file=sys.stderr)
         return 1
     except ImportError as e:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,18 +28,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _checkpoint as ckpt
-from ._fileio import file_digest
+from . import _run_dir as ckpt
 from ._arguments import GUIDANCE_INTERVAL
 from ._arguments import add_evaluate_arguments as add_arguments
-from ._runtime import resolve_device
+from ._checks import check_positive_ints
+from ._runtime import resolve_device, set_threads
+from ._samples import atomic_torch_save, check_sample_settings, checkpoint_identity, samples_dir_for
+from .checkpoints import load_model_dir
+from .datasets import make_dataset, reference_images
 from .metrics import IS_UNAVAILABLE_REASON, compute_metrics, to_uint8
-from .sample import apply_halting
+from .metrics.accuracy import class_accuracy, main_objects, placement, placement_match
+from .sample import apply_halting, generate
 from .train_config import TrainConfig
 
-__all__ = ["add_arguments", "evaluate_checkpoint", "generate_samples", "real_subset", "reference_images", "run"]
-
-SETTINGS = "settings.json"
+__all__ = ["add_arguments", "evaluate_accuracy", "evaluate_checkpoint", "generate_samples", "run"]
 # Sampling settings when none are given: FID's usual ones, and for accuracy those of `thinking-pixel sample`
 # (the grid a user looks at).
 DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5},
@@ -52,20 +52,6 @@ DEFAULT_SAMPLING = {"fid": {"sampler": "ddim", "num_steps": 50, "cfg_scale": 1.5
 PLACEMENT_DATA_IMAGES = 2048
 
 
-
-
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
@@ -73,31 +59,9 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 def _generate_chunk(model, labels: torch.Tensor, *, seed: int, sampler: str, num_steps: int,
                     cfg_scale: float, cfg_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """Samples for ``labels`` (n,) -> (n, C, H, W) uint8, with one generator seeded by ``seed``."""
-    from .sample import generate
-
     images = generate(model, labels.tolist(), 1, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
                       cfg_interval=cfg_interval, seed=seed, batch_size=len(labels))
     return to_uint8(images.cpu())
-
-
-def samples_dir_for(output: Path, samples_dir: str | Path | None = None) -> Path:
-    """Where the sample chunks behind result file ``output`` are kept: ``samples_dir``, or beside ``output`` as
-    ``<output without .json>_samples``."""
-    return Path(samples_dir) if samples_dir is not None else Path(output).with_name(Path(output).stem + "_samples")
-
-
-def check_sample_settings(samples_dir: Path, identity: dict) -> None:
-    """Record what the samples in ``samples_dir`` are, or refuse if it holds samples made otherwise."""
-    settings_path = samples_dir / SETTINGS
-    if settings_path.is_file():
-        stored = json.loads(settings_path.read_text())
-        if stored != identity:
-            diff = {k: (stored.get(k), identity.get(k)) for k in set(stored) | set(identity)
-                    if stored.get(k) != identity.get(k)}
-            raise ValueError(f"{samples_dir} holds samples made with other settings ({diff}, as stored vs now); "
-                             "use another --samples-dir or delete it")
-    else:
-        settings_path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_size: int = 64, seed: int = 0,
@@ -109,7 +73,7 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
     Returns (images (num_samples, C, H, W) uint8, labels (num_samples,) int64). ``settings``: extra facts that
     identify the samples (e.g. the checkpoint path); a rerun whose settings differ from the stored ones fails.
     """
-    _check_positive(num_samples=num_samples, batch_size=batch_size, num_steps=num_steps)
+    check_positive_ints(num_samples=num_samples, batch_size=batch_size, num_steps=num_steps)
     samples_dir = Path(samples_dir)
     samples_dir.mkdir(parents=True, exist_ok=True)
     identity = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, sampler=sampler,
@@ -133,24 +97,10 @@ def generate_samples(model, samples_dir: str | Path, num_samples: int, *, batch_
             else:
                 chunk = _generate_chunk(model, chunk_labels, seed=_chunk_seed(seed, c), sampler=sampler,
                                         num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
-                _atomic_torch_save({"images": chunk, "labels": chunk_labels}, path)
+                atomic_torch_save({"images": chunk, "labels": chunk_labels}, path)
             images.append(chunk)
             bar.update(len(chunk_labels))
     return torch.cat(images), labels
-
-
-def weights_fingerprint(weights: Path) -> str:
-    """sha256 over the files of a model directory (relative names and contents): which weights made a set of
-    samples, whatever path they sit at (a run retrained into the same directory has new weights at the old path)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(weights).rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(weights)}\0{file_digest(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def checkpoint_identity(weights: Path) -> dict:
-    """What identifies a checkpoint's samples: its path and its weights' fingerprint."""
-    return {"checkpoint": str(Path(weights).resolve()), "weights_sha256": weights_fingerprint(weights)}
 
 
 def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **options):
@@ -166,47 +116,6 @@ def _timed_samples(model, weights: Path, samples_dir: Path, num_samples: int, **
     return images, labels, time.time() - started
 
 
-def _dataset_options(name: str, **wanted) -> dict:
-    """The subset of ``wanted`` constructor options that dataset ``name`` accepts."""
-    from .data import DATASETS
-
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    accepted = set(inspect.signature(DATASETS[name].__init__).parameters)
-    return {k: v for k, v in wanted.items() if k in accepted}
-
-
-def real_subset(dataset: str, num_images: int, *, image_size: int, num_channels: int, split: str = "test",
-                data_dir: str | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed seeded subset of ``num_images`` real images, preprocessed like training data.
-
-    Returns (images (N, C, S, S) float in [-1, 1], labels (N,) int64).
-    """
-    from .data import make_dataset
-
-    _check_positive(num_images=num_images)
-    options = _dataset_options(dataset, split=split, num_channels=num_channels)
-    if split != "test" and "split" not in options:
-        raise ValueError(f"dataset {dataset!r} has no splits; --split {split!r} cannot be used")
-    ds = make_dataset(dataset, root=data_dir, image_size=image_size, **options)
-    if ds.is_latent:
-        raise ValueError(f"dataset {dataset!r} holds VAE latents; only pixel datasets are supported here")
-    if num_images > len(ds):
-        raise ValueError(f"{num_images} images requested but {dataset}/{split} has only {len(ds)}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_images]
-    items = [ds[i] for i in order.tolist()]
-    images = torch.stack([image for image, _ in items])  # (N, C, S, S)
-    if images.shape[1:] != (num_channels, image_size, image_size):
-        raise ValueError(f"{dataset} gives images of shape {tuple(images.shape[1:])}, the model works on "
-                         f"{(num_channels, image_size, image_size)}")
-    return images, torch.tensor([label for _, label in items], dtype=torch.long)
-
-
-def reference_images(dataset: str, num_images: int, **kwargs) -> torch.Tensor:
-    """:func:`real_subset`'s images rounded to uint8 like generated samples: (N, C, S, S)."""
-    return to_uint8(real_subset(dataset, num_images, **kwargs)[0])
-
-
 def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: str | None = None,
                         data_dir: str | None = None, split: str = "test", num_samples: int = 1000,
                         num_reference: int | None = None, batch_size: int = 64, cfg_scale: float = 1.5,
@@ -216,7 +125,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
     """Sample from ``checkpoint``, compute FID/KID/precision/recall against real data and write the result JSON to ``output``."""
     output = Path(output)
     num_reference = num_samples if num_reference is None else num_reference
-    _check_positive(num_samples=num_samples, num_reference=num_reference, batch_size=batch_size)
+    check_positive_ints(num_samples=num_samples, num_reference=num_reference, batch_size=batch_size)
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     step_dir = ckpt.find_step_dir(weights)
     saved = TrainConfig.load(step_dir) if step_dir is not None else None  # None: weights saved outside a run
@@ -225,7 +134,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, dataset: 
         data_dir = data_dir if data_dir is not None or saved is None else saved.data.data_dir
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ckpt.load_model_dir(weights, device=device).eval()
+    model = load_model_dir(weights, device=device).eval()
     cfg = model.config
     recursive = apply_halting(model, halting, checkpoint)
 
@@ -286,18 +195,15 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
     way on max(num_samples, PLACEMENT_DATA_IMAGES) training images, and ``placement["match"]`` compares the two
     (metrics.accuracy.placement_match). Writes and returns the result JSON.
     """
-    from .data import make_dataset
-    from .metrics.accuracy import class_accuracy, main_objects, placement, placement_match
-
     output = Path(output)
-    _check_positive(num_samples=num_samples, batch_size=batch_size)
+    check_positive_ints(num_samples=num_samples, batch_size=batch_size)
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     step_dir = ckpt.find_step_dir(weights)
     saved = TrainConfig.load(step_dir) if step_dir is not None else None  # None: weights saved outside a run
     if saved is not None and saved.data.dataset != "shapes":
         raise ValueError(f"--metric accuracy needs a model trained on the shapes dataset; {checkpoint} was trained "
                          f"on {saved.data.dataset!r}")
-    model = ckpt.load_model_dir(weights, device=resolve_device(device)).eval()
+    model = load_model_dir(weights, device=resolve_device(device)).eval()
     recursive = apply_halting(model, halting, checkpoint)
     cfg = model.config
     data = make_dataset("shapes", image_size=cfg.input_size, seed=saved.run.seed if saved is not None else 0)
@@ -334,14 +240,6 @@ def evaluate_accuracy(checkpoint: str | Path, output: str | Path, *, num_samples
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def set_threads(threads: int | None) -> None:
-    """Apply a --threads option (None: keep torch's default)."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:

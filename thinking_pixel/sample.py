@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import _checkpoint as ckpt
+from . import _run_dir as ckpt
+from .checkpoints import load_model_dir
 from ._arguments import GUIDANCE_INTERVAL, check_image_output
 from ._runtime import resolve_device, torch_threads
 from .diffusion import GaussianDiffusion, sample
@@ -125,7 +126,7 @@ def sample_checkpoint(checkpoint: str | Path, output: str | Path, *, sampler: st
     check_image_output(output, "output")
     with torch_threads(num_threads):
         weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
-        model = ckpt.load_model_dir(weights, device=resolve_device(device))
+        model = load_model_dir(weights, device=resolve_device(device))
         if not hasattr(getattr(model, "config", None), "num_classes"):
             raise ValueError(f"{checkpoint} holds a text-to-image model ({type(model).__name__}): pass --prompt \"...\"")
         recursive = apply_halting(model, halting, checkpoint)

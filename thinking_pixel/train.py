@@ -37,15 +37,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import _checkpoint as ckpt
+from . import _run_dir as ckpt
 from . import distributed
 from ._fileio import atomic_write
 from ._interrupts import StopRequests
 from ._runtime import torch_threads
 from ._train_log import RoutingCounts, SlowdownHint, StepLog
-from .data import StepBatchSampler, make_dataset
+from .checkpoints import load_base_model, load_model_dir
+from .data import StepBatchSampler
+from .datasets import DATASETS, make_dataset
 from .diffusion import GaussianDiffusion
-from .models import DiT, ThinkingPixelDiT, dit_config
+from .models import DiT, dit_config
+from .recursion import ThinkingPixelDiT
+from .sample import sample_checkpoint
 from .train_config import OptimisationConfig, TrainConfig
 
 __all__ = ["DiTTask", "TrainConfig", "TrainResult", "build_model", "task_for", "train"]
@@ -82,7 +86,7 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     """A fresh model for ``cfg`` (from a preset, or wrapping ``cfg.model.finetune_from``), shaped for ``dataset``."""
     recursion, m = cfg.recursion, cfg.model
     if m.finetune_from is not None:
-        base = ckpt.load_base_model(m.finetune_from)  # ours, a diffusers DiT directory, or a reference .pt
+        base = load_base_model(m.finetune_from)  # ours, a diffusers DiT directory, or a reference .pt
         if type(base) is not DiT:
             raise ValueError(f"finetune_from must hold a plain DiT, got a {type(base).__name__} "
                              f"({m.finetune_from}); to continue a run, rerun it on its output dir")
@@ -129,9 +133,6 @@ class DiTTask:
 
     @staticmethod
     def sample_grid(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Path | None:
-        from .data import DATASETS
-        from .sample import sample_checkpoint
-
         if DATASETS[cfg.data.dataset].cond_channels:  # the grid shows classes, not image-conditioned outputs
             return None
         path = output_dir / "samples.png"
@@ -287,8 +288,8 @@ def _train(cfg: TrainConfig, on_step, runtime: distributed.Runtime, stop: StopRe
     else:
         _check_resumable(TrainConfig.load(step_dir), cfg, output_dir)  # older layouts as they behaved
         state = ckpt.load_training_state(step_dir)
-        model = ckpt.load_model_dir(step_dir / "model", device=device).train()
-        ema = ckpt.load_model_dir(step_dir / "ema", device=device).requires_grad_(False).eval()
+        model = load_model_dir(step_dir / "model", device=device).train()
+        ema = load_model_dir(step_dir / "ema", device=device).requires_grad_(False).eval()
         trainable = set(state["trainable"])
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable)

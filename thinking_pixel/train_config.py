@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import _checkpoint as ckpt
+from . import _run_dir as ckpt
 from ._presets import DIT_CONFIGS, SD3_CONFIGS, SD3_INITS
 from .distributed import STRATEGIES
+from ._checks import is_int, is_number
 from .models.pretrained import config_from_dict
-from .models.thinking_pixel_dit import RecursionConfig
-from .modules._checks import is_int, is_number
+from .recursion.config import RecursionConfig
 
 __all__ = ["DataConfig", "ModelConfig", "OptimisationConfig", "PeftLoRAConfig", "RunConfig", "TEXT_DATASETS",
            "TextToImageConfig", "TrainConfig"]
@@ -59,7 +59,7 @@ def _check_fields(config, *, ints=(), optional_ints=(), positive=(), non_negativ
 
 @dataclass
 class DataConfig:
-    """What the run learns from: a dataset of :data:`thinking_pixel.data.DATASETS`."""
+    """What the run learns from: a dataset of :data:`thinking_pixel.datasets.DATASETS`."""
 
     dataset: str = "shapes"
     data_dir: Optional[str] = None  # its files: folder / latents / captions (required), fashion_mnist (optional)

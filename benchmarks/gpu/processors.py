@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import tp_kernels
-from thinking_pixel.integrations.diffusers import RecursionAttnProcessor
+from thinking_pixel.recursion.diffusers import RecursionAttnProcessor
 
 
 class _TorchStepProcessor(RecursionAttnProcessor):

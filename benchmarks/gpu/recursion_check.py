@@ -96,7 +96,7 @@ def forward(model, x, t, y):
 
 
 def _recursions(model):
-    from thinking_pixel.modules.recursive_attention import LatentRecursion
+    from thinking_pixel.recursion.layers import LatentRecursion
 
     return [m for m in model.modules() if isinstance(m, LatentRecursion)]
 

@@ -8,7 +8,7 @@ A step is forward, MSE loss, backward and torch's fused AdamW over the trainable
     apply_recursion   thinking_pixel.apply_recursion (tp_kernels.refine_step)
     dense einsum      processors.DenseEinsumProcessor: every expert on every token, mixed by the one-hot gate
     masked loop       processors.MaskedLoopProcessor: a boolean mask per expert
-    peft (dense mix)  thinking_pixel.integrations.peft.add_peft_experts(mode="dense"): M peft adapters on
+    peft (dense mix)  thinking_pixel.recursion.peft.add_peft_experts(mode="dense"): M peft adapters on
                       to_q / to_k / to_v, mixed by the one-hot gate; all bf16 (its gate computes in the
                       activations' dtype)
 
@@ -132,7 +132,7 @@ def recursion_of(case: ModelCase):
 
 def _recursions(model):
     """The recursion modules (processors) of a model, in block order."""
-    from thinking_pixel.modules.recursive_attention import LatentRecursion
+    from thinking_pixel.recursion.layers import LatentRecursion
 
     return [m for m in model.modules() if isinstance(m, LatentRecursion)]
 
@@ -164,8 +164,8 @@ def _with_experts(model, state):
 def build_variant(case: ModelCase, device, name: str, state: list):
     """Variant ``name``'s model on the device in fp32: the seeded base with that variant's recursion."""
     from thinking_pixel import apply_recursion
-    from thinking_pixel.integrations.diffusers import install_processors
-    from thinking_pixel.integrations.peft import add_peft_experts, copy_experts_to_peft
+    from thinking_pixel.recursion.diffusers import install_processors
+    from thinking_pixel.recursion.peft import add_peft_experts, copy_experts_to_peft
 
     model = build_base(case, device)
     if name == BASE:

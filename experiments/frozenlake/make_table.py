@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinking_pixel.modules.halting import DEFAULT_THRESHOLDS
+from thinking_pixel.recursion.layers import DEFAULT_THRESHOLDS
 
 RATES = ("success_rate", "invalid_rate", "hole_rate", "timeout_rate")
 

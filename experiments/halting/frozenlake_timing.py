@@ -21,9 +21,10 @@ from common import time_rules
 
 
 def main(argv=None) -> int:
-    from thinking_pixel import _checkpoint as ckpt
-    from thinking_pixel import frozenlake as fl
-    from thinking_pixel.data.frozenlake import CELL, frame_tensor
+    from thinking_pixel import _run_dir as ckpt
+    from thinking_pixel.checkpoints import load_model_dir
+    from thinking_pixel.tasks import frozenlake as fl
+    from thinking_pixel.tasks.frozenlake.data import CELL, frame_tensor
     from thinking_pixel.diffusion import GaussianDiffusion
     from thinking_pixel.tasks.frozenlake.planner import evaluation_maps
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     result = {}
     for run in args.checkpoints:
         weights = ckpt.resolve_weights_dir(run, ema=True)
-        model = ckpt.load_model_dir(weights).eval()
+        model = load_model_dir(weights).eval()
         canvas = model.config.input_size // CELL
         train_config = ckpt.load_train_config(ckpt.find_step_dir(weights))
         maps = evaluation_maps(train_config, canvas, 64, sizes=[4])[4]

@@ -30,9 +30,10 @@ def self_times(model, rule, steps, args, kwargs, reps=5) -> dict:
 
 
 def main(argv=None) -> int:
-    from thinking_pixel import _checkpoint as ckpt
-    from thinking_pixel import frozenlake as fl
-    from thinking_pixel.data.frozenlake import CELL, frame_tensor
+    from thinking_pixel import _run_dir as ckpt
+    from thinking_pixel.checkpoints import load_model_dir
+    from thinking_pixel.tasks import frozenlake as fl
+    from thinking_pixel.tasks.frozenlake.data import CELL, frame_tensor
     from thinking_pixel.tasks.frozenlake.planner import evaluation_maps
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     weights = ckpt.resolve_weights_dir(args.checkpoint, ema=True)
-    model = ckpt.load_model_dir(weights).eval()
+    model = load_model_dir(weights).eval()
     canvas = model.config.input_size // CELL
     maps = evaluation_maps(ckpt.load_train_config(ckpt.find_step_dir(weights)), canvas, 64, sizes=[4])[4]
     cond = torch.stack([frame_tensor(fl.render(m, (0, 0), cell=CELL, canvas=canvas)) for m in maps])

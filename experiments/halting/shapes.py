@@ -69,15 +69,16 @@ def main(argv=None) -> int:
                 f.write(" ".join(cmd) + "\n")
             subprocess.run(cmd, cwd=REPO, check=True)
 
-    from thinking_pixel import _checkpoint as ckpt
-    from thinking_pixel.data import make_dataset
+    from thinking_pixel import _run_dir as ckpt
+    from thinking_pixel.checkpoints import load_model_dir
+    from thinking_pixel.datasets import make_dataset
 
     torch.set_num_threads(1)
     result = {"note": "forward_seconds_b64: median of 7 interleaved forward passes, batch 64, 1 thread, on a shared "
                       "machine", "runs": {}}
     for name in RUNS:
         torch.manual_seed(0)
-        model = ckpt.load_model_dir(ckpt.resolve_weights_dir(args.out / name, ema=True)).eval()
+        model = load_model_dir(ckpt.resolve_weights_dir(args.out / name, ema=True)).eval()
         steps = model.recursion.steps
         data = make_dataset("shapes", image_size=model.config.input_size, seed=1)  # not the training seed (0)
         items = [data[i] for i in range(256)]

@@ -1,22 +1,21 @@
-"""Models: the base DiT (with its size registry), ThinkingPixelDiT, the text-to-image SD3 model, checkpoint loading."""
+"""The base models: DiT (with its size registry and converters from diffusers / facebookresearch checkpoints),
+its attention, and the save_pretrained / from_pretrained format every model of this package uses."""
 
+from .attention import Attention, attend
 from .dit import DIT_CONFIGS, DiT, DiTConfig, dit_config
-from .pretrained import load_model, read_config
-from .sd3 import SD3_CONFIGS, SD3TextToImage, sd3_config
-from .thinking_pixel_dit import GATE_INPUTS, RecursionConfig, RoutingRecord, ThinkingPixelDiT
+from .dit_convert import config_from_original_state_dict, dit_from_diffusers, load_original_dit
+from .pretrained import PretrainedMixin, read_config
 
 __all__ = [
+    "Attention",
     "DIT_CONFIGS",
-    "GATE_INPUTS",
     "DiT",
     "DiTConfig",
-    "RecursionConfig",
-    "RoutingRecord",
-    "SD3_CONFIGS",
-    "SD3TextToImage",
-    "ThinkingPixelDiT",
+    "PretrainedMixin",
+    "attend",
+    "config_from_original_state_dict",
     "dit_config",
-    "load_model",
+    "dit_from_diffusers",
+    "load_original_dit",
     "read_config",
-    "sd3_config",
 ]

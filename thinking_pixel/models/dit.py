@@ -4,7 +4,7 @@ A faithful re-implementation of the reference model: adaLN-Zero blocks, fixed 2D
 embeddings, a sinusoidal timestep embedder, a label embedder with a null class for classifier-free
 guidance, learned sigma and DiT's weight initialisation. Parameter names follow the reference
 (``x_embedder.proj``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.mlp.fc1``, ...), so its state dicts line up.
-Attention (thinking_pixel.modules.attention) runs ``tp_kernels.joint_attention`` (the CPU extension's kernel on fp32
+Attention (thinking_pixel.models.attention) runs ``tp_kernels.joint_attention`` (the CPU extension's kernel on fp32
 CPU tensors, torch's ``scaled_dot_product_attention`` elsewhere); there is no timm dependency.
 """
 
@@ -20,8 +20,8 @@ import torch.nn as nn
 from einops import rearrange
 
 from .._presets import DIT_CONFIGS
-from ..modules.attention import Attention
-from ..modules._checks import is_int, is_number
+from .._checks import is_int, is_number
+from .attention import Attention
 from .pretrained import PretrainedMixin, config_from_dict
 
 __all__ = [
@@ -71,7 +71,7 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
-    # Two details where diffusers' DiTTransformer2DModel differs from the reference (DiT.from_diffusers sets them):
+    # Two details where diffusers' DiTTransformer2DModel differs from the reference (dit_convert.dit_from_diffusers sets them):
     timestep_freq_shift: float = 0.0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP; diffusers: its config's norm_eps (1e-5)
     # What the network's first C output channels are: "eps" (DiT), "v" = sqrt(a)·eps - sqrt(1-a)·x_0 (a the
@@ -408,30 +408,6 @@ class DiT(PretrainedMixin, nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-    @classmethod
-    def from_diffusers(cls, transformer) -> "DiT":
-        """A DiT computing what diffusers DiTTransformer2DModel ``transformer`` computes (its weights copied);
-        e.g. pretrained DiT-XL/2 from ``DiTTransformer2DModel.from_pretrained(path, subfolder="transformer")``."""
-        from .dit_convert import dit_from_diffusers
-
-        cls._only_plain("from_diffusers")
-        return dit_from_diffusers(transformer)
-
-    @classmethod
-    def from_original_checkpoint(cls, path, num_heads=None, **overrides) -> "DiT":
-        """Load a facebookresearch/DiT ``.pt`` state dict (e.g. DiT-XL-2-256x256.pt) with weights_only=True, the
-        config read off its shapes (num_heads from the DiT presets unless given; overrides: other DiTConfig fields)."""
-        from .dit_convert import load_original_dit
-
-        cls._only_plain("from_original_checkpoint")
-        return load_original_dit(path, num_heads, **overrides)
-
-    @classmethod
-    def _only_plain(cls, name):
-        if cls is not DiT:
-            raise TypeError(f"{cls.__name__}.{name}: load the base with DiT.{name}, then add the recursion "
-                            "(thinking_pixel.apply_recursion)")
 
     def _config_dict(self) -> dict:
         return {"dit": self.config.to_dict()}

@@ -34,17 +34,17 @@ def dit_from_diffusers(transformer) -> DiT:
     from diffusers import DiTTransformer2DModel
 
     if not isinstance(transformer, DiTTransformer2DModel):
-        raise TypeError(f"DiT.from_diffusers expects a diffusers DiTTransformer2DModel, "
+        raise TypeError(f"dit_from_diffusers expects a diffusers DiTTransformer2DModel, "
                         f"got {type(transformer).__name__}")
     cfg = transformer.config
     wrong = {k: cfg[k] for k, v in _DIFFUSERS_REQUIRED.items() if cfg[k] != v}
     if wrong:
-        raise ValueError(f"DiT.from_diffusers: this DiTTransformer2DModel has {wrong}; DiT needs {_DIFFUSERS_REQUIRED}")
+        raise ValueError(f"dit_from_diffusers: this DiTTransformer2DModel has {wrong}; DiT needs {_DIFFUSERS_REQUIRED}")
     blocks = transformer.transformer_blocks
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     out_channels = transformer.out_channels
     if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-        raise ValueError(f"DiT.from_diffusers: out_channels ({out_channels}) must be in_channels ({cfg.in_channels}) "
+        raise ValueError(f"dit_from_diffusers: out_channels ({out_channels}) must be in_channels ({cfg.in_channels}) "
                          "or twice it (learned sigma)")
     config = DiTConfig(
         input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=hidden,
@@ -58,7 +58,7 @@ def dit_from_diffusers(transformer) -> DiT:
     for i, block in enumerate(blocks):
         for name, value in block.norm1.emb.state_dict().items():
             if not torch.equal(value, embedders[name]):
-                raise ValueError(f"DiT.from_diffusers: transformer_blocks[{i}].norm1.emb.{name} differs from "
+                raise ValueError(f"dit_from_diffusers: transformer_blocks[{i}].norm1.emb.{name} differs from "
                                  "transformer_blocks[0]'s; DiT has one timestep and class embedder for all blocks")
     state = {
         "x_embedder.proj.weight": transformer.pos_embed.proj.weight,

@@ -17,16 +17,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._fileio import atomic_write
+from .._run_dir import weights_dir
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "load_model", "read_config",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "config_from_dict", "model_class", "read_config",
            "read_json", "state_mismatches"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
-# class name -> class, filled by PretrainedMixin.__init_subclass__ (so load_model can dispatch).
+# class name -> class, filled by PretrainedMixin.__init_subclass__ (so checkpoints.load_model can dispatch).
 _MODEL_CLASSES: dict[str, type] = {}
+
+
+def model_class(name: str) -> type:
+    """The model class a checkpoint's config.json names (read_config checks that it is known)."""
+    return _MODEL_CLASSES[name]
 
 
 def config_from_dict(cls, d):
@@ -66,17 +72,6 @@ def read_config(path) -> dict:
         raise ValueError(f"{config_path}: unknown model class {config['class']!r}, "
                          f"expected one of {sorted(_MODEL_CLASSES)}")
     return config
-
-
-def _weights_dir(path) -> Path:
-    """``path`` itself when it is a save_pretrained directory; for a training output directory (or one of its
-    step directories), the EMA weights of its latest checkpoint, as ``thinking-pixel sample`` loads them."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file() or not path.is_dir():
-        return path
-    from .._checkpoint import find_step_dir, resolve_weights_dir
-
-    return path if find_step_dir(path) is None else resolve_weights_dir(path, ema=True)
 
 
 def _build(cls, config: dict, path: Path):
@@ -169,18 +164,11 @@ class PretrainedMixin:
 
         ``path`` may also be a training output directory (``runs/default``): its latest EMA weights load.
         """
-        path = _weights_dir(path)
+        path = weights_dir(path)
         config = read_config(path)
         if config["class"] != cls.__name__:
             raise ValueError(f"{path} holds a {config['class']} checkpoint, not a {cls.__name__}; "
-                             f"use {config['class']}.from_pretrained or thinking_pixel.models.load_model")
+                             f"use {config['class']}.from_pretrained or thinking_pixel.load_model")
         model = _build(cls, config, path)
         _load_weights(model, path, device)
         return model.eval()
-
-
-def load_model(path, device="cpu"):
-    """Load any checkpoint written by save_pretrained (or a training output directory's latest EMA weights),
-    dispatching on the class named in its config.json."""
-    path = _weights_dir(path)
-    return _MODEL_CLASSES[read_config(path)["class"]].from_pretrained(path, device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+from ..text import MiniLMTextEncoder
 
 __all__ = ["PipelineTextEncoder", "PipelineVAE", "load_text_encoder", "null_caption_embedding"]
 
@@ -77,7 +78,6 @@ def load_text_encoder(text: dict, pipeline: str | None, device="cpu"):
     kind = text.get("encoder")
     if kind == "minilm":
         _offline()
-        from ..text import MiniLMTextEncoder
 
         return MiniLMTextEncoder(max_length=text["max_length"], device=device)
     if kind == "pipeline":

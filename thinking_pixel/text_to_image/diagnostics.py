@@ -27,6 +27,11 @@ import math
 
 import numpy as np
 import torch
+from ..analysis.plots import pyplot
+from ..analysis.statistics import mutual_information
+from ..recursion.layers import LatentRecursion
+from ..tasks.compositional import COLOUR_NAMES, RELATIONS, SHAPE_NAMES, TAGS, render
+from ..tasks.compositional.grammar import plural
 
 __all__ = ["caption_words", "plot_state_change", "recursion_diagnostics", "recursion_steps", "recursions",
            "set_recursion_steps"]
@@ -36,8 +41,6 @@ WORD_KINDS = ("colour", "shape", "relation")
 
 def recursions(model) -> list[tuple[int, object]]:
     """(block index, LatentRecursion) of a text-to-image model's recursive attentions."""
-    from ..modules.recursive_attention import LatentRecursion
-
     found = [(int(name.split(".")[1]), m) for name, m in model.transformer.named_modules()
              if isinstance(m, LatentRecursion)]  # transformer_blocks.{i}.attn.processor
     if not found:
@@ -76,9 +79,6 @@ def recursion_steps(model, steps: int | None):
 
 def caption_words(caption: str) -> dict[str, str]:
     """{colour, shape, relation}: the first of each kind of word in ``caption`` ("none" if absent)."""
-    from ..tasks.compositional import COLOUR_NAMES, RELATIONS, SHAPE_NAMES
-    from ..tasks.compositional.grammar import plural
-
     words = caption.split()
     shapes = {s: s for s in SHAPE_NAMES} | {plural(s): s for s in SHAPE_NAMES}
     return {"colour": next((w for w in words if w in COLOUR_NAMES), "none"),
@@ -108,8 +108,6 @@ def _probe(found):
 
 
 def _mi(joint: np.ndarray) -> tuple[float, float]:
-    from ..analyze import mutual_information
-
     joint = joint[joint.sum(1) > 0]
     n, m = joint.sum(), joint.shape[1]
     return mutual_information(joint), (len(joint) - 1) * (m - 1) / (2 * n * math.log(2))
@@ -119,8 +117,6 @@ def _mi(joint: np.ndarray) -> tuple[float, float]:
 def recursion_diagnostics(model, embeddings, prompts, *, sigmas, image_size: int, batch_size: int = 50,
                           seed: int = 0) -> dict:
     """The diagnostics above on one rendered scene per prompt (see the module doc); -> a JSON-able dict."""
-    from ..tasks.compositional import TAGS, render
-
     found = recursions(model)
     device = next(model.parameters()).device
     trained_steps = min(m.steps for _, m in found)
@@ -184,9 +180,7 @@ def recursion_diagnostics(model, embeddings, prompts, *, sigmas, image_size: int
 
 def plot_state_change(diagnostics: dict, path) -> None:
     """Per label: ||a^t - a^(t-1)|| / ||a^t|| per step and block (left), velocity MSE vs T' (right)."""
-    from ..analyze import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4))
     for label, d in diagnostics.items():
         for layer, b in d["blocks"].items():

@@ -27,9 +27,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import _checkpoint as ckpt
+from .. import _run_dir as ckpt
 from .._arguments import COMPOSITIONAL_SAMPLING
+from .._runtime import set_threads
+from .._samples import atomic_torch_save, check_sample_settings, checkpoint_identity, samples_dir_for
 from ..metrics import to_uint8
+from ..tasks.compositional import make_prompts, score
+from .diagnostics import set_recursion_steps
+from .sampling import PromptSampler, load_text_model
 
 __all__ = ["benchmark_prompts", "evaluate_compositional", "run"]
 
@@ -37,8 +42,6 @@ DEFAULT_CFG_SCALE, DEFAULT_NUM_STEPS = COMPOSITIONAL_SAMPLING["cfg_scale"], COMP
 
 def benchmark_prompts(prompts_per_tag: int, seed: int = 0) -> tuple[list, list]:
     """(seen-composition prompts, held-out-composition prompts) of the benchmark."""
-    from ..tasks.compositional import make_prompts
-
     return (make_prompts(prompts_per_tag, seed=seed, split="train"),
             make_prompts(prompts_per_tag, seed=seed, split="test"))
 
@@ -50,11 +53,6 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
                            use_ema: bool = True, device: str = "auto", progress: bool = True,
                            recursion_steps: int | None = None) -> dict:
     """Run the benchmark on a text-to-image checkpoint and write the result JSON to ``output``; returns it."""
-    from ..evaluate import _atomic_torch_save, check_sample_settings, checkpoint_identity, samples_dir_for
-    from ..tasks.compositional import score
-    from .diagnostics import set_recursion_steps
-    from .sampling import PromptSampler, load_text_model
-
     for name, value in (("prompts_per_tag", prompts_per_tag), ("images_per_prompt", images_per_prompt),
                         ("batch_size", batch_size), ("num_steps", num_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,7 +88,7 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
                 generated = sampler.generate([prompts[i].caption for i, _ in chunk], chunk, cfg_scale=cfg_scale,
                                              num_steps=num_steps, seed=seed, batch_size=batch_size)
                 images.append(to_uint8(generated.cpu()))
-                _atomic_torch_save({"images": images[-1], "rows": torch.tensor(chunk)}, path)
+                atomic_torch_save({"images": images[-1], "rows": torch.tensor(chunk)}, path)
             bar.update(len(chunk))
     sampling_seconds = time.time() - started
     images = torch.cat(images)  # (len(rows), C, H, W) uint8
@@ -125,8 +123,6 @@ def evaluate_compositional(checkpoint: str | Path, output: str | Path, *, prompt
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import set_threads
-
     set_threads(args.threads)
     result = evaluate_compositional(
         args.checkpoint, args.output, prompts_per_tag=args.prompts_per_tag, images_per_prompt=args.images_per_prompt,

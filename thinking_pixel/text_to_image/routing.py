@@ -8,7 +8,7 @@ routing) with the prompt's caption, recording every routing decision.
 
 Outputs: ``expert_usage.png`` (fraction of tokens per expert vs timestep and vs the prompt's tag),
 ``expert_positions.png`` (vs token position) and ``routing_stats.json`` (usage, H(E), I(E; timestep),
-I(E; tag), I(E; position) in bits, pooled and per (layer, step)), with the statistics of thinking_pixel.analyze;
+I(E; tag), I(E; position) in bits, pooled and per (layer, step)), with the statistics of thinking_pixel.analysis;
 under each label's "recursion" key the diagnostics of :mod:`.diagnostics` (is the recursion engaged: per-step
 state change, LoRA-to-base ratio at the last step, expert usage per step, the loss with the recursion truncated
 to T' = 1 .. T, I(E; caption word)), plotted in ``state_change.png``.
@@ -23,6 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..analysis.plots import plot_expert_positions, plot_expert_usage, pool_counts
+from ..analysis.statistics import routing_statistics
+from ..recursion.layers import LatentRecursion
+from ..tasks.compositional import TAGS, make_prompts, render
+from .diagnostics import plot_state_change, recursion_diagnostics
+from .sampling import PromptSampler, load_text_model
 
 __all__ = ["analyze_text_models", "collect_text_routing", "record_routing"]
 
@@ -30,8 +36,6 @@ __all__ = ["analyze_text_models", "collect_text_routing", "record_routing"]
 @contextlib.contextmanager
 def record_routing(model):
     """Collect (block index, step, expert_idx (N, T)) of every recursive attention while the block runs."""
-    from ..modules.recursive_attention import LatentRecursion
-
     entries = []
     recursions = [(name, m) for name, m in model.transformer.named_modules() if isinstance(m, LatentRecursion)]
     if not recursions:
@@ -77,11 +81,6 @@ def analyze_text_models(checkpoints: list[str], output_dir: str | Path, *, label
                         use_ema: bool = True, num_images: int = 120, num_timesteps: int = 10, batch_size: int = 50,
                         seed: int = 0, device: str = "auto") -> dict:
     """Write expert_usage.png, expert_positions.png and routing_stats.json for text-to-image ``checkpoints``."""
-    from ..analyze import plot_expert_positions, plot_expert_usage, routing_statistics
-    from ..tasks.compositional import TAGS, make_prompts, render
-    from .diagnostics import plot_state_change, recursion_diagnostics
-    from .sampling import PromptSampler, load_text_model
-
     labels = labels or [Path(c).name for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise ValueError(f"--label must be given once per --checkpoint ({len(checkpoints)}), got {len(labels)}")
@@ -105,7 +104,7 @@ def analyze_text_models(checkpoints: list[str], output_dir: str | Path, *, label
         sampler = PromptSampler(model)
         counts = collect_text_routing(model, sampler.embeddings, images, [p.caption for p in prompts], tag_index,
                                       sigmas, batch_size=batch_size, seed=seed)
-        pooled = sum(counts.values())
+        pooled = pool_counts(counts)
         stats = {"pooled": routing_statistics(pooled),
                  "per_layer_step": {f"layer{l}_step{s}": routing_statistics(c) for (l, s), c in sorted(counts.items())}}
         for name in ("mi_class_bits", "nmi_class", "mi_bias_bits_class"):  # the "class" axis holds the prompt's tag

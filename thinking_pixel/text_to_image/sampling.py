@@ -16,13 +16,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import _checkpoint as ckpt
+from .. import _run_dir as ckpt
 from .._runtime import resolve_device, torch_threads
+from ..datasets import make_dataset
 from ..diffusion import RectifiedFlow
-from ..models import SD3TextToImage
 from ..models.pretrained import _load_weights, read_config
+from ..sample import save_grid
 from ..text import CaptionEmbeddings
 from .conditioning import PipelineVAE, load_text_encoder, null_caption_embedding
+from .model import SD3TextToImage
 
 CAPTION_CACHE = "caption_embeddings.safetensors"  # in a training run directory
 
@@ -132,8 +134,6 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | Path | None 
 
 def grid_prompts(cfg) -> list[str]:
     """A few captions of the run's data for the end-of-training grid (TrainConfig ``cfg``)."""
-    from ..data import make_dataset
-
     dataset = make_dataset(cfg.data.dataset, root=cfg.data.data_dir, image_size=cfg.data.image_size,
                            seed=cfg.run.seed)
     captions = list(dataset.class_names)
@@ -146,8 +146,6 @@ def sample_prompts(checkpoint: str | Path, output: str | Path, prompts: Sequence
                    device: str = "auto", batch_size: int = 32, scale: int | None = None, pipeline: str | None = None,
                    num_threads: int | None = None, progress: bool = False) -> Path:
     """Write a PNG grid: one row per prompt, ``per_prompt`` samples each."""
-    from ..sample import save_grid
-
     prompts = read_prompts(prompts)
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")

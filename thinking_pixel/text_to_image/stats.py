@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ..tasks.compositional import render, score
+from .geneval import benchmark_prompts
 
 __all__ = ["SplitVerdicts", "load_verdicts", "mcnemar_exact", "paired_difference", "pool", "reference_result",
            "split_scores"]
@@ -149,9 +151,6 @@ def reference_result(kind: str, *, prompts_per_tag: int, images_per_prompt: int 
     "chance": the same images, each split's prompts shuffled (seeded), so an image is scored against another
     prompt's caption: what a model that ignores the caption but draws well-formed scenes would score.
     """
-    from ..tasks.compositional import render, score
-    from .geneval import benchmark_prompts
-
     if kind not in ("ceiling", "chance"):
         raise ValueError(f"kind must be 'ceiling' or 'chance', got {kind!r}")
     seen, heldout = benchmark_prompts(prompts_per_tag, prompt_seed)

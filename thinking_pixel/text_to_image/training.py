@@ -24,22 +24,20 @@ from pathlib import Path
 
 import torch
 
-from .. import _checkpoint as ckpt
-from ..data import make_dataset
+from .. import _run_dir as ckpt
+from ..checkpoints import load_model_dir
+from ..datasets import make_dataset
 from ..diffusion import RectifiedFlow
-from ..models.sd3 import SD3TextToImage, init_adaln_zero, sd3_config
-from ..text import CaptionEmbeddings
+from ..text import CaptionEmbeddings, MiniLMTextEncoder
 from .conditioning import PipelineVAE, load_text_encoder, null_caption_embedding
+from .model import SD3TextToImage, init_adaln_zero, sd3_config
+from .sampling import CAPTION_CACHE, grid_prompts, sample_prompts
 
 __all__ = ["CAPTION_CACHE", "TextToImageTask", "build_text_model"]
-
-from .sampling import CAPTION_CACHE
 
 
 def _minilm_max_length(dataset) -> int:
     """Tokens kept per caption: the dataset's longest caption, rounded up to 8 (at least 8, at most 128)."""
-    from ..text import MiniLMTextEncoder
-
     longest = max(MiniLMTextEncoder.token_lengths_of(dataset.class_names))
     return min(128, max(8, -(-longest // 8) * 8))
 
@@ -55,7 +53,7 @@ def build_text_model(cfg, dataset) -> SD3TextToImage:
             raise ValueError(f"--init {cfg.text_to_image.init} initialises a fresh transformer; --finetune-from and "
                              "--pipeline start from trained weights")
         if m.finetune_from is not None:
-            base = ckpt.load_model_dir(ckpt.resolve_weights_dir(m.finetune_from, ema=True))
+            base = load_model_dir(ckpt.resolve_weights_dir(m.finetune_from, ema=True))
             if not isinstance(base, SD3TextToImage) or base.recursion is not None or base.peft_lora is not None:
                 raise ValueError(f"--finetune-from {m.finetune_from} must hold a text-to-image model without "
                                  f"recursion or LoRA (got {type(base).__name__}); to continue a run, rerun it on "
@@ -130,8 +128,6 @@ class TextToImageTask:
 
     @staticmethod
     def sample_grid(cfg, output_dir: Path, device: torch.device) -> Path | None:
-        from .sampling import grid_prompts, sample_prompts
-
         prompts = grid_prompts(cfg)
         if not prompts:
             return None

@@ -1,7 +1,7 @@
 """FrozenLake as a visual planning task (the paper's case study): maps, frames, action decoding, planners.
 
 Dynamics follow gymnasium's FrozenLake-v1 with ``is_slippery=False`` (tests check them against gymnasium).
-The diffusion planner lives in :mod:`.planner` and its training data in :mod:`thinking_pixel.data.frozenlake`
+The diffusion planner lives in :mod:`.planner` and its training data in :mod:`thinking_pixel.tasks.frozenlake.data`
 (they import torch; this package's top level does not).
 """
 

@@ -6,7 +6,7 @@ predicted when the recursion stops after each of its T steps, at a few sampling 
 Frames are the start frames of rollouts that succeeded and, for failed rollouts (invalid move, hole, timeout),
 the frame before the failing move (replayed from the evaluation's recorded actions). Each panel is x^_0, the
 model's clean-image prediction, at sampling timestep t with the recursive block stopped after step s
-(thinking_pixel.analyze.decode_steps; intermediate steps read out through the output projection without the
+(thinking_pixel.analysis.probes.decode_steps; intermediate steps read out through the output projection without the
 frozen base). Its caption is what the frame reads as against the current frame: the move, or why none.
 The frames are sampled anew (seeded), so a failure need not repeat exactly.
 """
@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ...data.frozenlake import CELL, frame_tensor
+from ... import _run_dir as ckpt
+from ...analysis.probes import decode_steps
+from ...checkpoints import load_model_dir
+from ...diffusion import GaussianDiffusion, sample
+from .data import CELL, frame_tensor
 from .maps import find, step
 from .planner import frames_to_images
 from .render import decode_action, invalid_reason, render
@@ -63,9 +67,6 @@ def recursion_step_predictions(model, frames, *, num_steps: int = 20, seed: int 
     """Sample the next frame of each frame (DDIM, ``num_steps``) and decode the recursion at the sampling steps
     ``probe_steps`` (indices into the schedule). -> dict(timesteps [t], decoded (P, T, B, 3, H, W), samples
     (B, 3, H, W)), all in [-1, 1]."""
-    from ...analyze import decode_steps
-    from ...diffusion import GaussianDiffusion, sample
-
     diffusion = GaussianDiffusion()
     layer = model.recursive_layers[0] if layer is None else layer
     cond = torch.stack([frame_tensor(f) for f in frames])  # (B, 3, H, W)
@@ -111,8 +112,6 @@ def plot_recursion_steps(captions, frames, predictions: dict, path, title: str) 
 
 
 def main(argv=None) -> int:
-    from ... import _checkpoint as ckpt
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--eval", required=True, help="the checkpoint's 'evaluate --benchmark frozenlake' JSON")
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    model = ckpt.load_model_dir(ckpt.resolve_weights_dir(args.checkpoint, ema=True)).eval()
+    model = load_model_dir(ckpt.resolve_weights_dir(args.checkpoint, ema=True)).eval()
     if not hasattr(model, "recursive_layers"):
         raise SystemExit("the checkpoint holds no recursion to decode (a plain DiT)")
     evaluation = json.loads(Path(args.eval).read_text())

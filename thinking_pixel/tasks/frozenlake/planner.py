@@ -13,8 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...data.frozenlake import CELL, FrozenLakeDataset, frame_tensor
+from ... import _run_dir as ckpt
+from ..._runtime import resolve_device
+from ...checkpoints import load_model_dir
+from ...diffusion import sample
 from ...train_config import TrainConfig
+from .data import CELL, FrozenLakeDataset, frame_tensor
 from .maps import make_maps
 from .rollout import evaluate_planner
 
@@ -48,8 +52,6 @@ class DiffusionPlanner:
     @torch.no_grad()
     def next_frames(self, current: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) current frames in [-1, 1] -> (N, 3, H, W) sampled next frames."""
-        from ...diffusion import sample
-
         device = next(self.model.parameters()).device
         generator = torch.Generator(device).manual_seed(
             int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1)[0]))
@@ -91,13 +93,10 @@ def evaluate_checkpoint(checkpoint, output=None, *, num_maps: int = 100, sizes=N
     ``halting``: RecursionConfig halting settings to use instead of the checkpoint's (see
     ThinkingPixelDiT.set_halting); the result reports the mean recursion steps taken per token.
     """
-    from ... import _checkpoint as ckpt
-    from ..._runtime import resolve_device
-
     weights = ckpt.resolve_weights_dir(checkpoint, ema=use_ema)
     step_dir = ckpt.find_step_dir(weights)
     train_config = ckpt.load_train_config(step_dir) if step_dir is not None else {}
-    model = ckpt.load_model_dir(weights, device=resolve_device(device)).eval()
+    model = load_model_dir(weights, device=resolve_device(device)).eval()
     recursive = hasattr(model, "recursion")
     if halting is not None:
         if not recursive:

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .._fileio import atomic_write
-from ..models import DiT, RecursionConfig, ThinkingPixelDiT
-from ..modules._checks import is_int
+from .._checks import is_int
+from ..models import DiT
+from .config import RecursionConfig
+from .dit import ThinkingPixelDiT
 from .diffusers import RecursionAttnProcessor, _processors, _sites, install_processors, recursion_config
 
 __all__ = ["PeftExpertsProcessor", "add_peft_experts", "add_peft_lora", "copy_experts_to_peft", "export_peft"]

@@ -4,18 +4,18 @@ Interface, for a class-conditional or a caption-conditioned trainer:
 
 - ``ds[i] -> (image (3, H, W) float32 in [-1, 1], label int)``, like every :class:`ImageDataset`. ``label``
   indexes the split's caption vocabulary: ``ds.class_names[label]`` (or ``ds.caption(label)``) is the caption
-  string, ``ds.prompts[label]`` its :class:`~thinking_pixel.compositional.Prompt` (tag and GenEval rules).
+  string, ``ds.prompts[label]`` its :class:`~thinking_pixel.tasks.compositional.Prompt` (tag and GenEval rules).
   A caption-conditioned trainer maps a batch of labels to text with
   ``[ds.class_names[y] for y in labels.tolist()]`` (or embeds the vocabulary once and indexes it).
 - Sample ``i`` is a pure function of (seed, i), at any ``image_size``: its tag is ``TAGS[i % 6]`` (balanced
   tags), its prompt is drawn uniformly from that tag's prompts in the split, and the scene is drawn at random
-  subject to the prompt (:func:`~thinking_pixel.compositional.sample_scene`).
+  subject to the prompt (:func:`~thinking_pixel.tasks.compositional.sample_scene`).
 - ``split="train"`` (default) holds every prompt that is not held out; ``split="test"`` only the held-out ones
   (tags with no held-out prompt, single_object and counting, do not appear there). The held-out compositions
-  (:class:`~thinking_pixel.compositional.HeldOut`, from ``heldout_seed``) are three shape pairs and six
+  (:class:`~thinking_pixel.tasks.compositional.HeldOut`, from ``heldout_seed``) are three shape pairs and six
   colour-shape bindings; training images never show a held-out pair together and never draw a held-out binding,
   not even where a caption leaves the colour open. Evaluate generalisation with
-  ``make_prompts(n, seed=s, split="test")`` and :func:`~thinking_pixel.compositional.score`.
+  ``make_prompts(n, seed=s, split="test")`` and :func:`~thinking_pixel.tasks.compositional.score`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..tasks.compositional.grammar import TAGS, HeldOut, all_prompts
-from ..tasks.compositional.render import SceneObject, render_scene, sample_scene
-from .base import ImageDataset, to_unit_range
+from ...data.base import ImageDataset, to_unit_range
+from .grammar import TAGS, HeldOut, all_prompts
+from .render import SceneObject, render_scene, sample_scene
 
 __all__ = ["CompositionalDataset"]
 

@@ -65,10 +65,11 @@ from safetensors.torch import save_file
 import tp_kernels
 
 from .._fileio import atomic_write
-from ..models import DiT, RecursionConfig, ThinkingPixelDiT
+from ..models import DiT
 from ..models.pretrained import read_json, state_mismatches
-from ..modules.gate import full_precision
-from ..modules.recursive_attention import LatentRecursion
+from .config import RecursionConfig
+from .dit import ThinkingPixelDiT
+from .layers import LatentRecursion, full_precision
 
 __all__ = [
     "RECURSION_CONFIG_NAME",

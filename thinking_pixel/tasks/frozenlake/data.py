@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tasks.frozenlake.maps import distances_to_goal, make_maps, optimal_actions, step
-from ..tasks.frozenlake.render import render
-from .base import ImageDataset, to_unit_range
+from ...data.base import ImageDataset, to_unit_range
+from .maps import distances_to_goal, make_maps, optimal_actions, step
+from .render import render
 
 __all__ = ["CELL", "FrozenLakeDataset", "frame_tensor"]
 

@@ -1,4 +1,5 @@
-"""Training checkpoints: layout, atomic writes, the ``latest`` pointer, and finding the weights to load.
+"""A training output directory: its layout, atomic checkpoint writes, the ``latest`` pointer, and finding the
+weights to load (loading them is :mod:`thinking_pixel.checkpoints`).
 
 A training output directory looks like::
 
@@ -37,13 +38,12 @@ __all__ = [
     "LATEST",
     "default_samples_path",
     "find_step_dir",
-    "load_base_model",
-    "load_model_dir",
     "load_train_config",
     "prepare_output_dir",
     "read_latest",
     "remove_stale_temporaries",
     "resolve_weights_dir",
+    "weights_dir",
     "write_checkpoint",
 ]
 
@@ -199,62 +199,10 @@ def resolve_weights_dir(path: str | Path, ema: bool = True) -> Path:
     return weights
 
 
-def load_model_dir(path: str | Path, device="cpu"):
-    """Load a model from a save_pretrained directory, turning any failure into a one-line CheckpointError."""
-    from .models import load_model
-
-    try:
-        return load_model(path, device=device)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load a model from {path}: {e}") from None
-
-
-def _diffusers_model_dir(path: Path) -> Path | None:
-    """The diffusers model directory at ``path`` (itself, or its ``transformer/`` subfolder), if it is one."""
-    for candidate in (path / "transformer", path):
-        config = candidate / "config.json"
-        if config.is_file():
-            try:
-                if "_class_name" in json.loads(config.read_text()):
-                    return candidate
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                return None  # not diffusers' config: our own loaders report what is wrong with it
-    return None
-
-
-def _load_diffusers_dit(path: Path):
-    """A diffusers DiT transformer directory (save_pretrained layout) as our DiT (DiT.from_diffusers)."""
-    from .models import DiT
-
-    config = json.loads((path / "config.json").read_text())
-    name = config["_class_name"]
-    # "Transformer2DModel" with ada-norm-zero is the name older DiT checkpoints (facebook/DiT-XL-2-256) carry.
-    if name != "DiTTransformer2DModel" and not (name == "Transformer2DModel"
-                                                and config.get("norm_type") == "ada_norm_zero"):
-        raise CheckpointError(f"{path} holds a diffusers {name}; fine-tuning here takes a class-conditional DiT "
-                              "(DiTTransformer2DModel). An SD3Transformer2DModel needs text conditioning: use "
-                              "thinking_pixel.apply_recursion on it in your own loop")
-    from diffusers import DiTTransformer2DModel
-
-    try:
-        return DiT.from_diffusers(DiTTransformer2DModel.from_pretrained(path))
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load a DiT from the diffusers directory {path}: {e}") from None
-
-
-def load_base_model(path: str | Path, ema: bool = True):
-    """The model to fine-tune from ``path``: one of our checkpoints (see resolve_weights_dir; its EMA weights by
-    default), a diffusers DiT model directory (save_pretrained layout, with or without a ``transformer/``
-    subfolder), or a facebookresearch/DiT ``.pt`` state dict."""
-    from .models import DiT
-
+def weights_dir(path) -> Path:
+    """``path`` itself when it is a save_pretrained directory; for a training output directory (or one of its
+    step directories), the EMA weights of its latest checkpoint, as ``thinking-pixel sample`` loads them."""
     path = Path(path)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        try:
-            return DiT.from_original_checkpoint(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise CheckpointError(str(e)) from None
-    diffusers_dir = _diffusers_model_dir(path) if path.is_dir() else None
-    if diffusers_dir is not None:
-        return _load_diffusers_dit(diffusers_dir)
-    return load_model_dir(resolve_weights_dir(path, ema=ema))
+    if (path / "config.json").is_file() or not path.is_dir():
+        return path
+    return path if find_step_dir(path) is None else resolve_weights_dir(path, ema=True)

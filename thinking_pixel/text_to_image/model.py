@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from .._presets import SD3_CONFIGS
-from .pretrained import PretrainedMixin
-from .thinking_pixel_dit import RecursionConfig
+from ..models.pretrained import PretrainedMixin
+from ..recursion import RecursionConfig, add_peft_lora, apply_recursion
 
 __all__ = ["SD3_CONFIGS", "SD3TextToImage", "init_adaln_zero", "sd3_config"]
 
@@ -70,8 +70,6 @@ def init_adaln_zero(transformer) -> None:
 
 def _apply_recursion(transformer, recursion: RecursionConfig) -> set:
     """Apply the recursion to ``transformer`` in place; -> the names of the parameters it added."""
-    from ..integrations import apply_recursion
-
     was_trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     apply_recursion(transformer, recursion, freeze_base=True)  # only the new parameters require grad now
     added = {n for n, p in transformer.named_parameters() if p.requires_grad}
@@ -122,8 +120,6 @@ class SD3TextToImage(PretrainedMixin, nn.Module):
             self._inject_peft_lora()
 
     def _inject_peft_lora(self) -> None:
-        from ..integrations.peft import add_peft_lora
-
         trainable = {n for n, p in self.transformer.named_parameters() if p.requires_grad}
         add_peft_lora(self.transformer, self.peft_lora["layers"], self.peft_lora["rank"])
         for n, p in self.transformer.named_parameters():  # like the recursion: freeze_base decides what trains

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thinking_pixel.modules import Attention, Gate, RecursiveAttention, RoutedLoRA
+from thinking_pixel.models import Attention
+from thinking_pixel.recursion import Gate, RecursiveAttention, RoutedLoRA
 
 D, H, N, T = 16, 2, 2, 6
 

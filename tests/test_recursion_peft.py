@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from thinking_pixel import RecursionConfig, ThinkingPixelDiT, apply_recursion
-from thinking_pixel.integrations.diffusers import _processors
-from thinking_pixel.integrations.peft import add_peft_experts, add_peft_lora, copy_experts_to_peft, export_peft
+from thinking_pixel.recursion.diffusers import _processors
+from thinking_pixel.recursion.peft import add_peft_experts, add_peft_lora, copy_experts_to_peft, export_peft
 
 from diffusers_helpers import make_base, make_inputs, perturb, run  # noqa: E402  (tests/ is on sys.path)
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from thinking_pixel import (RecursionConfig, ThinkingPixelDiT, apply_recursion, load_recursion, recursion_config,
                             save_recursion)
-from thinking_pixel.integrations.diffusers import RecursionAttnProcessor
+from thinking_pixel.recursion.diffusers import RecursionAttnProcessor
 
 from diffusers_helpers import KINDS, block_outputs, make_base, make_inputs, perturb, run
 
