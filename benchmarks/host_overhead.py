@@ -63,7 +63,7 @@ def calls(device="cpu", dtype=torch.float32):
                                                 scale=0.5)
         torch.autograd.grad((qkv, weight), (xg, ag, bg, tw, cond), (grad_y, ones))
 
-    return {"routed_lora forward, no grad": lora_fwd, "routed_lora fwd+bwd": lora_fwd_bwd,
+    return {"routed_lora forward (no grad)": lora_fwd, "routed_lora fwd+bwd": lora_fwd_bwd,
             "refine_step fwd+bwd": refine_fwd_bwd}
 
 
@@ -83,7 +83,7 @@ def work_items():
         tw, cond = torch.randn(s["experts"], s["d"], device="cuda"), torch.randn(1, s["experts"], device="cuda")
         noise, ones = torch.randn(s["tokens"], s["experts"], device="cuda"), torch.ones(s["tokens"], device="cuda")
         runs = {
-            "routed_lora forward, no grad": lambda: tp_kernels.routed_lora(x, idx, a, b, scale=0.5),
+            "routed_lora forward (no grad)": lambda: tp_kernels.routed_lora(x, idx, a, b, scale=0.5),
             "routed_lora fwd+bwd": lambda: forward_backward(
                 "routed_lora_fwd", (x, idx, a, b, None, 0.5, True), (True, False, True, True, False, False, False),
                 (grad_y, None, None, None)),

@@ -19,6 +19,8 @@ from collections import Counter
 
 import torch
 
+from ..host_overhead import HOST_SHAPE
+from ..host_overhead import calls as op_calls
 from .env import describe, full_fp32, synchronize
 
 
@@ -80,7 +82,6 @@ def time_ops(device, shapes, dtypes=(torch.bfloat16,), rounds: int = 20) -> list
 
 # ---------------------------------------------------------------- host time and work items per call
 
-HOST_SHAPE = dict(tokens=256, d=128, rank=16, experts=5, slices=3)  # small enough that the host time is all
 
 
 def _host_inputs(device, dtype, grad):
@@ -95,31 +96,14 @@ def _host_inputs(device, dtype, grad):
 
 
 def host_calls(device, dtype=torch.bfloat16):
-    """name -> a zero-argument callable making one call (forward, or forward + backward) at HOST_SHAPE."""
-    import tp_kernels
-
+    """name -> a zero-argument callable making one call (forward, or forward + backward) at HOST_SHAPE: the ops'
+    calls of benchmarks.host_overhead, and two plain torch matmuls of one unrouted LoRA of the same output width."""
     s = HOST_SHAPE
-    x, idx, a, b = _host_inputs(device, dtype, False)
-    xg, _, ag, bg = _host_inputs(device, dtype, True)
+    x, _, a, b = _host_inputs(device, dtype, False)
+    xg = x.detach().requires_grad_()
     gy = torch.randn(s["tokens"], s["slices"] * s["d"]).to(dtype).to(device)
-    tw = (torch.randn(s["experts"], s["d"]) * 0.1).to(dtype).to(device).requires_grad_()
-    cond = torch.randn(1, s["experts"], device=device).requires_grad_()
-    noise = tp_kernels.gumbel_noise((s["tokens"], s["experts"]), generator=torch.Generator().manual_seed(1)).to(device)
-    a0, b0 = a[0, 0], b[0].flatten(0, 1)  # (R, D), (3D, R): one unrouted LoRA of the same output width
+    a0, b0 = a[0, 0], b[0].flatten(0, 1)  # (R, D), (3D, R)
     a0g, b0g = a0.detach().requires_grad_(), b0.detach().requires_grad_()
-
-    def lora_fwd():
-        with torch.no_grad():
-            tp_kernels.routed_lora(x, idx, a, b, scale=0.5)
-
-    def lora_fwd_bwd():
-        y = tp_kernels.routed_lora(xg, idx, ag, bg, scale=0.5)
-        torch.autograd.grad(y, (xg, ag, bg), gy)
-
-    def refine_fwd_bwd():
-        qkv, _, weight = tp_kernels.refine_step(xg, ag, bg, token_weight=tw, cond_logits=cond, noise=noise, tau=5.0,
-                                                scale=0.5)
-        torch.autograd.grad((qkv, weight), (xg, ag, bg, tw, cond), (gy, torch.ones_like(weight)))
 
     def matmuls_fwd():
         with torch.no_grad():
@@ -129,8 +113,7 @@ def host_calls(device, dtype=torch.bfloat16):
         y = (xg @ a0g.t()) @ b0g.t()
         torch.autograd.grad(y, (xg, a0g, b0g), gy)
 
-    return {"routed_lora forward (no grad)": lora_fwd, "routed_lora fwd+bwd": lora_fwd_bwd,
-            "refine_step fwd+bwd": refine_fwd_bwd, "two torch matmuls forward (no grad)": matmuls_fwd,
+    return {**op_calls(device, dtype), "two torch matmuls forward (no grad)": matmuls_fwd,
             "two torch matmuls fwd+bwd": matmuls_fwd_bwd}
 
 
