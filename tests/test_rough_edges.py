@@ -179,7 +179,7 @@ def test_train_help_lists_every_preset_and_groups_options_by_config_section(caps
     for title, section in _SECTIONS.items():
         assert groups[title] <= {f.name for f in dataclasses.fields(section)}, title
     assert groups["recursion"] - {"steps"} == {"recursion", *_RECURSION_OPTIONS}  # --steps: the renamed option
-    assert groups["text-to-image"] == {"pipeline", "peft_lora", "init"}
+    assert groups["text-to-image"] == {"pipeline", "peft_lora", "init", "recipe"}
 
 
 def test_openmp_threads_wait_passively_unless_told_otherwise(monkeypatch):

@@ -136,3 +136,20 @@ def test_recursion_options_without_the_recursion_are_left_unused():
     assert TrainConfig.from_flat(recursion=False, experts=3, rank=4) == TrainConfig.from_flat(recursion=False)
     peft = TrainConfig.from_flat(dataset="compositional", peft_lora=True, rank=4, recursion_layers=(1,), tau=2.0)
     assert peft.recursion is None and peft.text_to_image.peft_lora == PeftLoRAConfig(rank=4, layers=(1,))
+
+
+def test_a_recipe_sets_its_options_and_explicit_options_win():
+    from thinking_pixel._presets import RECIPES
+
+    cfg = TrainConfig.from_flat(recipe="t2i-compositional", recursion=False)
+    r = RECIPES["t2i-compositional"]
+    assert (cfg.data.dataset, cfg.data.image_size, cfg.model.preset, cfg.text_to_image.init) == (
+        r["dataset"], r["image_size"], r["preset"], r["init"])
+    o = cfg.optimisation
+    assert (o.lr, o.warmup_steps, o.lr_schedule, o.batch_size, o.max_steps) == (4e-3, 200, "constant", 32, 16000)
+    assert cfg.recursion is None
+    assert TrainConfig.from_flat(recipe="t2i-compositional", max_steps=10, lr=1e-3).optimisation.max_steps == 10
+    with pytest.raises(ValueError, match=r"recipe \(--recipe\) must be one of \['t2i-compositional'\]"):
+        TrainConfig.from_flat(recipe="fast")
+    args = cli.build_parser().parse_args(["train", "--recipe", "t2i-compositional", "--max-steps", "5"])
+    assert TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"}).optimisation.max_steps == 5

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._presets import DIT_CONFIGS, SD3_CONFIGS, SD3_INITS
+from ._presets import DIT_CONFIGS, RECIPES, SD3_CONFIGS, SD3_INITS
 from ._arguments import (DATA_DIR_REQUIRED, DATASET_NAMES, GUIDANCE_INTERVAL, SAMPLER_NAMES,
                          add_analyze_arguments, add_evaluate_arguments, add_halting_arguments, check_image_output,
                          timestep_interval)
@@ -130,6 +130,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "to_q/to_k/to_v of --recursion-layers instead of the recursion (the baseline)")
     g.add_argument("--init", choices=SD3_INITS, default=S, help="a fresh SD3 transformer's init: diffusers' own, or "
                    "adaln-zero (DiT's: each block starts as the identity; default diffusers)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=S, help="a measured recipe's options (options given "
+                   "here win); t2i-compositional: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                                RECIPES["t2i-compositional"].items()))
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     g.add_argument("--seed", type=int, default=S)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import _run_dir as ckpt
-from ._presets import DIT_CONFIGS, SD3_CONFIGS, SD3_INITS
+from ._presets import DIT_CONFIGS, RECIPES, SD3_CONFIGS, SD3_INITS
 from .distributed import STRATEGIES
 from ._checks import is_int, is_number
 from .models.pretrained import config_from_dict
@@ -286,6 +286,11 @@ class TrainConfig:
         errors. Without the recursion (``recursion=False``, or ``peft_lora``, which takes ``rank`` and
         ``recursion_layers``) the recursion options are left unused, so that one set of options serves a run and
         its ablation."""
+        if "recipe" in options:
+            recipe = options.pop("recipe")
+            if recipe not in RECIPES:
+                raise ValueError(f"recipe (--recipe) must be one of {sorted(RECIPES)}, got {recipe!r}")
+            options = {**RECIPES[recipe], **options}
         section_of = {f.name: name for name, section in _SECTIONS.items() for f in dataclasses.fields(section)}
         unknown = sorted(set(options) - set(section_of) - set(_RECURSION_OPTIONS) - {"recursion", "pipeline",
                                                                                      "peft_lora", "init"})
