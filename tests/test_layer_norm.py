@@ -6,7 +6,7 @@ import torch
 
 import tp_kernels
 from tp_kernels import _ext, layer_norm, layer_norm_reference
-from tp_kernels.norm import cpu_ext
+from tp_kernels.layer_norm import cpu as norm_cpu
 
 from call_counter import counted_calls  # tests/ is on sys.path
 
@@ -42,7 +42,7 @@ def _reference(x, grad):
 @pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centred", "mean>>std"])
 def test_kernel_matches_the_float64_reference(d, dtype, offset):
     x, grad = _inputs(67, d, dtype, offset)
-    with counted_calls(cpu_ext, "forward") as calls:
+    with counted_calls(norm_cpu, "forward") as calls:
         got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
     assert calls, "the kernel did not run"
     want, want_grad = _reference(x, grad)
@@ -113,8 +113,8 @@ def test_kernel_is_bit_identical_across_thread_counts(dtype):
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
-            y, mean, rstd = cpu_ext.forward(x, EPS)
-            results.append((y, mean, rstd, cpu_ext.backward(grad, x, mean, rstd)))
+            y, mean, rstd = norm_cpu.forward(x, EPS)
+            results.append((y, mean, rstd, norm_cpu.backward(grad, x, mean, rstd)))
         finally:
             torch.set_num_threads(2)
     for other in results[1:]:
