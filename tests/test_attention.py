@@ -60,11 +60,11 @@ def test_kernel_matches_the_float64_reference(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
-def test_composed_path_matches_the_reference(shape):
+def test_every_backend_matches_the_reference(backend, shape):
+    """Every CPU backend (conftest's ``backend``): the kernel on "cpu" where built, torch's attention otherwise."""
     heads = shape[2]
     qkv, context = _inputs(*shape)
-    with tp_kernels.use_backend("torch"):  # torch's attention
-        got = joint_attention(qkv.float(), heads, *[None if c is None else c.float() for c in context])
+    got = joint_attention(qkv.float(), heads, *[None if c is None else c.float() for c in context])
     torch.testing.assert_close(got.double(), joint_attention_reference(qkv, heads, *context), rtol=1e-5, atol=2e-6)
 
 

@@ -4,7 +4,6 @@ reference, fp32 statistics for bf16 inputs, thread-count and grad-mode determini
 import pytest
 import torch
 
-import tp_kernels
 from tp_kernels import _ext, layer_norm, layer_norm_reference
 from tp_kernels.layer_norm import cpu as norm_cpu
 
@@ -73,10 +72,10 @@ def test_bf16_gradient_of_short_rows_far_from_zero():
     assert (got.double() - want).norm() / want.norm() < 4e-3
 
 
-def test_composed_path_matches_the_reference():
+def test_every_backend_matches_the_reference(backend):
+    """Every CPU backend (conftest's ``backend``): the kernel on "cpu" where built, the composed path otherwise."""
     x, grad = _inputs(20, 37, torch.float32, offset=5.0)
-    with tp_kernels.use_backend("torch"):
-        got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
+    got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
     want, want_grad = _reference(x, grad)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=2e-6)
