@@ -330,15 +330,15 @@ def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int,
         "routed_lora.bwd_dx": Cost(2 * n * s * r * d_in, h + wa + x + index),
         # dA = sum dh x^T and dB = sum dy (m h)^T in one kernel, over each expert's sorted rows, no partials
         "routed_lora.bwd_dW": Cost(2 * n * s * r * (d_in + d_out), 2 * h + x + y + wa + wb + index),
-        "gate.fwd": gate_top1(n, experts, elem),
-        # the refinement step (tp_kernels/refine/triton.py), compiled with noise, conditioning and the base
-        "refine.stats_gate": Cost(n * d_in * (7 + 2 * experts) + 8 * n * experts,
+        "gate_top1.fwd": gate_top1(n, experts, elem),
+        # the refinement step (tp_kernels/refine_step/triton.py), compiled with noise, conditioning and the base
+        "refine_step.stats_gate": Cost(n * d_in * (7 + 2 * experts) + 8 * n * experts,
                                   x + experts * d_in * elem + 4 * n * experts * 3 + 8 * n + 4 * n * 3),
-        "refine.fwd": Cost(2 * n * s * r * (d_in + d_out) + n * s * d_out,
+        "refine_step.fwd": Cost(2 * n * s * r * (d_in + d_out) + n * s * d_out,
                            x + 2 * y + wa + wb + h + index + 8 * n),
         # gate gradient (~6 per logit), d logits W (2 N E D) and the LN backward (~8 per element); reads the LoRA's
         # d LN(a) and the state, writes d state and d logits
-        "refine.bwd_gate_ln": Cost(6 * n * experts + 2 * n * experts * d_in + 8 * n * d_in,
+        "refine_step.bwd_gate_ln": Cost(6 * n * experts + 2 * n * experts * d_in + 8 * n * d_in,
                                    3 * x + experts * d_in * elem + 4 * n * experts * 2 + 8 * n + 4 * n * 3),
     }
     if role not in costs:

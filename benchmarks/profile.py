@@ -103,8 +103,8 @@ def finetune() -> None:
 
 def grouped_gemm() -> None:
     """FLOP rates of the fine-tuning benchmark's routed LoRA: how fast small per-expert GEMMs can run here."""
-    from tp_kernels.routed_lora import cpu as composed
-    from tp_kernels.routed_lora import cpu_ext
+    from tp_kernels.routed_lora import cpu as extension
+    from tp_kernels.routed_lora import torch as composed
 
     n_exp, n_slice, rank, cpu = 5, 3, 128, torch.device("cpu")
     for n_tok, dim in ((1024, 384), (512, 1152)):  # DiT-S/2 width batch 4, DiT-XL/2 width batch 2 (x 256 tokens)
@@ -119,7 +119,7 @@ def grouped_gemm() -> None:
             return work / median_seconds(fn, cpu, rounds=20, warmup=2)[0] / 1e9  # GFLOP/s
 
         line = [f"T={n_tok} D={dim} R={rank} E={n_exp} S={n_slice} fp32, GFLOP/s:"]
-        for label, path in (("extension", cpu_ext), ("composed torch", composed)):
+        for label, path in (("extension", extension), ("composed torch", composed)):
             y, h, perm, offsets = path.forward(x, idx, a, b, None, 1.0)
             grad_y = torch.randn_like(y)
             line.append(f"{label} fwd {rate(lambda: path.forward(x, idx, a, b, None, 1.0)):.0f}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tp_kernels
-from tp_kernels.attention import joint_attention_composed
+from tp_kernels.joint_attention.torch import joint_attention_composed
 
 from . import flop_model
 

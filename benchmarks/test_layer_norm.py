@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import tp_kernels
-from tp_kernels.norm.reference import layer_norm_composed
+from tp_kernels.layer_norm.torch import layer_norm_composed
 
 from . import flop_model
 from .shapes import DTYPES

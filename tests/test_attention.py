@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import tp_kernels
-import tp_kernels.attention as attention
 from tp_kernels import _ext
-from tp_kernels.attention import cpu_ext, joint_attention, joint_attention_reference
-from tp_kernels.attention.op import joint_attention_bwd, joint_attention_fwd
+from tp_kernels import joint_attention, joint_attention_reference
+from tp_kernels.joint_attention import cpu as attention_cpu
+from tp_kernels.joint_attention import functional as attention_functional
+from tp_kernels.joint_attention.op import joint_attention_bwd, joint_attention_fwd
 
 from call_counter import counted_calls  # tests/ is on sys.path
 
@@ -47,7 +48,7 @@ def test_kernel_matches_the_float64_reference(shape):
     if shape[5]:  # the context's query rows follow
         grad_out = torch.randn(qkv.shape[0], qkv.shape[1] + shape[4], qkv.shape[2] // 3, dtype=qkv.dtype)
     want, want_grads = _run(joint_attention_reference, qkv, context, heads, grad_out)
-    with counted_calls(cpu_ext, "forward") as calls:
+    with counted_calls(attention_cpu, "forward") as calls:
         got, got_grads = _run(joint_attention, qkv.float(), [None if c is None else c.float() for c in context],
                               heads, grad_out)
     assert calls, "the kernel did not run"
@@ -59,18 +60,18 @@ def test_kernel_matches_the_float64_reference(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
-def test_composed_path_matches_the_reference(shape):
+def test_every_backend_matches_the_reference(backend, shape):
+    """Every CPU backend (conftest's ``backend``): the kernel on "cpu" where built, torch's attention otherwise."""
     heads = shape[2]
     qkv, context = _inputs(*shape)
-    with tp_kernels.use_backend("torch"):  # torch's attention
-        got = joint_attention(qkv.float(), heads, *[None if c is None else c.float() for c in context])
+    got = joint_attention(qkv.float(), heads, *[None if c is None else c.float() for c in context])
     torch.testing.assert_close(got.double(), joint_attention_reference(qkv, heads, *context), rtol=1e-5, atol=2e-6)
 
 
 @needs_ext
 def test_kernel_runs_in_training_and_inference_within_the_budget(monkeypatch):
     qkv, _ = _inputs(2, 6, 2, 8, 0, False, dtype=torch.float32)
-    with counted_calls(cpu_ext, "forward") as calls:
+    with counted_calls(attention_cpu, "forward") as calls:
         joint_attention(qkv, 2)  # no input needs a gradient
         with torch.no_grad():
             joint_attention(qkv.clone().requires_grad_(), 2)
@@ -79,10 +80,10 @@ def test_kernel_runs_in_training_and_inference_within_the_budget(monkeypatch):
         assert len(calls) == 3
         joint_attention(qkv.clone().requires_grad_(), 2).sum().backward()
         assert len(calls) == 4
-        monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6 - 1)  # one score short
+        monkeypatch.setattr(attention_functional, "MAX_SCORES", 6 * 6 - 1)  # one score short
         joint_attention(qkv, 2)
         assert len(calls) == 4
-        monkeypatch.setattr(attention, "MAX_SCORES", 6 * 6)
+        monkeypatch.setattr(attention_functional, "MAX_SCORES", 6 * 6)
         with tp_kernels.use_backend("torch"):
             joint_attention(qkv, 2)
         joint_attention(qkv.double(), 2)  # the kernel is fp32
@@ -96,8 +97,8 @@ def test_kernel_is_bit_identical_across_thread_counts():
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
-            out, lse = cpu_ext.forward(qkv, *context, 4)
-            grads = cpu_ext.backward(torch.ones_like(out), qkv, *context, out, lse, 4)
+            out, lse = attention_cpu.forward(qkv, *context, 4)
+            grads = attention_cpu.backward(torch.ones_like(out), qkv, *context, out, lse, 4)
         finally:
             torch.set_num_threads(2)
         results.append((out, *grads))

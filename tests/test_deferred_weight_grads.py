@@ -1,15 +1,15 @@
-"""tp_kernels.refine.defer_weight_grads: the T steps' expert weight gradients reduced in one pass after the last
+"""tp_kernels.refine_step.defer_weight_grads: the T steps' expert weight gradients reduced in one pass after the last
 step's backward equal the per-step reductions autograd would add, and the deferral applies only where it can."""
 
 import pytest
 import torch
 
 import tp_kernels
-import tp_kernels.refine as refine
 from tp_kernels import _ext
-from tp_kernels.refine import deferred
-from tp_kernels.routed_lora import cpu_ext as lora_ext
+from tp_kernels.refine_step import deferred
+from tp_kernels.routed_lora import cpu as lora_cpu
 from thinking_pixel.models.attention import Attention
+from thinking_pixel.recursion import layers as recursive_attention
 from thinking_pixel.recursion.layers import RecursiveAttention
 
 needs_ext = pytest.mark.skipif(_ext.library() is None, reason="CPU extension not built or TP_KERNELS_NO_EXT=1")
@@ -28,14 +28,14 @@ def test_one_reduction_over_calls_equals_the_sum_of_per_call_gradients():
             idx = torch.randint(0, n_exp, (n,), generator=g)
         elif isinstance(idx, str):
             idx = torch.randint(-1, n_exp - 1, (n,), generator=g)  # -1: skipped tokens, and no token for expert 3
-        y, h, perm, offsets = lora_ext.forward(x, idx, a, b, None, 0.5)
+        y, h, perm, offsets = lora_cpu.forward(x, idx, a, b, None, 0.5)
         grad_y = torch.randn(y.shape, generator=g)
-        dx, da, db, _ = lora_ext.backward(grad_y, x, idx, a, b, None, h, perm, offsets, 0.5, True, True, False)
-        dx_rows, _, kept = lora_ext.backward_rows(grad_y, x, idx, a, b, None, h, 0.5, True, False)
+        dx, da, db, _ = lora_cpu.backward(grad_y, x, idx, a, b, None, h, perm, offsets, 0.5, True, True, False)
+        dx_rows, _, kept = lora_cpu.backward_rows(grad_y, x, idx, a, b, None, h, 0.5, True, False)
         assert torch.equal(dx_rows, dx)  # the input gradient is the same computation
         rows.append(kept)
         want_a, want_b = want_a + da, want_b + db
-    da, db = lora_ext.weight_grads(rows, a, b)
+    da, db = lora_cpu.weight_grads(rows, a, b)
     torch.testing.assert_close(da, want_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, want_b, rtol=1e-5, atol=1e-5)
 
@@ -64,11 +64,11 @@ def test_recursion_gradients_match_per_step_reduction(monkeypatch, halting):
         attn.eval()  # the delta rule halts tokens at inference: steps with inactive (-1) tokens
     x, cond = torch.randn(2, 12, 48, requires_grad=True), torch.randn(2, 16)
     calls = []
-    real = lora_ext.weight_grads
-    monkeypatch.setattr(lora_ext, "weight_grads", lambda *a: calls.append(1) or real(*a))
+    real = lora_cpu.weight_grads
+    monkeypatch.setattr(lora_cpu, "weight_grads", lambda *a: calls.append(1) or real(*a))
     out, got = _grads(attn, x, cond)
     assert len(calls) == 1  # one reduction for the three steps
-    monkeypatch.setattr(refine, "defer_weight_grads", lambda a, b: (a, b))
+    monkeypatch.setattr(recursive_attention, "defer_weight_grads", lambda a, b: (a, b))
     out_ref, want = _grads(attn, x, cond)
     assert len(calls) == 1
     assert torch.equal(out, out_ref)

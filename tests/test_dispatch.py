@@ -1,12 +1,21 @@
 """Which backend runs where: devices without Triton take the grouped composed-torch path, never the reference."""
 
+import importlib
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import tp_kernels
 from tp_kernels import _dispatch
+from tp_kernels.gate_top1 import reference as gate_reference
+from tp_kernels.refine_step import reference as refine_reference
+from tp_kernels.routed_lora import reference as lora_reference
+
+OPS = ("routed_lora", "gate_top1", "layer_norm", "refine_step", "joint_attention")
+OP_FILES = {"__init__.py", "functional.py", "op.py", "reference.py", "torch.py", "cpu.py", "triton.py"}
 
 
 @pytest.mark.parametrize("device, triton, expected", [
@@ -30,17 +39,13 @@ def test_torch_backend_can_be_forced_anywhere():
 
 def test_torch_backend_is_the_grouped_path(monkeypatch):
     """Backend "torch" never gathers per-token weights (the reference's (N, S, R, D) tensors): trap the gather."""
-    from tp_kernels.gate import op as gate_op
-    from tp_kernels.refine import op as refine_op
-    from tp_kernels.routed_lora import op as lora_op
-
     def trap(*args, **kwargs):
         raise AssertionError("the reference ran")
 
-    for module in (lora_op, gate_op, refine_op):
-        monkeypatch.setattr(module._Reference, "forward", trap)
-        if hasattr(module._Reference, "backward"):
-            monkeypatch.setattr(module._Reference, "backward", trap)
+    for module in (lora_reference, gate_reference, refine_reference):
+        monkeypatch.setattr(module, "forward", trap)
+        if hasattr(module, "backward"):
+            monkeypatch.setattr(module, "backward", trap)
     x = torch.randn(10, 8, requires_grad=True)
     a = torch.randn(3, 2, 4, 8, requires_grad=True)
     b = torch.randn(3, 2, 6, 4, requires_grad=True)
@@ -66,11 +71,11 @@ def test_untested_triton_warns_once_on_first_use(monkeypatch, version, untested)
         with warnings.catch_warnings(record=True) as caught, tp_kernels.use_backend("triton"):
             warnings.simplefilter("always")
             for _ in range(2):
-                module = _dispatch.implementation(torch.device("cuda"), "tp_kernels.gate", reference=None,
+                module = _dispatch.implementation(torch.device("cuda"), "tp_kernels.gate_top1", reference=None,
                                                   torch_ops=None, cpu=None)
     finally:
         _dispatch.check_triton_version.cache_clear()
-    assert module.__name__ == "tp_kernels.gate.triton"
+    assert module.__name__ == "tp_kernels.gate_top1.triton"
     messages = [str(w.message) for w in caught if "tp_kernels" in str(w.message)]
     if untested:
         assert len(messages) == 1, messages
@@ -78,3 +83,26 @@ def test_untested_triton_warns_once_on_first_use(monkeypatch, version, untested)
         assert "TP_KERNELS_BACKEND=torch" in messages[0] and "triton>=3.3,<3.9" in messages[0]
     else:
         assert messages == []
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_module_per_backend(op):
+    """Each op's folder is named after it and holds the same files: its public wrapper, its op registration, and a
+    module per backend of _dispatch.BACKENDS (one without an implementation of its own names the one it reuses)."""
+    folder = Path(tp_kernels.__file__).parent / op
+    assert OP_FILES <= {p.name for p in folder.glob("*.py")}
+    assert {name for name in _dispatch.BACKENDS if name != "auto"} <= {p.stem for p in folder.glob("*.py")}
+    assert getattr(tp_kernels, op).__module__ == f"tp_kernels.{op}.functional"
+
+
+def test_backend_modules_named_torch_leave_torch_alone():
+    """A backend module named torch.py inside a package: every module of the package still sees the real torch
+    (absolute imports), and only the package's own namespace holds the backend module under that name."""
+    for op in OPS:
+        for name in sorted(OP_FILES - {"__init__.py", "triton.py"}):  # triton.py imports triton
+            importlib.import_module(f"tp_kernels.{op}.{name[:-3]}")
+    for op in OPS:
+        assert sys.modules[f"tp_kernels.{op}"].torch is sys.modules[f"tp_kernels.{op}.torch"]
+    wrong = [name for name, module in sys.modules.items() if name.startswith("tp_kernels.")
+             and not hasattr(module, "__path__") and vars(module).get("torch", torch) is not torch]
+    assert wrong == []

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import tp_kernels
-from tp_kernels.gate.reference import gate_top1_reference
-from tp_kernels.refine.reference import refine_step_reference
+from tp_kernels.gate_top1.reference import gate_top1_reference
+from tp_kernels.refine_step.reference import refine_step_reference
 from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
 
 EXAMPLES = int(os.environ.get("TP_FUZZ_EXAMPLES", "30"))

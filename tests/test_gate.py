@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tp_kernels
-from tp_kernels.gate.reference import gate_top1_reference
+from tp_kernels.gate_top1.reference import gate_top1_reference
 
 
 

@@ -4,9 +4,8 @@ reference, fp32 statistics for bf16 inputs, thread-count and grad-mode determini
 import pytest
 import torch
 
-import tp_kernels
 from tp_kernels import _ext, layer_norm, layer_norm_reference
-from tp_kernels.norm import cpu_ext
+from tp_kernels.layer_norm import cpu as norm_cpu
 
 from call_counter import counted_calls  # tests/ is on sys.path
 
@@ -42,7 +41,7 @@ def _reference(x, grad):
 @pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centred", "mean>>std"])
 def test_kernel_matches_the_float64_reference(d, dtype, offset):
     x, grad = _inputs(67, d, dtype, offset)
-    with counted_calls(cpu_ext, "forward") as calls:
+    with counted_calls(norm_cpu, "forward") as calls:
         got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
     assert calls, "the kernel did not run"
     want, want_grad = _reference(x, grad)
@@ -73,10 +72,10 @@ def test_bf16_gradient_of_short_rows_far_from_zero():
     assert (got.double() - want).norm() / want.norm() < 4e-3
 
 
-def test_composed_path_matches_the_reference():
+def test_every_backend_matches_the_reference(backend):
+    """Every CPU backend (conftest's ``backend``): the kernel on "cpu" where built, the composed path otherwise."""
     x, grad = _inputs(20, 37, torch.float32, offset=5.0)
-    with tp_kernels.use_backend("torch"):
-        got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
+    got, got_grad = _run(lambda t: layer_norm(t, EPS), x, grad)
     want, want_grad = _reference(x, grad)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=2e-6)
@@ -113,8 +112,8 @@ def test_kernel_is_bit_identical_across_thread_counts(dtype):
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
-            y, mean, rstd = cpu_ext.forward(x, EPS)
-            results.append((y, mean, rstd, cpu_ext.backward(grad, x, mean, rstd)))
+            y, mean, rstd = norm_cpu.forward(x, EPS)
+            results.append((y, mean, rstd, norm_cpu.backward(grad, x, mean, rstd)))
         finally:
             torch.set_num_threads(2)
     for other in results[1:]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tp_kernels
-from tp_kernels.gate.op import gate_top1_fwd
+from tp_kernels.gate_top1.op import gate_top1_fwd
 from tp_kernels.routed_lora.op import routed_lora_bwd, routed_lora_fwd
 
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import tp_kernels
-from tp_kernels.refine.op import refine_step_bwd, refine_step_fwd
-from tp_kernels.refine.reference import refine_step_reference
+from tp_kernels.refine_step.op import refine_step_bwd, refine_step_fwd
+from tp_kernels.refine_step.reference import refine_step_reference
+
+from kernel_helpers import assert_close  # tests/ is on sys.path
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 # Cases: name -> (lead, D, D_out, R, E, S or None (3-D weights), token term, cond kind, noise, base)
@@ -83,14 +85,6 @@ def margins(inputs):
             return torch.full(z.shape[:-1], float("inf"), dtype=torch.float64)
         top = z.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
-
-
-def assert_close(actual, expected, tol, name):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
 def _backward(outputs, grads):

@@ -6,31 +6,11 @@ import torch
 import tp_kernels
 from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
-
-
-
-
-def make_inputs(n, d_in, d_out, rank, n_exp, n_slice=None, dtype=torch.float32, gate=True, idx=None):
-    x = torch.randn(n, d_in, dtype=dtype)
-    if idx is None:
-        idx = torch.randint(0, n_exp, (n,))
-    lead = (n_exp,) if n_slice is None else (n_exp, n_slice)
-    a = (torch.randn(*lead, rank, d_in) / d_in**0.5).to(dtype)
-    b = (torch.randn(*lead, d_out, rank) / rank**0.5).to(dtype)
-    g = torch.rand(n, dtype=dtype) + 0.5 if gate else None
-    return x, idx, a, b, g
+from kernel_helpers import assert_close, make_inputs  # tests/ is on sys.path
 
 
 def stacked(a, b):
     return (a, b) if a.dim() == 4 else (a.unsqueeze(1), b.unsqueeze(1))
-
-
-def assert_close(actual, expected, dtype, what):
-    tol = TOL[dtype]
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item() + 1e-12
-    assert err <= tol * max(1.0, scale), f"{what}: max abs err {err:.3e} (scale {scale:.3e}, tol {tol})"
 
 
 CASES = [

@@ -18,10 +18,10 @@ from tp_kernels import _aot, _dispatch  # noqa: E402
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # tl.dot calls per kernel (the rest have none): each is one tt.dot in the Triton IR, and nothing else may become one.
 DOT_CALLS = {"routed_lora.fwd": 2, "routed_lora.bwd_dh": 1, "routed_lora.bwd_dx": 1, "routed_lora.bwd_dW": 2,
-             "refine.fwd": 2}
+             "refine_step.fwd": 2}
 DOT_ROLES = set(DOT_CALLS)
 # The kernels with a (tokens, experts) tile, whose expert axis is padded to BLOCK_E = next power of two >= 2.
-EXPERT_ROLES = {"gate.fwd", "refine.stats_gate", "refine.bwd_gate_ln"}
+EXPERT_ROLES = {"gate_top1.fwd", "refine_step.stats_gate", "refine_step.bwd_gate_ln"}
 ROLES = DOT_ROLES | EXPERT_ROLES | {"routed_lora.group", "routed_lora.group_count", "routed_lora.group_scatter"}
 # One unstacked projection at a small rank: the fp32 forward once spilled here on sm_80 with 4 warps.
 SMALL_RANK = _aot.Shape("one slice, rank 16", d_in=1152, d_out=1152, rank=16, n_exp=8, n_slice=1, n_tok=2048)

@@ -1,8 +1,8 @@
 """Compile every Triton kernel of tp_kernels ahead of time for an NVIDIA target, without a GPU.
 
 The launches come from the same planning functions the runtime uses
-(``routed_lora.triton.forward_launch`` / ``backward_launches``, ``gate.triton.gate_launch``,
-``refine.triton.stats_gate_launch`` / ``gate_ln_bwd_launch``), fed with ``meta`` tensors of
+(``routed_lora.triton.forward_launch`` / ``backward_launches``, ``gate_top1.triton.gate_launch``,
+``refine_step.triton.stats_gate_launch`` / ``gate_ln_bwd_launch``), fed with ``meta`` tensors of
 the wanted shapes, so the tile sizes, warps and stages compiled here are the ones a GPU would run.
 Every precision variant a GPU run can reach is compiled (:data:`VARIANTS`): bf16, fp16, and fp32 both with
 TF32 (torch allows TF32) and with 3xTF32 (torch's default, full fp32 precision).
@@ -104,10 +104,10 @@ def _launches(shape: Shape, dtype: torch.dtype):
     The refinement step is compiled in its fullest form: token and per-sample conditioning logits, noise and
     the base (one sample per ``TOKENS_PER_SAMPLE`` tokens).
     """
-    from .gate.triton import gate_launch
-    from .refine.triton import gate_ln_bwd_launch, stats_gate_launch
-    from .routed_lora.triton import (GROUP_BLOCK, GROUP_INLINE, backward_launches, forward_launch, group_launches,
-                                     next_power_of_2)
+    from ._triton import next_power_of_2
+    from .gate_top1.triton import gate_launch
+    from .refine_step.triton import gate_ln_bwd_launch, stats_gate_launch
+    from .routed_lora.triton import GROUP_BLOCK, GROUP_INLINE, backward_launches, forward_launch, group_launches
 
     def meta(*size, dt=dtype):
         return torch.empty(*size, dtype=dt, device="meta")
@@ -140,8 +140,8 @@ def _launches(shape: Shape, dtype: torch.dtype):
                                     meta(n, 1, dt=torch.float32), meta(e, shape.d_in), probs, meta(n, dt=torch.int64),
                                     5.0, torch.empty_like(probs), torch.empty_like(x))
     roles = ["routed_lora.group", "routed_lora.group_count", "routed_lora.group_scatter", "routed_lora.fwd",
-             "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dW", "gate.fwd", "refine.stats_gate",
-             "refine.fwd", "refine.bwd_gate_ln"]
+             "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dW", "gate_top1.fwd",
+             "refine_step.stats_gate", "refine_step.fwd", "refine_step.bwd_gate_ln"]
     launches = group + fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]
     assert len(launches) == len(roles), [launch.kernel.__name__ for launch in launches]
     return list(zip(roles, launches))
@@ -211,7 +211,7 @@ def _arch(capability: int) -> str:
 def dot_calls(fn) -> int:
     """tl.dot calls of a @triton.jit function: its own and, at each call, those of the jit helpers it calls.
 
-    A helper whose every tl.dot is a ``return`` value (``routed_lora.triton._dot``: one of its branches is
+    A helper whose every tl.dot is a ``return`` value (``_triton.dot``: one of its branches is
     compiled) is one dot per call. Loops do not multiply: a loop body appears once in the Triton IR.
     """
     counts = 0
@@ -266,7 +266,7 @@ def compile_kernels(capability: int = 80, variants=VARIANTS, shapes=(DIT_XL, DIT
     """Compile every kernel for ``GPUTarget("cuda", capability, 32)`` at each shape and variant -> [KernelRecord].
 
     ``variants``: (dtype, allow_tf32) pairs; fp32 kernels get the tl.dot precision the runtime picks under
-    that ``torch.backends.cuda.matmul.allow_tf32`` (``routed_lora.triton._precision``). ``roles``: compile
+    that ``torch.backends.cuda.matmul.allow_tf32`` (``_triton.precision``). ``roles``: compile
     only the kernels of these roles (default all).
     """
     import triton

@@ -3,12 +3,12 @@
 What it adds over the composed-torch CPU path: tokens grouped by a counting sort, gathered tile by tile
 into cache-resident buffers, shrink and expand fused per tile with each output row written once, and a
 one-pass top-1 gate. ``pip install .`` builds it where a C++ compiler exists; for development,
-``python setup.py build_ext --inplace`` puts it next to this file.
+``python setup.py build_ext --inplace`` puts it next to this file. Each op's ``cpu.py`` calls it.
 
-:func:`routed_lora_cpu` and :func:`gate_cpu` return backend modules with the interface of
-``routed_lora/cpu.py`` and ``gate/cpu.py``, or None when the library was not built (no compiler,
+:func:`routed_lora_cpu` and :func:`gate_cpu` return the backend modules ``routed_lora/cpu.py`` and
+``gate_top1/cpu.py`` (the interface of the ops' ``torch.py``), or None when the library was not built (no compiler,
 TP_KERNELS_NO_EXT=1 at install) or TP_KERNELS_NO_EXT=1 is set at run time; callers then use the
-composed-torch CPU path, which computes the same function.
+composed-torch path (``torch.py``), which computes the same function.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def _backend(module: str):
 
 
 def routed_lora_cpu():
-    return _backend(".routed_lora.cpu_ext")
+    return _backend(".routed_lora.cpu")
 
 
 def gate_cpu():
-    return _backend(".gate.cpu_ext")
+    return _backend(".gate_top1.cpu")

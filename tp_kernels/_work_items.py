@@ -1,6 +1,6 @@
 """Device work items of a call, counted without a GPU: Triton launches plus the torch kernels it runs.
 
-:func:`count_work_items` watches a block: every :class:`~tp_kernels.routed_lora.triton.Launch` (all of the
+:func:`count_work_items` watches a block: every :class:`~tp_kernels._triton.Launch` (all of the
 package's Triton kernels go through it) and every torch op that would run a kernel on a GPU -- not a view,
 not an allocation, not an op that hands back one of its inputs unchanged (``.to`` the same dtype,
 ``.contiguous()`` of a contiguous tensor). Ops inside ``tp_kernels`` custom ops and inside the autograd
@@ -75,7 +75,7 @@ class _Counter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _launches_replaced(call):
-    from .routed_lora.triton import Launch
+    from ._triton import Launch
 
     real = Launch.__call__
     Launch.__call__ = lambda launch: call(launch, real)

@@ -123,7 +123,7 @@ def run_routed_lora(case: Case, device, gen, wrap):
 
 def run_refine_step(case: Case, device, gen, wrap):
     import tp_kernels
-    from tp_kernels.refine.reference import refine_step_reference
+    from tp_kernels.refine_step.reference import refine_step_reference
 
     names = ("state", "a", "b", "tw", "cond", "base")
     x, a, b, _ = _inputs(case, gen)
@@ -156,7 +156,7 @@ def run_refine_step(case: Case, device, gen, wrap):
 
 def run_gate_top1(case: Case, device, gen, wrap):
     import tp_kernels
-    from tp_kernels.gate.reference import gate_top1_reference
+    from tp_kernels.gate_top1.reference import gate_top1_reference
 
     logits = torch.randn(case.tokens, case.experts, generator=gen) * 3
     noise = tp_kernels.gumbel_noise(logits.shape, generator=gen)

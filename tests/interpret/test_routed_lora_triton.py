@@ -6,27 +6,14 @@ import torch
 import tp_kernels
 from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
 
+from kernel_helpers import assert_close, make_inputs  # tests/ is on sys.path
+
 
 @pytest.fixture(autouse=True)
 def triton_backend():
     with tp_kernels.use_backend("triton"):
         assert tp_kernels.resolve_backend(torch.device("cpu")) == "triton"
         yield
-
-
-def make_inputs(n, d_in, d_out, rank, n_exp, n_slice, *, dtype=torch.float32, gate=True, idx=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    stacked = n_slice is not None
-    s = n_slice or 1
-    x = torch.randn(n, d_in, generator=g)
-    a = torch.randn(n_exp, s, rank, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(n_exp, s, d_out, rank, generator=g) / rank ** 0.5
-    if not stacked:
-        a, b = a[:, 0], b[:, 0]
-    if idx is None:
-        idx = torch.randint(0, n_exp, (n,), generator=g)
-    gt = torch.rand(n, generator=g) + 0.5 if gate else None
-    return x.to(dtype), idx, a.to(dtype), b.to(dtype), None if gt is None else gt.to(dtype)
 
 
 def run(x, idx, a, b, gate, scale, grad_y=None, need=("x", "a", "b", "gate")):
@@ -56,14 +43,6 @@ def reference(x, idx, a, b, gate, scale, grad_y):
     if gate is not None:
         grads["gate"] = dg.reshape(gate.shape)
     return y.reshape(*x.shape[:-1], y.shape[-1]), grads
-
-
-def assert_close(actual, expected, tol, name):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
 def check(case, dtype=torch.float32, tol=2e-5, need=("x", "a", "b", "gate")):

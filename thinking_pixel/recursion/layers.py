@@ -69,6 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tp_kernels
+from tp_kernels.refine_step.deferred import defer_weight_grads
 
 from .._checks import is_int, is_number
 from ..models.attention import Attention, attend
@@ -342,9 +343,9 @@ class LatentRecursion(nn.Module):
         halting = self.halting
         halting.loss = None
         # the experts' weights for this call's steps: aliases that reduce their T gradients in one pass where the
-        # extension can (tp_kernels.refine.defer_weight_grads), else the weights themselves
+        # extension can (defer_weight_grads), else the weights themselves
         lora = self.lora
-        self._step_weights = (tp_kernels.refine.defer_weight_grads(lora.lora_a, lora.lora_b)
+        self._step_weights = (defer_weight_grads(lora.lora_a, lora.lora_b)
                               if lora is not None and self.steps > 1 and x.dtype == lora.lora_a.dtype else None)
         try:
             if torch.compiler.is_compiling():

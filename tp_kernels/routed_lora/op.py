@@ -5,11 +5,13 @@ Two custom ops, both opaque to torch.compile (no graph break, no retrace):
     tp_kernels::routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, ..., checked=False)
         -> (dx, da, db, dgate)
 checked: the caller has validated the arguments (the public wrapper; the autograd backward, whose tensors the
-forward made), so the op body does not check them again. Called directly, an op checks its raw layout.
+forward made), so the op body does not check them again; called directly, an op checks its raw layout
+(tp_kernels._validate). The forward checks the expert indices (data) on every call: the public wrapper's eager path
+checks them itself and never reaches the op body, its compiled path does.
 h = A_e x (N, S*R, float32; float64 for float64 x) is saved by the forward so the backward need not recompute it,
 and so is the forward's token grouping: perm (N,) int64 with idx[perm] sorted, offsets (E+1,) int64 (expert e's
 tokens are perm[offsets[e]:offsets[e+1]]), so the backward does not sort again.
-Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
+Every backend module (reference, torch, cpu, triton) provides forward()/backward() with these signatures.
 """
 
 from __future__ import annotations
@@ -20,54 +22,16 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._dispatch import implementation, resolve
-from .._grouping import group_by_expert
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
+from .._dispatch import implementation
+from .._validate import acc_dtype, check_expert_idx, check_routed_lora_bwd_op, check_routed_lora_fwd_op
 from . import cpu as _cpu
-from . import cpu_ext as _cpu_ext
-from .reference import routed_lora_backward_reference, routed_lora_reference, shrink
-
-
-class _Reference:
-    @staticmethod
-    def forward(x, idx, lora_a, lora_b, gate, scale):
-        y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
-        acc = acc_dtype(x.dtype)
-        h = shrink(lora_a.to(acc)[idx.clamp(min=0)], torch.where((idx >= 0)[:, None], x.to(acc), 0))  # (N, S, R)
-        return (y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2]),
-                *group_by_expert(idx, lora_a.shape[0]))
-
-    @staticmethod
-    def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
-        dx, da, db, dg = routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate, scale)
-        return (dx if need_x else x.new_empty(0), da if need_w else x.new_empty(0),
-                db if need_w else x.new_empty(0), dg if need_gate else x.new_empty(0))
+from . import reference as _reference
+from . import torch as _torch
 
 
 def _backend(device):
-    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu,
-                          cpu=lambda: _ext.routed_lora_cpu() or _cpu)
-
-
-def check_args(op, x, idx, lora_a, lora_b, gate, scale) -> OpArgs:
-    """The raw op's layout (see OpArgs): x (N, D_in), idx (N,), lora_a (E, S, R, D_in), lora_b (E, S, D_out, R)."""
-    arg = OpArgs(op, x.device if isinstance(x, Tensor) else None)
-    arg("x", x, ("N", "D_in"), FLOAT_DTYPES)
-    arg("idx", idx, ("N",), INDEX_DTYPES)
-    arg("lora_a", lora_a, ("E", "S", "R", "D_in"), (x.dtype,))
-    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (x.dtype,))
-    arg("gate", gate, ("N",), FLOAT_DTYPES, optional=True)
-    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
-        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
-    check_finite_number("scale", scale)
-    if not _triton_checks(idx):
-        check_index_range("expert_idx", idx, lora_a.shape[0], allow_skip=True)
-    return arg
-
-
-def _triton_checks(idx) -> bool:
-    """Whether the forward checks the index range itself: the Triton path on CUDA, from its grouping's flag."""
-    return idx.device.type == "cuda" and resolve(idx.device) == "triton"
+    return implementation(device, __package__, reference=_reference, torch_ops=_torch,
+                          cpu=lambda: _ext.routed_lora_cpu() or _torch)
 
 
 @torch.library.custom_op("tp_kernels::routed_lora_fwd", mutates_args=())
@@ -76,7 +40,8 @@ def routed_lora_fwd(
     checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not checked:
-        check_args("tp_kernels.routed_lora_fwd", x, idx, lora_a, lora_b, gate, scale)
+        check_routed_lora_fwd_op(x, idx, lora_a, lora_b, gate, scale)
+    check_expert_idx(idx, lora_a.shape[0])  # data: every call that reaches the op (compiled graphs, direct calls)
     return _backend(x.device).forward(x, idx, lora_a, lora_b, gate, scale)
 
 
@@ -95,13 +60,7 @@ def routed_lora_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grad_y = grad_y.contiguous() if isinstance(grad_y, Tensor) else grad_y  # autograd hands over any layout
     if not checked:
-        op = "tp_kernels.routed_lora_bwd"
-        arg = check_args(op, x, idx, lora_a, lora_b, gate, scale)
-        n_slice, rank, d_out = lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]
-        arg("grad_y", grad_y, ("N", n_slice * d_out), FLOAT_DTYPES)
-        arg("h", h, ("N", n_slice * rank), (acc_dtype(x.dtype),))
-        arg("perm", perm, ("N",), (torch.int64,))
-        arg("offsets", offsets, (lora_a.shape[0] + 1,), (torch.int64,))
+        check_routed_lora_bwd_op(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale)
     return _backend(x.device).backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w,
                                        need_gate)
 
@@ -121,7 +80,7 @@ def _setup_context(ctx, inputs, output):
     y, h, perm, offsets = output
     ctx.save_for_backward(x, idx, lora_a, lora_b, gate, h, perm, offsets)
     ctx.scale = scale
-    ctx.packs = _cpu_ext.PACKED.current()  # a reuse_packed_weights scope's copies, for the backward to share
+    ctx.packs = _cpu.PACKED.current()  # a reuse_packed_weights scope's copies, for the backward to share
     ctx.mark_non_differentiable(h, perm, offsets)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
 
@@ -135,7 +94,7 @@ def _backward(ctx, grad_y, *_, bwd=None):
     none = (None,) * (len(ctx.needs_input_grad) - 5)  # scale (and checked)
     if grad_y is None or not (need_x or need_w or need_gate):
         return (None,) * 5 + none
-    with _cpu_ext.resumed(ctx.packs):
+    with _cpu.resumed(ctx.packs):
         if bwd is None:  # the forward's own tensors: nothing to check again
             dx, da, db, dg = routed_lora_bwd(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets,
                                              ctx.scale, need_x, need_w, need_gate, True)

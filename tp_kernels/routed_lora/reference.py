@@ -16,12 +16,16 @@ right; this is the spec the fast paths are tested against (use float64). The
 per-token contractions are products reduced over their last dims, never a batched
 GEMM, whose kernel choice would depend on N: a token's result is the same whatever
 batch it is in.
+
+:func:`forward` / :func:`backward` are the ``reference`` backend (the interface of torch.py), and what the
+triton backend runs for float64.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._grouping import group_by_expert
 from .._validate import acc_dtype
 
 
@@ -67,3 +71,18 @@ def routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate=None, sc
     )
     dg = None if gate is None else ((dhg * h).sum((1, 2)) * scale).to(gate.dtype)
     return dx.to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype), dg
+
+
+def forward(x, idx, lora_a, lora_b, gate, scale):
+    """The backend interface (torch.py's forward) on the definition: y, h = A_e x, and the token grouping."""
+    y = routed_lora_reference(x, idx, lora_a, lora_b, gate, scale)
+    acc = acc_dtype(x.dtype)
+    h = shrink(lora_a.to(acc)[idx.clamp(min=0)], torch.where((idx >= 0)[:, None], x.to(acc), 0))  # (N, S, R)
+    return y, h.reshape(x.shape[0], lora_a.shape[1] * lora_a.shape[2]), *group_by_expert(idx, lora_a.shape[0])
+
+
+def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
+    """The backend interface (torch.py's backward) on :func:`routed_lora_backward_reference`."""
+    dx, da, db, dg = routed_lora_backward_reference(grad_y, x, idx, lora_a, lora_b, gate, scale)
+    return (dx if need_x else x.new_empty(0), da if need_w else x.new_empty(0),
+            db if need_w else x.new_empty(0), dg if need_gate else x.new_empty(0))

@@ -27,7 +27,7 @@ tile.
 
 Precision: fp16/bf16 operands, fp32 accumulation; the rank-R intermediate is
 rounded to the input dtype before the second GEMM (as the CPU path does). fp32
-operands follow torch's matmul setting (see :func:`_precision`): TF32 when torch
+operands follow torch's matmul setting (see :func:`tp_kernels._triton.precision`): TF32 when torch
 allows it, else 3xTF32 (fp32-level accuracy on tensor cores); under the
 interpreter full fp32 (``"ieee"``) so results match a float64 reference. fp64
 falls back to the plain-PyTorch reference: it is a checking dtype, not a training one.
@@ -37,29 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 
 import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpret
+from .._triton import Launch, cdiv, dot, next_power_of_2, precision
 from .._validate import acc_dtype
+from . import reference
 
 MAX_RANK = 256
-# Triton 3.8's interpreter runs tl.dot as np.matmul on the raw storage, which is uint16 for bf16.
-# There, bf16 operands are widened to fp32 first: exact (a bf16 product fits in fp32), only the
-# summation order can differ from the tensor-core result. Compiled kernels never take this branch.
-_INTERPRET = triton_interpret()  # fixed per process: it must be set before triton is imported
-_WIDEN_BF16_DOT = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation, on tensor cores when compiled."""
-    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -153,7 +140,7 @@ def _fwd_kernel(
         if NORMALIZE:
             xt = tl.where(mask, xt.to(tl.float32) - mean[:, None], 0.0).to(dt)
         at = tl.load(a_base + r[None, :] * d_in + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        h = _dot(xt, at, h, PRECISION)
+        h = dot(xt, at, h, PRECISION)
     if NORMALIZE:
         h = h * rstd[:, None]
     tl.store(h_ptr + tok[:, None] * hw + s * rank + r[None, :], h, mask=row_ok[:, None] & r_ok[None, :])
@@ -166,7 +153,7 @@ def _fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < d_out
         bt = tl.load(b_base + n[None, :] * rank + r[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        y = _dot(hm, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+        y = dot(hm, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
         out = tok[:, None] * yw + s * d_out + n[None, :]
         mask = row_ok[:, None] & n_ok[None, :]
         if HAS_BASE:
@@ -201,7 +188,7 @@ def _bwd_dh_kernel(
         dy = tl.load(dy_ptr + tok[:, None] * yw + s * d_out + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
                      other=0.0)
         bt = tl.load(b_base + n[:, None] * rank + r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        dhg = _dot(dy.to(bt.dtype), bt, dhg, PRECISION)
+        dhg = dot(dy.to(bt.dtype), bt, dhg, PRECISION)
     hw = n_slice * rank
     hmask = row_ok[:, None] & r_ok[None, :]
     if NEED_GATE:
@@ -247,7 +234,7 @@ def _bwd_dx_kernel(
                              other=0.0)
                 a = tl.load(a_ptr + ((expert.to(tl.int64) * n_slice + s) * rank + r[:, None]) * d_in + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                dx = _dot(dh.to(dt), a, dx, PRECISION)
+                dx = dot(dh.to(dt), a, dx, PRECISION)
         tl.store(dx_ptr + tok[:, None] * d_in + n[None, :], dx.to(dt), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -272,7 +259,7 @@ def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, p, q, u_str
                     other=0.0)  # (BLOCK_M, BLOCK_Q)
         if SCALE_V:
             v = v * _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)[:, None]
-        acc = _dot(tl.trans(u.to(dt)), v.to(dt), acc, PRECISION)
+        acc = dot(tl.trans(u.to(dt)), v.to(dt), acc, PRECISION)
     return acc
 
 
@@ -383,54 +370,6 @@ def _group_scatter_kernel(
         _group_scatter_block(idx_ptr, perm_ptr, pid * BLOCK, ends - total + before, n_tok, n_exp, BLOCK, BLOCK_B)
 
 
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) on the host: triton.cdiv is a ConstexprFunction, ~14 µs per host call under Triton 3.8."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The least power of two >= n (n >= 1), on the host (see :func:`cdiv`)."""
-    return 1 << (n - 1).bit_length()
-
-
-class Launch(typing.NamedTuple):
-    """One kernel launch, described before it runs (so ahead-of-time compiles see the same configs); a named
-    tuple: made several times per call, it must be cheap to make."""
-
-    kernel: object
-    grid: tuple
-    args: dict  # runtime arguments by name: tensors, ints, floats, or None for an absent pointer
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-    def __call__(self):
-        # every kernel indexes its tensors as dense row-major arrays: the ops check that their inputs are
-        # (OpArgs when called directly, the public wrappers otherwise), and allocate the rest so
-        if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                                   num_stages=self.num_stages)
-
-
-def _precision(dtype):
-    """tl.dot input_precision for operands of ``dtype``, following torch's float32 matmul setting.
-
-    fp16 / bf16: None (Triton's native tensor-core dot). fp32: ``"tf32"`` when torch allows TF32
-    (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision("high")`` or
-    ``"medium"``), else -- torch's default, "highest" -- ``"tf32x3"``: three TF32 tensor-core products per
-    multiply (the 3xTF32 split of each operand into a TF32 head and tail), fp32-level accuracy (the dropped
-    tail x tail term is ~2^-22 relative) at tensor-core speed. Under the interpreter, ``"ieee"`` (numpy fp32).
-    """
-    if dtype != torch.float32:
-        return None
-    if _INTERPRET:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-
-
-PRECISIONS = {torch.float32: ("tf32", "tf32x3"), torch.bfloat16: (None,), torch.float16: (None,)}  # reachable on GPU
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes and launch shape of one kernel."""
@@ -533,7 +472,7 @@ def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=
     """The forward kernel: routed LoRA, or with ``mean`` / ``rstd`` (and ``base``) the refinement step's LoRA."""
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
-    prec = _precision(x.dtype)
+    prec = precision(x.dtype)
     cfg = _tiles(rank, x.dtype, prec)
     t = cfg["fwd"]
     return Launch(
@@ -558,7 +497,7 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
     d_out = lora_b.shape[2]
-    prec = _precision(x.dtype)
+    prec = precision(x.dtype)
     cfg = _tiles(rank, x.dtype, prec)
     br = cfg["BLOCK_R"]
     t = cfg["dh"]
@@ -595,15 +534,10 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
     return launches
 
 
-def _check(lora_a):
+def check_rank(lora_a):
+    """The kernels keep a whole rank in registers: up to MAX_RANK."""
     if lora_a.shape[2] > MAX_RANK:
         raise ValueError(f"the triton backend supports rank <= {MAX_RANK}, got lora_a with rank {lora_a.shape[2]}")
-
-
-def _reference():
-    from .op import _Reference  # imported late: op imports this module on first use
-
-    return _Reference
 
 
 def forward(x, idx, lora_a, lora_b, gate, scale):
@@ -617,8 +551,8 @@ def forward(x, idx, lora_a, lora_b, gate, scale):
     if ok is not None:
         torch._assert_async(ok, f"expert_idx must lie in [-1, {n_exp}) (-1: skip the token)")
     if x.dtype == torch.float64:
-        return (*_reference().forward(x, idx, lora_a, lora_b, gate, scale)[:2], perm, offsets)
-    _check(lora_a)
+        return (*reference.forward(x, idx, lora_a, lora_b, gate, scale)[:2], perm, offsets)
+    check_rank(lora_a)
     n_tok = x.shape[0]
     _, n_slice, rank, _ = lora_a.shape
     y = x.new_empty(n_tok, n_slice * lora_b.shape[2])  # every row written: skipped tokens' by their own tiles
@@ -631,11 +565,11 @@ def backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need
     """Gradients for forward(), with its grouping (perm, offsets); unneeded ones come back as empty tensors."""
     need_gate = need_gate and gate is not None
     if x.dtype == torch.float64:
-        dx, da, db, dg = _reference().backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale,
+        dx, da, db, dg = reference.backward(grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale,
                                                need_x, need_w, need_gate)
         return _outputs(x, dx if need_x else None, da if need_w else None, db if need_w else None,
                         dg if need_gate else None)
-    _check(lora_a)
+    check_rank(lora_a)
     grad_y = grad_y.to(x.dtype)
     n_tok = x.shape[0]
     n_exp, n_slice, rank, d_in = lora_a.shape

@@ -1,12 +1,13 @@
-"""Joint multi-head attention for the recursion's steps: vision queries over [vision; context] keys.
+"""joint_attention's public wrapper: joint multi-head attention for the recursion's steps, vision queries over
+[vision; context] keys.
 
-On CPU (fp32, eager; training and inference) the compiled extension's kernel (csrc/attention.cpp) reads the heads
-straight out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied), works
-on one (batch, head)'s whole (rows x keys) score block in cache and keeps each row's logsumexp for the backward
+On CPU (fp32, eager; training and inference) the compiled extension's kernel (cpu.py, csrc/attention.cpp) reads the
+heads straight out of the fused qkv projection and the context's rows (no split, concatenation or merge is copied),
+works on one (batch, head)'s whole (rows x keys) score block in cache and keeps each row's logsumexp for the backward
 (N x H x rows floats, also when nothing needs a gradient: its forward took 0.70-0.89x the time of torch's flash
-attention at the recursion's shapes in benchmarks/test_attention.py, 2 threads); elsewhere
-(GPU, bf16, no extension, a score block over MAX_SCORES) torch's scaled_dot_product_attention runs on the split
-heads. Both compute the same function.
+attention at the recursion's shapes in benchmarks/test_attention.py, 2 threads); elsewhere (GPU, bf16, no
+extension, a score block over MAX_SCORES) torch's scaled_dot_product_attention runs on the split heads (torch.py).
+Both compute the same function.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import torch
 
 from .. import _ext
 from .._dispatch import resolve
-from .op import check_inputs, joint_attention_bwd, joint_attention_fwd
-from .reference import joint_attention_composed, joint_attention_reference
-
-__all__ = ["joint_attention", "joint_attention_reference", "joint_attention_fwd", "joint_attention_bwd",
-           "MAX_SCORES"]
+from .._validate import check_joint_attention
+from .op import joint_attention_fwd
+from .torch import joint_attention_composed
 
 # Largest (rows x keys) score block of one head the kernel takes: each thread's backward holds two of them in fp32
 # (2 x 4 MiB here; 256 tokens make 0.25 MiB). Larger attentions (e.g. 64 x 64 latents) run torch's flash attention.
@@ -46,8 +45,8 @@ def joint_attention(qkv, num_heads, context_q=None, context_k=None, context_v=No
     jointly with their own. context_q: optional (N, L, D) queries of those tokens (a joint attention whose
     context also needs its output): their rows follow the T vision rows in the output. Scale 1 / sqrt(D / H).
     """
-    check_inputs("tp_kernels.joint_attention", qkv, context_q, context_k, context_v, num_heads)
+    check_joint_attention("tp_kernels.joint_attention", qkv, context_q, context_k, context_v, num_heads)
     context = (context_q, context_k, context_v)
     if _kernel_applies(qkv, context):
-        return joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads)[0]
+        return joint_attention_fwd(qkv, context_q, context_k, context_v, num_heads, True)[0]  # checked here
     return joint_attention_composed(qkv, num_heads, context_q, context_k, context_v)

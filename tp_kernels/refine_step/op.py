@@ -9,13 +9,13 @@ Two custom ops, both opaque to torch.compile:
 normalize=False: state already is LN(a) and the op skips its LayerNorm (the CPU path: see refine_step).
 checked=True (a trailing argument of both ops): the caller validated the arguments -- the public wrapper, or the
 autograd backward passing the forward's own tensors -- and the op body does not check them again; called
-directly, an op checks its raw layout (and the backward its expert indices).
+directly, an op checks its raw layout (and the backward its expert indices; tp_kernels._validate).
 active (N,) bool or None: inactive tokens get idx -1 (the LoRA skips them), weight 0 and qkv = base (or 0); the
 backward knows them by idx -1 and gives them no gradient but the base's.
 probs = softmax(z / tau) (N, E) and lora_h = A_idx LN(state) (N, S*R) are saved for the backward
 (float32; float64 for float64 state), and the LoRA's token grouping (perm (N,), offsets (E+1,) int64) so the
 backward does not sort again. The base's gradient is grad_qkv itself, passed through in Python.
-Every backend module (reference, cpu, triton) provides forward()/backward() with these signatures.
+Every backend module (reference, torch, cpu, triton) provides forward()/backward() with these signatures.
 """
 
 from __future__ import annotations
@@ -26,58 +26,16 @@ import torch
 from torch import Tensor
 
 from .._dispatch import implementation
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, OpArgs, acc_dtype, check_finite_number, check_index_range
-from ..routed_lora import cpu_ext as _lora_ext
-from ..routed_lora.op import _Reference as _LoraReference
-from ..routed_lora.reference import shrink
+from .._validate import acc_dtype, check_refine_step_bwd_op, check_refine_step_fwd_op
+from ..routed_lora import cpu as _lora_cpu
 from . import cpu as _cpu
+from . import reference as _reference
+from . import torch as _torch
 from .deferred import collector_for
-from .reference import refine_step_parts
-from .._grouping import group_by_expert
-
-
-class _Reference:
-    """The reference as a backend: the spec's forward; the backward composed with routed LoRA's reference."""
-
-    @staticmethod
-    def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
-                active=None):
-        p = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
-                              normalize=normalize, active=active)
-        a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
-        lora_h = shrink(a, p["h"]).flatten(1)  # (N, S*R)
-        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
-        weight = torch.ones_like(p["weight"]) if active is None else active.to(p["weight"].dtype)
-        return (p["qkv"].to(state.dtype), weight, p["idx"], p["probs"], lora_h,
-                *group_by_expert(p["idx"], lora_a.shape[0]))
-
-    @staticmethod
-    def backward(*args):
-        return _cpu.backward_with(_LoraReference, *args, tail=_cpu.composed_gate_ln_backward)
 
 
 def _backend(device):
-    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu.Composed, cpu=lambda: _cpu)
-
-
-def _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps) -> OpArgs:
-    """The layout both ops share (see OpArgs): state (N, D), lora_a (E, S, R, D), lora_b (E, S, D_out, R)."""
-    arg = OpArgs(op, state.device if isinstance(state, Tensor) else None)
-    arg("state", state, ("N", "D"), FLOAT_DTYPES)
-    arg("lora_a", lora_a, ("E", "S", "R", "D"), (state.dtype,))
-    arg("lora_b", lora_b, ("E", "S", "D_out", "R"), (state.dtype,))
-    arg("token_weight", token_weight, ("E", "D"), (state.dtype,), optional=True)
-    if lora_a.shape[0] < 1 or lora_a.shape[2] < 1:
-        raise ValueError(f"{op}: lora_a needs at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
-    check_finite_number("tau", tau, positive=True)
-    check_finite_number("scale", scale)
-    check_finite_number("eps", eps, positive=True)
-    return arg
-
-
-def _check_groups(op, n_groups, n_tok):
-    if n_groups < 0 or (n_groups == 0 and n_tok > 0) or (n_groups and n_tok % n_groups):
-        raise ValueError(f"{op}: cond_logits' {n_groups} rows must divide the {n_tok} tokens")
+    return implementation(device, __package__, reference=_reference, torch_ops=_torch, cpu=lambda: _cpu)
 
 
 @torch.library.custom_op("tp_kernels::refine_step_fwd", mutates_args=())
@@ -87,14 +45,8 @@ def refine_step_fwd(
     active: Optional[Tensor] = None, checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if not checked:
-        op = "tp_kernels.refine_step_fwd"
-        arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
-        arg("cond_logits", cond_logits, ("G", "E"), FLOAT_DTYPES, optional=True)
-        arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
-        arg("base", base, ("N", lora_b.shape[1] * lora_b.shape[2]), (state.dtype,), optional=True)
-        arg("active", active, ("N",), (torch.bool,), optional=True)
-        if cond_logits is not None:
-            _check_groups(op, cond_logits.shape[0], state.shape[0])
+        check_refine_step_fwd_op(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
+                                 active)
     return _backend(state.device).forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale,
                                           eps, normalize, active)
 
@@ -122,20 +74,8 @@ def refine_step_bwd(
     # upstream gradients come in any layout (weight.sum() gives a stride-0 one): the kernels index rows densely
     grad_qkv, grad_weight = (g.contiguous() if isinstance(g, Tensor) else g for g in (grad_qkv, grad_weight))
     if not checked:
-        op = "tp_kernels.refine_step_bwd"
-        arg = _check_args(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
-        n_exp, n_slice, rank, _ = lora_a.shape
-        acc = (acc_dtype(state.dtype),)
-        arg("grad_qkv", grad_qkv, ("N", n_slice * lora_b.shape[2]), FLOAT_DTYPES)
-        arg("grad_weight", grad_weight, ("N",), FLOAT_DTYPES, optional=True)
-        arg("idx", idx, ("N",), INDEX_DTYPES)
-        arg("probs", probs, ("N", "E"), acc)
-        arg("lora_h", lora_h, ("N", n_slice * rank), acc)
-        arg("perm", perm, ("N",), (torch.int64,))
-        arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
-        if need_cond:
-            _check_groups(op, n_groups, state.shape[0])
-        check_index_range("expert_idx", idx, n_exp, allow_skip=True)  # -1: an inactive token
+        check_refine_step_bwd_op(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm,
+                                 offsets, n_groups, tau, scale, eps, need_cond)
     return _backend(state.device).backward(
         grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, n_groups, tau,
         scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
@@ -161,7 +101,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cond_dtype = None if cond_logits is None else cond_logits.dtype
     ctx.tau, ctx.scale, ctx.eps, ctx.normalize = tau, scale, eps, normalize
     ctx.deferred = collector_for(lora_a)  # weights from deferred.defer_weight_grads: dA, dB reduced after all steps
-    ctx.packs = _lora_ext.PACKED.current()  # the recursion's packed experts, for its steps' backward
+    ctx.packs = _lora_cpu.PACKED.current()  # the recursion's packed experts, for its steps' backward
     ctx.mark_non_differentiable(idx, probs, lora_h, perm, offsets)
     ctx.qkv_shape = qkv.shape
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
@@ -169,7 +109,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_qkv, grad_weight, *_, bwd=None):
     """The gradients through ``bwd`` (the backend's backward), or the registered backward op if None."""
-    with _lora_ext.resumed(ctx.packs):  # the T steps' backward pack the experts once between them
+    with _lora_cpu.resumed(ctx.packs):  # the T steps' backward pack the experts once between them
         return _gradients(ctx, grad_qkv, grad_weight, bwd)
 
 
@@ -209,7 +149,8 @@ refine_step_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class RefineStep(torch.autograd.Function):
     """refine_step_fwd's eager path: the same backend forward and backward and the same autograd glue, without the
-    custom ops' dispatch; torch.compile takes the custom ops, which it keeps opaque (see routed_lora.op.RoutedLoRA)."""
+    custom ops' dispatch; torch.compile takes the custom ops, which it keeps opaque (see routed_lora/op.py's
+    RoutedLoRA)."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -1,10 +1,12 @@
-"""The joint attention in plain torch: the specification the CPU kernel is tested against, and the composed path
-(torch's scaled_dot_product_attention) that runs wherever the kernel does not."""
+"""The joint attention in plain torch: the specification the CPU kernel is tested against.
+
+The ``reference`` backend has no implementation of its own: joint_attention runs torch.py's composed path there
+(torch's scaled_dot_product_attention on the split heads), as on every backend where the CPU kernel does not run.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 
@@ -21,12 +23,6 @@ def split(qkv, context_q, context_k, context_v, num_heads):
     if context_q is not None:
         q = torch.cat([q, _heads(context_q, num_heads)], dim=2)
     return q, k, v
-
-
-def joint_attention_composed(qkv, num_heads, context_q=None, context_k=None, context_v=None):
-    """torch's scaled_dot_product_attention on the split heads -> (N, T [+ L], D)."""
-    out = F.scaled_dot_product_attention(*split(qkv, context_q, context_k, context_v, num_heads))
-    return rearrange(out, "n h t d -> n t (h d)")
 
 
 def joint_attention_reference(qkv, num_heads, context_q=None, context_k=None, context_v=None):

@@ -1,4 +1,4 @@
-"""The refinement step in Triton: two forward kernels, no host sync, LN(state) never written.
+"""The refinement step in Triton (the ``triton`` backend): two forward kernels, no host sync, LN(state) never written.
 
     _stats_gate_kernel  grid (token blocks,):  one read of the state per token block gives the LayerNorm
                         statistics, the gate's token logits (folded through the normalisation), the conditioning
@@ -22,7 +22,7 @@ The gate's E logits per token are too few for tensor cores (tl.dot needs 16 colu
 fp32 on CUDA cores, one expert's row of W at a time (``_expert_row``); the kernel is bound by its one read of the
 state anyway.
 
-Backward (cpu.backward_with, the driver shared with the CPU path): LN(state) recomputed once with torch's
+Backward (torch.py's backward_with, the driver every backend shares): LN(state) recomputed once with torch's
 native_layer_norm (routed_lora's weight-gradient kernel reads it), routed_lora.triton's three backward kernels
 (dh; dx with the gate weight's gradient; dA with dB), then one kernel per token block for the rest:
     _gate_ln_bwd_kernel grid (token blocks,): the straight-through gate gradient d logits (N, E), the token
@@ -37,10 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import Launch, cdiv, next_power_of_2
 from .._validate import acc_dtype
 from ..routed_lora import triton as _lora
-from ..routed_lora.triton import Launch, cdiv, next_power_of_2
-from . import cpu as _composed
+from . import reference
+from . import torch as _composed
 
 
 @triton.jit
@@ -208,19 +209,13 @@ def stats_gate_launch(state, token_weight, cond_logits, noise, tau, eps, normali
     )
 
 
-def _reference():
-    from .op import _Reference  # imported late: op imports this module on first use
-
-    return _Reference
-
-
 def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
     """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32,
     and the LoRA's grouping perm (N,), offsets (E+1,)."""
     if state.dtype == torch.float64:
-        return _reference().forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
-                                    normalize, active)
-    _lora._check(lora_a)
+        return reference.forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
+                                 normalize, active)
+    _lora.check_rank(lora_a)
     n_tok = state.shape[0]
     n_exp, n_slice, rank, _ = lora_a.shape
     acc = acc_dtype(state.dtype)
@@ -265,7 +260,7 @@ def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, 
 
 def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
                      need_state):
-    """cpu.gate_ln_backward's interface, as one kernel: the gate's gradient, its token term and the LN backward."""
+    """torch.py's gate_ln_backward's interface, as one kernel: the gate's gradient, its token term and the LN backward."""
     if state.dtype == torch.float64:
         return _composed.composed_gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs,
                                                    idx, tau, need_logits, need_state)

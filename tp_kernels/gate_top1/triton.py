@@ -1,4 +1,4 @@
-"""Top-1 gate in Triton: one kernel adds the noise, takes the argmax and the softmax, several rows per program.
+"""Top-1 gate in Triton (the ``triton`` backend): one kernel adds the noise, takes the argmax and the softmax, several rows per program.
 
 Math in fp32 (fp64 for fp64 logits), the dtype of the weight buffer it writes.
 """
@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import Launch, cdiv, next_power_of_2
 from .._validate import acc_dtype
-from ..routed_lora.triton import Launch
 
 
 @triton.jit
@@ -43,10 +43,10 @@ def _gate_kernel(
 
 def gate_launch(logits, noise, tau, hard, idx, weight, probs):
     n_rows, n_exp = logits.shape
-    block_e = triton.next_power_of_2(n_exp)
+    block_e = next_power_of_2(n_exp)
     block_n = max(16, min(256, 4096 // block_e))  # ~4K elements per program
     return Launch(
-        _gate_kernel, (triton.cdiv(n_rows, block_n),),
+        _gate_kernel, (cdiv(n_rows, block_n),),
         dict(logits_ptr=logits, noise_ptr=noise, idx_ptr=idx, weight_ptr=weight, probs_ptr=probs, n_rows=n_rows,
              n_exp=n_exp, tau=tau),
         dict(HAS_NOISE=noise is not None, HARD=hard, BLOCK_N=block_n, BLOCK_E=block_e),

@@ -1,12 +1,10 @@
-"""Fused Gumbel-softmax top-1 router."""
+"""gate_top1's public wrapper: the fused Gumbel-softmax top-1 router."""
 
 from __future__ import annotations
 
-from .._validate import FLOAT_DTYPES, check_finite_number, check_same_device, check_tensor
+from .._validate import check_gate_top1
 from .op import gate_top1_fwd
-from .reference import gate_top1_reference, gumbel_noise
-
-__all__ = ["gate_top1", "gate_top1_reference", "gumbel_noise", "gate_top1_fwd"]
+from .reference import gumbel_noise
 
 
 def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=None):
@@ -23,16 +21,8 @@ def gate_top1(logits, *, tau=1.0, noise=None, generator=None, hard=True, gumbel=
     the soft weights ``softmax(z / tau)`` of shape ``(..., E)``. Gate is float32
     (float64 for float64 logits).
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape (..., E) with E >= 1, got {tuple(logits.shape)}")
-    check_finite_number("tau", tau, positive=True)
-    if noise is not None:
-        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
-        if noise.shape != logits.shape:
-            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-        check_same_device(logits=logits, noise=noise)
-    elif gumbel or (gumbel is None and generator is not None):
+    check_gate_top1(logits, tau, noise)
+    if noise is None and (gumbel or (gumbel is None and generator is not None)):
         noise = gumbel_noise(logits.shape, generator=generator, device=logits.device)
     n_exp = logits.shape[-1]
     lead = logits.shape[:-1]

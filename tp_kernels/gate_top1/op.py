@@ -1,7 +1,8 @@
 """torch.library registration of the top-1 gate: schema, fake, autograd, dispatch by backend.
 
     tp_kernels::gate_top1_fwd(logits, noise, tau, hard, checked=False) -> (weight, idx, probs)
-checked: the caller (the public wrapper) validated the arguments; called directly, the op checks them.
+checked: the caller (the public wrapper) validated the arguments; called directly, the op checks them
+(tp_kernels._validate).
 idx = argmax(logits + noise); probs = softmax((logits + noise) / tau) in fp32 (fp64 for fp64).
 hard: weight = 1 (N,), probs kept for the straight-through backward.
 soft: weight = probs (N, E), probs returned empty (weight is saved instead).
@@ -15,44 +16,25 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from torch import Tensor
-
-from .._validate import FLOAT_DTYPES, OpArgs, acc_dtype, check_finite_number
 
 from .. import _ext
 from .._dispatch import implementation
-from . import cpu as _cpu
-from .reference import gate_top1_reference
-
-
-class _Reference:
-    @staticmethod
-    def forward(logits, noise, tau, hard):
-        idx, weight = gate_top1_reference(logits, noise, tau, hard)
-        if not hard:
-            return idx, weight, weight.new_empty(0)
-        z = logits.to(weight.dtype) + (0 if noise is None else noise.to(weight.dtype))
-        # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
-        return idx, torch.ones_like(weight.detach()), torch.softmax(z / tau, dim=-1)
+from .._validate import acc_dtype, check_gate_top1_fwd_op
+from . import reference as _reference
+from . import torch as _torch
 
 
 def _backend(device):
-    return implementation(device, __package__, reference=_Reference, torch_ops=_cpu,
-                          cpu=lambda: _ext.gate_cpu() or _cpu)
+    return implementation(device, __package__, reference=_reference, torch_ops=_torch,
+                          cpu=lambda: _ext.gate_cpu() or _torch)
 
 
 @torch.library.custom_op("tp_kernels::gate_top1_fwd", mutates_args=())
 def gate_top1_fwd(logits: Tensor, noise: Optional[Tensor], tau: float, hard: bool,
                   checked: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     if not checked:
-        op = "tp_kernels.gate_top1_fwd"
-        arg = OpArgs(op, logits.device if isinstance(logits, Tensor) else None)
-        arg("logits", logits, ("N", "E"), FLOAT_DTYPES)
-        arg("noise", noise, ("N", "E"), FLOAT_DTYPES, optional=True)
-        if logits.shape[1] < 1:
-            raise ValueError(f"{op}: logits needs at least one expert (column), got shape {tuple(logits.shape)}")
-        check_finite_number("tau", tau, positive=True)
+        check_gate_top1_fwd_op(logits, noise, tau)
     idx, weight, probs = _backend(logits.device).forward(logits, noise, tau, hard)
     return weight, idx, probs
 

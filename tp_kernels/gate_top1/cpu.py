@@ -1,8 +1,9 @@
-"""Top-1 gate on CPU through the compiled extension (csrc/gate.cpp): the interface of cpu.py.
+"""Top-1 gate on CPU through the compiled extension (csrc/gate.cpp): the ``cpu`` backend, with the interface of
+torch.py.
 
 One pass over the logits per block of rows: noise add, argmax (ties to the lowest index), softmax.
 float32 and bfloat16 logits/noise are read directly, float16 is converted to float32 first, and float64
-logits use the composed-torch path of cpu.py (they need float64 outputs). The gate's token term (logits = h W^T and
+logits use the composed-torch path of torch.py (they need float64 outputs). The gate's token term (logits = h W^T and
 its input gradient) runs row by row in fp32 for float32 and bfloat16 h: a skinny (E columns) product that a BLAS
 call made batch-invariant (mm_rows) spends more time on than the extension's single pass.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from . import cpu as _torch_path
+from . import torch as _torch_path
 
 
 def _readable(t):
@@ -47,7 +48,7 @@ def _kernel_takes(h):
 
 def logits(h, weight):
     """h (N, D) @ weight (E, D)^T -> (N, E) float32: accumulated in fp32, rounded to h's dtype as the gate's Linear
-    computes it (float64 h: cpu.py's)."""
+    computes it (float64 h: torch.py's)."""
     if not _kernel_takes(h):
         return _torch_path.logits(h, weight)
     n, d = h.shape

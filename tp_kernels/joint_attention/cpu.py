@@ -1,5 +1,5 @@
-"""Joint attention through the compiled extension (csrc/attention.cpp): fp32, each softmax row's logsumexp kept for
-the backward."""
+"""Joint attention through the compiled extension (csrc/attention.cpp), the ``cpu`` backend: fp32, each softmax row's
+logsumexp kept for the backward; op.py registers it as custom ops."""
 
 from __future__ import annotations
 

@@ -1,24 +1,19 @@
-"""The refinement step on CPU: the compiled extension's gate and routed LoRA, with the glue folded.
+"""The refinement step in composed torch ops: the ``torch`` backend, and the driver every backend's step runs.
 
-refine_step runs the LayerNorm before this op on CPU (tp_kernels.layer_norm, normalize=False here): its output
-feeds the extension's kernels anyway, and autograd then keeps it and its statistics for the backward, which saves a
-LayerNorm pass there. Called with normalize=True, the op runs it itself.
+:func:`step_forward` and :func:`backward_with` take the routed-LoRA and gate backend modules that do the work (this
+module's :func:`forward` / :func:`backward` pass the composed-torch ones, cpu.py the extension's, reference.py the
+reference's for the backward; triton.py passes its routed-LoRA kernels and its fused gate + LayerNorm backward kernel
+to :func:`backward_with`).
 
-Forward, three passes over the tokens' activations:
-    1. h = LN(a) in one pass (statistics and output together; torch.native_layer_norm);
-    2. gate logits h W^T (N, E): the extension's row-by-row kernel (fp32 accumulation, rounded to the state's
-       dtype as the gate's Linear's output would be), the conditioning rows added in place (G, 1, E) -> (N, E);
-       top-1 in the extension's one-pass gate kernel;
-    3. routed LoRA in the extension (tokens grouped, shrink + expand per cache-resident tile), with the base
-       added in place into its output (no separate output allocation: the add touches pages already hot).
+Forward: h = LN(a) (native_layer_norm in the accumulation dtype) unless the state comes normalised, the gate's
+logits h W^T + the conditioning rows, top-1, then the routed LoRA with the base added in place into its output.
 The gate's weight is exactly 1 forward, so the LoRA runs without a gate multiplier.
 
-Backward (:func:`backward_with`, shared with the Triton path, which passes its routed-LoRA kernels and its
-fused gate + LayerNorm backward kernel): h (recomputed with native_layer_norm if the op normalised), the
-routed-LoRA backward (d h, dA, dB and the gate's d weight in one call), then :func:`gate_ln_backward`: the
-straight-through gate gradient on (N, E), the token term's d h accumulated in place (the extension's row kernel,
-fp32, one rounding), and native_layer_norm_backward if the op normalised. Without the extension (and on the
-``Composed`` path) the token term's products are mm_rows GEMMs in the state's dtype.
+Backward (:func:`backward_with`): h (recomputed with native_layer_norm if the op normalised), the routed-LoRA
+backward (d h, dA, dB and the gate's d weight in one call), then the ``tail``, :func:`gate_ln_backward` or a
+kernel with its interface: the straight-through gate gradient on (N, E), the token term's d h accumulated in place,
+and native_layer_norm_backward if the op normalised. Here the token term's products are mm_rows GEMMs in the
+state's dtype.
 """
 
 from __future__ import annotations
@@ -27,18 +22,9 @@ import functools
 
 import torch
 
-from .. import _ext
 from .._validate import acc_dtype
-from ..gate import cpu as _gate_torch
-from ..routed_lora import cpu as _lora_torch
-
-
-def _lora():
-    return _ext.routed_lora_cpu() or _lora_torch
-
-
-def _gate():
-    return _ext.gate_cpu() or _gate_torch
+from ..gate_top1 import torch as _gate_torch
+from ..routed_lora import torch as _lora_torch
 
 
 def layer_norm(state, eps):
@@ -64,32 +50,31 @@ def gate_logits(h, token_weight, cond_logits, n_exp, gate):
     return logits
 
 
-def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None,
-            *, lora=None, gate=None):
+def step_forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
+                 active=None, *, lora, gate):
     """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R), and the
     LoRA's grouping perm (N,), offsets (E+1,) for the backward.
-    ``lora`` / ``gate``: the routed-LoRA and gate backend modules (default: the extension's, else composed torch)."""
+    ``lora`` / ``gate``: the routed-LoRA and gate backend modules that run the step's parts."""
     n_exp = lora_a.shape[0]
     h = layer_norm(state, eps)[0] if normalize else state  # (N, D)
-    gate = gate or _gate()
     logits = gate_logits(h, token_weight, cond_logits, n_exp, gate)  # (N, E)
     idx, weight, probs = gate.forward(logits, noise, tau, True)
     if active is not None:  # inactive tokens: expert -1, which the LoRA skips, and weight 0
         idx = torch.where(active, idx, -1)
         weight = active.to(weight.dtype)
-    qkv, lora_h, perm, offsets = (lora or _lora()).forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1
+    qkv, lora_h, perm, offsets = lora.forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1
     if base is not None:
         qkv.add_(base)
     return qkv, weight, idx, probs, lora_h, perm, offsets
 
 
 def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
-                     need_state, gate=None):
+                     need_state, *, gate):
     """The step's backward after the LoRA, in torch ops -> (d logits (N, E) or None, d state or None).
 
     dh (N, D): d loss / d h through the LoRA; dgate (N,): through the gate weight's use in the LoRA.
     mean, rstd: native_layer_norm's, or None when h = state (normalize=False: no LayerNorm backward).
-    gate: the gate backend module adding d logits W into dh (default: the extension's, else composed torch).
+    gate: the gate backend module adding d logits W into dh.
     """
     dlogits = d_state = None
     if need_logits:
@@ -103,7 +88,7 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
         onehot = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
         dlogits = (dweight[:, None] * p_sel) * (onehot - probs) / tau  # (N, E)
         if need_state and token_weight is not None:
-            (gate or _gate()).add_logits_grad(dh, dlogits, token_weight)  # + d logits / d LN(state)
+            gate.add_logits_grad(dh, dlogits, token_weight)  # + d logits / d LN(state)
     if need_state:
         acc = mean.dtype if mean is not None else None
         d_state = dh if mean is None else torch.ops.aten.native_layer_norm_backward(
@@ -113,12 +98,12 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
 
 
 def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
-                  n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
-                  tail=gate_ln_backward):
-    """Gradients of forward() -> (d state, dA, dB, d token_weight, d cond (G, E) in the accumulation dtype).
+                  n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond, *, tail):
+    """Gradients of step_forward() -> (d state, dA, dB, d token_weight, d cond (G, E) in the accumulation dtype).
 
-    ``lora`` is a routed-LoRA backend module (its backward(): the CPU extension, cpu.py or triton.py) and
-    ``tail`` the gate + LayerNorm backward (:func:`gate_ln_backward` or a kernel with its interface).
+    ``lora`` is a routed-LoRA backend module (its backward(): routed_lora's cpu.py, torch.py, triton.py or
+    reference.py) and ``tail`` the gate + LayerNorm backward (:func:`gate_ln_backward` with a gate backend module,
+    or a kernel with its interface).
     Unneeded gradients come back as distinct empty tensors (custom-op outputs may not alias).
     """
     n_tok, dim = state.shape
@@ -142,21 +127,14 @@ def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weig
                                                                   db if need_w else None, d_tw, d_cond))
 
 
-def backward(*args):
-    return backward_with(_lora(), *args)
-
-
 # gate_ln_backward on composed torch ops only (the token term's gradient too)
 composed_gate_ln_backward = functools.partial(gate_ln_backward, gate=_gate_torch)
 
 
-class Composed:
+def forward(*args):
     """The step in composed torch ops only, never the extension: the path of devices without Triton."""
+    return step_forward(*args, lora=_lora_torch, gate=_gate_torch)
 
-    @staticmethod
-    def forward(*args):
-        return forward(*args, lora=_lora_torch, gate=_gate_torch)
 
-    @staticmethod
-    def backward(*args):
-        return backward_with(_lora_torch, *args, tail=composed_gate_ln_backward)
+def backward(*args):
+    return backward_with(_lora_torch, *args, tail=composed_gate_ln_backward)

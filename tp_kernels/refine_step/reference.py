@@ -19,6 +19,9 @@ Shapes (flattened tokens, stacked slices):
 
 The gate is tp_kernels.gate_top1's and the LoRA routed_lora's; this is the spec the fast paths are
 tested against (use float64).
+
+:func:`forward` / :func:`backward` are the ``reference`` backend: the spec's forward, and torch.py's backward
+driver composed with routed LoRA's reference backward; triton.py runs them for float64.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._grouping import group_by_expert
 from .._validate import acc_dtype
-from ..gate.reference import gate_top1_reference
-from ..routed_lora.reference import routed_lora_reference
+from ..gate_top1.reference import gate_top1_reference
+from ..routed_lora import reference as _lora_reference
+from ..routed_lora.reference import routed_lora_reference, shrink
+from .torch import backward_with, composed_gate_ln_backward
 
 
 def refine_logits_reference(h, token_weight=None, cond_logits=None, num_experts=None):
@@ -77,3 +83,20 @@ def refine_step_reference(state, lora_a, lora_b, token_weight=None, cond_logits=
     parts = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
                               expert_idx, normalize, active)
     return parts["qkv"].to(state.dtype), parts["idx"], parts["weight"]
+
+
+def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
+    """The backend interface (torch.py's forward) on :func:`refine_step_parts`."""
+    p = refine_step_parts(state, lora_a, lora_b, token_weight, cond_logits, tau, noise, scale, base, eps,
+                          normalize=normalize, active=active)
+    a = lora_a.to(p["h"].dtype)[p["idx"]]  # (N, S, R, D)
+    lora_h = shrink(a, p["h"]).flatten(1)  # (N, S*R)
+    # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
+    weight = torch.ones_like(p["weight"]) if active is None else active.to(p["weight"].dtype)
+    return (p["qkv"].to(state.dtype), weight, p["idx"], p["probs"], lora_h,
+            *group_by_expert(p["idx"], lora_a.shape[0]))
+
+
+def backward(*args):
+    """The backend interface (torch.py's backward) with routed LoRA's reference backward."""
+    return backward_with(_lora_reference, *args, tail=composed_gate_ln_backward)

@@ -1,4 +1,5 @@
-"""LayerNorm through the compiled extension (csrc/layer_norm.cpp): fp32 or bf16 rows, fp32 statistics."""
+"""LayerNorm through the compiled extension (csrc/layer_norm.cpp), the ``cpu`` backend: fp32 or bf16 rows, fp32
+statistics. op.py's autograd.Function calls these kernels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LayerNorm kernel's autograd: a plain torch.autograd.Function over the extension.
+"""The LayerNorm kernel's autograd: a plain torch.autograd.Function over the extension (cpu.py).
 
 Not a torch.library custom op, unlike the package's other kernels: a LayerNorm's work is small next to a custom op's
 Python autograd wrapper. At the default preset's 1024 x 128 (fp32, forward + backward) this Function and torch's
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_ext
+from . import cpu
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -18,11 +18,11 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps):
-        y, mean, rstd = cpu_ext.forward(x, eps)
+        y, mean, rstd = cpu.forward(x, eps)
         ctx.save_for_backward(x, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, mean, rstd = ctx.saved_tensors
-        return cpu_ext.backward(grad_y.to(x.dtype).contiguous(), x, mean, rstd), None
+        return cpu.backward(grad_y.to(x.dtype).contiguous(), x, mean, rstd), None

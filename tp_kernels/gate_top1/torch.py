@@ -1,4 +1,5 @@
-"""Top-1 gate with composed torch ops (the CPU fallback when csrc/ is not built; any device without Triton)."""
+"""Top-1 gate with composed torch ops: the ``torch`` backend (any device without Triton), and the ``cpu`` backend's
+path where the extension is not built or does not take the dtype (cpu.py)."""
 
 from __future__ import annotations
 

@@ -16,41 +16,27 @@ import torch
 import tp_kernels
 from tp_kernels import _ext
 from tp_kernels._grouping import group_by_expert
-from tp_kernels.gate import cpu_ext as gate_ext
-from tp_kernels.gate.reference import gate_top1_reference
-from tp_kernels.routed_lora import cpu as lora_torch
-from tp_kernels.routed_lora import cpu_ext as lora_ext
+from tp_kernels.gate_top1 import cpu as gate_cpu
+from tp_kernels.gate_top1.reference import gate_top1_reference
+from tp_kernels.routed_lora import cpu as lora_cpu
+from tp_kernels.routed_lora import torch as lora_torch
 from tp_kernels.routed_lora.reference import routed_lora_backward_reference, routed_lora_reference
+
+from kernel_helpers import assert_close, make_inputs  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(
     _ext.library() is None,
     reason="CPU extension not built (run `python setup.py build_ext --inplace`) or TP_KERNELS_NO_EXT=1",
 )
-TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 
 
 @pytest.fixture
 def cpu_backend(monkeypatch):
     """The "cpu" backend, with every float32/bfloat16 forward in the extension (no rank cut-over)."""
-    monkeypatch.setattr(lora_ext, "BF16_EXT_MAX_RANK", 1 << 30)
+    monkeypatch.setattr(lora_cpu, "BF16_EXT_MAX_RANK", 1 << 30)
     with tp_kernels.use_backend("cpu"):
         yield
-
-
-def assert_close(actual, expected, dtype, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(1.0, expected.double().abs().max().item())
-    assert err <= TOL[dtype] * scale, f"{what}: max abs err {err:.3e} (scale {scale:.3e}, tol {TOL[dtype]})"
-
-
-def make_inputs(n, d_in, d_out, rank, n_exp, n_slice, dtype, gate=True, idx=None):
-    x = torch.randn(n, d_in).to(dtype)
-    idx = torch.randint(0, n_exp, (n,)) if idx is None else idx
-    a = (torch.randn(n_exp, n_slice, rank, d_in) / d_in**0.5).to(dtype)
-    b = (torch.randn(n_exp, n_slice, d_out, rank) / rank**0.5).to(dtype)
-    g = (torch.rand(n) + 0.5).to(dtype) if gate else None
-    return x, idx, a, b, g
 
 
 def run_public(x, idx, a, b, g, scale, grad_y):
@@ -83,8 +69,8 @@ def check_against_reference(x, idx, a, b, g, scale=0.75):
 
 @needs_ext
 def test_cpu_backend_uses_the_extension():
-    assert _ext.routed_lora_cpu() is lora_ext
-    assert _ext.gate_cpu() is gate_ext
+    assert _ext.routed_lora_cpu() is lora_cpu
+    assert _ext.gate_cpu() is gate_cpu
     assert _ext.isa() in ("avx512_bf16", "avx512", "avx2", "baseline")
 
 
@@ -187,12 +173,12 @@ def test_packed_weights_are_reused_in_a_scope_and_match_packing_per_call(cpu_bac
 
     with tp_kernels.reuse_packed_weights():
         cached = [step() for _ in range(3)]
-        assert len(lora_ext.PACKED) == 2  # one forward and one backward packing for the three calls
-        assert lora_ext.PACKED.get(a, b, backward=False) is lora_ext.PACKED.get(a, b, backward=False)
+        assert len(lora_cpu.PACKED) == 2  # one forward and one backward packing for the three calls
+        assert lora_cpu.PACKED.get(a, b, backward=False) is lora_cpu.PACKED.get(a, b, backward=False)
         with tp_kernels.reuse_packed_weights():  # nested: the same copies
-            assert len(lora_ext.PACKED) == 2
-        assert len(lora_ext.PACKED) == 2
-    assert len(lora_ext.PACKED) == 0 and lora_ext.PACKED.get(a, b, backward=False) is None
+            assert len(lora_cpu.PACKED) == 2
+        assert len(lora_cpu.PACKED) == 2
+    assert len(lora_cpu.PACKED) == 0 and lora_cpu.PACKED.get(a, b, backward=False) is None
     per_call = step()  # outside a scope: every call packs its experts in use itself
     for outputs in cached:
         for got, want in zip(outputs, per_call):
@@ -206,8 +192,8 @@ def test_backward_of_a_scope_packs_once_after_the_scope_ended(cpu_backend, monke
     """A recursion's T calls run in a scope; autograd runs their backward after it: the calls' backward share one
     packing, and only that one outlives the scope."""
     packs = []
-    real = lora_ext.pack
-    monkeypatch.setattr(lora_ext, "pack", lambda a, b, backward: packs.append(backward) or real(a, b, backward))
+    real = lora_cpu.pack
+    monkeypatch.setattr(lora_cpu, "pack", lambda a, b, backward: packs.append(backward) or real(a, b, backward))
     x, idx, a, b, _ = make_inputs(90, 48, 40, 8, 3, 3, dtype)
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     token_weight = torch.randn(3, 48).to(dtype)
@@ -219,7 +205,7 @@ def test_backward_of_a_scope_packs_once_after_the_scope_ended(cpu_backend, monke
 
     with tp_kernels.reuse_packed_weights():
         ys = [call(x * (t + 1)) for t in range(3)]
-    assert packs == [False] and len(lora_ext.PACKED) == 0
+    assert packs == [False] and len(lora_cpu.PACKED) == 0
     got = torch.autograd.grad(sum(y.float().square().sum() for y in ys), (x, a, b))
     assert packs == [False, True]
     packs.clear()
@@ -237,7 +223,7 @@ def test_weight_updates_between_calls_are_seen_whatever_their_version_counter(cp
     packed copy may outlive the call (or scope) it was made for."""
     x, idx, a, b, _ = make_inputs(64, 32, 32, 8, 3, 3, torch.float32)
     a, b = torch.nn.Parameter(a), torch.nn.Parameter(b)
-    before = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    before = lora_cpu.forward(x, idx, a, b, None, 1.0)[0]
     if update == "fused AdamW":
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
         torch.optim.AdamW([a, b], lr=0.1, fused=True).step()
@@ -248,7 +234,7 @@ def test_weight_updates_between_calls_are_seen_whatever_their_version_counter(cp
         with torch.no_grad():
             a.mul_(2.0)
             b.add_(0.5)
-    after = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    after = lora_cpu.forward(x, idx, a, b, None, 1.0)[0]
     want = routed_lora_reference(x.double(), idx, a.detach().double(), b.detach().double(), None, 1.0).float()
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(after, before)
@@ -257,22 +243,22 @@ def test_weight_updates_between_calls_are_seen_whatever_their_version_counter(cp
 @needs_ext
 def test_packed_weights_scope_works_in_inference_mode(cpu_backend):
     x, idx, a, b, _ = make_inputs(64, 32, 32, 8, 3, 3, torch.float32)
-    want = lora_ext.forward(x, idx, a, b, None, 1.0)[0]
+    want = lora_cpu.forward(x, idx, a, b, None, 1.0)[0]
     with torch.inference_mode(), tp_kernels.reuse_packed_weights():  # no version counters there
         xi, ai, bi = x.clone(), a.clone(), b.clone()
-        assert torch.equal(lora_ext.forward(xi, idx, ai, bi, None, 1.0)[0], want)
-        assert len(lora_ext.PACKED) == 1
+        assert torch.equal(lora_cpu.forward(xi, idx, ai, bi, None, 1.0)[0], want)
+        assert len(lora_cpu.PACKED) == 1
 
 
 @needs_ext
 def test_bf16_rank_cutover_applies_only_without_bf16_dot_products(monkeypatch):
-    x, idx, a, b, g = make_inputs(40, 24, 20, lora_ext.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16)
+    x, idx, a, b, g = make_inputs(40, 24, 20, lora_cpu.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16)
     h = torch.randn(40, a.shape[2])
     calls = []
     monkeypatch.setattr(lora_torch, "forward", lambda *args: calls.append("forward"))
     monkeypatch.setattr(lora_torch, "backward", lambda *args: calls.append("backward"))
-    lora_ext.forward(x, idx, a, b, g, 0.5)
-    lora_ext.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, *group_by_expert(idx, 3), 0.5, True,
+    lora_cpu.forward(x, idx, a, b, g, 0.5)
+    lora_cpu.backward(torch.randn(40, 20).to(torch.bfloat16), x, idx, a, b, g, h, *group_by_expert(idx, 3), 0.5, True,
                       True, True)
     # with bf16 dot products the extension's GEMMs are the fast ones at any rank: no cut-over
     assert calls == ([] if _ext.bf16_dot() else ["forward", "backward"])
@@ -281,7 +267,7 @@ def test_bf16_rank_cutover_applies_only_without_bf16_dot_products(monkeypatch):
 @needs_ext
 def test_bf16_above_the_rank_cutover_matches_reference():
     with tp_kernels.use_backend("cpu"):
-        check_against_reference(*make_inputs(40, 24, 20, lora_ext.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16), 0.5)
+        check_against_reference(*make_inputs(40, 24, 20, lora_cpu.BF16_EXT_MAX_RANK + 1, 3, 1, torch.bfloat16), 0.5)
 
 
 @needs_ext
@@ -297,17 +283,17 @@ def test_out_of_range_index_raises_in_the_backend():
     x, idx, a, b, _ = make_inputs(8, 4, 4, 2, 3, 1, torch.float32)
     idx[5] = 3
     with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\) or be -1"):
-        lora_ext.forward(x, idx, a, b, None, 1.0)
+        lora_cpu.forward(x, idx, a, b, None, 1.0)
     idx[5] = -2
     with pytest.raises(IndexError, match=r"expert_idx must lie in \[0, 3\) or be -1"):
-        lora_ext.forward(x, idx, a, b, None, 1.0)
+        lora_cpu.forward(x, idx, a, b, None, 1.0)
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
 def test_other_dtypes_fall_back_to_the_torch_path(dtype):
     x, idx, a, b, g = make_inputs(20, 8, 6, 4, 3, 1, dtype)
-    y, h, _, _ = lora_ext.forward(x, idx, a, b, g, 1.0)
+    y, h, _, _ = lora_cpu.forward(x, idx, a, b, g, 1.0)
     expected = routed_lora_reference(x.double(), idx, a.double(), b.double(), g.double(), 1.0)
     torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-3)
 
@@ -333,11 +319,11 @@ def test_gate_matches_reference(cpu_backend, dtype, n_exp, with_noise, tau):
     noise = tp_kernels.gumbel_noise(logits.shape) if with_noise else None
     z = logits.float() + (0 if noise is None else noise)
     idx, probs = gate_top1_reference(logits, noise, tau, hard=False)
-    got_idx, got_probs, _ = gate_ext.forward(logits, noise, tau, False)
+    got_idx, got_probs, _ = gate_cpu.forward(logits, noise, tau, False)
     # argmax may differ only where z has an exact tie with another entry
     assert torch.equal(got_idx, idx) or torch.equal(z.gather(1, got_idx[:, None]), z.gather(1, idx[:, None]))
     torch.testing.assert_close(got_probs, probs, rtol=1e-5, atol=1e-7)
-    h_idx, weight, h_probs = gate_ext.forward(logits, noise, tau, True)
+    h_idx, weight, h_probs = gate_cpu.forward(logits, noise, tau, True)
     assert torch.equal(h_idx, got_idx) and torch.equal(h_probs, got_probs)
     assert weight.dtype == torch.float32 and bool((weight == 1).all())
 
@@ -346,7 +332,7 @@ def test_gate_matches_reference(cpu_backend, dtype, n_exp, with_noise, tau):
 def test_gate_ties_go_to_the_lowest_index_and_extremes():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-float("inf"), 0.0, -float("inf"), 0.0],
                            [1e30, -1e30, 0.0, 1e30], [0.0, 0.0, 0.0, 100.0]])
-    idx, _, probs = gate_ext.forward(logits, None, 1.0, True)
+    idx, _, probs = gate_cpu.forward(logits, None, 1.0, True)
     assert idx.tolist() == [1, 0, 1, 0, 3]
     torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=2e-6, atol=1e-7)
 
@@ -372,9 +358,9 @@ def test_gate_thread_counts_agree():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = gate_ext.forward(logits, None, 0.5, True)
+        one = gate_cpu.forward(logits, None, 0.5, True)
         torch.set_num_threads(2)
-        two = gate_ext.forward(logits, None, 0.5, True)
+        two = gate_cpu.forward(logits, None, 0.5, True)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(u, v) for u, v in zip(one, two))
@@ -390,7 +376,7 @@ def check_gate_token_term(n, d, e, dtype, seed=0):
     w = torch.randn(e, d, generator=g, dtype=torch.float64).to(dtype)
     dl = torch.randn(n, e, generator=g, dtype=torch.float64).float()
     dh = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
-    logits = gate_ext.logits(h, w)
+    logits = gate_cpu.logits(h, w)
     assert logits.dtype == torch.float32 and logits.shape == (n, e)
     exact = h.double() @ w.double().t()
     if dtype == torch.bfloat16:  # rounded to bf16, as a bf16 Linear's output
@@ -399,7 +385,7 @@ def check_gate_token_term(n, d, e, dtype, seed=0):
     else:
         torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-5 * d ** 0.5)
     want = dh.double() + dl.double() @ w.double()
-    gate_ext.add_logits_grad(dh, dl, w)
+    gate_cpu.add_logits_grad(dh, dl, w)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)  # one bf16 rounding
     torch.testing.assert_close(dh.double(), want, **tol)
 
@@ -422,21 +408,21 @@ def test_gate_token_term_rows_are_batch_and_thread_invariant(dtype):
         torch.set_num_threads(threads)
         try:
             dh = torch.ones(700, 96, dtype=dtype)
-            gate_ext.add_logits_grad(dh, dl, w)
-            results.append((gate_ext.logits(h, w), dh))
+            gate_cpu.add_logits_grad(dh, dl, w)
+            results.append((gate_cpu.logits(h, w), dh))
         finally:
             torch.set_num_threads(2)
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    alone = gate_ext.logits(h[13:14].contiguous(), w)
+    alone = gate_cpu.logits(h[13:14].contiguous(), w)
     assert torch.equal(alone[0], results[0][0][13])
 
 
 def test_gate_token_term_falls_back_to_torch_for_other_inputs():
     h = torch.randn(20, 8, dtype=torch.float64)
     w = torch.randn(3, 8, dtype=torch.float64)
-    assert gate_ext.logits(h, w).dtype == torch.float64
+    assert gate_cpu.logits(h, w).dtype == torch.float64
     wide = torch.randn(20, 16)[:, :8]  # not contiguous
-    torch.testing.assert_close(gate_ext.logits(wide, w.float()), wide @ w.float().t())
+    torch.testing.assert_close(gate_cpu.logits(wide, w.float()), wide @ w.float().t())
 
 
 # ---- without the extension ----
@@ -454,8 +440,10 @@ def test_no_ext_env_disables_it_and_ops_still_match(monkeypatch, cpu_backend):
 _ISA_SCRIPT = """
 import torch, tp_kernels
 from tp_kernels import _ext
+from tp_kernels.gate_top1 import cpu as gate_cpu
 import sys; sys.path.append({tests!r})
-from test_cpu_ext import check_against_reference, make_inputs
+from kernel_helpers import make_inputs
+from test_cpu_extension import check_against_reference
 assert _ext.isa() == {isa!r}, _ext.isa()
 assert not _ext.bf16_dot()
 with tp_kernels.use_backend("cpu"):
@@ -463,29 +451,29 @@ with tp_kernels.use_backend("cpu"):
         check_against_reference(*make_inputs(130, 37, 150, 20, 3, 2, dtype))
         check_against_reference(*make_inputs(50, 40, 20, 3, 2, 1, dtype))
 logits = torch.randn(300, 7)
-torch.testing.assert_close(tp_kernels.gate.cpu_ext.forward(logits, None, 1.0, True)[2], torch.softmax(logits, -1))
+torch.testing.assert_close(gate_cpu.forward(logits, None, 1.0, True)[2], torch.softmax(logits, -1))
 # the attention kernel at a head dim of 2-vector panels and a remainder (72), keys not a whole number of vectors
 qkv = torch.randn(2, 33, 3 * 2 * 72, dtype=torch.float64)
 grad_out = torch.randn(2, 33, 2 * 72, dtype=torch.float64)
 got, want = qkv.float().requires_grad_(), qkv.clone().requires_grad_()
 out = tp_kernels.joint_attention(got, 2)
 out.backward(grad_out.float())
-ref = tp_kernels.attention.joint_attention_reference(want, 2)
+ref = tp_kernels.joint_attention_reference(want, 2)
 ref.backward(grad_out)
 torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
 torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=2e-6)
 # the gate's token term
-from test_cpu_ext import check_gate_token_term
+from test_cpu_extension import check_gate_token_term
 for dtype in (torch.float32, torch.bfloat16):
     check_gate_token_term(70, 37, 5, dtype)
 # the LayerNorm kernel over rows with a tail past whole vectors
-from tp_kernels.norm import cpu_ext as norm_ext
+from tp_kernels.layer_norm import cpu as norm_cpu
 x = torch.randn(70, 37, dtype=torch.float64) * 2 + 5
 grad = torch.randn(70, 37, dtype=torch.float64)
 for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
     xd, gd = x.to(dtype), grad.to(dtype)
-    y, mean, rstd = norm_ext.forward(xd, 1e-6)
-    dx = norm_ext.backward(gd, xd, mean, rstd)
+    y, mean, rstd = norm_cpu.forward(xd, 1e-6)
+    dx = norm_cpu.backward(gd, xd, mean, rstd)
     want = xd.double().requires_grad_()
     ref = tp_kernels.layer_norm_reference(want, 1e-6)
     ref.backward(gd.double())

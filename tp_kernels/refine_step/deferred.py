@@ -14,7 +14,7 @@ import torch
 
 from .. import _ext
 from .._dispatch import resolve
-from ..routed_lora import cpu_ext as _lora_ext
+from ..routed_lora import cpu as _lora_cpu
 
 _ATTR = "_tp_deferred_weight_grads"
 
@@ -27,9 +27,9 @@ class DeferredWeightGrads:
         self.rows = []
 
     def backward(self, grad_y, x, idx, lora_a, lora_b, gate, h, perm, offsets, scale, need_x, need_w, need_gate):
-        """The routed-LoRA backward's interface (tp_kernels.routed_lora.cpu_ext.backward): computes dx and the
+        """The routed-LoRA backward's interface (routed_lora/cpu.py's backward): computes dx and the
         gate's gradient now, keeps the weight-gradient rows, and returns empty dA, dB."""
-        dx, dgate, rows = _lora_ext.backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x,
+        dx, dgate, rows = _lora_cpu.backward_rows(grad_y, x, idx, lora_a, lora_b, gate, h, scale, need_x,
                                                   need_gate)
         if need_w:
             self.rows.append(rows)
@@ -40,7 +40,7 @@ class DeferredWeightGrads:
         rows, self.rows = self.rows[::-1], []  # the steps' backward ran last step first: sum in step order
         if not rows:
             return torch.zeros_like(self.lora_a), torch.zeros_like(self.lora_b)
-        return _lora_ext.weight_grads(rows, self.lora_a, self.lora_b)
+        return _lora_cpu.weight_grads(rows, self.lora_a, self.lora_b)
 
 
 class _Defer(torch.autograd.Function):
