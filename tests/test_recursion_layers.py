@@ -187,3 +187,29 @@ def test_recursive_attention_recorder_sees_each_step():
     attn.recorder = lambda step, idx, state: seen.append((step, idx.shape, state.shape))
     attn(torch.randn(N, T, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64))
     assert seen == [(s, (N, T), (N, T, D)) for s in (1, 2, 3)]
+
+
+def test_mixed_precision_casts_the_experts_once_per_call_not_once_per_step():
+    """bf16 tokens, fp32 recursion weights, T = 4: lora_a, lora_b and the gate's token weight are each cast to bf16
+    once per forward, not once per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    attn = RecursiveAttention.from_attention(Attention(16, 2), experts=3, steps=4, rank=4).eval()
+    shapes = {tuple(attn.lora.lora_a.shape), tuple(attn.lora.lora_b.shape), tuple(attn.gate.token_proj.weight.shape)}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                    and tuple(args[0].shape) in shapes):
+                Casts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    attn.to(torch.bfloat16)
+    attn.lora.float()  # the recursion's own weights in full precision (as under diffusers' layerwise casting)
+    attn.gate.float()
+    with torch.no_grad(), Casts():
+        attn(torch.randn(2, 6, 16, dtype=torch.bfloat16), torch.randn(2, 16, dtype=torch.bfloat16))
+    assert Casts.count == 3

@@ -339,14 +339,20 @@ class LatentRecursion(nn.Module):
             output projection. Its first T rows (dim 1) are the vision tokens' (N, T, D); at the last step a joint
             attention may append the context tokens' rows, which come back to the caller as they are.
         """
-        gate_terms = self.gate.fused_terms(cond)  # token_weight (M, D) or None, cond_logits (N, 1, M) or (M,)
+        token_weight, cond_logits = self.gate.fused_terms(cond)  # (M, D) or None, (N, 1, M) or (M,)
+        # cast to the tokens' dtype once per call, not once per step (autocast leaves custom ops' inputs alone)
+        gate_terms = (None if token_weight is None else token_weight.to(x.dtype), cond_logits)
         halting = self.halting
         halting.loss = None
-        # the experts' weights for this call's steps: aliases that reduce their T gradients in one pass where the
-        # extension can (defer_weight_grads), else the weights themselves
+        # the experts' weights for this call's steps: in the tokens' dtype, cast once per call; aliases that reduce
+        # their T gradients in one pass where the extension can (defer_weight_grads)
         lora = self.lora
-        self._step_weights = (defer_weight_grads(lora.lora_a, lora.lora_b)
-                              if lora is not None and self.steps > 1 and x.dtype == lora.lora_a.dtype else None)
+        if lora is None:
+            self._step_weights = None
+        elif self.steps > 1 and x.dtype == lora.lora_a.dtype:
+            self._step_weights = defer_weight_grads(lora.lora_a, lora.lora_b)
+        else:
+            self._step_weights = (lora.lora_a.to(x.dtype), lora.lora_b.to(x.dtype))
         try:
             if torch.compiler.is_compiling():
                 return self._recurse(x, gate_terms, base_projection, attend_step)
