@@ -74,7 +74,7 @@ def device(pytestconfig) -> torch.device:
 
 @pytest.fixture(scope="session")
 def ceilings(pytestconfig, device, quick) -> ceilings_mod.Ceilings:
-    """Measured once per session, before the first benchmark that needs a floor."""
+    """Measured once per pytest run, before the first benchmark that needs a floor."""
     if quick:
         result = ceilings_mod.measure(device, gemm_n=768, copy_mib=32, rounds=5)
     else:
