@@ -1,16 +1,8 @@
-"""Image datasets: :class:`ImageDataset` subclasses giving ((C, H, W) in [-1, 1], label).
+"""Image datasets that belong to no task: :class:`ImageDataset` subclasses giving ((C, H, W) in [-1, 1], label)
+(shapes, digits, Fashion-MNIST, image folders, latents, captioned images), and the base class and batch sampler.
 
 The datasets of a task live with the task (``thinking_pixel.tasks.compositional.data``,
-``thinking_pixel.tasks.frozenlake.data``); :mod:`thinking_pixel.datasets` builds any of them by name:
-
-- ``shapes``: embedded procedural coloured shapes (the default; no files needed)
-- ``compositional``: scenes of 1-4 shapes captioned with GenEval's templates, with a held-out split
-- ``digits``: scikit-learn's bundled 8x8 digits, upsampled
-- ``fashion_mnist``: Fashion-MNIST IDX files (Debian ``dataset-fashion-mnist`` or a directory)
-- ``folder``: an image folder with one subdirectory per class
-- ``latents``: precomputed VAE latents with labels
-- ``captions``: captioned images (metadata.jsonl with file_name, text); labels index the distinct captions
-- ``frozenlake``: FrozenLake planning steps, (next frame, label, current frame) for image-conditioned models
+``thinking_pixel.tasks.frozenlake.data``); :mod:`thinking_pixel.datasets` lists and builds every dataset by name.
 """
 
 from __future__ import annotations
