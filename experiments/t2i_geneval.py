@@ -19,6 +19,9 @@ Protocol (the paper's fine-tuning setting):
   4. analyze: expert usage vs timestep and prompt tag for tp_M2_T2_multi and tp_M5_T5 (seed 0).
   5. grids: OUT/grids/NAME.png, the first 12 seen prompts x 4 images of each seed-0 evaluation (no new sampling).
   6. table: OUT/results.md (mean ± sample std over seeds), from the result JSONs only.
+  7. curve: the variants in ``curve_variants`` fine-tuned ``curve_steps`` steps (seed 0, a checkpoint kept every
+     ``curve_every`` steps), every checkpoint evaluated as in 3: score vs fine-tuning step, and longer fine-tuning
+     as a try at engaging the recursion (OUT/long/NAME_s0, OUT/eval_curve/NAME_s0_stepN.json).
 
 Every command is printed and appended to OUT/commands.sh; finished evaluations are skipped, training resumes.
 """
@@ -50,7 +53,8 @@ SCALES = {
     "adaln": dict(image_size=32, preset="SD3-T/4", base_steps=16000, base_batch=32, base_lr=4e-3,
                   base_init="adaln-zero", base_warmup=200, ft_steps=1000, ft_batch=32, ft_lr=1e-3, rank=16,
                   multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=25, eval_steps=20, cfg_scale=4.0,
-                  analyze_images=60, threads=1),
+                  analyze_images=60, threads=1, curve_variants="tp_M2_T2_multi_lr4x,sd3_continued", curve_steps=4000,
+                  curve_every=1000),
 }
 
 
@@ -74,11 +78,12 @@ LABELS = {"base": "base SD3-T (no fine-tuning)", "sd3_continued": "SD3-T, contin
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-def train_cmd(s: dict, out_dir: Path, steps: int, lr: float, seed: int, batch: int, extra: list[str]) -> list[str]:
+def train_cmd(s: dict, out_dir: Path, steps: int, lr: float, seed: int, batch: int, extra: list[str],
+              every: int = 250) -> list[str]:
     return [sys.executable, "-m", "thinking_pixel", "train", "--output-dir", str(out_dir), "--dataset",
             "compositional", "--image-size", str(s["image_size"]), "--preset", s["preset"], "--rank", str(s["rank"]),
             "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
-            "--checkpoint-every", str(min(steps, 250)), "--lr-schedule", "constant", "--threads", str(s["threads"]),
+            "--checkpoint-every", str(min(steps, every)), "--lr-schedule", "constant", "--threads", str(s["threads"]),
             "--no-sample-grid", "--no-progress", *extra]
 
 
@@ -152,20 +157,34 @@ def main(argv=None) -> int:
                               s["ft_batch"], [*extra, "--finetune-from", str(base)]) for name, extra in runs.items()]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run, commands))
+    def evaluate(name: str, checkpoint: Path, result: Path, trained: bool) -> list[str] | None:
+        if result.is_file() or not trained:
+            print(f"= {name}: {'done' if result.is_file() else 'not trained yet'}, skipped", flush=True)
+            return None
+        return [sys.executable, "-m", "thinking_pixel", "evaluate", "--checkpoint", str(checkpoint),
+                "--benchmark", "compositional", "--prompts-per-tag", str(s["prompts_per_tag"]),
+                "--images-per-prompt", "4", "--num-steps", str(s["eval_steps"]), "--cfg-scale", str(s["cfg_scale"]),
+                "--batch-size", "80", "--seed", "0", "--output", str(result), "--samples-dir",
+                str(result.parent.parent / f"{result.parent.name}_samples" / result.stem), "--no-progress"]
+
     if "evaluate" in stages:
-        commands = []
-        for name, path in [("base", base), *((n, out / "runs" / n) for n in runs)]:
-            result = out / "eval" / f"{name}.json"
-            if result.is_file() or not finished(path, s["base_steps"] if name == "base" else s["ft_steps"]):
-                print(f"= {name}: {'done' if result.is_file() else 'not trained yet'}, skipped", flush=True)
-                continue
-            commands.append([sys.executable, "-m", "thinking_pixel", "evaluate", "--checkpoint", str(path),
-                             "--benchmark", "compositional", "--prompts-per-tag", str(s["prompts_per_tag"]),
-                             "--images-per-prompt", "4", "--num-steps", str(s["eval_steps"]), "--cfg-scale",
-                             str(s["cfg_scale"]), "--batch-size", "80", "--seed", "0", "--output", str(result),
-                             "--samples-dir", str(out / "eval_samples" / name), "--no-progress"])
+        commands = [evaluate(name, path, out / "eval" / f"{name}.json",
+                             finished(path, s["base_steps"] if name == "base" else s["ft_steps"]))
+                    for name, path in [("base", base), *((n, out / "runs" / n) for n in runs)]]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(run, commands))
+            list(pool.map(run, [c for c in commands if c]))
+    if "curve" in stages:
+        for name in s["curve_variants"].split(","):
+            name = f"{name}_s{seeds[0]}"
+            path = out / "long" / name
+            run(train_cmd(s, path, s["curve_steps"], s["ft_lr"], seeds[0], s["ft_batch"],
+                          [*runs[name], "--finetune-from", str(base), "--keep-checkpoints", "0"], s["curve_every"]))
+            commands = [evaluate(f"{name} step {step}", path / "checkpoints" / f"step_{step:07d}",
+                                 out / "eval_curve" / f"{name}_step{step}.json",
+                                 (path / "checkpoints" / f"step_{step:07d}").is_dir())
+                        for step in range(s["curve_every"], s["curve_steps"] + 1, s["curve_every"])]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(run, [c for c in commands if c]))
     if "analyze" in stages:
         items = [(f"tp_M2_T2_multi_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"]),
                  (f"tp_M5_T5_s{seeds[0]}", "M=5, T=5, block 2"),

@@ -43,7 +43,8 @@ PAPER_GAIN = 0.0325  # the paper's GenEval gain on SD3-medium (67.93 -> 71.18), 
 COMPARISON_BASE = ("base_adaln-zero_lr4e-3", 16000)  # the base every variant of t2i_adaln fine-tunes
 VARIANTS = {"sd3_continued": "continued training (all weights)", "lora_peft": "peft LoRA (M=1, T=1, block 2)",
             "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2", "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3",
-            "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2"}
+            "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2",
+            "tp_M2_T2_multi_lr4x": "ThinkingPixel M=2, T=2, blocks 1,2,3, 4x lr"}
 
 
 def _pm(score: dict, key="score") -> str:
@@ -167,6 +168,8 @@ def comparison(split: str) -> tuple[list[str], dict]:
     diffs = {}
     pairs = [(n, "base") for n in runs] + [(a, b) for a in ("tp_M2_T2_multi", "tp_M2_T2_one", "tp_M5_T5")
                                            for b in ("lora_peft", "sd3_continued") if a in runs and b in runs]
+    if "tp_M2_T2_multi_lr4x" in runs:
+        pairs.append(("tp_M2_T2_multi_lr4x", "tp_M2_T2_multi"))
     for a, b in pairs:
         va, k = runs[a]
         vb = pool([base] * k) if b == "base" else runs[b][0]
@@ -353,6 +356,10 @@ def comparison_and_claims() -> list[str]:
         if ("tp_M2_T2_multi", other) in seen:
             d = seen[("tp_M2_T2_multi", other)]["overall"]
             L.append(f"| the recursion beats {label} | M = 2, T = 2 (blocks 1–3) − {other}: {_ci(d)} | {verdict(d)} |")
+    if ("tp_M2_T2_multi_lr4x", "base") in seen:
+        d = seen[("tp_M2_T2_multi_lr4x", "base")]["overall"]
+        L.append(f"| (engaging the recursion) M = 2, T = 2 in blocks 1–3 with the experts at 4× the lr | {_ci(d)} over "
+                 f"the base | {verdict(d, PAPER_GAIN)} |")
     for tag in ("two_object", "counting", "color_attr"):
         L.append(f"| gains in {SHORT[tag]} | {_ci(tp[tag])} over the base | {verdict(tp[tag])} |")
     tp_scores = split_scores(variant_runs("tp_M2_T2_multi", "seen")[0])
