@@ -14,6 +14,8 @@ Protocol (the paper's fine-tuning setting):
        tp_M2_T2_multi  ThinkingPixel M=2, T=2 in blocks ``multi_layers`` (base frozen)
        tp_M5_T5        ThinkingPixel M=5, T=5 in the middle block (base frozen)
        tp_M2_T2_multi_lr4x  tp_M2_T2_multi with 4x the fine-tuning lr (a try at engaging the recursion more)
+       tp_M2_T2_multi_binit tp_M2_T2_multi with the experts' B from N(0, 0.1^2) and a zero-initialised final-step
+                            gain (--lora-b-std 0.1: the model is the base at init, the intermediate steps are not)
   3. evaluate: ``thinking-pixel evaluate --benchmark compositional`` (GenEval's protocol: prompts per tag, 4 images
      per prompt, seeded), seen and held-out compositions apart; the base too.
   4. analyze: expert usage vs timestep and prompt tag for tp_M2_T2_multi and tp_M5_T5 (seed 0).
@@ -68,13 +70,17 @@ def variants(s: dict) -> dict:
         # the experts at 4x the fine-tuning lr (the last --lr given wins): a try at engaging the recursion more
         "tp_M2_T2_multi_lr4x": ["--experts", "2", "--recursion-steps", "2", "--recursion-layers", s["multi_layers"],
                                 "--lr", str(4 * s["ft_lr"])],
+        # B away from zero, the final step's LoRA behind a zero-initialised gain: intermediate steps engaged at init
+        "tp_M2_T2_multi_binit": ["--experts", "2", "--recursion-steps", "2", "--recursion-layers", s["multi_layers"],
+                                 "--lora-b-std", "0.1"],
     }
 
 
 LABELS = {"base": "base SD3-T (no fine-tuning)", "sd3_continued": "SD3-T, continued training (all weights)",
           "lora_peft": "plain LoRA via peft (M=1, T=1, block 2)", "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2",
           "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3", "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2",
-          "tp_M2_T2_multi_lr4x": "ThinkingPixel M=2, T=2, blocks 1,2,3, 4x lr"}
+          "tp_M2_T2_multi_lr4x": "ThinkingPixel M=2, T=2, blocks 1,2,3, 4x lr",
+          "tp_M2_T2_multi_binit": "ThinkingPixel M=2, T=2, blocks 1,2,3, B ~ N(0, 0.1²)"}
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -188,7 +194,8 @@ def main(argv=None) -> int:
     if "analyze" in stages:
         items = [(f"tp_M2_T2_multi_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"]),
                  (f"tp_M5_T5_s{seeds[0]}", "M=5, T=5, block 2"),
-                 (f"tp_M2_T2_multi_lr4x_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"] + ", 4x lr")]
+                 (f"tp_M2_T2_multi_lr4x_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"] + ", 4x lr"),
+                 (f"tp_M2_T2_multi_binit_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"] + ", B init 0.1")]
         if all(finished(out / "runs" / n, s["ft_steps"]) for n, _ in items) and not (out / "analysis").is_dir():
             cmd = [sys.executable, "-m", "thinking_pixel", "analyze", "--output-dir", str(out / "analysis"),
                    "--num-images", str(s["analyze_images"]), "--num-timesteps", "10"]

@@ -163,3 +163,56 @@ def test_a_bf16_model_gets_fp32_experts_and_trains(kind):
         torch.testing.assert_close(run(model, inputs), run(base, inputs))
     run(model.train(), inputs).float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonzero_b_init_keeps_the_base_at_init_and_engages_the_intermediate_steps(kind):
+    """lora_b_std > 0: B starts away from zero, the final step's LoRA behind a zero gain. The wrapped model is the
+    base; the intermediate steps already move the state; the gain gets a gradient and is saved and loaded."""
+    base = make_base(kind)
+    inputs = make_inputs(kind)
+    config = RecursionConfig(layers=(0, 2), experts=3, steps=3, rank=4, lora_b_std=0.3)
+    model = apply_recursion(copy.deepcopy(base), config)
+    zero_b = apply_recursion(copy.deepcopy(base), RecursionConfig(layers=(0, 2), experts=3, steps=3, rank=4))
+    mods = processors(model)
+    assert all(m.final_gain is not None and m.final_gain.item() == 0 and m.lora.lora_b.abs().min() > 0 for m in mods)
+    assert all(m.final_gain is None for m in processors(zero_b))
+    states, zero_states = [], []
+    processors(model)[0].recorder = lambda step, idx, state: states.append(state)
+    processors(zero_b)[0].recorder = lambda step, idx, state: zero_states.append(state)
+    with torch.no_grad():
+        want = run(base, inputs)
+        torch.testing.assert_close(run(model, inputs), want, rtol=0, atol=1e-5)
+        run(zero_b, inputs)
+    # the intermediate steps move the state further than with B = 0 (where only context tokens move it)
+    change = [(b - a).norm() / b.norm() for a, b in zip(states, states[1:])]
+    zero_change = [(b - a).norm() / b.norm() for a, b in zip(zero_states, zero_states[1:])]
+    assert all(c > z + 0.01 for c, z in zip(change, zero_change)), (change, zero_change)
+
+    model.train()
+    run(model, make_inputs(kind, n=4)).square().mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.endswith("final_gain")} and all(m.final_gain.grad.abs() > 0 for m in mods)
+    with torch.no_grad():
+        for m in mods:
+            m.final_gain.fill_(0.7)
+        moved = run(model, inputs)
+    assert not torch.allclose(moved, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonzero_b_init_round_trips(kind, tmp_path):
+    base = make_base(kind)
+    model = apply_recursion(copy.deepcopy(base), RecursionConfig(layers=(1,), experts=2, steps=2, rank=4,
+                                                                 lora_b_std=0.2))
+    with torch.no_grad():
+        for m in processors(model):
+            m.final_gain.fill_(0.5)
+    inputs = make_inputs(kind)
+    with torch.no_grad():
+        want = run(model, inputs)
+    save_recursion(model, tmp_path)
+    loaded = load_recursion(copy.deepcopy(base), tmp_path)
+    assert recursion_config(loaded).lora_b_std == 0.2
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), want)

@@ -127,8 +127,8 @@ def _recursive(steps, experts, **kwargs):
     return base, attn
 
 
-def _manual_recursion(attn, x, cond, context=None):
-    """The method's pseudocode, written out with dense ops."""
+def _manual_recursion(attn, x, cond, context=None, final_lora_gain=1.0):
+    """The method's pseudocode, written out with dense ops (the last step's LoRA times ``final_lora_gain``)."""
     context_kv = None
     if context is not None:
         _, k_c, v_c = F.linear(context, attn.qkv.weight, attn.qkv.bias).chunk(3, -1)
@@ -139,7 +139,7 @@ def _manual_recursion(attn, x, cond, context=None):
         idx = attn.gate.logits(h, cond).argmax(-1)  # eval: no noise
         qkv = _manual_lora(h, idx, attn.lora)
         if step == attn.steps:
-            qkv = qkv + F.linear(x, attn.qkv.weight, attn.qkv.bias)
+            qkv = final_lora_gain * qkv + F.linear(x, attn.qkv.weight, attn.qkv.bias)
         out = _manual_attention(qkv, H, context_kv)
         a = out + x
     return F.linear(out, attn.proj.weight, attn.proj.bias)
@@ -213,3 +213,22 @@ def test_mixed_precision_casts_the_experts_once_per_call_not_once_per_step():
     with torch.no_grad(), Casts():
         attn(torch.randn(2, 6, 16, dtype=torch.bfloat16), torch.randn(2, 16, dtype=torch.bfloat16))
     assert Casts.count == 3
+
+
+def test_nonzero_b_init_is_the_base_at_init_and_matches_the_method_with_its_gain():
+    """lora_b_std > 0: B ~ N(0, std^2); the final step's LoRA is scaled by final_gain (zero at init)."""
+    torch.manual_seed(0)
+    base = Attention(D, H).double()
+    attn = RecursiveAttention.from_attention(base, experts=3, steps=3, rank=4, lora_b_std=0.5).double().eval()
+    assert attn.final_gain.item() == 0 and attn.lora.lora_b.std() > 0.3
+    x, cond = torch.randn(N, T, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, cond), base(x), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        attn.final_gain.fill_(0.6)
+    manual = RecursiveAttention.from_attention(base, experts=3, steps=3, rank=4).double().eval()
+    manual.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "final_gain"})
+    want = _manual_recursion(manual, x, cond, final_lora_gain=0.6)
+    torch.testing.assert_close(attn(x, cond), want)
+    assert ("final_gain", attn.final_gain) in attn.recursion_parameters()
+    with pytest.raises(ValueError, match="b_std must be a number >= 0"):
+        RecursiveAttention.from_attention(base, lora_b_std=-1.0)

@@ -31,14 +31,19 @@ def force_gate(model, expert):
     return model.eval()
 
 
+@pytest.mark.parametrize("b_std", [0.0, 0.2], ids=["b_zero", "b_nonzero"])
 @pytest.mark.parametrize("kind", ["sd3", "sd3_qk_norm", "dit_diffusers", "dit"])
-def test_an_exported_expert_loaded_by_peft_is_the_recursion_with_t1_and_that_expert(kind, tmp_path):
+def test_an_exported_expert_loaded_by_peft_is_the_recursion_with_t1_and_that_expert(kind, b_std, tmp_path):
     base = make_base(kind)
     inputs = make_inputs(kind)
-    cfg = RecursionConfig(layers=(0, 2), experts=3, steps=1, rank=4, lora_alpha=8, norm_first_step=False)
+    cfg = RecursionConfig(layers=(0, 2), experts=3, steps=1, rank=4, lora_alpha=8, norm_first_step=False,
+                          lora_b_std=b_std)
     model = apply_recursion(copy.deepcopy(base), cfg)
     for mod in recursion_modules(model):
         perturb(mod.lora, std=0.3)
+        if b_std:
+            with torch.no_grad():
+                mod.final_gain.fill_(0.5)  # T = 1: the only step adds the base, so its LoRA carries the gain
     outputs = []
     for expert in (2, 0):
         force_gate(model, expert)
@@ -63,6 +68,9 @@ def test_an_exported_expert_loaded_by_peft_is_the_recursion_with_t1_and_that_exp
         export_peft(model, tmp_path / "bad", expert=3)
     with pytest.warns(UserWarning, match="steps=1 and norm_first_step=False"):
         export_peft(apply_recursion(copy.deepcopy(base), RecursionConfig(layers=(1,), rank=4)), tmp_path / "w")
+    if kind != "dit":
+        with pytest.raises(ValueError, match="lora_b_std must be 0"):
+            add_peft_experts(copy.deepcopy(base), RecursionConfig(layers=(1,), rank=4, lora_b_std=0.1))
 
 
 @pytest.mark.parametrize("kind", ["sd3", "dit_diffusers"])

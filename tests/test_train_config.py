@@ -153,3 +153,11 @@ def test_a_recipe_sets_its_options_and_explicit_options_win():
         TrainConfig.from_flat(recipe="fast")
     args = cli.build_parser().parse_args(["train", "--recipe", "t2i-compositional", "--max-steps", "5"])
     assert TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"}).optimisation.max_steps == 5
+
+
+def test_lora_b_std_flag_reaches_the_recursion_config():
+    args = cli.build_parser().parse_args(["train", "--lora-b-std", "0.1", "--experts", "3"])
+    cfg = TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"})
+    assert (cfg.recursion.lora_b_std, cfg.recursion.experts) == (0.1, 3)
+    with pytest.raises(ValueError, match="RecursionConfig.lora_b_std must be a number >= 0"):
+        TrainConfig.from_flat(lora_b_std=-0.5)

@@ -109,6 +109,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--halt-prior", type=float, default=S,
                    help="learned halting: geometric prior's per-step halting probability (default 0.5)")
     g.add_argument("--halt-kl-weight", type=float, default=S, help="learned halting: weight of the prior KL (0.01)")
+    g.add_argument("--lora-b-std", type=float, default=S,
+                   help="start the experts' LoRA B from N(0, std^2) with a zero-initialised gain on the final step's "
+                        "LoRA, so the intermediate steps move the state from the start (default 0: B = 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=_positive_int, default=S,
                    help="total optimisation steps (default 5000: ~8 min for the default preset on 2 idle cores)")

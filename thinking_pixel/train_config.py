@@ -35,7 +35,7 @@ _RECURSION_DEFAULTS = {"rank": 16}
 # ``thinking-pixel train``'s recursion options -> RecursionConfig fields (the other options keep their section's name).
 _RECURSION_OPTIONS = {"recursion_layers": "layers", "recursion_steps": "steps",
                       **{name: name for name in ("experts", "rank", "tau", "gate_inputs", "halting", "halt_threshold",
-                                                 "halt_prior", "halt_kl_weight")}}
+                                                 "halt_prior", "halt_kl_weight", "lora_b_std")}}
 
 
 def _check_fields(config, *, ints=(), optional_ints=(), positive=(), non_negative=()) -> None:

@@ -53,6 +53,7 @@ class RecursionConfig:
     halt_head: Optional[bool] = None
     halt_prior: float = 0.5
     halt_kl_weight: float = 0.01
+    lora_b_std: float = 0.0
 
     def __post_init__(self):
         if self.layers is not None:
@@ -84,6 +85,8 @@ class RecursionConfig:
         for name in ("gate_noise_at_eval", "norm_first_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RecursionConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not is_number(self.lora_b_std) or not self.lora_b_std >= 0:
+            raise ValueError(f"RecursionConfig.lora_b_std must be a number >= 0, got {self.lora_b_std!r}")
         if self.halt_head is None:
             self.halt_head = self.halting == "learned"
         if not isinstance(self.halt_head, bool):
@@ -107,7 +110,7 @@ class RecursionConfig:
                     gate_cond="timestep" in self.gate_inputs or "condition" in self.gate_inputs,
                     gate_noise_at_eval=self.gate_noise_at_eval, norm_first_step=self.norm_first_step,
                     halting=self.halting, halt_threshold=self.halt_threshold, halt_head=self.halt_head,
-                    halt_prior=self.halt_prior, halt_kl_weight=self.halt_kl_weight)
+                    halt_prior=self.halt_prior, halt_kl_weight=self.halt_kl_weight, lora_b_std=self.lora_b_std)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

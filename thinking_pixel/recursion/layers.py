@@ -11,6 +11,11 @@ compounds artefacts). The gate's straight-through weight multiplies the LoRA out
 the experts' outputs. Intermediate states live before the out projection (heads merged). With every LoRA B at
 zero (their init) the output is exactly the base attention's, for any T and M.
 
+``lora_b_std > 0`` starts the experts' B away from zero (N(0, lora_b_std^2)), so the intermediate steps move the
+state from the first update on, and multiplies the LoRA of the final step (the one added to W^ x~) by a learned
+scalar ``final_gain`` that starts at zero: at init the output is still exactly the base attention's, and the
+gain's gradient <dL/dqkv, LoRA_e(LN(a^(T-1)))> is non-zero from the first step, so training opens it.
+
 Its classes:
 - LatentRecursion holds the experts and the gate and runs the loop (``recurse``). It knows nothing about how
   a model stores its projections or runs its attention: the caller hands it ``base_projection`` (W^ x~, called
@@ -85,11 +90,12 @@ class RoutedLoRA(nn.Module):
     [s * D_out, (s + 1) * D_out): ``gate * scale * B_{e,s} A_{e,s} x`` for each token's expert e.
 
     Parameters: lora_a (E, S, R, D_in), kaiming-uniform like peft's lora_A (bound 1 / sqrt(D_in));
-    lora_b (E, S, D_out, R), zero-initialised, so the module outputs exactly zero until training moves it.
+    lora_b (E, S, D_out, R), zero-initialised, so the module outputs exactly zero until training moves it
+    (b_std > 0: drawn from N(0, b_std^2) instead).
     scale: 1.0 when alpha is None, else alpha / rank (LoRA's convention).
     """
 
-    def __init__(self, num_experts, in_features, out_features, rank, slices=3, alpha=None):
+    def __init__(self, num_experts, in_features, out_features, rank, slices=3, alpha=None, b_std=0.0):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("in_features", in_features),
                             ("out_features", out_features), ("rank", rank), ("slices", slices)):
@@ -97,6 +103,9 @@ class RoutedLoRA(nn.Module):
                 raise ValueError(f"RoutedLoRA {name} must be an int >= 1, got {value!r}")
         if alpha is not None and (not is_number(alpha) or alpha <= 0):
             raise ValueError(f"RoutedLoRA alpha must be None or a number > 0, got {alpha!r}")
+        if not is_number(b_std) or not b_std >= 0:
+            raise ValueError(f"RoutedLoRA b_std must be a number >= 0, got {b_std!r}")
+        self.b_std = float(b_std)
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.rank, self.slices, self.alpha = rank, slices, alpha
         self.scale = 1.0 if alpha is None else float(alpha) / rank
@@ -107,7 +116,10 @@ class RoutedLoRA(nn.Module):
     def reset_parameters(self):
         # Each (R, D_in) matrix like nn.Linear / peft's lora_A: fan_in = D_in.
         nn.init.kaiming_uniform_(self.lora_a.view(-1, self.in_features), a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b)
+        if self.b_std > 0:
+            nn.init.normal_(self.lora_b, std=self.b_std)
+        else:
+            nn.init.zeros_(self.lora_b)
 
     def forward(self, x, expert_idx, gate=None):
         # Weights follow the activation dtype (autocast leaves custom ops' inputs alone).
@@ -304,6 +316,9 @@ class LatentRecursion(nn.Module):
     ``halting`` (Halting): the per-token halting rule, its optional learned head (``halting.head``, a parameter
     of the recursion) and the count of steps taken.
 
+    ``final_gain`` (scalar parameter, zero-initialised; only with ``lora_b_std > 0``, else None): multiplies the
+    LoRA of every step that adds the base projection (see the module docstring).
+
     ``recorder``: None, or a callable(step, expert_idx (N, T), state (N, T, D)) called at each step with the
     routing and the state entering it (used by ThinkingPixelDiT.record_routing; costs nothing when None). A
     halted token's expert_idx is -1.
@@ -311,7 +326,8 @@ class LatentRecursion(nn.Module):
 
     def __init__(self, dim: int, cond_dim=None, *, base_modules=None, experts=2, steps=2, rank=128, tau=5.0,
                  lora_alpha=None, gate_tokens=True, gate_cond=True, gate_noise_at_eval=False, norm_first_step=True,
-                 halting="none", halt_threshold=None, halt_head=None, halt_prior=0.5, halt_kl_weight=0.01):
+                 halting="none", halt_threshold=None, halt_head=None, halt_prior=0.5, halt_kl_weight=0.01,
+                 lora_b_std=0.0):
         super().__init__()
         for name, module in (base_modules or {}).items():  # a wrapper's own modules come first in parameters()
             self.add_module(name, module)
@@ -321,7 +337,9 @@ class LatentRecursion(nn.Module):
         self.steps = steps
         self.norm_first_step = bool(norm_first_step)
         self.eps = 1e-6  # of the LayerNorm (no affine) applied to each step's input
-        self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha)
+        self.lora = RoutedLoRA(experts, dim, dim, rank, slices=3, alpha=lora_alpha, b_std=lora_b_std)
+        # the final step's LoRA gain: zero at init keeps the output the base's while B starts away from zero
+        self.final_gain = nn.Parameter(torch.zeros(())) if lora_b_std > 0 else None
         self.gate = Gate(dim, dim if cond_dim is None else cond_dim, experts, tau=tau, use_tokens=gate_tokens,
                          use_cond=gate_cond, noise_at_eval=gate_noise_at_eval)
         self.halting = Halting(dim, mode=halting, threshold=halt_threshold,
@@ -440,6 +458,9 @@ class LatentRecursion(nn.Module):
         dtype = a.dtype  # weights follow the activations (autocast leaves custom ops' inputs alone)
         token_weight, cond_logits = gate_terms
         lora_a, lora_b = self._step_weights or (self.lora.lora_a, self.lora.lora_b)
+        if base is not None and self.final_gain is not None:
+            # the plain weights, not deferred aliases: the gain and B each need their own share of this gradient
+            lora_a, lora_b = self.lora.lora_a, self.lora.lora_b * self.final_gain
         qkv, expert_idx, _ = tp_kernels.refine_step(
             a, lora_a.to(dtype), lora_b.to(dtype),
             token_weight=None if token_weight is None else token_weight.to(dtype), cond_logits=cond_logits,
@@ -449,9 +470,11 @@ class LatentRecursion(nn.Module):
         return qkv, expert_idx
 
     def recursion_parameters(self):
-        """(name, parameter) of what the recursion adds: the experts and the gate (names relative to self)."""
+        """(name, parameter) of what the recursion adds: the experts, the gate, the halting head and the final
+        step's gain (names relative to self)."""
+        gain = [] if self.final_gain is None else [("final_gain", self.final_gain)]
         return [(f"{part}.{name}", p) for part in ("lora", "gate", "halting") if getattr(self, part) is not None
-                for name, p in getattr(self, part).named_parameters()]
+                for name, p in getattr(self, part).named_parameters()] + gain
 
     def extra_repr(self):
         return f"steps={self.steps}, norm_first_step={self.norm_first_step}"

@@ -91,9 +91,10 @@ def export_peft(model, directory, expert: int = 0):
     state = {}
     for path, mod in _recursion_modules(model).items():
         lora = mod.lora
+        gain = lora.scale if mod.final_gain is None else lora.scale * mod.final_gain  # the base-adding step's LoRA
         for target, slices in _qkv_projections(model, path).items():
             a = torch.cat([lora.lora_a[expert, s] for s in slices])  # (S * R, D)
-            b = torch.block_diag(*(lora.lora_b[expert, s] for s in slices)) * lora.scale  # (S * D, S * R)
+            b = torch.block_diag(*(lora.lora_b[expert, s] for s in slices)) * gain  # (S * D, S * R)
             state[f"{target}.lora_A.weight"] = a.detach().float().contiguous()
             state[f"{target}.lora_B.weight"] = b.detach().float().contiguous()
     targets = _qkv_targets(model, config.layers)
@@ -186,6 +187,9 @@ def add_peft_experts(model, recursion: RecursionConfig, *, mode: str = "dense", 
     blocks, a PeftExpertsProcessor running them. Only the adapters and gates train with freeze_base."""
     from peft import inject_adapter_in_model
 
+    if recursion.lora_b_std:
+        raise ValueError(f"add_peft_experts: recursion.lora_b_std must be 0 (peft adapters start with B = 0 and have "
+                         f"no final-step gain), got {recursion.lora_b_std!r}")
     sites, _ = _sites(model)
     layers = recursion.resolve_layers(len(sites))
     alpha = recursion.rank if recursion.lora_alpha is None else recursion.lora_alpha
