@@ -24,6 +24,8 @@ Protocol (the paper's fine-tuning setting):
   7. curve: the variants in ``curve_variants`` fine-tuned ``curve_steps`` steps (seed 0, a checkpoint kept every
      ``curve_every`` steps), every checkpoint evaluated as in 3: score vs fine-tuning step, and longer fine-tuning
      as a try at engaging the recursion (OUT/long/NAME_s0, OUT/eval_curve/NAME_s0_stepN.json).
+  8. scratch: the recursion trained from scratch with the base's recipe (M=2, T=2 in blocks ``multi_layers``), for
+     every seed in ``scratch_seeds``: OUT/scratch/tp_M2_T2_multi_scratch_sS, evaluated into OUT/eval.
 
 Every command is printed and appended to OUT/commands.sh; finished evaluations are skipped, training resumes.
 """
@@ -56,7 +58,7 @@ SCALES = {
                   base_init="adaln-zero", base_warmup=200, ft_steps=1000, ft_batch=32, ft_lr=1e-3, rank=16,
                   multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=25, eval_steps=20, cfg_scale=4.0,
                   analyze_images=60, threads=1, curve_variants="tp_M2_T2_multi_lr4x,sd3_continued", curve_steps=4000,
-                  curve_every=1000),
+                  curve_every=1000, scratch_seeds="0,1,2"),
 }
 
 
@@ -80,7 +82,8 @@ LABELS = {"base": "base SD3-T (no fine-tuning)", "sd3_continued": "SD3-T, contin
           "lora_peft": "plain LoRA via peft (M=1, T=1, block 2)", "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2",
           "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3", "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2",
           "tp_M2_T2_multi_lr4x": "ThinkingPixel M=2, T=2, blocks 1,2,3, 4x lr",
-          "tp_M2_T2_multi_binit": "ThinkingPixel M=2, T=2, blocks 1,2,3, B ~ N(0, 0.1²)"}
+          "tp_M2_T2_multi_binit": "ThinkingPixel M=2, T=2, blocks 1,2,3, B ~ N(0, 0.1²)",
+          "tp_M2_T2_multi_scratch": "ThinkingPixel M=2, T=2, blocks 1,2,3, trained from scratch"}
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -112,7 +115,7 @@ def table(out: Path, s: dict) -> str:
     for split, title in (("seen", "compositions seen in training"), ("heldout", "held-out compositions")):
         lines += [f"**{title}** (GenEval-style score × 100, mean ± std over seeds; n = seeds)", "",
                   "| variant | n | " + " | ".join(TAGS) + " | overall |", "|---|---|" + "---|" * (len(TAGS) + 1)]
-        for name in ["base", *variants(s)]:
+        for name in ["base", *variants(s), "tp_M2_T2_multi_scratch"]:
             runs = evals.get(name, {})
             scores = [r if split == "seen" else r.get("heldout") or {} for r in runs.values()]
             cells = [_cell([x[k] for x in scores if k in x]) for k in (*TAGS, "overall")]
@@ -191,6 +194,16 @@ def main(argv=None) -> int:
                         for step in range(s["curve_every"], s["curve_steps"] + 1, s["curve_every"])]
             with ThreadPoolExecutor(args.jobs) as pool:
                 list(pool.map(run, [c for c in commands if c]))
+    if "scratch" in stages:
+        for seed in (int(v) for v in s.get("scratch_seeds", "").split(",") if v):
+            name, path = f"tp_M2_T2_multi_scratch_s{seed}", out / "scratch" / f"tp_M2_T2_multi_scratch_s{seed}"
+            run([sys.executable, "-m", "thinking_pixel", "train", "--recipe", "t2i-compositional", "--output-dir",
+                 str(path), "--max-steps", str(s["base_steps"]), "--experts", "2", "--recursion-steps", "2",
+                 "--recursion-layers", s["multi_layers"], "--rank", str(s["rank"]), "--seed", str(seed),
+                 "--checkpoint-every", "500", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"])
+            command = evaluate(name, path, out / "eval" / f"{name}.json", finished(path, s["base_steps"]))
+            if command:
+                run(command)
     if "analyze" in stages:
         items = [(f"tp_M2_T2_multi_s{seeds[0]}", "M=2, T=2, blocks " + s["multi_layers"]),
                  (f"tp_M5_T5_s{seeds[0]}", "M=5, T=5, block 2"),
