@@ -149,7 +149,8 @@ def test_a_recipe_sets_its_options_and_explicit_options_win():
     assert (o.lr, o.warmup_steps, o.lr_schedule, o.batch_size, o.max_steps) == (4e-3, 200, "constant", 32, 16000)
     assert cfg.recursion is None
     assert TrainConfig.from_flat(recipe="t2i-compositional", max_steps=10, lr=1e-3).optimisation.max_steps == 10
-    with pytest.raises(ValueError, match=r"recipe \(--recipe\) must be one of \['t2i-compositional'\]"):
+    with pytest.raises(ValueError, match=r"recipe \(--recipe\) must be one of "
+                                         r"\['t2i-compositional', 't2i-compositional-cooldown'\]"):
         TrainConfig.from_flat(recipe="fast")
     args = cli.build_parser().parse_args(["train", "--recipe", "t2i-compositional", "--max-steps", "5"])
     assert TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"}).optimisation.max_steps == 5
@@ -161,3 +162,15 @@ def test_lora_b_std_flag_reaches_the_recursion_config():
     assert (cfg.recursion.lora_b_std, cfg.recursion.experts) == (0.1, 3)
     with pytest.raises(ValueError, match="RecursionConfig.lora_b_std must be a number >= 0"):
         TrainConfig.from_flat(lora_b_std=-0.5)
+
+
+def test_the_cooldown_recipe_is_the_measured_second_stage_and_needs_the_run_it_continues():
+    measured = dict(dataset="compositional", image_size=32, preset="SD3-T/4", recursion=False, max_steps=2000,
+                    batch_size=32, lr=4e-3, warmup_steps=50, lr_schedule="cosine", finetune_from="runs/base")
+    assert TrainConfig.from_flat(recipe="t2i-compositional-cooldown", finetune_from="runs/base") == \
+        TrainConfig.from_flat(**measured)
+    with pytest.raises(ValueError, match="recipe t2i-compositional-cooldown needs finetune_from \\(--finetune-from\\)"):
+        TrainConfig.from_flat(recipe="t2i-compositional-cooldown")
+    args = cli.build_parser().parse_args(["train", "--recipe", "t2i-compositional-cooldown", "--finetune-from", "b"])
+    cfg = TrainConfig.from_flat(**{k: v for k, v in vars(args).items() if k != "command"})
+    assert cfg.optimisation.lr_schedule == "cosine" and cfg.recursion is None and cfg.model.finetune_from == "b"

@@ -32,6 +32,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _flag(name: str, value) -> str:
+    """An option as a command-line flag: recursion=False -> --no-recursion, max_steps=5 -> --max-steps 5."""
+    if value is False:
+        return f"--no-{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+
+
 def _layers(text: str) -> tuple:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -134,8 +141,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=SD3_INITS, default=S, help="a fresh SD3 transformer's init: diffusers' own, or "
                    "adaln-zero (DiT's: each block starts as the identity; default diffusers)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=S, help="a measured recipe's options (options given "
-                   "here win); t2i-compositional: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                RECIPES["t2i-compositional"].items()))
+                   "here win); " + "; ".join(f"{name}: " + " ".join(_flag(k, v) for k, v in options.items())
+                                              for name, options in RECIPES.items()))
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=S, help="run directory; rerunning on it resumes (default runs/default)")
     g.add_argument("--seed", type=int, default=S)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import _run_dir as ckpt
-from ._presets import DIT_CONFIGS, RECIPES, SD3_CONFIGS, SD3_INITS
+from ._presets import DIT_CONFIGS, RECIPE_NEEDS, RECIPES, SD3_CONFIGS, SD3_INITS
 from .distributed import STRATEGIES
 from ._checks import is_int, is_number
 from .models.pretrained import config_from_dict
@@ -290,6 +290,9 @@ class TrainConfig:
             recipe = options.pop("recipe")
             if recipe not in RECIPES:
                 raise ValueError(f"recipe (--recipe) must be one of {sorted(RECIPES)}, got {recipe!r}")
+            need = RECIPE_NEEDS.get(recipe)
+            if need and options.get(need) is None:
+                raise ValueError(f"recipe {recipe} needs {need} (--{need.replace('_', '-')}): the run it continues")
             options = {**RECIPES[recipe], **options}
         section_of = {f.name: name for name, section in _SECTIONS.items() for f in dataclasses.fields(section)}
         unknown = sorted(set(options) - set(section_of) - set(_RECURSION_OPTIONS) - {"recursion", "pipeline",
