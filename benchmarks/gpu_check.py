@@ -14,7 +14,7 @@ Sections (``--sections``, comma-separated; all by default, in this order):
     train      whole training steps: DiT-XL/2 (M=5, T=5) and SD3-medium-shaped (M=2, T=2) diffusers models,
                rank 128 in blocks 4, 8, 12: frozen base, apply_recursion, dense einsum, masked loop, peft; eager and
                compiled; added time, peak memory, the same function checked
-    capture    routed_lora and refine_step fwd+bwd captured in a CUDA graph: replay equals eager
+    capture    routed_lora, refine_step and a recursion block fwd+bwd captured in a CUDA graph: replay equals eager
 
 The whole run keeps to ``--budget-s`` (default 420 s, inside the 8 minutes one GPU gets): before each compiled
 case, each model and each compiled variant it checks the time left, and what it leaves out is listed in the JSON's

@@ -84,7 +84,8 @@ def test_speed_host_and_capture_rows(tiny_run):
     # torch._grouped_mm is CUDA-only: recorded as unsupported, not a crash
     assert all(r.get("unsupported") for r in report["speed"] if r["impl"] == "torch._grouped_mm" and r["fwd"] is None)
     assert len(report["host"]) == 5 and all(r["host_us"] > 0 and r["work_items"] > 0 for r in report["host"])
-    assert [r["call"] for r in report["capture"]] == ["routed_lora fwd+bwd", "refine_step fwd+bwd"]
+    assert [r["call"] for r in report["capture"]] == ["routed_lora fwd+bwd", "refine_step fwd+bwd",
+                                                       "recursion block fwd+bwd (T = 3)"]
     assert all(r["passed"] and r["captured"] is False for r in report["capture"])  # no graphs on CPU
 
 

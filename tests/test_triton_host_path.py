@@ -149,3 +149,21 @@ def test_many_tokens_group_in_two_launches(cuda):
     with count_work_items(stub=True) as items, torch.no_grad():
         tp_kernels.routed_lora(x, idx, a, b, scale=0.5)
     assert items.triton == ["_group_count_kernel", "_group_scatter_kernel", "_fwd_kernel"]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_recursion_block_reads_nothing_back_and_draws_its_noise_once(cuda, training):
+    """RecursiveAttention's forward (T = 3, the Triton path): no host read, three launches per step, the gate's
+    Gumbel noise drawn once per call (train mode) and no halting buffer with halting off."""
+    from thinking_pixel.models import Attention
+    from thinking_pixel.recursion import RecursiveAttention
+
+    with torch.device(cuda):
+        block = RecursiveAttention.from_attention(Attention(DIM, 4), experts=N_EXP, steps=3, rank=RANK).train(training)
+        x, cond = torch.randn(2, 128, DIM), torch.randn(2, DIM)
+    with count_work_items(stub=True) as items, torch.no_grad():
+        out = block(x, cond)
+    assert out.shape == x.shape and items.host_reads == []
+    assert items.triton == ["_stats_gate_kernel", "_group_scatter_kernel", "_fwd_kernel"] * 3
+    assert items.torch.count("aten.exponential_.default") == (1 if training else 0)
+    assert "aten.zeros.default" not in items.torch

@@ -7,8 +7,9 @@ whether a training step's ops capture in a CUDA graph.
 - ``host_overhead``: per call, the wall time of the Python call alone with the device idle before it (synchronize,
   time the call, synchronize: the kernels run after the clock stops unless the call waits for them), and the device
   work items it queues (kernels, memsets, copies: the profiler's device events; on CPU the top-level ops).
-- ``capture_check``: routed_lora and refine_step forward + backward captured in a CUDA graph, replayed on new
-  inputs, and compared with an eager call on the same inputs.
+- ``capture_check``: routed_lora and refine_step forward + backward, and a whole recursion block (T steps of
+  refine_step and attention) forward + backward, captured in a CUDA graph, replayed on new inputs, and compared with
+  an eager call on the same inputs.
 """
 
 from __future__ import annotations
@@ -204,7 +205,30 @@ def _capture_calls(device):
                                                   noise=noise, tau=5.0, scale=0.5)
         return (qkv, idx, *torch.autograd.grad((qkv, weight), leaves, (gy, torch.ones_like(weight))))
 
-    return {"routed_lora fwd+bwd": (lora_inputs, lora), "refine_step fwd+bwd": (refine_inputs, refine)}
+    from thinking_pixel.models import Attention
+    from thinking_pixel.recursion import RecursiveAttention
+
+    # eval mode: no Gumbel noise, so replay and eager pick the same experts (in training the noise comes from torch's
+    # generator, whose draws a CUDA graph replays with fresh offsets)
+    block = RecursiveAttention.from_attention(Attention(s["d"], 4), experts=s["experts"], steps=3,
+                                              rank=s["rank"]).to(device).eval()
+    with torch.no_grad():
+        block.lora.lora_b.normal_(std=0.1, generator=torch.Generator(device).manual_seed(0))  # experts away from 0
+    params = [p for _, p in block.recursion_parameters()]
+
+    def block_inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(2, s["tokens"] // 2, s["d"], generator=g).to(device),
+                torch.randn(2, s["d"], generator=g).to(device),
+                torch.randn(2, s["tokens"] // 2, s["d"], generator=g).to(device))
+
+    def recursion_block(x, cond, gy):
+        x = x.detach().requires_grad_()
+        out = block(x, cond)
+        return (out, *torch.autograd.grad(out, [x, *params], gy))
+
+    return {"routed_lora fwd+bwd": (lora_inputs, lora), "refine_step fwd+bwd": (refine_inputs, refine),
+            "recursion block fwd+bwd (T = 3)": (block_inputs, recursion_block)}
 
 
 def _graphed(fn, static, device):

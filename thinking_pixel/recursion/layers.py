@@ -347,6 +347,7 @@ class LatentRecursion(nn.Module):
                                kl_weight=halt_kl_weight, eps=self.eps)
         self.recorder = None
         self._step_weights = None  # (lora_a, lora_b) as this forward's steps use them (see recurse)
+        self._noise = []  # the gate's Gumbel noise left for this forward's refinements (see recurse)
 
     def recurse(self, x, cond, base_projection, attend_step):
         """Run the T steps on x~ (N, T, D); returns the last step's attention output.
@@ -371,6 +372,12 @@ class LatentRecursion(nn.Module):
             self._step_weights = defer_weight_grads(lora.lora_a, lora.lora_b)
         else:
             self._step_weights = (lora.lora_a.to(x.dtype), lora.lora_b.to(x.dtype))
+        # the gate's Gumbel noise for every refinement of this call, drawn at once (one draw, not one per step)
+        self._noise = []
+        if self.gate.noisy:
+            draws = 2 * self.steps - 1 if halting.pondering() and self.steps > 1 else self.steps
+            self._noise = list(tp_kernels.gumbel_noise((draws, *x.shape[:-1], self.gate.num_experts),
+                                                       device=x.device).unbind(0))  # each (N, T, M)
         try:
             if torch.compiler.is_compiling():
                 return self._recurse(x, gate_terms, base_projection, attend_step)
@@ -378,6 +385,7 @@ class LatentRecursion(nn.Module):
                 return self._recurse(x, gate_terms, base_projection, attend_step)
         finally:
             self._step_weights = None
+            self._noise = []
 
     def _recurse(self, x, gate_terms, base_projection, attend_step):
         halting = self.halting
@@ -387,7 +395,8 @@ class LatentRecursion(nn.Module):
         a = x  # a^0 = x~, (N, T, D)
         halted = None  # (N, T) bool once a token may have halted
         kept_qkv = 0.0  # what a halted token shows the others: its last keys / values (none before step 1)
-        cum_halt = torch.zeros(x.shape[:-1], device=x.device)  # (N, T) P(halted so far), learned rule
+        # (N, T) P(halted so far), learned rule only
+        cum_halt = torch.zeros(x.shape[:-1], device=x.device) if rule == "learned" else None
         # (N, T) steps taken, the final step counted for all; without a rule every token takes T: nothing to count
         ran = None if rule == "none" else torch.ones(x.shape[:-1], dtype=torch.int64, device=x.device)
         for step in range(1, self.steps):  # intermediate steps
@@ -441,8 +450,7 @@ class LatentRecursion(nn.Module):
     def _refine(self, a, step, gate_terms, base=None, active=None):
         """Step ``step`` on the states a (N, T, D): its Gumbel noise, refine, the halted tokens' expert -1 (active
         (N, T) bool: the tokens still recursing), the recorder. -> (qkv (N, T, 3D), expert_idx (N, T))."""
-        gate_shape = (*a.shape[:-1], self.gate.num_experts)  # (N, T, M)
-        noise = tp_kernels.gumbel_noise(gate_shape, device=a.device) if self.gate.noisy else None
+        noise = self._noise.pop(0) if self._noise else None  # (N, T, M), drawn in recurse
         skip = {} if active is None else {"active": active}  # halted tokens: no expert, no LoRA work
         qkv, expert_idx = self.refine(a, gate_terms, noise, None if base is None else base.to(a.dtype),
                                       normalize=self.norm_first_step or step > 1, **skip)
