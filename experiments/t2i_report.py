@@ -424,6 +424,17 @@ def curve_runs() -> dict:
     return runs
 
 
+def _same_verdicts(name: str, steps: dict) -> str:
+    """Whether the retrained step-1000 checkpoint judges every image as the comparison's seed-0 run does."""
+    first, original = steps.get(1000), ADALN / "eval" / f"{name}_s0.json"
+    if first is None or not original.is_file():
+        return "not compared"
+    details = [[json.loads(line)["correct"] for line in (p.parent / json.loads(p.read_text())["details"]).open()]
+               for p in (first, original)]
+    same = sum(a == b for a, b in zip(*details))
+    return f"{same} of {len(details[1])} images judged the same"
+
+
 def curve_differences(split: str = "seen") -> dict:
     """Paired differences at the longest step every curve run reached: each against the base, and the recursion
     against continued training."""
@@ -458,7 +469,8 @@ def curve_section() -> list[str]:
     L = ["### Score vs fine-tuning step (seed 0)", "",
          "Two variants fine-tuned further from the same base with checkpoints kept every 1000 steps "
          "(`t2i_geneval.py --stages curve`), every checkpoint evaluated on the benchmark above; step 0 is the base. "
-         "Their step-1000 checkpoints are the seed-0 runs of the table above, retrained.", "",
+         "Their step-1000 checkpoints are the seed-0 runs of the table above, retrained: "
+         + "; ".join(f"{VARIANTS[name]}: {_same_verdicts(name, steps)}" for name, steps in runs.items()) + ".", "",
          "| variant | step | seen overall ± SE | held-out overall ± SE |", "|---|---|---|---|"]
     for name, steps in runs.items():
         scores = {s: load_verdicts(path) for s, path in sorted(steps.items())}
@@ -527,16 +539,20 @@ def plot_engagement(stats: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for i, label in enumerate(labels):
         r = stats[label]["recursion"]
-        for layer, b in r["blocks"].items():
+        width = 0.8 / len(r["blocks"])  # one bar per block, side by side, in the model's colour
+        for j, (layer, b) in enumerate(r["blocks"].items()):
             steps = range(1, len(b["state_change"]) + 1)
-            axes[0].plot(steps, b["state_change"], "o-", label=f"{label} (block {layer})")
-            axes[1].bar(i, b["lora_to_base"]["mean"], yerr=b["lora_to_base"]["se"], capsize=3)
+            axes[0].plot(steps, b["state_change"], "os^dv"[j % 5] + "-", color=f"C{i}",
+                         label=f"{label} (block {layer})")
+            axes[1].bar(i - 0.4 + width * (j + 0.5), b["lora_to_base"]["mean"], width * 0.9, color=f"C{i}",
+                        yerr=b["lora_to_base"]["se"], capsize=2)
+            axes[1].text(i - 0.4 + width * (j + 0.5), 0.005, layer, ha="center", fontsize=6, color="white")
         t = sorted(r["truncation_mse"], key=int)
         axes[2].plot([int(k) for k in t], [r["truncation_mse"][k] for k in t], "o-", label=label)
     axes[0].set(xlabel="recursion step t", ylabel="||a_t - a_(t-1)|| / ||a_t||", title="state change per step")
     axes[0].set_ylim(bottom=0)
-    axes[1].set(xticks=range(len(labels)), ylabel="||LoRA(LN a)|| / ||W x~||", title="last step: experts vs base")
-    axes[1].set_xticklabels([label.split(", ")[-1] for label in labels])
+    axes[1].set(xticks=range(len(labels)), ylabel="||LoRA(LN a)|| / ||W x~||", title="last step: experts vs base (per block)")
+    axes[1].set_xticklabels([label.split(", ")[-1] for label in labels], fontsize=7, rotation=15)
     axes[2].set(xlabel="recursion steps T' at evaluation", ylabel="velocity MSE", title="truncation at fixed weights")
     most = max(len(r["recursion"]["truncation_mse"]) for r in stats.values())
     axes[0].set(xticks=range(1, most), xlim=(0.5, most - 0.5))
