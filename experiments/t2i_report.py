@@ -43,7 +43,7 @@ PROCEED = 35  # overall (seen) a base needs before the fine-tuning comparison me
 SPECIALISED = 0.05  # I(E; X) / H(E) from which routing counts as specialised by X (below it, above the bias: weak)
 PAPER_GAIN = 0.0325  # the paper's GenEval gain on SD3-medium (67.93 -> 71.18), in score points
 COMPARISON_BASE = ("base_adaln-zero_lr4e-3", 16000)  # the base every variant of t2i_adaln fine-tunes
-RECIPE_BASE = ("base_adaln-zero_lr4e-3-cool", 18000)  # the recipe's result: that base after its cool-down stage
+RECIPE_BASE = ("base_adaln-zero_lr4e-3-cool24k", 26000)  # the recipe's result: that base after its cool-down stage
 VARIANTS = {"sd3_continued": "continued training (all weights)", "lora_peft": "peft LoRA (M=1, T=1, block 2)",
             "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2", "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3",
             "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2",

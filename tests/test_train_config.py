@@ -146,7 +146,7 @@ def test_a_recipe_sets_its_options_and_explicit_options_win():
     assert (cfg.data.dataset, cfg.data.image_size, cfg.model.preset, cfg.text_to_image.init) == (
         r["dataset"], r["image_size"], r["preset"], r["init"])
     o = cfg.optimisation
-    assert (o.lr, o.warmup_steps, o.lr_schedule, o.batch_size, o.max_steps) == (4e-3, 200, "constant", 32, 16000)
+    assert (o.lr, o.warmup_steps, o.lr_schedule, o.batch_size, o.max_steps) == (4e-3, 200, "constant", 32, 24000)
     assert cfg.recursion is None
     assert TrainConfig.from_flat(recipe="t2i-compositional", max_steps=10, lr=1e-3).optimisation.max_steps == 10
     with pytest.raises(ValueError, match=r"recipe \(--recipe\) must be one of "
