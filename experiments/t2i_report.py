@@ -20,6 +20,7 @@ Outputs: t2i_base/plots/*.png and the section from "# Text-to-image" to the end 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -435,6 +436,7 @@ def _same_verdicts(name: str, steps: dict) -> str:
     return f"{same} of {len(details[1])} images judged the same"
 
 
+@functools.lru_cache(maxsize=None)  # the curve section and the claims table both read it
 def curve_differences(split: str = "seen") -> dict:
     """Paired differences at the longest step every curve run reached: each against the base, and the recursion
     against continued training."""
