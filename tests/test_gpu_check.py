@@ -212,7 +212,8 @@ def test_fixed_noise_is_device_independent_decisive_and_what_the_recursion_draws
     with noise.fixed_noise() as counter, torch.no_grad():
         first = recursion_check.forward(model, x, t, y)
         second = recursion_check.forward(model, x, t, y)
-    assert counter.calls == 2 * 2 * 3  # 2 forwards x 2 recursive blocks x T = 3 steps
+    assert counter.calls == 2 * 2  # 2 forwards x 2 recursive blocks, one draw for the T = 3 steps of each
+    assert all(shape[0] == 3 and shape[-1] == 2 for shape in counter.shapes)  # (T, N, L, M)
     assert torch.equal(first, second) and tp_kernels.gumbel_noise is not None
 
 

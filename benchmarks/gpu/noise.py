@@ -51,6 +51,7 @@ class NoiseCounter:
 
     def __init__(self):
         self.calls = 0
+        self.shapes = []
 
 
 @contextlib.contextmanager
@@ -64,6 +65,7 @@ def fixed_noise(seed: int = 0):
     def noise(shape, *, generator=None, device=None, dtype=torch.float32):
         if not torch.compiler.is_compiling():
             counter.calls += 1
+            counter.shapes.append(tuple(shape))
         return decisive_noise(shape, device=device, dtype=dtype, seed=seed)
 
     tp_kernels.gumbel_noise = noise
