@@ -336,10 +336,15 @@ def triton_kernel_cost(role: str, tokens: int, d_in: int, d_out: int, rank: int,
                                   x + experts * d_in * elem + 4 * n * experts * 3 + 8 * n + 4 * n * 3),
         "refine_step.fwd": Cost(2 * n * s * r * (d_in + d_out) + n * s * d_out,
                            x + 2 * y + wa + wb + h + index + 8 * n),
-        # gate gradient (~6 per logit), d logits W (2 N E D) and the LN backward (~8 per element); reads the LoRA's
-        # d LN(a) and the state, writes d state and d logits
-        "refine_step.bwd_gate_ln": Cost(6 * n * experts + 2 * n * experts * d_in + 8 * n * d_in,
-                                   3 * x + experts * d_in * elem + 4 * n * experts * 2 + 8 * n + 4 * n * 3),
+        # gate gradient (~6 per logit), d logits W and d logits^T LN(a) (2 N E D each) and the LN backward (~8 per
+        # element); reads the LoRA's d LN(a) and the state, writes d state, d logits and d token_weight's
+        # per-block parts (fp32, one (E, D) per 32 tokens)
+        "refine_step.bwd_gate_ln": Cost(6 * n * experts + 4 * n * experts * d_in + 8 * n * d_in,
+                                   3 * x + experts * d_in * elem + 4 * n * experts * 2 + 8 * n + 4 * n * 3
+                                   + 4 * experts * d_in * -(-n // 32)),
+        # routed_lora.bwd_dW with LN(x) normalised as loaded (reads the statistics) and a unit gate
+        "refine_step.bwd_dW": Cost(2 * n * s * r * (d_in + d_out) + 2 * n * d_in,
+                              2 * h + x + y + wa + wb + index + 8 * n),
     }
     if role not in costs:
         raise ValueError(f"unknown kernel role {role!r}; expected one of {sorted(costs)}")

@@ -89,7 +89,7 @@ def work_items():
                 (grad_y, None, None, None)),
             "refine_step fwd+bwd": lambda: forward_backward(
                 "refine_step_fwd", (x, a, b, tw, cond, noise, None, 5.0, 0.5, 1e-6, True, None, True),
-                (True,) * 5 + (False,) * 8, (grad_y, ones) + (None,) * 5),
+                (True,) * 5 + (False,) * 8, (grad_y, ones) + (None,) * 7),
         }
         for name, run in runs.items():
             with count_work_items(stub=True) as items, torch.no_grad():

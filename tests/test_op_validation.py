@@ -41,7 +41,8 @@ def refine_bwd_args(**change):
     args = dict(grad_qkv=torch.randn(n, n_slice * d_out), grad_weight=torch.randn(n), state=fwd["state"],
                 lora_a=fwd["lora_a"], lora_b=fwd["lora_b"], token_weight=fwd["token_weight"],
                 idx=torch.tensor([0, 1, 2, 0, 1, 2]), probs=torch.rand(n, n_exp), lora_h=torch.randn(n, n_slice * rank),
-                perm=torch.tensor([0, 3, 1, 4, 2, 5]), offsets=torch.tensor([0, 2, 4, 6]), n_groups=2, tau=5.0, scale=0.5, eps=1e-6, normalize=True, need_state=True, need_w=True,
+                perm=torch.tensor([0, 3, 1, 4, 2, 5]), offsets=torch.tensor([0, 2, 4, 6]), mean=torch.randn(n),
+                rstd=torch.rand(n), n_groups=2, tau=5.0, scale=0.5, eps=1e-6, normalize=True, need_state=True, need_w=True,
                 need_token_weight=True, need_cond=True)
     args.update(change)
     return args
@@ -91,6 +92,8 @@ BAD = [
     ("refine_step_bwd", refine_bwd_args(probs=torch.rand(6, 4)), ValueError, "probs has E = 4"),
     ("refine_step_bwd", refine_bwd_args(lora_h=torch.randn(6, 9)), ValueError, "lora_h must have shape"),
     ("refine_step_bwd", refine_bwd_args(n_groups=4), ValueError, "cond_logits' 4 rows must divide"),
+    ("refine_step_bwd", refine_bwd_args(rstd=torch.rand(5)), ValueError, "rstd has N = 5"),
+    ("refine_step_bwd", refine_bwd_args(normalize=False), ValueError, r"mean must have shape \(0,\)"),
 ]
 
 

@@ -300,11 +300,12 @@ def test_opcheck_fwd_active_mask(backend):
                                              ((False, True, False, True), True), ((True, True, True, True), False)])
 def test_opcheck_bwd(backend, needs, normalize):
     args = _op_args(True, grad=False, normalize=normalize)
-    qkv, weight, idx, probs, lora_h, perm, offsets = refine_step_fwd(*args)
+    qkv, weight, idx, probs, lora_h, perm, offsets, mean, rstd = refine_step_fwd(*args)
+    assert mean.shape == rstd.shape == ((18,) if normalize else (0,))
     state, lora_a, lora_b, token_weight = args[:4]
     torch.library.opcheck(refine_step_bwd, (torch.randn_like(qkv), torch.randn_like(weight), state, lora_a, lora_b,
-                                            token_weight, idx, probs, lora_h, perm, offsets, 2, 2.0, 0.5, 1e-6,
-                                            normalize, *needs))
+                                            token_weight, idx, probs, lora_h, perm, offsets, mean, rstd, 2, 2.0, 0.5,
+                                            1e-6, normalize, *needs))
 
 
 def check_batch_invariance(dtype=torch.float32, dot_tol=None):

@@ -18,7 +18,7 @@ from tp_kernels import _aot, _dispatch  # noqa: E402
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # tl.dot calls per kernel (the rest have none): each is one tt.dot in the Triton IR, and nothing else may become one.
 DOT_CALLS = {"routed_lora.fwd": 2, "routed_lora.bwd_dh": 1, "routed_lora.bwd_dx": 1, "routed_lora.bwd_dW": 2,
-             "refine_step.fwd": 2}
+             "refine_step.fwd": 2, "refine_step.bwd_dW": 2}
 DOT_ROLES = set(DOT_CALLS)
 # The kernels with a (tokens, experts) tile, whose expert axis is padded to BLOCK_E = next power of two >= 2.
 EXPERT_ROLES = {"gate_top1.fwd", "refine_step.stats_gate", "refine_step.bwd_gate_ln"}

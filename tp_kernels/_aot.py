@@ -136,13 +136,17 @@ def _launches(shape: Shape, dtype: torch.dtype):
     refine_lora = forward_launch(x, perm, offsets, a, b, None, 1.0, torch.empty_like(y), h, mean=stats, rstd=stats,
                                  base=y)
     probs = meta(n, e, dt=torch.float32)
-    refine_bwd = gate_ln_bwd_launch(torch.empty_like(x), stats, stats, x, meta(n, 1, dt=torch.float32),
-                                    meta(n, 1, dt=torch.float32), meta(e, shape.d_in), probs, meta(n, dt=torch.int64),
-                                    5.0, torch.empty_like(probs), torch.empty_like(x))
+    refine_bwd = gate_ln_bwd_launch(torch.empty_like(x), stats, stats, x, stats, stats, meta(e, shape.d_in), probs,
+                                    meta(n, dt=torch.int64), 5.0, torch.empty_like(probs), torch.empty_like(x),
+                                    meta(n // 16, e, shape.d_in, dt=torch.float32))
+    # the step's weight gradients: a unit gate (no multiplier) and LN(x) normalised as loaded
+    refine_dw = backward_launches(y, x, perm, offsets, a, b, None, h, 1.0, dh, dgp, torch.empty_like(x),
+                                  torch.empty_like(a), torch.empty_like(b), torch.empty_like(gate), mean=stats,
+                                  rstd=stats)[-1]
     roles = ["routed_lora.group", "routed_lora.group_count", "routed_lora.group_scatter", "routed_lora.fwd",
              "routed_lora.bwd_dh", "routed_lora.bwd_dx", "routed_lora.bwd_dW", "gate_top1.fwd",
-             "refine_step.stats_gate", "refine_step.fwd", "refine_step.bwd_gate_ln"]
-    launches = group + fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd]
+             "refine_step.stats_gate", "refine_step.fwd", "refine_step.bwd_gate_ln", "refine_step.bwd_dW"]
+    launches = group + fwd + bwd + [gate_fwd, refine_gate, refine_lora, refine_bwd, refine_dw]
     assert len(launches) == len(roles), [launch.kernel.__name__ for launch in launches]
     return list(zip(roles, launches))
 

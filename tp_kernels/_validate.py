@@ -380,7 +380,7 @@ def check_refine_step_fwd_op(state, lora_a, lora_b, token_weight, cond_logits, n
 
 
 def check_refine_step_bwd_op(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm,
-                             offsets, n_groups, tau, scale, eps, need_cond) -> None:
+                             offsets, mean, rstd, n_groups, tau, scale, eps, normalize, need_cond) -> None:
     """tp_kernels::refine_step_bwd's raw layout and expert indices (-1: an inactive token)."""
     op = "tp_kernels.refine_step_bwd"
     arg = _refine_step_layout(op, state, lora_a, lora_b, token_weight, tau, scale, eps)
@@ -393,6 +393,8 @@ def check_refine_step_bwd_op(grad_qkv, grad_weight, state, lora_a, lora_b, token
     arg("lora_h", lora_h, ("N", n_slice * rank), acc)
     arg("perm", perm, ("N",), (torch.int64,))
     arg("offsets", offsets, (n_exp + 1,), (torch.int64,))
+    for name, stat in (("mean", mean), ("rstd", rstd)):  # the forward's LayerNorm statistics, none without it
+        arg(name, stat, ("N" if normalize else 0,), acc)
     if need_cond:
         _check_groups(op, n_groups, state.shape[0])
     check_index_range("expert_idx", idx, n_exp, allow_skip=True)

@@ -94,7 +94,16 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
     # the forward weight is exactly 1 (1 + p - sg(p) would be NaN on a row of NaN logits)
     weight = torch.ones_like(p["weight"]) if active is None else active.to(p["weight"].dtype)
     return (p["qkv"].to(state.dtype), weight, p["idx"], p["probs"], lora_h,
-            *group_by_expert(p["idx"], lora_a.shape[0]))
+            *group_by_expert(p["idx"], lora_a.shape[0]), *layer_norm_stats(state, eps, normalize))
+
+
+def layer_norm_stats(state, eps, normalize):
+    """The LayerNorm's mean and rstd (N,) in the accumulation dtype, or two empty tensors if not ``normalize``."""
+    if not normalize:
+        return state.new_empty(0, dtype=acc_dtype(state.dtype)), state.new_empty(0, dtype=acc_dtype(state.dtype))
+    a = state.to(acc_dtype(state.dtype))
+    mean = a.mean(1)
+    return mean, torch.rsqrt((a - mean[:, None]).square().mean(1) + eps)
 
 
 def backward(*args):

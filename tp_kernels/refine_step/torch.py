@@ -52,11 +52,15 @@ def gate_logits(h, token_weight, cond_logits, n_exp, gate):
 
 def step_forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize,
                  active=None, *, lora, gate):
-    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R), and the
-    LoRA's grouping perm (N,), offsets (E+1,) for the backward.
+    """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R), the
+    LoRA's grouping perm (N,), offsets (E+1,), and the LayerNorm's mean, rstd (N,) (empty if not normalize).
     ``lora`` / ``gate``: the routed-LoRA and gate backend modules that run the step's parts."""
     n_exp = lora_a.shape[0]
-    h = layer_norm(state, eps)[0] if normalize else state  # (N, D)
+    if normalize:
+        h, mean, rstd = layer_norm(state, eps)  # (N, D), (N, 1), (N, 1)
+        mean, rstd = mean.view(-1), rstd.view(-1)
+    else:
+        h, mean, rstd = state, *(state.new_empty(0, dtype=acc_dtype(state.dtype)) for _ in range(2))
     logits = gate_logits(h, token_weight, cond_logits, n_exp, gate)  # (N, E)
     idx, weight, probs = gate.forward(logits, noise, tau, True)
     if active is not None:  # inactive tokens: expert -1, which the LoRA skips, and weight 0
@@ -65,7 +69,7 @@ def step_forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, 
     qkv, lora_h, perm, offsets = lora.forward(h, idx, lora_a, lora_b, None, scale)  # weight == 1
     if base is not None:
         qkv.add_(base)
-    return qkv, weight, idx, probs, lora_h, perm, offsets
+    return qkv, weight, idx, probs, lora_h, perm, offsets, mean, rstd
 
 
 def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
@@ -98,8 +102,12 @@ def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, pr
 
 
 def backward_with(lora, grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets,
-                  n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond, *, tail):
+                  mean, rstd, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond,
+                  *, tail):
     """Gradients of step_forward() -> (d state, dA, dB, d token_weight, d cond (G, E) in the accumulation dtype).
+
+    The forward's saved ``mean`` / ``rstd`` go unused here: h and its statistics are recomputed together
+    (native_layer_norm), bit-identical to the forward's (the Triton backend's kernels read the saved ones).
 
     ``lora`` is a routed-LoRA backend module (its backward(): routed_lora's cpu.py, torch.py, triton.py or
     reference.py) and ``tail`` the gate + LayerNorm backward (:func:`gate_ln_backward` with a gate backend module,

@@ -22,13 +22,14 @@ The gate's E logits per token are too few for tensor cores (tl.dot needs 16 colu
 fp32 on CUDA cores, one expert's row of W at a time (``_expert_row``); the kernel is bound by its one read of the
 state anyway.
 
-Backward (torch.py's backward_with, the driver every backend shares): LN(state) recomputed once with torch's
-native_layer_norm (routed_lora's weight-gradient kernel reads it), routed_lora.triton's three backward kernels
-(dh; dx with the gate weight's gradient; dA with dB), then one kernel per token block for the rest:
+Backward (:func:`backward`), no LN(state) recomputed: the forward's statistics (N,) are saved, and
+routed_lora.triton's three backward kernels (dh; dx with the unit gate's gradient; dA with dB, dA normalising
+x as it loads it) run on them; then one kernel per token block for the rest:
     _gate_ln_bwd_kernel grid (token blocks,): the straight-through gate gradient d logits (N, E), the token
-                        term's d LN(a) (+= d logits W, never stored) and the LayerNorm backward (row sums in
-                        a first sweep, d state in a second), instead of ~8 torch ops and an in-place GEMM.
-d token_weight = d logits^T LN(a) and the per-group d cond_logits are small torch reductions.
+                        term's d LN(a) (+= d logits W, never stored), the LayerNorm backward (row sums in a first
+                        sweep, d state in a second) and the block's part of d token_weight = d logits^T LN(a)
+                        (fp32, (token blocks, E, D)), instead of ~8 torch ops, an in-place GEMM and a LayerNorm.
+d token_weight is the parts' sum and the per-group d cond_logits a sum of d logits: one torch reduction each.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from .._triton import Launch, cdiv, next_power_of_2
 from .._validate import acc_dtype
 from ..routed_lora import triton as _lora
 from . import reference
-from . import torch as _composed
 
 
 @triton.jit
@@ -118,30 +118,34 @@ def _stats_gate_kernel(
 
 
 @triton.jit
-def _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, dim, n_exp, HAS_W: tl.constexpr,
+def _xhat_tile(x_ptr, offs, mask, mean, rstd):
+    """LN(a) on a (BLOCK_T, BLOCK_K) tile, fp32, from the forward's statistics (mean 0, rstd 1: a itself)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _grad_tile(dh_ptr, w_ptr, offs, mask, k, k_ok, dlogits, e, dim, n_exp, HAS_W: tl.constexpr,
                BLOCK_E: tl.constexpr):
-    """(g, xhat) on a (BLOCK_T, BLOCK_K) tile: g = d loss / d LN(a) (LoRA part + dlogits W), xhat = LN(a)."""
-    mask = row_ok[:, None] & k_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * dim + k[None, :]
+    """g = d loss / d LN(a) (the LoRA's part + dlogits W) on a (BLOCK_T, BLOCK_K) tile, fp32."""
     g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_W:
         for j in tl.static_range(BLOCK_E):  # g += dlogits W, one expert at a time: see _expert_row
             dj = tl.sum(tl.where(e[None, :] == j, dlogits, 0.0), 1)  # (BLOCK_T,) column j, loop-invariant
             g += dj[:, None] * _expert_row(w_ptr, j, k, k_ok, dim, n_exp)[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    return g, xhat
+    return g
 
 
 @triton.jit
 def _gate_ln_bwd_kernel(
-    dh_ptr, dgate_ptr, gw_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, probs_ptr, idx_ptr, dlogits_ptr, dx_ptr,
+    dh_ptr, dgate_ptr, gw_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, probs_ptr, idx_ptr, dlogits_ptr, dx_ptr, dtw_ptr,
     n_tok, dim, n_exp, tau,
     NORMALIZE: tl.constexpr, HAS_GW: tl.constexpr, HAS_W: tl.constexpr, NEED_LOGITS: tl.constexpr,
-    NEED_STATE: tl.constexpr,
+    NEED_STATE: tl.constexpr, NEED_TW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < n_tok
     e = tl.arange(0, BLOCK_E)
     e_ok = e < n_exp
@@ -158,32 +162,44 @@ def _gate_ln_bwd_kernel(
         p_sel = tl.sum(tl.where(chosen, p, 0.0), 1)
         dlogits = (dw * p_sel)[:, None] * (chosen.to(tl.float32) - p) / tau
         tl.store(dlogits_ptr + offs, dlogits, mask=emask)
-    if NEED_STATE:
-        # d a = rstd (g - mean(g) - xhat mean(g xhat)) over the row: two sweeps, the row sums first
-        # (without the LayerNorm, d a = g: one sweep, with c1 = c2 = 0, mean 0 and rstd 1)
+    if NEED_STATE or NEED_TW:
+        # d a = rstd (g - mean(g) - xhat mean(g xhat)) over the row: the row sums in a first sweep, d a in the
+        # second (without the LayerNorm, d a = g: one sweep, with c1 = c2 = 0, mean 0 and rstd 1); the second
+        # also writes this block's part of d token_weight = d logits^T LN(a), expert by expert
         c1 = tl.zeros((BLOCK_T,), tl.float32)
         c2 = tl.zeros((BLOCK_T,), tl.float32)
         mean = tl.zeros((BLOCK_T,), tl.float32)
         rstd = tl.full((BLOCK_T,), 1.0, tl.float32)
+        x_row = rows.to(tl.int64)[:, None] * dim
         if NORMALIZE:
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            for k0 in range(0, dim, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k < dim, mean, rstd, dlogits, e, dim,
-                                     n_exp, HAS_W, BLOCK_E)
-                c1 += tl.sum(g, 1)
-                c2 += tl.sum(g * xhat, 1)
-            c1 = c1 / dim
-            c2 = c2 / dim
+            if NEED_STATE:
+                for k0 in range(0, dim, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < dim
+                    mask = row_ok[:, None] & k_ok[None, :]
+                    g = _grad_tile(dh_ptr, w_ptr, x_row + k[None, :], mask, k, k_ok, dlogits, e, dim, n_exp, HAS_W,
+                                   BLOCK_E)
+                    c1 += tl.sum(g, 1)
+                    c2 += tl.sum(g * _xhat_tile(x_ptr, x_row + k[None, :], mask, mean, rstd), 1)
+                c1 = c1 / dim
+                c2 = c2 / dim
         for k0 in range(0, dim, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < dim
-            g, xhat = _grad_tile(dh_ptr, x_ptr, w_ptr, rows, row_ok, k, k_ok, mean, rstd, dlogits, e, dim, n_exp,
-                                 HAS_W, BLOCK_E)
-            dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
-            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * dim + k[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & k_ok[None, :])
+            mask = row_ok[:, None] & k_ok[None, :]
+            xhat = _xhat_tile(x_ptr, x_row + k[None, :], mask, mean, rstd)
+            if NEED_STATE:
+                g = _grad_tile(dh_ptr, w_ptr, x_row + k[None, :], mask, k, k_ok, dlogits, e, dim, n_exp, HAS_W,
+                               BLOCK_E)
+                dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+                tl.store(dx_ptr + x_row + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if NEED_TW:
+                for j in tl.static_range(BLOCK_E):  # a 2-D product per expert (see _expert_row)
+                    dj = tl.sum(tl.where(e[None, :] == j, dlogits, 0.0), 1)  # (BLOCK_T,)
+                    tl.store(dtw_ptr + (pid.to(tl.int64) * n_exp + j) * dim + k, tl.sum(dj[:, None] * xhat, 0),
+                             mask=k_ok & (j < n_exp))
 
 
 def _row_blocks(n_exp):
@@ -211,7 +227,8 @@ def stats_gate_launch(state, token_weight, cond_logits, noise, tau, eps, normali
 
 def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps, normalize, active=None):
     """state (N, D) -> qkv (N, S*D_out), weight (N,) ones, idx (N,) int64, probs (N, E), lora_h (N, S*R) fp32,
-    and the LoRA's grouping perm (N,), offsets (E+1,)."""
+    the LoRA's grouping perm (N,), offsets (E+1,), and the LayerNorm's mean, rstd (N,) fp32 (empty if not
+    normalize)."""
     if state.dtype == torch.float64:
         return reference.forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, scale, eps,
                                  normalize, active)
@@ -233,15 +250,18 @@ def forward(state, lora_a, lora_b, token_weight, cond_logits, noise, base, tau, 
         idx = torch.where(active, idx, -1)
         weight = active.to(acc)
     perm, offsets = _lora.group_on_device(idx, n_exp)
-    stats = dict(mean=mean, rstd=rstd) if normalize else {}  # normalize=False: the state is used as given
+    if not normalize:  # the state is used as given, and the backward needs no statistics
+        mean, rstd = mean.new_empty(0), rstd.new_empty(0)
+    stats = dict(mean=mean, rstd=rstd) if normalize else {}
     _lora.forward_launch(state, perm, offsets, lora_a, lora_b, None, float(scale), y, h, base=base,
                          **stats)()  # the gate weight is exactly 1 forward: no multiplier
-    return y, weight, idx, probs, h, perm, offsets
+    return y, weight, idx, probs, h, perm, offsets, mean, rstd
 
 
-def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, dlogits, d_state):
-    """The fused gate + LayerNorm backward; dlogits / d_state None when not needed (then not written);
-    mean / rstd None when the step did not normalise (no LayerNorm backward)."""
+def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, dlogits, d_state,
+                       d_tw_parts=None):
+    """The fused gate + LayerNorm backward; dlogits / d_state / d_tw_parts (token blocks, E, D) fp32 None when not
+    needed (then not written); mean / rstd None when the step did not normalise (no LayerNorm backward)."""
     n_tok, dim = state.shape
     block_t, block_k, block_e = _row_blocks(probs.shape[1])
     need_logits = dlogits is not None
@@ -249,28 +269,50 @@ def gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, 
         _gate_ln_bwd_kernel, (cdiv(n_tok, block_t),),
         dict(dh_ptr=dh, dgate_ptr=dgate if need_logits else None, gw_ptr=grad_weight if need_logits else None,
              x_ptr=state, mean_ptr=mean, rstd_ptr=rstd, w_ptr=token_weight, probs_ptr=probs, idx_ptr=idx,
-             dlogits_ptr=dlogits, dx_ptr=d_state, n_tok=n_tok, dim=dim, n_exp=probs.shape[1], tau=tau),
+             dlogits_ptr=dlogits, dx_ptr=d_state, dtw_ptr=d_tw_parts, n_tok=n_tok, dim=dim, n_exp=probs.shape[1],
+             tau=tau),
         dict(NORMALIZE=mean is not None, HAS_GW=need_logits and grad_weight is not None,
-             HAS_W=need_logits and token_weight is not None,
-             NEED_LOGITS=need_logits, NEED_STATE=d_state is not None, BLOCK_T=block_t, BLOCK_K=block_k,
-             BLOCK_E=block_e),
+             HAS_W=need_logits and token_weight is not None and d_state is not None,
+             NEED_LOGITS=need_logits, NEED_STATE=d_state is not None, NEED_TW=d_tw_parts is not None,
+             BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e),
         4, 1,
     )
 
 
-def gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, tau, need_logits,
-                     need_state):
-    """torch.py's gate_ln_backward's interface, as one kernel: the gate's gradient, its token term and the LN backward."""
+def backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h, perm, offsets, mean,
+             rstd, n_groups, tau, scale, eps, normalize, need_state, need_w, need_token_weight, need_cond):
+    """Gradients of forward() -> (d state, dA, dB, d token_weight, d cond (G, E) fp32); unneeded ones empty.
+
+    The LoRA's backward kernels read LN(state) through the forward's statistics (dA normalises as it loads);
+    the LoRA's gate is a unit one (its gradient without a multiplier); the fused gate + LayerNorm kernel gives
+    d logits, d state and per-token-block parts of d token_weight, summed here in one reduction."""
     if state.dtype == torch.float64:
-        return _composed.composed_gate_ln_backward(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs,
-                                                   idx, tau, need_logits, need_state)
+        return reference.backward(grad_qkv, grad_weight, state, lora_a, lora_b, token_weight, idx, probs, lora_h,
+                                  perm, offsets, mean, rstd, n_groups, tau, scale, eps, normalize, need_state, need_w,
+                                  need_token_weight, need_cond)
+    _lora.check_rank(lora_a)
+    n_tok, dim = state.shape
+    n_exp, n_slice, rank, _ = lora_a.shape
+    acc = probs.dtype
+    need_tw = need_token_weight and token_weight is not None
+    need_logits = need_cond or need_tw or (need_state and token_weight is not None)
+    stats = dict(mean=mean, rstd=rstd) if normalize else dict(mean=None, rstd=None)
+    dh_r = state.new_empty(n_tok, n_slice * rank, dtype=torch.float32)  # m * B_e^T dy, token order
+    dgp = state.new_empty(n_tok, n_slice, dtype=torch.float32) if need_logits else None
+    dgate = state.new_empty(n_tok, dtype=acc) if need_logits else None
+    dh = torch.empty_like(state) if need_state else None  # d LN(state) through the LoRA
+    da = torch.empty_like(lora_a) if need_w else None
+    db = torch.empty_like(lora_b) if need_w else None
+    for launch in _lora.backward_launches(grad_qkv.to(state.dtype), state, perm, offsets, lora_a, lora_b, None,
+                                          lora_h, float(scale), dh_r, dgp, dh, da, db, dgate, **stats):
+        launch()
     dlogits = torch.empty_like(probs) if need_logits else None
     d_state = torch.empty_like(state) if need_state else None
+    block_t = _row_blocks(n_exp)[0]
+    d_tw_parts = state.new_empty(cdiv(n_tok, block_t), n_exp, dim, dtype=torch.float32) if need_tw else None
     if need_logits or need_state:
-        gate_ln_bwd_launch(dh, dgate, grad_weight, state, mean, rstd, token_weight, probs, idx, float(tau), dlogits,
-                           d_state)()
-    return dlogits, d_state
-
-
-def backward(*args):
-    return _composed.backward_with(_lora, *args, tail=gate_ln_backward)
+        gate_ln_bwd_launch(dh, dgate, grad_weight, state, stats["mean"], stats["rstd"], token_weight, probs, idx,
+                           float(tau), dlogits, d_state, d_tw_parts)()
+    d_cond = dlogits.view(n_groups, n_tok // n_groups if n_groups else 0, n_exp).sum(1) if need_cond else None
+    d_tw = d_tw_parts.sum(0).to(token_weight.dtype) if need_tw else None
+    return tuple(state.new_empty(0) if g is None else g for g in (d_state, da, db, d_tw, d_cond))

@@ -18,7 +18,8 @@ tensor cores: ``mma.sync`` on sm_80, ``wgmma`` where Triton picks it on sm_90):
     _bwd_dh_kernel         grid (tiles, S):        dh = m B_e^T dy, and sum(B_e^T dy * h) per slice for dgate
     _bwd_dx_kernel         grid (tiles, D_in tiles): dx = sum_s A_e[s]^T dh_s, and dgate = scale * the slices' sum
     _weight_grad_kernel    grid (E * S, dA tiles + dB tiles): dA = sum dh x^T and dB = sum dy (m h)^T over the
-                           expert's contiguous sorted rows, one program per output tile
+                           expert's contiguous sorted rows, one program per output tile (x normalised as loaded
+                           for the refinement step's LoRA)
 
 Determinism: no atomics. Each output element is written by exactly one program, and a weight gradient's tile
 sums its expert's rows in sorted order, fixed by the routing: every result is bit-reproducible. A token's own
@@ -239,11 +240,12 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
-def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, p, q, u_stride, u_slice, v_stride, v_slice,
-                p_dim, q_dim, scale, dt, SCALE_V: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """sum over sorted rows [row_lo, row_hi) of u[n, s, p]^T v[n, s, q] (v times m_n if SCALE_V), fp32
-    (BLOCK_P, BLOCK_Q).
+def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, mean_ptr, rstd_ptr, row_lo, row_hi, s, p, q, u_stride, u_slice,
+                v_stride, v_slice, p_dim, q_dim, scale, dt, SCALE_V: tl.constexpr, NORMALIZE_V: tl.constexpr,
+                HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """sum over sorted rows [row_lo, row_hi) of u[n, s, p]^T v[n, s, q] (v times m_n if SCALE_V; v normalised,
+    rstd_n (v - mean_n) in fp32, if NORMALIZE_V), fp32 (BLOCK_P, BLOCK_Q).
 
     u[n, s] = u_ptr[n * u_stride + s * u_slice + p], likewise v; both multiplied in the weights' dtype ``dt``."""
     p_ok = p < p_dim
@@ -255,8 +257,12 @@ def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, p, q, u_str
         tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
         u = tl.load(u_ptr + tok[:, None] * u_stride + s * u_slice + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
                     other=0.0)  # (BLOCK_M, BLOCK_P)
-        v = tl.load(v_ptr + tok[:, None] * v_stride + s * v_slice + q[None, :], mask=row_ok[:, None] & q_ok[None, :],
-                    other=0.0)  # (BLOCK_M, BLOCK_Q)
+        v_ok = row_ok[:, None] & q_ok[None, :]
+        v = tl.load(v_ptr + tok[:, None] * v_stride + s * v_slice + q[None, :], mask=v_ok, other=0.0)  # (BLOCK_M, BLOCK_Q)
+        if NORMALIZE_V:
+            mean = tl.load(mean_ptr + tok, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
+            v = tl.where(v_ok, (v.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
         if SCALE_V:
             v = v * _token_mult(gate_ptr, tok, row_ok, scale, HAS_GATE, BLOCK_M)[:, None]
         acc = dot(tl.trans(u.to(dt)), v.to(dt), acc, PRECISION)
@@ -265,12 +271,14 @@ def _outer_tile(u_ptr, v_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, p, q, u_str
 
 @triton.jit
 def _weight_grad_kernel(
-    dh_ptr, x_ptr, dy_ptr, h_ptr, perm_ptr, offsets_ptr, gate_ptr, da_ptr, db_ptr,
+    dh_ptr, x_ptr, mean_ptr, rstd_ptr, dy_ptr, h_ptr, perm_ptr, offsets_ptr, gate_ptr, da_ptr, db_ptr,
     d_in, d_out, rank, n_slice, scale,
-    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dA_e[s] (R, D_in) = sum dh x^T and dB_e[s] (D_out, R) = sum dy (m h)^T over expert e's tokens.
+    """dA_e[s] (R, D_in) = sum dh x'^T and dB_e[s] (D_out, R) = sum dy (m h)^T over expert e's tokens; x' = x, or
+    with NORMALIZE LN(x) = rstd (x - mean) from the forward's statistics (the refinement step's LoRA: LN(x) is
+    normalised as loaded, never stored).
 
     Program (e * S + s, tile): tiles [0, dA tiles) of dA_e[s], then dB_e[s]'s. The expert's tokens are a contiguous
     run of sorted rows, reduced in order by the one program that owns the output tile and written once in the
@@ -289,17 +297,18 @@ def _weight_grad_kernel(
     if t < a_tiles:
         ra = (t % r_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
         ka = (t // r_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-        da = _outer_tile(dh_ptr, x_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, ra, ka, n_slice * rank, rank, d_in, 0,
-                         rank, d_in, scale, dt, False, HAS_GATE, PRECISION, BLOCK_M, BLOCK_R, BLOCK_D)
+        da = _outer_tile(dh_ptr, x_ptr, perm_ptr, gate_ptr, mean_ptr, rstd_ptr, row_lo, row_hi, s, ra, ka,
+                         n_slice * rank, rank, d_in, 0, rank, d_in, scale, dt, False, NORMALIZE, HAS_GATE, PRECISION,
+                         BLOCK_M, BLOCK_R, BLOCK_D)
         tl.store(da_ptr + (es.to(tl.int64) * rank + ra[:, None]) * d_in + ka[None, :], da.to(dt),
                  mask=(ra < rank)[:, None] & (ka < d_in)[None, :])
     else:
         tb = t - a_tiles
         nb = (tb // r_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
         rb = (tb % r_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        db = _outer_tile(dy_ptr, h_ptr, perm_ptr, gate_ptr, row_lo, row_hi, s, nb, rb, n_slice * d_out, d_out,
-                         n_slice * rank, rank, d_out, rank, scale, dt, True, HAS_GATE, PRECISION, BLOCK_M, BLOCK_D,
-                         BLOCK_R)
+        db = _outer_tile(dy_ptr, h_ptr, perm_ptr, gate_ptr, mean_ptr, rstd_ptr, row_lo, row_hi, s, nb, rb,
+                         n_slice * d_out, d_out, n_slice * rank, rank, d_out, rank, scale, dt, True, False, HAS_GATE,
+                         PRECISION, BLOCK_M, BLOCK_D, BLOCK_R)
         tl.store(db_ptr + (es.to(tl.int64) * d_out + nb[:, None]) * rank + rb[None, :], db.to(dt),
                  mask=(nb < d_out)[:, None] & (rb < rank)[None, :])
 
@@ -487,12 +496,14 @@ def forward_launch(x, perm, offsets, lora_a, lora_b, gate, scale, y, h, *, mean=
     )
 
 
-def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, dgate=None):
+def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, dh, dgp, dx, da, db, dgate=None, *,
+                      mean=None, rstd=None):
     """Launches for the needed grads: dh (and the gate's per-slice partials dgp) first, then dx and d gate
     (one kernel), then dA and dB (one kernel) from dh.
 
     dgp (N, S) fp32 scratch, dgate (N,), dx, da, db are None when not needed (da and db together); dh (N, S*R)
-    fp32 scratch is always computed.
+    fp32 scratch is always computed. The gate's gradient needs no gate: without one it is the gradient of a unit
+    gate. ``mean`` / ``rstd`` (N,): the LoRA's input was LN(x) (the refinement step's), dA reads x normalised.
     """
     n_tok, d_in = x.shape
     n_exp, n_slice, rank, _ = lora_a.shape
@@ -526,9 +537,11 @@ def backward_launches(grad_y, x, perm, offsets, lora_a, lora_b, gate, h, scale, 
         tiles = cdiv(rank, t.BLOCK_K) * (cdiv(d_in, t.BLOCK_N) + cdiv(d_out, t.BLOCK_N))
         launches.append(Launch(
             _weight_grad_kernel, (n_exp * n_slice, tiles),
-            dict(dh_ptr=dh, x_ptr=x, dy_ptr=grad_y, h_ptr=h, perm_ptr=perm, offsets_ptr=offsets, gate_ptr=gate,
-                 da_ptr=da, db_ptr=db, d_in=d_in, d_out=d_out, rank=rank, n_slice=n_slice, scale=scale),
-            dict(HAS_GATE=gate is not None, PRECISION=prec, BLOCK_M=t.BLOCK_M, BLOCK_R=t.BLOCK_K, BLOCK_D=t.BLOCK_N),
+            dict(dh_ptr=dh, x_ptr=x, mean_ptr=mean, rstd_ptr=rstd, dy_ptr=grad_y, h_ptr=h, perm_ptr=perm,
+                 offsets_ptr=offsets, gate_ptr=gate, da_ptr=da, db_ptr=db, d_in=d_in, d_out=d_out, rank=rank,
+                 n_slice=n_slice, scale=scale),
+            dict(NORMALIZE=mean is not None, HAS_GATE=gate is not None, PRECISION=prec, BLOCK_M=t.BLOCK_M,
+                 BLOCK_R=t.BLOCK_K, BLOCK_D=t.BLOCK_N),
             t.num_warps, t.num_stages,
         ))
     return launches
