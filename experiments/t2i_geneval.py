@@ -6,7 +6,8 @@
 
 Protocol (the paper's fine-tuning setting):
   1. base: SD3-T (diffusers SD3Transformer2DModel, MiniLM text) trained from scratch on --dataset compositional
-     (held-out compositions never shown), one run, seed 0. Every variant starts from its EMA weights.
+     (held-out compositions never shown), one run, seed 0; at --scale recipe the named recipe's two stages
+     (OUT/base_stage1, then its cool-down in OUT/base). Every variant starts from its EMA weights.
   2. variants, ``ft_steps`` steps each from the same base, for every seed in ``seeds``:
        sd3_continued   plain SD3-T, all weights trained further (continued training)
        lora_peft       base frozen, a plain peft LoRA on to_q/to_k/to_v of the middle block (M=1, T=1, no gate)
@@ -59,6 +60,11 @@ SCALES = {
                   multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=25, eval_steps=20, cfg_scale=4.0,
                   analyze_images=60, threads=1, curve_variants="tp_M2_T2_multi_lr4x,sd3_continued", curve_steps=4000,
                   curve_every=1000, scratch_seeds="0,1,2"),
+    # The same comparison on the recipe's base: `--recipe t2i-compositional` (24000 steps, ~1.6 h on one core),
+    # then its 2000-step cool-down stage (`--recipe t2i-compositional-cooldown`), RESULTS.md's 58.3 base.
+    "recipe": dict(image_size=32, preset="SD3-T/4", base_recipe="t2i-compositional", base_steps=2000, ft_steps=1000,
+                   ft_batch=32, ft_lr=1e-3, rank=16, multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=25,
+                   eval_steps=20, cfg_scale=4.0, analyze_images=60, threads=1),
 }
 
 
@@ -158,7 +164,14 @@ def main(argv=None) -> int:
     seeds = [int(v) for v in s["seeds"].split(",")]
     runs = {f"{name}_s{seed}": extra for seed in seeds for name, extra in variants(s).items()}
 
-    if "base" in stages:
+    if "base" in stages and "base_recipe" in s:  # the named recipe's two stages; OUT/base is the second
+        first = out / "base_stage1"
+        common = ["--no-recursion", "--seed", "0", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"]
+        train = [sys.executable, "-m", "thinking_pixel", "train", "--recipe"]
+        run([*train, s["base_recipe"], "--output-dir", str(first), "--checkpoint-every", "1000", *common])
+        run([*train, f"{s['base_recipe']}-cooldown", "--finetune-from", str(first), "--output-dir", str(base),
+             "--checkpoint-every", "500", *common])
+    elif "base" in stages:
         init = ["--init", s["base_init"], "--warmup-steps", str(s["base_warmup"])] if "base_init" in s else []
         run(train_cmd(s, base, s["base_steps"], s["base_lr"], 0, s["base_batch"], ["--no-recursion", *init]))
     if "finetune" in stages:
