@@ -15,6 +15,7 @@ Inputs (every number of the section comes from one of them):
   t2i_adaln/eval_curve/NAME_s0_stepN.json  longer fine-tuning: every kept checkpoint of two variants, evaluated
   t2i_adaln/long/NAME_s0/metrics.jsonl     their training logs
   t2i_adaln/scratch/NAME/metrics.jsonl     the from-scratch runs' training logs
+  t2i_recipe/eval/*.json, analysis/  the same comparison on the recipe's base (when run), then the claims' source
 Outputs: t2i_base/plots/*.png and the section from "# Text-to-image" to the end of RESULTS.md.
 """
 
@@ -35,7 +36,7 @@ from thinking_pixel.text_to_image.stats import (load_verdicts, paired_difference
                                                 reference_result, split_scores)
 
 RES = ROOT / "experiments" / "results"
-BASE, ADALN = RES / "t2i_base", RES / "t2i_adaln"
+BASE, ADALN, RECIPE = RES / "t2i_base", RES / "t2i_adaln", RES / "t2i_recipe"
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHORT = {"single_object": "single", "two_object": "two obj.", "counting": "count", "colors": "colours",
          "position": "position", "color_attr": "col. attr."}
@@ -52,6 +53,7 @@ VARIANTS = {"sd3_continued": "continued training (all weights)", "lora_peft": "p
             "tp_M2_T2_multi_lr4x": "ThinkingPixel M=2, T=2, blocks 1,2,3, 4x lr",
             "tp_M2_T2_multi_binit": "ThinkingPixel M=2, T=2, blocks 1,2,3, B ~ N(0, 0.1²)",
             "tp_M2_T2_multi_scratch": "ThinkingPixel M=2, T=2, blocks 1,2,3, trained from scratch"}
+CLAIM_VARIANTS = ("tp_M2_T2_multi", "lora_peft", "sd3_continued")  # what the claims table needs, 3 seeds each
 ENGAGE = {"tp_M2_T2_multi_lr4x": "with the experts at 4× the lr",
           "tp_M2_T2_multi_binit": "with B ~ N(0, 0.1²) and a zero-initialised final-step gain"}
 
@@ -158,20 +160,21 @@ def plots(settings: dict, gng: dict) -> dict:
     return {"loss": out / "loss_curves.png", "score": out / "score_vs_step.png"}
 
 
-def variant_runs(name: str, split: str):
-    """The seeds of a fine-tuning variant of t2i_adaln, pooled per prompt, and their count."""
-    paths = sorted(ADALN.glob(f"eval/{name}_s[0-9].json"))
+def variant_runs(name: str, split: str, folder: Path = ADALN):
+    """The seeds of a fine-tuning variant of a comparison (t2i_adaln, t2i_recipe), pooled per prompt, and their
+    count."""
+    paths = sorted(folder.glob(f"eval/{name}_s[0-9].json"))
     return (pool([load_verdicts(p)[split] for p in paths]) if paths else None), len(paths)
 
 
-def comparison(split: str) -> tuple[list[str], dict]:
-    """Every variant of t2i_adaln against the base and the recursion against plain fine-tuning: paired, seeds pooled
-    per prompt (the base's images repeated once per seed, so each prompt pairs the same noise)."""
-    base = load_verdicts(ADALN / "eval" / "base.json")[split]
-    runs = {name: variant_runs(name, split) for name in VARIANTS}
+def comparison(split: str, folder: Path = ADALN) -> tuple[list[str], dict]:
+    """Every variant of a comparison against its base and the recursion against plain fine-tuning: paired, seeds
+    pooled per prompt (the base's images repeated once per seed, so each prompt pairs the same noise)."""
+    base = load_verdicts(folder / "eval" / "base.json")[split]
+    runs = {name: variant_runs(name, split, folder) for name in VARIANTS}
     runs = {name: r for name, r in runs.items() if r[1]}
-    rows = [("base", ADALN / "eval" / "base.json")] + [
-        (f"{VARIANTS[n]} ({k} seeds)", sorted(ADALN.glob(f"eval/{n}_s[0-9].json"))) for n, (_, k) in runs.items()]
+    rows = [("base", folder / "eval" / "base.json")] + [
+        (f"{VARIANTS[n]} ({k} seeds)", sorted(folder.glob(f"eval/{n}_s[0-9].json"))) for n, (_, k) in runs.items()]
     lines = score_table(rows, split) + ["",
              "| a − b | difference [95% CI] | McNemar (only a / only b, p) |", "|---|---|---|"]
     diffs = {}
@@ -366,11 +369,17 @@ def comparison_and_claims() -> list[str]:
     L += finetune_plots()
     L += scratch_section()
     L += curve_section()
-    seen = diffs["seen"]
+    recipe_lines, recipe_diffs = recipe_comparison()
+    L += recipe_lines
+    seen, folder, source = diffs["seen"], ADALN, f"{COMPARISON_BASE[0]} at step {COMPARISON_BASE[1]}"
+    if recipe_diffs and all(variant_runs(n, "seen", RECIPE)[1] >= 3 for n in CLAIM_VARIANTS):
+        seen, folder, source = recipe_diffs["seen"], RECIPE, "the recipe base"
     if ("tp_M2_T2_multi", "base") not in seen:
         return L
     tp = seen[("tp_M2_T2_multi", "base")]
     L += ["## The paper's claims here", "",
+          f"Fine-tunes of {source}; the from-scratch row against {COMPARISON_BASE[0]} at step {COMPARISON_BASE[1]}.",
+          "",
           "| claim (SD3-medium, paper) | evidence here (seen compositions, × 100, 95% CI) | verdict |", "|---|---|---|",
           f"| M = 2, T = 2 in several layers lifts GenEval overall (+3.25) | {_ci(tp['overall'])} over the base | "
           f"{verdict(tp['overall'], PAPER_GAIN)} |"]
@@ -378,29 +387,33 @@ def comparison_and_claims() -> list[str]:
         if ("tp_M2_T2_multi", other) in seen:
             d = seen[("tp_M2_T2_multi", other)]["overall"]
             L.append(f"| the recursion beats {label} | M = 2, T = 2 (blocks 1–3) − {other}: {_ci(d)} | {verdict(d)} |")
-    for name, how in ENGAGE.items():
-        if (name, "base") in seen:
-            d = seen[(name, "base")]["overall"]
-            L.append(f"| (engaging the recursion) M = 2, T = 2 in blocks 1–3 {how} | {_ci(d)} over the base | "
-                     f"{verdict(d, PAPER_GAIN)} |")
+    for name, how in ENGAGE.items():  # from the claims' comparison, else from the step-16000 one
+        found = next(((d, where) for d, where in ((seen, ""), (diffs["seen"], f" (on step {COMPARISON_BASE[1]})"))
+                      if (name, "base") in d), None)
+        if found:
+            d = found[0][(name, "base")]["overall"]
+            L.append(f"| (engaging the recursion) M = 2, T = 2 in blocks 1–3 {how} | {_ci(d)} over the "
+                     f"base{found[1]} | {verdict(d, PAPER_GAIN)} |")
     long_diffs = curve_differences()
     for (a, b), d in long_diffs.items():
         if b == "base" and a.startswith("tp_"):
             L.append(f"| (engaging the recursion) {VARIANTS[a]}, fine-tuned {d['steps']} steps (seed 0) | "
-                     f"{_ci(d['overall'])} over the base | {verdict(d['overall'], PAPER_GAIN)} |")
-    if ("tp_M2_T2_multi_scratch", "base") in seen:
-        d = seen[("tp_M2_T2_multi_scratch", "base")]["overall"]
+                     f"{_ci(d['overall'])} over the base{'' if folder == ADALN else f' (on step {COMPARISON_BASE[1]})'}"
+                     f" | {verdict(d['overall'], PAPER_GAIN)} |")
+    if ("tp_M2_T2_multi_scratch", "base") in diffs["seen"]:
+        d = diffs["seen"][("tp_M2_T2_multi_scratch", "base")]["overall"]
         L.append(f"| the recursion trained from scratch beats the same model trained without it | M = 2, T = 2 "
                  f"(blocks 1–3), {COMPARISON_BASE[1]} steps of the base's recipe − the base: {_ci(d)} | "
                  f"{verdict(d)} |")
     for tag in ("two_object", "counting", "color_attr"):
         L.append(f"| gains in {SHORT[tag]} | {_ci(tp[tag])} over the base | {verdict(tp[tag])} |")
-    tp_scores = split_scores(variant_runs("tp_M2_T2_multi", "seen")[0])
+    tp_scores = split_scores(variant_runs("tp_M2_T2_multi", "seen", folder)[0])
     weakest = min(TAGS, key=lambda t: tp_scores[t]["score"])
     L.append(f"| position stays the weakest category | M = 2, T = 2: position {_pm(tp_scores['position'])}, lowest: "
              f"{SHORT[weakest]} {_pm(tp_scores[weakest])} | {'observed' if weakest == 'position' else 'not observed'} |")
     L.append("| M = 5, T = 5 best on DPG-Bench | no DPG analogue | not tested |")
-    stats_path = ADALN / "analysis" / "routing_stats.json"
+    stats_folder = folder if (folder / "analysis" / "routing_stats.json").is_file() else ADALN
+    stats_path = stats_folder / "analysis" / "routing_stats.json"
     if stats_path.is_file():
         stats = json.loads(stats_path.read_text())
         for label, s in stats.items():
@@ -413,9 +426,28 @@ def comparison_and_claims() -> list[str]:
                          f"{100 * nmi:.1f}% of H(E) (plug-in bias {bias:.4f}) | {seen_it} |")
         L += ["", f"Specialisation: \"observed\" where I(E; X) exceeds 10× its plug-in bias and {100 * SPECIALISED:.0f}% "
               "of the expert entropy H(E); \"weak\" where it exceeds the bias only.", "",
-              f"![expert usage]({_rel(ADALN / 'analysis' / 'expert_usage.png')})", ""]
-        L += diagnostics_section(stats)
+              f"![expert usage]({_rel(stats_folder / 'analysis' / 'expert_usage.png')})", ""]
+        L += diagnostics_section(stats, stats_folder)
     return L + [""]
+
+
+def recipe_comparison() -> tuple[list[str], dict | None]:
+    """The fine-tuning comparison on the recipe's base (t2i_recipe: `t2i_geneval.py --scale recipe`), if run."""
+    if not (RECIPE / "eval" / "base.json").is_file():
+        return [], None
+    cfg = dict(line.strip().split("=", 1) for line in (RECIPE / "settings.txt").read_text().splitlines() if line)
+    seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE.glob("eval/*_s[0-9].json")})
+    L = [f"## Fine-tuning comparison on the recipe base ({cfg['ft_steps']} steps per variant, seeds "
+         f"{', '.join(map(str, seeds))})", "",
+         "`experiments/results/t2i_recipe/` (`python experiments/t2i_geneval.py --scale recipe`): the base retrained "
+         f"by `--recipe {cfg['base_recipe']}` and its cool-down stage, every variant as in the comparison above "
+         f"({cfg['ft_steps']} steps of batch {cfg['ft_batch']} at lr {cfg['ft_lr']}, rank {cfg['rank']}), evaluated "
+         "on the same prompts and noise.", ""]
+    diffs = {}
+    for split, title in (("seen", "seen compositions"), ("heldout", "held-out compositions")):
+        lines, diffs[split] = comparison(split, RECIPE)
+        L += [f"**{title}** (score × 100 ± SE)", ""] + lines + [""]
+    return L, diffs
 
 
 def curve_runs() -> dict:
@@ -637,11 +669,11 @@ def plot_engagement(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def diagnostics_section(stats: dict) -> list[str]:
+def diagnostics_section(stats: dict, folder: Path) -> list[str]:
     figure = BASE / "plots" / "recursion_engaged.png"
     plot_engagement(stats, figure)
     L = ["## Is the recursion engaged?", "",
-         "`thinking-pixel analyze` on the seed-0 fine-tunes of the comparison (`t2i_adaln/analysis/routing_stats.json`): "
+         f"`thinking-pixel analyze` on the seed-0 fine-tunes of the comparison (`{folder.name}/analysis/routing_stats.json`): "
          "rendered scenes of 60 seen prompts noised to 10 levels, argmax routing. State change: ||a_t − a_(t−1)|| / "
          "||a_t|| per intermediate step; in SD3's joint attention an idle step 1 still moves the state (its zero "
          "queries average the text tokens' values), so step 1's change has a floor above 0. The LoRA-to-base ratio "
