@@ -26,7 +26,9 @@ Protocol (the paper's fine-tuning setting):
      ``curve_every`` steps), every checkpoint evaluated as in 3: score vs fine-tuning step, and longer fine-tuning
      as a try at engaging the recursion (OUT/long/NAME_s0, OUT/eval_curve/NAME_s0_stepN.json).
   8. scratch: the recursion trained from scratch with the base's recipe (M=2, T=2 in blocks ``multi_layers``), for
-     every seed in ``scratch_seeds``: OUT/scratch/tp_M2_T2_multi_scratch_sS, evaluated into OUT/eval.
+     every seed in ``scratch_seeds``: OUT/scratch/tp_M2_T2_multi_scratch_sS, evaluated into OUT/eval; and the base
+     itself by the same command without the recursion for every seed in ``scratch_base_seeds`` (OUT/scratch/base_sS;
+     seed 0 is OUT/base), so that both sides of that comparison have several seeds.
 
 Every command is printed and appended to OUT/commands.sh; finished evaluations are skipped, training resumes.
 """
@@ -59,7 +61,7 @@ SCALES = {
                   base_init="adaln-zero", base_warmup=200, ft_steps=1000, ft_batch=32, ft_lr=1e-3, rank=16,
                   multi_layers="1,2,3", seeds="0,1,2", prompts_per_tag=25, eval_steps=20, cfg_scale=4.0,
                   analyze_images=60, threads=1, curve_variants="tp_M2_T2_multi_lr4x,sd3_continued", curve_steps=4000,
-                  curve_every=1000, scratch_seeds="0,1,2"),
+                  curve_every=1000, scratch_seeds="0,1,2", scratch_base_seeds="1,2"),
     # The same comparison on the recipe's base: `--recipe t2i-compositional` (24000 steps, ~1.6 h on one core),
     # then its 2000-step cool-down stage (`--recipe t2i-compositional-cooldown`), RESULTS.md's 58.3 base.
     "recipe": dict(image_size=32, preset="SD3-T/4", base_recipe="t2i-compositional", base_steps=2000, ft_steps=1000,
@@ -208,12 +210,16 @@ def main(argv=None) -> int:
             with ThreadPoolExecutor(args.jobs) as pool:
                 list(pool.map(run, [c for c in commands if c]))
     if "scratch" in stages:
-        for seed in (int(v) for v in s.get("scratch_seeds", "").split(",") if v):
-            name, path = f"tp_M2_T2_multi_scratch_s{seed}", out / "scratch" / f"tp_M2_T2_multi_scratch_s{seed}"
+        recursion = ["--experts", "2", "--recursion-steps", "2", "--recursion-layers", s["multi_layers"], "--rank",
+                     str(s["rank"])]
+        jobs = [(f"base_s{v}", ["--no-recursion"], int(v)) for v in s.get("scratch_base_seeds", "").split(",") if v]
+        jobs += [(f"tp_M2_T2_multi_scratch_s{v}", recursion, int(v)) for v in s.get("scratch_seeds", "").split(",")
+                 if v]
+        for name, extra, seed in jobs:
+            path = out / "scratch" / name
             run([sys.executable, "-m", "thinking_pixel", "train", "--recipe", "t2i-compositional", "--output-dir",
-                 str(path), "--max-steps", str(s["base_steps"]), "--experts", "2", "--recursion-steps", "2",
-                 "--recursion-layers", s["multi_layers"], "--rank", str(s["rank"]), "--seed", str(seed),
-                 "--checkpoint-every", "500", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"])
+                 str(path), "--max-steps", str(s["base_steps"]), *extra, "--seed", str(seed), "--checkpoint-every",
+                 "500", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"])
             command = evaluate(name, path, out / "eval" / f"{name}.json", finished(path, s["base_steps"]))
             if command:
                 run(command)
