@@ -400,10 +400,13 @@ def comparison_and_claims() -> list[str]:
             L.append(f"| (engaging the recursion) {VARIANTS[a]}, fine-tuned {d['steps']} steps (seed 0) | "
                      f"{_ci(d['overall'])} over the base{'' if folder == ADALN else f' (on step {COMPARISON_BASE[1]})'}"
                      f" | {verdict(d['overall'], PAPER_GAIN)} |")
-    if ("tp_M2_T2_multi_scratch", "base") in diffs["seen"]:
-        d = diffs["seen"][("tp_M2_T2_multi_scratch", "base")]["overall"]
+    matched = scratch_difference("seen")
+    if matched or ("tp_M2_T2_multi_scratch", "base") in diffs["seen"]:
+        d = matched["overall"] if matched else diffs["seen"][("tp_M2_T2_multi_scratch", "base")]["overall"]
+        how = (f"seed-matched, seeds {', '.join(map(str, matched['seeds']))}" if matched else
+               "the base's one seed against every seed")
         L.append(f"| the recursion trained from scratch beats the same model trained without it | M = 2, T = 2 "
-                 f"(blocks 1–3), {COMPARISON_BASE[1]} steps of the base's recipe − the base: {_ci(d)} | "
+                 f"(blocks 1–3), {COMPARISON_BASE[1]} steps of the base's recipe − the base ({how}): {_ci(d)} | "
                  f"{verdict(d)} |")
     for tag in ("two_object", "counting", "color_attr"):
         L.append(f"| gains in {SHORT[tag]} | {_ci(tp[tag])} over the base | {verdict(tp[tag])} |")
@@ -590,47 +593,71 @@ def _off_track(steps: list[int], loss, start: int = 4000, rise: float = 1.25, me
     return sum(flags) / len(flags)
 
 
+def _scratch_runs() -> tuple[dict, dict]:
+    """{seed: (evaluation, training log)} of the from-scratch comparison: the base's seeds (seed 0 is the comparison's
+    base) and the recursion's."""
+    def runs(pattern):
+        return {int(p.stem[-1]): (p, ADALN / "scratch" / p.stem / "metrics.jsonl") for p in ADALN.glob(pattern)}
+
+    base = {0: (ADALN / "eval" / "base.json", BASE / "runs" / COMPARISON_BASE[0] / "metrics.jsonl"),
+            **runs("eval/base_s[0-9].json")}
+    return dict(sorted(base.items())), dict(sorted(runs("eval/tp_M2_T2_multi_scratch_s[0-9].json").items()))
+
+
+def scratch_difference(split: str) -> dict | None:
+    """The recursion from scratch − the base, seed s against seed s, pooled per prompt; None with fewer than two
+    seeds on both sides."""
+    base, rec = _scratch_runs()
+    seeds = sorted(set(base) & set(rec))
+    if len(seeds) < 2:
+        return None
+    a, b = (pool([load_verdicts(runs[s][0])[split] for s in seeds]) for runs in (rec, base))
+    return {"seeds": seeds, **paired_difference(a, b)}
+
+
 def scratch_section() -> list[str]:
     """The from-scratch seeds one by one: their scores, their late training loss against the base's, and a plot."""
-    paths = sorted(ADALN.glob("eval/tp_M2_T2_multi_scratch_s[0-9].json"))
-    base_log = BASE / "runs" / COMPARISON_BASE[0] / "metrics.jsonl"
-    if not paths or not base_log.is_file():
+    base, rec = _scratch_runs()
+    if not rec or not base[0][1].is_file():
         return []
     steps = COMPARISON_BASE[1]
     window = (steps - 1000, steps)
-    base = {s: split_scores(load_verdicts(ADALN / "eval" / "base.json")[s])["overall"] for s in ("seen", "heldout")}
     L = ["### The from-scratch seeds one by one", "",
          "Seeds pooled per prompt (the table above) hide how far apart the seeds are; the paired CIs resample prompts, "
          "not seeds. Training loss is the mean over steps "
          f"{window[0] + 1}–{window[1]} (the EMA weights that are evaluated average about the last 1000 steps); steps "
          "in a loss spike: the share of steps from 4000 on whose 200-step running-mean loss lies 25% above its minimum "
          "over the previous 2000 steps.", "",
-         "| run | seen overall ± SE | held-out overall ± SE | training loss, last 1000 steps | steps in a loss spike |",
-         "|---|---|---|---|---|",
-         f"| base ({COMPARISON_BASE[0]}, step {steps}) | {_pm(base['seen'])} | {_pm(base['heldout'])} | "
-         f"{_mean_loss(base_log, *window):.4f} | {100 * _off_track(*_running_loss(base_log, steps)):.1f}% |"]
-    logs = {}
-    for p in paths:
-        name = p.stem
-        verdicts = load_verdicts(p)
-        seen, held = (split_scores(verdicts[s])["overall"] for s in ("seen", "heldout"))
-        logs[name] = ADALN / "scratch" / name / "metrics.jsonl"
-        L.append(f"| {name} | {_pm(seen)} | {_pm(held)} | {_mean_loss(logs[name], *window):.4f} | "
-                 f"{100 * _off_track(*_running_loss(logs[name], steps)):.1f}% |")
-    base_loss = _mean_loss(base_log, *window)
-    seed_loss = [_mean_loss(p, *window) for p in logs.values()]
-    seed_seen = [split_scores(load_verdicts(p)["seen"])["overall"]["score"] for p in paths]
-    above = sum(x > base_loss for x in seed_loss)
-    below = sum(x < base["seen"]["score"] for x in seed_seen)
-    L += ["", f"Reading: {above} of {len(paths)} seeds end with a higher training loss than the base "
-          f"({min(seed_loss):.4f}–{max(seed_loss):.4f} against {base_loss:.4f}) and {below} of {len(paths)} score "
-          f"below it on seen compositions ({100 * min(seed_seen):.1f}–{100 * max(seed_seen):.1f} against "
-          f"{100 * base['seen']['score']:.1f}). At the recipe's constant lr 4e-3 the loss of every run spikes "
-          "(the plot, and the last column), the recursion's runs for longer, so where a run stops "
-          "decides much of its score: the seeds differ by more than the pooled CI shows."]
+         "| run | seed | seen overall ± SE | held-out overall ± SE | training loss, last 1000 steps | steps in a loss "
+         "spike |", "|---|---|---|---|---|---|"]
+    summary, logs = {}, {}
+    for label, runs in (("base", base), ("recursion", rec)):
+        for seed, (result, log) in runs.items():
+            verdicts = load_verdicts(result)
+            seen, held = (split_scores(verdicts[s])["overall"] for s in ("seen", "heldout"))
+            loss = _mean_loss(log, *window)
+            summary.setdefault(label, []).append((seen["score"], loss))
+            logs[f"{label}, seed {seed}"] = log
+            L.append(f"| {label} | {seed} | {_pm(seen)} | {_pm(held)} | {loss:.4f} | "
+                     f"{100 * _off_track(*_running_loss(log, steps)):.1f}% |")
+
+    def span(label, i, scale=1.0, fmt=".4f"):
+        values = [scale * v[i] for v in summary[label]]
+        return f"{min(values):{fmt}}" if len(values) == 1 else f"{min(values):{fmt}}–{max(values):{fmt}}"
+
+    L += ["", f"Reading: training loss over the last 1000 steps {span('recursion', 1)} with the recursion against "
+          f"{span('base', 1)} without; seen overall {span('recursion', 0, 100, '.1f')} against "
+          f"{span('base', 0, 100, '.1f')}. At the recipe's constant lr 4e-3 the loss of every run spikes (the plot, and "
+          "the last column), the recursion's runs for longer, so where a run stops decides much of its score."]
+    for split, title in (("seen", "seen"), ("heldout", "held-out")):
+        d = scratch_difference(split)
+        if d:
+            m = d["overall"]["mcnemar"]
+            L.append(f"\nSeed-matched ({', '.join(map(str, d['seeds']))}), {title}: recursion − base "
+                     f"{_ci(d['overall'])}, McNemar {m['only_a']} / {m['only_b']}, p = {m['p']:.3f}.")
     out = BASE / "plots" / "scratch_loss.png"
-    _loss_plot({f"base ({COMPARISON_BASE[0]})": base_log, **logs}, out, 200, "training step",
-               "from scratch: the recursion (M=2, T=2, blocks 1-3) and the base", last=steps, ylim=(0.05, 0.13))
+    _loss_plot(logs, out, 200, "training step", "from scratch: the recursion (M=2, T=2, blocks 1-3) and the base",
+               last=steps, ylim=(0.05, 0.13))
     return L + ["", f"![from-scratch loss]({_rel(out)})", ""]
 
 
