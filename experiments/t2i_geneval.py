@@ -158,13 +158,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output root (default: runs/t2i_<scale>)")
     parser.add_argument("--stages", default="base,finetune,evaluate,analyze,grids,table")
     parser.add_argument("--jobs", type=int, default=1, help="runs / evaluations in parallel (default 1)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated fine-tuning variants to train and evaluate (default: all), e.g. the "
+                             "claims' tp_M2_T2_multi,lora_peft,sd3_continued first")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     stages = set(args.stages.split(","))
     s, out, run = prepare(args.scale, SCALES, args.out, "t2i", args.dry_run)
     base = out / "base"
     seeds = [int(v) for v in s["seeds"].split(",")]
-    runs = {f"{name}_s{seed}": extra for seed in seeds for name, extra in variants(s).items()}
+    chosen = variants(s)
+    if args.variants is not None:
+        unknown = set(args.variants.split(",")) - set(chosen)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(chosen)}")
+        chosen = {name: extra for name, extra in chosen.items() if name in args.variants.split(",")}
+    runs = {f"{name}_s{seed}": extra for seed in seeds for name, extra in chosen.items()}
 
     if "base" in stages and "base_recipe" in s:  # the named recipe's two stages; OUT/base is the second
         first = out / "base_stage1"
