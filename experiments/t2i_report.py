@@ -48,6 +48,7 @@ SPECIALISED = 0.05  # I(E; X) / H(E) from which routing counts as specialised by
 PAPER_GAIN = 0.0325  # the paper's GenEval gain on SD3-medium (67.93 -> 71.18), in score points
 COMPARISON_BASE = ("base_adaln-zero_lr4e-3", 16000)  # the base every variant of t2i_adaln fine-tunes
 RECIPE_BASE = ("base_adaln-zero_lr4e-3-cool24k", 26000)  # the recipe's result: that base after its cool-down stage
+WRITE_PLOTS = True  # False: the text only (tests/test_results_generated.py compares it with RESULTS.md)
 VARIANTS = {"sd3_continued": "continued training (all weights)", "lora_peft": "peft LoRA (M=1, T=1, block 2)",
             "tp_M2_T2_one": "ThinkingPixel M=2, T=2, block 2", "tp_M2_T2_multi": "ThinkingPixel M=2, T=2, blocks 1,2,3",
             "tp_M5_T5": "ThinkingPixel M=5, T=5, block 2",
@@ -74,6 +75,14 @@ def _ci(d: dict) -> str:
 
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
+
+
+def _save(fig, path: Path) -> None:
+    if WRITE_PLOTS:
+        fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def _evals(folder: Path) -> dict:
@@ -139,8 +148,7 @@ def plots(settings: dict, gng: dict) -> dict:
            title="base training loss (batch 32, seed 0)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "loss_curves.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, split in zip(axes, ("seen", "heldout")):
@@ -156,8 +164,7 @@ def plots(settings: dict, gng: dict) -> dict:
     axes[0].set_ylabel("GenEval-style overall × 100 (± SE)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "score_vs_step.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "score_vs_step.png")
     return {"loss": out / "loss_curves.png", "score": out / "score_vs_step.png"}
 
 
@@ -551,8 +558,7 @@ def curve_section() -> list[str]:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     out = BASE / "plots" / "score_vs_finetune_step.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
     diffs = {split: curve_differences(split) for split in ("seen", "heldout")}
     L += ["", "| a − b (seed 0) | step | seen | McNemar | held-out | McNemar |", "|---|---|---|---|---|---|"]
     for key, d in diffs["seen"].items():
@@ -605,8 +611,7 @@ def _loss_plot(logs: dict[str, Path], out: Path, k: int, xlabel: str, title: str
         ax.set_ylim(*ylim)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def _off_track(steps: list[int], loss, start: int = 4000, rise: float = 1.25, memory: int = 2000) -> float:
@@ -716,8 +721,7 @@ def plot_engagement(stats: dict, path: Path) -> None:
     for ax in (axes[0], axes[2]):
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def diagnostics_section(stats: dict, folder: Path) -> list[str]:
