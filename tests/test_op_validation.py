@@ -17,7 +17,7 @@ def lora_args(**change):
 
 def lora_bwd_args(**change):
     args = lora_args()
-    n, (n_exp, n_slice, rank, _), d_out = 6, args["lora_a"].shape, args["lora_b"].shape[2]
+    n, (_, n_slice, rank, _), d_out = 6, args["lora_a"].shape, args["lora_b"].shape[2]
     args = dict(grad_y=torch.randn(n, n_slice * d_out), **{k: v for k, v in args.items() if k != "scale"},
                 h=torch.randn(n, n_slice * rank), perm=torch.tensor([0, 3, 1, 4, 2, 5]),
                 offsets=torch.tensor([0, 2, 4, 6]), scale=0.5, need_x=True, need_w=True, need_gate=True)
