@@ -104,6 +104,13 @@ def train_cmd(s: dict, out_dir: Path, steps: int, lr: float, seed: int, batch: i
             "--no-sample-grid", "--no-progress", *extra]
 
 
+def recipe_cmd(s: dict, recipe: str, out_dir: Path, seed: int, every: int, extra: list[str]) -> list[str]:
+    """`thinking-pixel train --recipe RECIPE` into ``out_dir``: the recipe's own options, ``extra`` on top."""
+    return [sys.executable, "-m", "thinking_pixel", "train", "--recipe", recipe, "--output-dir", str(out_dir), *extra,
+            "--seed", str(seed), "--checkpoint-every", str(every), "--threads", str(s["threads"]), "--no-sample-grid",
+            "--no-progress"]
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "—"
@@ -177,11 +184,9 @@ def main(argv=None) -> int:
 
     if "base" in stages and "base_recipe" in s:  # the named recipe's two stages; OUT/base is the second
         first = out / "base_stage1"
-        common = ["--no-recursion", "--seed", "0", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"]
-        train = [sys.executable, "-m", "thinking_pixel", "train", "--recipe"]
-        run([*train, s["base_recipe"], "--output-dir", str(first), "--checkpoint-every", "1000", *common])
-        run([*train, f"{s['base_recipe']}-cooldown", "--finetune-from", str(first), "--output-dir", str(base),
-             "--checkpoint-every", "500", *common])
+        run(recipe_cmd(s, s["base_recipe"], first, 0, 1000, ["--no-recursion"]))
+        run(recipe_cmd(s, f"{s['base_recipe']}-cooldown", base, 0, 500,
+                       ["--no-recursion", "--finetune-from", str(first)]))
     elif "base" in stages:
         init = ["--init", s["base_init"], "--warmup-steps", str(s["base_warmup"])] if "base_init" in s else []
         run(train_cmd(s, base, s["base_steps"], s["base_lr"], 0, s["base_batch"], ["--no-recursion", *init]))
@@ -226,9 +231,7 @@ def main(argv=None) -> int:
                  if v]
         for name, extra, seed in jobs:
             path = out / "scratch" / name
-            run([sys.executable, "-m", "thinking_pixel", "train", "--recipe", "t2i-compositional", "--output-dir",
-                 str(path), "--max-steps", str(s["base_steps"]), *extra, "--seed", str(seed), "--checkpoint-every",
-                 "500", "--threads", str(s["threads"]), "--no-sample-grid", "--no-progress"])
+            run(recipe_cmd(s, "t2i-compositional", path, seed, 500, ["--max-steps", str(s["base_steps"]), *extra]))
             command = evaluate(name, path, out / "eval" / f"{name}.json", finished(path, s["base_steps"]))
             if command:
                 run(command)
