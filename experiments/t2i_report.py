@@ -16,6 +16,9 @@ Inputs (every number of the section comes from one of them):
   t2i_adaln/long/NAME_s0/metrics.jsonl     their training logs
   t2i_adaln/scratch/NAME/metrics.jsonl     the from-scratch runs' training logs
   t2i_recipe/eval/*.json, analysis/  the same comparison on the recipe's base (when run), then the claims' source
+  t2i_recipe2/eval/*.json, analysis/ a second run of the recipe's commands: its base against the first's, its
+                                    step-16000 checkpoint (eval_stage1/) against the adaLN-Zero base, and the
+                                    variants run on it
 Outputs: t2i_base/plots/*.png, the section from "# Text-to-image" to the end of RESULTS.md, and claim 6's row of
 its summary table.
 """
@@ -37,7 +40,7 @@ from thinking_pixel.text_to_image.stats import (load_verdicts, paired_difference
                                                 reference_result, split_scores)
 
 RES = ROOT / "experiments" / "results"
-BASE, ADALN, RECIPE = RES / "t2i_base", RES / "t2i_adaln", RES / "t2i_recipe"
+BASE, ADALN, RECIPE, RECIPE2 = RES / "t2i_base", RES / "t2i_adaln", RES / "t2i_recipe", RES / "t2i_recipe2"
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHORT = {"single_object": "single", "two_object": "two obj.", "counting": "count", "colors": "colours",
          "position": "position", "color_attr": "col. attr."}
@@ -45,6 +48,7 @@ TARGETS = {"overall": 50, "single_object": 90, "colors": 80, "two_object": 40, "
            "position": 10}
 PROCEED = 35  # overall (seen) a base needs before the fine-tuning comparison means anything
 SPECIALISED = 0.05  # I(E; X) / H(E) from which routing counts as specialised by X (below it, above the bias: weak)
+ENGAGED_RATIO = 0.01  # LoRA / base Q/K/V norm at the last step from which the experts count as engaged
 PAPER_GAIN = 0.0325  # the paper's GenEval gain on SD3-medium (67.93 -> 71.18), in score points
 COMPARISON_BASE = ("base_adaln-zero_lr4e-3", 16000)  # the base every variant of t2i_adaln fine-tunes
 RECIPE_BASE = ("base_adaln-zero_lr4e-3-cool24k", 26000)  # the recipe's result: that base after its cool-down stage
@@ -380,6 +384,7 @@ def comparison_and_claims() -> list[str]:
     L += curve_section()
     recipe_lines, recipe_diffs = recipe_comparison()
     L += recipe_lines
+    L += recipe_rerun()
     folder, source = claims_source()
     seen = recipe_diffs["seen"] if folder == RECIPE else diffs["seen"]
     if ("tp_M2_T2_multi", "base") not in seen:
@@ -483,6 +488,53 @@ def recipe_comparison() -> tuple[list[str], dict | None]:
         lines, diffs[split] = comparison(split, RECIPE)
         L += [f"**{title}** (score × 100 ± SE)", ""] + lines + [""]
     return L, diffs
+
+
+def recipe_rerun() -> list[str]:
+    """The recipe's commands run a second time (t2i_recipe2): how far two runs of one command and seed land apart,
+    and the variants the first run's comparison lacks, fine-tuned from the second base."""
+    if not (RECIPE2 / "eval" / "base.json").is_file():
+        return []
+    pairs = [("the recipe base, second run − first run", RECIPE2 / "eval" / "base.json", RECIPE / "eval" / "base.json")]
+    stage1 = RECIPE2 / "eval_stage1" / f"step{COMPARISON_BASE[1]}.json"
+    if stage1.is_file():
+        pairs.append((f"its first stage at step {COMPARISON_BASE[1]} − {COMPARISON_BASE[0]} at step "
+                      f"{COMPARISON_BASE[1]}", stage1, ADALN / "eval" / "base.json"))
+    logs = [[json.loads(line) for line in path.read_text().splitlines()] for path in
+            (RECIPE2 / "base_stage1" / "metrics.jsonl", BASE / "runs" / COMPARISON_BASE[0] / "metrics.jsonl")]
+    first = {key: next(a["step"] for a, b in zip(*logs) if a[key] != b[key]) for key in ("grad_norm", "loss")}
+    L = ["## A second run of the recipe, and the other variants on it", "",
+         "`experiments/results/t2i_recipe2/` (its `commands.sh`): the recipe's two stages run again, the same "
+         "commands and seed, on another machine of this kind. On one machine training repeats itself exactly "
+         "(`tests/test_text_to_image.py::test_training_resumes_with_equal_losses`); across the two machines the "
+         f"first stage's gradient norm first differs at step {first['grad_norm']} and its loss at step "
+         f"{first['loss']} (in the last digits), against {COMPARISON_BASE[0]}, which ran the same first "
+         f"{COMPARISON_BASE[1]} steps. From there the runs drift apart, so the second base has other weights: the "
+         "rows below measure how far two runs of one recipe land apart, at the adaLN-Zero base's step "
+         f"{COMPARISON_BASE[1]} and at the recipe's end.", "",
+         "| a − b | a (seen) | b (seen) | seen | McNemar | a (held-out) | b (held-out) | held-out | McNemar |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for label, a, b in pairs:
+        va, vb = load_verdicts(a), load_verdicts(b)
+        cells = []
+        for split in ("seen", "heldout"):
+            d = paired_difference(va[split], vb[split])["overall"]
+            m = d["mcnemar"]
+            cells += [_pm(split_scores(va[split])["overall"]), _pm(split_scores(vb[split])["overall"]), _ci(d),
+                      f"{m['only_a']} / {m['only_b']}, p = {m['p']:.3f}"]
+        L.append(f"| {label} | " + " | ".join(cells) + " |")
+    seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE2.glob("eval/*_s[0-9].json")})
+    if seeds:
+        L += ["", f"Fine-tunes of the second base ({', '.join(map(str, seeds))} seed(s) per variant as listed), as "
+              "in the comparisons above:", ""]
+        for split, title in (("seen", "seen compositions"), ("heldout", "held-out compositions")):
+            L += [f"**{title}** (score × 100 ± SE)", ""] + comparison(split, RECIPE2)[0] + [""]
+    stats_path = RECIPE2 / "analysis" / "routing_stats.json"
+    if stats_path.is_file():
+        L += diagnostics_section(json.loads(stats_path.read_text()), RECIPE2,
+                                 "### Is the recursion engaged? (the second base)",
+                                 BASE / "plots" / "recursion_engaged_recipe2.png")
+    return L + [""]
 
 
 def curve_runs() -> dict:
@@ -726,10 +778,10 @@ def plot_engagement(stats: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def diagnostics_section(stats: dict, folder: Path) -> list[str]:
-    figure = BASE / "plots" / "recursion_engaged.png"
+def diagnostics_section(stats: dict, folder: Path, heading: str = "## Is the recursion engaged?",
+                        figure: Path = BASE / "plots" / "recursion_engaged.png") -> list[str]:
     plot_engagement(stats, figure)
-    L = ["## Is the recursion engaged?", "",
+    L = [heading, "",
          f"`thinking-pixel analyze` on the seed-0 fine-tunes of the comparison (`{folder.name}/analysis/routing_stats.json`): "
          "rendered scenes of 60 seen prompts noised to 10 levels, argmax routing. State change: ||a_t − a_(t−1)|| / "
          "||a_t|| per intermediate step; in SD3's joint attention an idle step 1 still moves the state (its zero "
@@ -761,7 +813,12 @@ def diagnostics_section(stats: dict, folder: Path) -> list[str]:
         f"({label})" for label, s in stats.items())
           + "; stopping the recursion after its first step at fixed weights changes the velocity MSE by "
           + ", ".join(f"{c:+.2f}% ({label})" for label, c in changes.items())
-          + ": the experts are engaged, the steps after the first change the prediction little.", "",
+          + ": " + ("the experts are engaged" if all(b["lora_to_base"]["mean"] >= ENGAGED_RATIO
+                                                    for st in stats.values() for b in st["recursion"]["blocks"].values())
+                    else "some experts are idle (below " + f"{ENGAGED_RATIO:.2f} of the base's norm)")
+          + f"; the steps after the first change the velocity MSE by at most "
+            f"{max(abs(c) for c in changes.values()):.2f}%.",
+          "",
           f"![recursion engaged]({_rel(figure)})", ""]
     return L
 
@@ -774,7 +831,9 @@ def reproduce_section(settings: dict) -> list[str]:
             "python experiments/t2i_report.py",
             "# the fine-tuning comparison of experiments/results/t2i_adaln/ (its commands.sh; the base stage is the",
             "# recipe search's base_adaln-zero_lr4e-3 run, copied to OUT/base):",
-            "python experiments/t2i_geneval.py --scale adaln --jobs 2 --out runs/t2i_adaln", "```", "",
+            "python experiments/t2i_geneval.py --scale adaln --jobs 2 --out runs/t2i_adaln",
+            "# the comparison on the recipe base, and the second run of the recipe (every command in their commands.sh):",
+            "python experiments/t2i_geneval.py --scale recipe --jobs 2 --out runs/t2i_recipe", "```", "",
             "## What remains (text-to-image)", ""] + settings.get("remains", []) + [""]
 
 
