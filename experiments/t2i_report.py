@@ -17,8 +17,8 @@ Inputs (every number of the section comes from one of them):
   t2i_adaln/scratch/NAME/metrics.jsonl     the from-scratch runs' training logs
   t2i_recipe/eval/*.json, analysis/  the same comparison on the recipe's base (when run), then the claims' source
   t2i_recipe2/eval/*.json, analysis/ a second run of the recipe's commands: its base against the first's, its
-                                    step-16000 checkpoint (eval_stage1/) against the adaLN-Zero base, and the
-                                    variants run on it
+                                    first stage's checkpoints (eval_stage1/stepN.json) against the first run's
+                                    (t2i_base/final/), and the variants run on it
 Outputs: t2i_base/plots/*.png, the section from "# Text-to-image" to the end of RESULTS.md, and claim 6's row of
 its summary table.
 """
@@ -187,7 +187,7 @@ def comparison(split: str, folder: Path = ADALN) -> tuple[list[str], dict]:
     runs = {name: variant_runs(name, split, folder) for name in VARIANTS}
     runs = {name: r for name, r in runs.items() if r[1]}
     rows = [("base", folder / "eval" / "base.json")] + [
-        (f"{VARIANTS[n]} ({k} seeds)", sorted(folder.glob(f"eval/{n}_s[0-9].json"))) for n, (_, k) in runs.items()]
+        (f"{VARIANTS[n]} ({k} seed{'s' * (k > 1)})", sorted(folder.glob(f"eval/{n}_s[0-9].json"))) for n, (_, k) in runs.items()]
     lines = score_table(rows, split) + ["",
              "| a − b | difference [95% CI] | McNemar (only a / only b, p) |", "|---|---|---|"]
     diffs = {}
@@ -495,11 +495,12 @@ def recipe_rerun() -> list[str]:
     and the variants the first run's comparison lacks, fine-tuned from the second base."""
     if not (RECIPE2 / "eval" / "base.json").is_file():
         return []
-    pairs = [("the recipe base, second run − first run", RECIPE2 / "eval" / "base.json", RECIPE / "eval" / "base.json")]
-    stage1 = RECIPE2 / "eval_stage1" / f"step{COMPARISON_BASE[1]}.json"
-    if stage1.is_file():
-        pairs.append((f"its first stage at step {COMPARISON_BASE[1]} − {COMPARISON_BASE[0]} at step "
-                      f"{COMPARISON_BASE[1]}", stage1, ADALN / "eval" / "base.json"))
+    first_runs = {step: path for (run, step), path in _evals(BASE / "final").items() if run == COMPARISON_BASE[0]}
+    second_runs = {int(p.stem.removeprefix("step")): p for p in RECIPE2.glob("eval_stage1/step*.json")}
+    pairs = [(f"first stage, step {step}: second run − {COMPARISON_BASE[0]}", second_runs[step], first_runs[step])
+             for step in sorted(second_runs.keys() & first_runs.keys())]
+    pairs.append(("the recipe base (after the cool-down): second run − first run", RECIPE2 / "eval" / "base.json",
+                  RECIPE / "eval" / "base.json"))
     logs = [[json.loads(line) for line in path.read_text().splitlines()] for path in
             (RECIPE2 / "base_stage1" / "metrics.jsonl", BASE / "runs" / COMPARISON_BASE[0] / "metrics.jsonl")]
     first = {key: next(a["step"] for a, b in zip(*logs) if a[key] != b[key]) for key in ("grad_norm", "loss")}
@@ -508,10 +509,10 @@ def recipe_rerun() -> list[str]:
          "commands and seed, on another machine of this kind. On one machine training repeats itself exactly "
          "(`tests/test_text_to_image.py::test_training_resumes_with_equal_losses`); across the two machines the "
          f"first stage's gradient norm first differs at step {first['grad_norm']} and its loss at step "
-         f"{first['loss']} (in the last digits), against {COMPARISON_BASE[0]}, which ran the same first "
-         f"{COMPARISON_BASE[1]} steps. From there the runs drift apart, so the second base has other weights: the "
-         "rows below measure how far two runs of one recipe land apart, at the adaLN-Zero base's step "
-         f"{COMPARISON_BASE[1]} and at the recipe's end.", "",
+         f"{first['loss']} (in the last digits) from {COMPARISON_BASE[0]}, the first run of that stage (the first "
+         "run's cool-down starts from its step-24000 weights). From there the runs drift apart, so the second base "
+         "has other weights. The rows below measure how far two runs of one recipe land apart: at the first stage's "
+         "checkpoints and at the recipe's end.", "",
          "| a − b | a (seen) | b (seen) | seen | McNemar | a (held-out) | b (held-out) | held-out | McNemar |",
          "|---|---|---|---|---|---|---|---|---|"]
     for label, a, b in pairs:
@@ -525,8 +526,8 @@ def recipe_rerun() -> list[str]:
         L.append(f"| {label} | " + " | ".join(cells) + " |")
     seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE2.glob("eval/*_s[0-9].json")})
     if seeds:
-        L += ["", f"Fine-tunes of the second base ({', '.join(map(str, seeds))} seed(s) per variant as listed), as "
-              "in the comparisons above:", ""]
+        L += ["", f"Fine-tunes of the second base (seeds {', '.join(map(str, seeds))}; each row says how many), "
+              "as in the comparisons above:", ""]
         for split, title in (("seen", "seen compositions"), ("heldout", "held-out compositions")):
             L += [f"**{title}** (score × 100 ± SE)", ""] + comparison(split, RECIPE2)[0] + [""]
     stats_path = RECIPE2 / "analysis" / "routing_stats.json"
