@@ -479,7 +479,7 @@ def recipe_comparison() -> tuple[list[str], dict | None]:
     seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE.glob("eval/*_s[0-9].json")})
     L = [f"## Fine-tuning comparison on the recipe base ({cfg['ft_steps']} steps per variant, seeds "
          f"{', '.join(map(str, seeds))})", "",
-         "`experiments/results/t2i_recipe/` (`python experiments/t2i_geneval.py --scale recipe`): the base retrained "
+         "`experiments/results/t2i_recipe/` (`python experiments/t2i_geneval.py --scale recipe`): the base trained "
          f"by `--recipe {cfg['base_recipe']}` and its cool-down stage, every variant as in the comparison above "
          f"({cfg['ft_steps']} steps of batch {cfg['ft_batch']} at lr {cfg['ft_lr']}, rank {cfg['rank']}), evaluated "
          "on the same prompts and noise.", ""]
