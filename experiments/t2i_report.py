@@ -77,6 +77,16 @@ def _ci(d: dict) -> str:
     return f"{_pts(d['diff'])} [{_pts(lo)}, {_pts(hi)}]"
 
 
+def _mcnemar(d: dict) -> str:
+    m = d["mcnemar"]
+    return f"{m['only_a']} / {m['only_b']}, p = {m['p']:.3f}"
+
+
+def _seeds(folder: Path) -> list[int]:
+    """The training seeds of a comparison's fine-tunes (eval/NAME_sS.json)."""
+    return sorted({int(p.stem.rpartition("_s")[2]) for p in folder.glob("eval/*_s[0-9].json")})
+
+
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
@@ -187,7 +197,8 @@ def comparison(split: str, folder: Path = ADALN) -> tuple[list[str], dict]:
     runs = {name: variant_runs(name, split, folder) for name in VARIANTS}
     runs = {name: r for name, r in runs.items() if r[1]}
     rows = [("base", folder / "eval" / "base.json")] + [
-        (f"{VARIANTS[n]} ({k} seed{'s' * (k > 1)})", sorted(folder.glob(f"eval/{n}_s[0-9].json"))) for n, (_, k) in runs.items()]
+        (f"{VARIANTS[n]} ({k} seed{'s' * (k > 1)})", sorted(folder.glob(f"eval/{n}_s[0-9].json")))
+        for n, (_, k) in runs.items()]
     lines = score_table(rows, split) + ["",
              "| a − b | difference [95% CI] | McNemar (only a / only b, p) |", "|---|---|---|"]
     diffs = {}
@@ -199,8 +210,7 @@ def comparison(split: str, folder: Path = ADALN) -> tuple[list[str], dict]:
         vb = pool([base] * k) if b == "base" else runs[b][0]
         d = paired_difference(va, vb)
         diffs[(a, b)] = d
-        m = d["overall"]["mcnemar"]
-        lines.append(f"| {a} − {b} | {_ci(d['overall'])} | {m['only_a']} / {m['only_b']}, p = {m['p']:.3f} |")
+        lines.append(f"| {a} − {b} | {_ci(d['overall'])} | {_mcnemar(d['overall'])} |")
     return lines, diffs
 
 
@@ -337,8 +347,7 @@ def section() -> str:
             cells = []
             for split in ("seen", "heldout"):
                 d = paired_difference(load_verdicts(a)[split], load_verdicts(b)[split])["overall"]
-                m = d["mcnemar"]
-                cells += [_ci(d), f"{m['only_a']} / {m['only_b']}, p = {m['p']:.3f}"]
+                cells += [_ci(d), _mcnemar(d)]
             L.append(f"| {a_key[0]} step {a_key[1]} − {b_key[0]} step {b_key[1]} | " + " | ".join(cells) + " |")
         L.append("")
         miss = [f"{SHORT[t]} {100 * seen_best[t]['score']:.0f} (target {TARGETS[t]})" for t in TAGS
@@ -476,7 +485,7 @@ def recipe_comparison() -> tuple[list[str], dict | None]:
     if not (RECIPE / "eval" / "base.json").is_file():
         return [], None
     cfg = dict(line.strip().split("=", 1) for line in (RECIPE / "settings.txt").read_text().splitlines() if line)
-    seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE.glob("eval/*_s[0-9].json")})
+    seeds = _seeds(RECIPE)
     L = [f"## Fine-tuning comparison on the recipe base ({cfg['ft_steps']} steps per variant, seeds "
          f"{', '.join(map(str, seeds))})", "",
          "`experiments/results/t2i_recipe/` (`python experiments/t2i_geneval.py --scale recipe`): the base trained "
@@ -520,11 +529,10 @@ def recipe_rerun() -> list[str]:
         cells = []
         for split in ("seen", "heldout"):
             d = paired_difference(va[split], vb[split])["overall"]
-            m = d["mcnemar"]
             cells += [_pm(split_scores(va[split])["overall"]), _pm(split_scores(vb[split])["overall"]), _ci(d),
-                      f"{m['only_a']} / {m['only_b']}, p = {m['p']:.3f}"]
+                      _mcnemar(d)]
         L.append(f"| {label} | " + " | ".join(cells) + " |")
-    seeds = sorted({int(p.stem.rpartition("_s")[2]) for p in RECIPE2.glob("eval/*_s[0-9].json")})
+    seeds = _seeds(RECIPE2)
     if seeds:
         L += ["", f"Fine-tunes of the second base (seeds {', '.join(map(str, seeds))}; each row says how many), "
               "as in the comparisons above:", ""]
@@ -619,7 +627,7 @@ def curve_section() -> list[str]:
         cells = []
         for split in ("seen", "heldout"):
             o = diffs[split][key]["overall"]
-            cells += [_ci(o), f"{o['mcnemar']['only_a']} / {o['mcnemar']['only_b']}, p = {o['mcnemar']['p']:.3f}"]
+            cells += [_ci(o), _mcnemar(o)]
         L.append(f"| {key[0]} − {key[1]} | {d['steps']} | " + " | ".join(cells) + " |")
     return L + ["", f"![score vs fine-tuning step]({_rel(out)})", ""]
 
@@ -736,9 +744,8 @@ def scratch_section() -> list[str]:
     for split, title in (("seen", "seen"), ("heldout", "held-out")):
         d = scratch_difference(split)
         if d:
-            m = d["overall"]["mcnemar"]
             L.append(f"\nSeed-matched ({', '.join(map(str, d['seeds']))}), {title}: recursion − base "
-                     f"{_ci(d['overall'])}, McNemar {m['only_a']} / {m['only_b']}, p = {m['p']:.3f}.")
+                     f"{_ci(d['overall'])}, McNemar {_mcnemar(d['overall'])}.")
     out = BASE / "plots" / "scratch_loss.png"
     _loss_plot(logs, out, 200, "training step", "from scratch: the recursion (M=2, T=2, blocks 1-3) and the base",
                last=steps, ylim=(0.05, 0.13))
@@ -805,6 +812,9 @@ def diagnostics_section(stats: dict, folder: Path, heading: str = "## Is the rec
                      f"{b['lora_to_base']['se']:.3f} | {mse} | {mi} (≤ {bias:.4f}) |")
     changes = {label: 100 * (s["recursion"]["truncation_mse"][max(s["recursion"]["truncation_mse"], key=int)]
                               / s["recursion"]["truncation_mse"]["1"] - 1) for label, s in stats.items()}
+    engaged = all(b["lora_to_base"]["mean"] >= ENGAGED_RATIO for st in stats.values()
+                  for b in st["recursion"]["blocks"].values())
+
     def span(values):
         lo, hi = min(values), max(values)
         return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
@@ -814,11 +824,9 @@ def diagnostics_section(stats: dict, folder: Path, heading: str = "## Is the rec
         f"({label})" for label, s in stats.items())
           + "; stopping the recursion after its first step at fixed weights changes the velocity MSE by "
           + ", ".join(f"{c:+.2f}% ({label})" for label, c in changes.items())
-          + ": " + ("the experts are engaged" if all(b["lora_to_base"]["mean"] >= ENGAGED_RATIO
-                                                    for st in stats.values() for b in st["recursion"]["blocks"].values())
-                    else "some experts are idle (below " + f"{ENGAGED_RATIO:.2f} of the base's norm)")
-          + f"; the steps after the first change the velocity MSE by at most "
-            f"{max(abs(c) for c in changes.values()):.2f}%.",
+          + ": " + ("the experts are engaged" if engaged else f"some experts carry less than {ENGAGED_RATIO:.2f} "
+                    "of the base's norm")
+          + f"; the steps after the first change the velocity MSE by at most {max(map(abs, changes.values())):.2f}%.",
           "",
           f"![recursion engaged]({_rel(figure)})", ""]
     return L
